@@ -1,0 +1,280 @@
+/* dispatch_send.c -- from the pending ring to a worker's channel.
+ *
+ * Theory of operation: accepted (or recovered) fds wait in a fixed ring of
+ * cfg.max_pending entries. pf__flush repeatedly picks a worker by policy,
+ * takes a batch of fds from the front of the ring and sends them in ONE
+ * sendmsg (up to PF_MAX_FDS), then closes the primary's copies. A worker is
+ * a candidate when it is READY, not blocked, and has room:
+ * sent - scoreboard.closed < max_inflight.
+ *   rr     round robin over candidates (Node's SCHED_RR); each gets a fair
+ *          share floor(pending / ready) of the batch, so under load one
+ *          wakeup costs one sendmsg per worker instead of one per fd.
+ *   least  the candidate with the fewest in flight; ties go to an idle one,
+ *          then to the one whose request in progress started most recently
+ *          (it looks least stuck, DESIGN.md); it gets enough fds to catch up
+ *          with the runner-up.
+ * sendmsg errno triage (DESIGN.md): EAGAIN = that worker is busy, arm
+ * EPOLLOUT and try the next; EPIPE & co = the worker is gone, HANGUP it and
+ * the same fds go to the next; anything else = transient, retry on the
+ * recheck timer. The loop ends when the ring is empty or nobody can take:
+ * then the caller leaves the listeners out of the poll set (back-pressure).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include "pf_internal.h"
+
+/* ---- pending ring -------------------------------------------------------- */
+
+/* Returns 0, or -ENOSPC when max_pending fds are already held. */
+int pf__pend_push(pf_dispatcher *d, int fd, int recovered)
+{
+    pf__pend *p;
+
+    if (d->pcount >= d->cfg.max_pending)
+        return -ENOSPC;
+    p = &d->pend[(d->phead + d->pcount) % d->cfg.max_pending];
+    p->fd = fd;
+    p->recovered = recovered;
+    d->pcount++;
+    return 0;
+}
+
+/* Copies the first n fds of the ring to fds[] without removing them. */
+static void pf__pend_peek(const pf_dispatcher *d, int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        fds[i] = d->pend[(d->phead + i) % d->cfg.max_pending].fd;
+}
+
+/* Drops the first n entries (sent: the worker holds its own copies now),
+ * closing ours. Returns how many of them were recovered ones. */
+static int pf__pend_consume(pf_dispatcher *d, int n)
+{
+    int recovered = 0;
+
+    for (int i = 0; i < n; i++) {
+        pf__pend *p = &d->pend[d->phead];
+        close(p->fd);
+        recovered += p->recovered;
+        d->phead = (d->phead + 1) % d->cfg.max_pending;
+        d->pcount--;
+    }
+    return recovered;
+}
+
+/* ---- worker bookkeeping ---------------------------------------------------- */
+
+/* Returns 0 after setting the channel's epoll mask (EPOLLIN|EPOLLRDHUP, plus
+ * `events`), or -errno. */
+int pf__chan_events(pf_dispatcher *d, int slot, uint32_t events)
+{
+    struct epoll_event ev;
+
+    ev.events = EPOLLIN | EPOLLRDHUP | events;
+    ev.data.u64 = PF__EV_DATA(PF__K_WORKER, slot);
+    if (epoll_ctl(d->epfd, EPOLL_CTL_MOD, d->workers[slot].chan, &ev) < 0)
+        return -errno;
+    d->workers[slot].out_armed = (events & EPOLLOUT) != 0;
+    return 0;
+}
+
+/* The channel is dead: no more sends, no more polling, and the caller is
+ * owed exactly one HANGUP (emitted by the loop when there is room). */
+void pf__mark_gone(pf_dispatcher *d, int slot)
+{
+    pf__worker *w = &d->workers[slot];
+
+    if (w->state == PF_WORKER_GONE || w->state == PF_WORKER_FREE)
+        return;
+    if (w->state == PF_WORKER_READY)
+        d->n_ready--;
+    w->state = PF_WORKER_GONE;
+    w->blocked = PF__BLK_NONE;
+    if (w->in_epoll) {
+        epoll_ctl(d->epfd, EPOLL_CTL_DEL, w->chan, NULL);
+        w->in_epoll = 0;
+        w->out_armed = 0;
+    }
+    w->hup_pending = 1;
+    d->n_hup++;
+}
+
+/* Recheck timer fired: transient send failures get another try. */
+void pf__clear_retry(pf_dispatcher *d)
+{
+    for (int s = 0; s < d->hi; s++)
+        if (d->workers[s].blocked == PF__BLK_RETRY)
+            d->workers[s].blocked = PF__BLK_NONE;
+    d->recheck_ns = 0;
+}
+
+/* ---- choice ---------------------------------------------------------------- */
+
+/* Connections in flight on slot s (clamped at 0: a worker that over-reports
+ * closes must not look like it has more than max_inflight of room). */
+static int64_t pf__load(const pf_dispatcher *d, int s)
+{
+    uint64_t closed = __atomic_load_n(&d->board[s].closed, __ATOMIC_ACQUIRE);
+    uint64_t sent = d->workers[s].sent;
+
+    return closed >= sent ? 0 : (int64_t)(sent - closed);
+}
+
+/* Returns how many more fds slot s may take now (0 = full, a busy skip).
+ * When full it asks for a CREDIT, then looks again: we store want_credit,
+ * fence, load closed; the worker stores closed, fences, loads want_credit.
+ * With both fences one side always sees the other's store (Dekker), so a
+ * close that races our skip either shows up here or sends the CREDIT. */
+static int64_t pf__room(pf_dispatcher *d, int s)
+{
+    int64_t room = d->cfg.max_inflight - pf__load(d, s);
+
+    if (room > 0)
+        return room;
+    __atomic_store_n(&d->board[s].want_credit, 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    room = d->cfg.max_inflight - pf__load(d, s);
+    if (room > 0)
+        return room;
+    d->st.busy_skips++;
+    return 0;
+}
+
+static int pf__candidate(const pf_dispatcher *d, int s)
+{
+    const pf__worker *w = &d->workers[s];
+
+    return w->state == PF_WORKER_READY && w->blocked == PF__BLK_NONE;
+}
+
+static int64_t pf__min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
+/* rr: the next candidate after the last one served. Returns the slot and
+ * the batch size in *n (share capped by room and PF_MAX_FDS), or -1. */
+static int pf__pick_rr(pf_dispatcher *d, int share, int *n)
+{
+    for (int i = 0; i < d->hi; i++) {
+        int s = (d->rr_next + i) % d->hi;
+        int64_t room;
+
+        if (!pf__candidate(d, s) || (room = pf__room(d, s)) == 0)
+            continue;
+        *n = (int)pf__min64(pf__min64(share, room), PF_MAX_FDS);
+        d->rr_next = s + 1;
+        return s;
+    }
+    return -1;
+}
+
+/* least: is slot a (load la) a better choice than slot b (load lb)? */
+static int pf__better(const pf_dispatcher *d, int a, int64_t la, int b, int64_t lb)
+{
+    uint64_t ba, bb;
+
+    if (la != lb)
+        return la < lb;
+    ba = __atomic_load_n(&d->board[a].busy_since_ns, __ATOMIC_RELAXED);
+    bb = __atomic_load_n(&d->board[b].busy_since_ns, __ATOMIC_RELAXED);
+    if ((ba == 0) != (bb == 0))
+        return ba == 0;         /* idle beats busy */
+    return ba > bb;             /* busy since later = less likely stuck */
+}
+
+/* least: the emptiest candidate; *n brings it level with the runner-up. */
+static int pf__pick_least(pf_dispatcher *d, int *n)
+{
+    int best = -1;
+    int64_t bload = 0, second = INT64_MAX, broom = 0;
+
+    for (int s = 0; s < d->hi; s++) {
+        int64_t room, load;
+
+        if (!pf__candidate(d, s) || (room = pf__room(d, s)) == 0)
+            continue;
+        load = d->cfg.max_inflight - room;
+        if (best < 0 || pf__better(d, s, load, best, bload)) {
+            if (best >= 0)
+                second = pf__min64(second, bload);
+            best = s, bload = load, broom = room;
+        } else {
+            second = pf__min64(second, load);
+        }
+    }
+    if (best < 0)
+        return -1;
+    *n = (int)pf__min64(broom, PF_MAX_FDS);
+    if (second != INT64_MAX && second - bload < *n)
+        *n = second - bload > 1 ? (int)(second - bload) : 1;
+    return best;
+}
+
+/* ---- sending --------------------------------------------------------------- */
+
+/* Errors that mean the worker's end is closed for good. */
+static int pf__gone_errno(int rc)
+{
+    return rc == -EPIPE || rc == -ECONNRESET || rc == -ECONNREFUSED ||
+           rc == -ENOTCONN;
+}
+
+/* Sends the first n pending fds to slot s in one message; on failure the
+ * fds stay pending and the worker is marked per the errno triage. */
+static void pf__send_batch(pf_dispatcher *d, int s, int n)
+{
+    pf__worker *w = &d->workers[s];
+    int fds[PF_MAX_FDS];
+    int rc;
+
+    if (n > d->pcount)
+        n = d->pcount;
+    pf__pend_peek(d, fds, n);
+    rc = pf_send_msg(w->chan, PF_MSG_CONN, 0, NULL, 0, fds, n);
+    if (rc == 0) {
+        d->st.redispatched += (uint64_t)pf__pend_consume(d, n);
+        d->st.dispatched += (uint64_t)n;
+        w->sent += (uint64_t)n;
+        return;
+    }
+    d->st.busy_skips++;
+    if (rc == -EAGAIN) {
+        /* The worker's queue is full: it is busy. EPOLLOUT fires once the
+         * worker has read enough (unix_writable: a quarter of sndbuf). */
+        w->blocked = PF__BLK_OUT;
+        if (!w->out_armed && pf__chan_events(d, s, EPOLLOUT) < 0)
+            w->blocked = PF__BLK_RETRY;
+    } else if (pf__gone_errno(rc)) {
+        pf__mark_gone(d, s);
+    } else {
+        w->blocked = PF__BLK_RETRY;
+    }
+    if (w->blocked == PF__BLK_RETRY && d->recheck_ns == 0)
+        d->recheck_ns = pf__now_ns() + (uint64_t)PF__RECHECK_MS * 1000000u;
+}
+
+/* Sends pending fds until the ring is empty or no worker can take more.
+ * Terminates: every iteration either shrinks the ring or takes one worker
+ * out of the candidates (blocked or gone). */
+void pf__flush(pf_dispatcher *d)
+{
+    /* rr share, fixed for this flush: floor(pending / ready), at least 1,
+     * so 7 fds over 3 workers go 2, 2, 2, 1 rather than 3, 2, 1, 1. */
+    int share = d->n_ready > 0 ? d->pcount / d->n_ready : 1;
+
+    if (share < 1)
+        share = 1;
+    while (d->pcount > 0) {
+        int n = 0;
+        int s = d->cfg.policy == PF_POLICY_LEAST ? pf__pick_least(d, &n)
+                                                 : pf__pick_rr(d, share, &n);
+        if (s < 0)
+            return;
+        pf__send_batch(d, s, n);
+    }
+}

@@ -1,0 +1,124 @@
+/* pf_internal.h -- the dispatcher's state, shared by the dispatch*.c files.
+ *
+ * Theory of operation: a pf_dispatcher is one struct whose every table is
+ * sized at pf_dispatcher_new (Redis ae.c keeps its whole loop the same way),
+ * so the hot path never allocates. The files split by job:
+ *   dispatch.c       handle lifetime and the table API (listeners, watches,
+ *                    workers, stats) -- everything the caller calls between runs;
+ *   dispatch_send.c  the pending ring, worker choice (rr / least), batching
+ *                    and the sendmsg errno triage;
+ *   dispatch_loop.c  pf_dispatcher_run: epoll, accept triage, EMFILE, credit,
+ *                    channel events, draining.
+ * Nothing here is public API; names are pf__.
+ */
+#ifndef PF_INTERNAL_H
+#define PF_INTERNAL_H
+
+#include <stdint.h>
+#include <sys/epoll.h>
+
+#include "pyfork.h"
+
+/* epoll_event.data.u64 = kind << 32 | id, where id is the fd for listeners
+ * and watches (looked up in tables of at most 64) and the slot for workers. */
+#define PF__K_LISTENER 1u
+#define PF__K_WORKER   2u
+#define PF__K_WATCH    3u
+#define PF__EV_DATA(kind, id) (((uint64_t)(kind) << 32) | (uint32_t)(id))
+
+/* Why a worker is skipped even though it is READY and has room. */
+#define PF__BLK_NONE  0
+#define PF__BLK_OUT   1  /* channel said EAGAIN: EPOLLOUT is armed and clears it */
+#define PF__BLK_RETRY 2  /* other transient send error (ENOBUFS, ETOOMANYREFS):
+                            cleared by the recheck timer, never by EPOLLOUT,
+                            which would fire at once and spin */
+
+/* While fds wait for a worker, re-check every 10 ms even without a CREDIT:
+ * a worker written against the raw protocol may never send one, and 100
+ * wakeups/s while stalled cost nothing measurable (not a spin). */
+#define PF__RECHECK_MS 10
+
+/* epoll_wait batch: level-triggered, so readiness beyond it simply comes
+ * back on the next call; 256 keeps the buffer small for 4096 slots. */
+#define PF__MAX_EPOLL_BATCH 256
+
+typedef struct pf__worker {
+    int chan;             /* primary end, non-blocking, in epoll while not GONE */
+    int peer;             /* worker's end kept for recovery, or -1 */
+    int state;            /* PF_WORKER_* */
+    uint8_t blocked;      /* PF__BLK_* */
+    uint8_t in_epoll;
+    uint8_t out_armed;    /* EPOLLOUT in the channel's event mask */
+    uint8_t hup_pending;  /* HANGUP owed to the caller */
+    uint64_t sent;        /* fds sent since add_worker */
+} pf__worker;
+
+typedef struct pf__listener {
+    int fd;
+    uint8_t tcp;          /* AF_INET/AF_INET6: set TCP_NODELAY on accepted fds */
+    uint8_t in_poll;
+    uint8_t at_eagain;    /* stop_accepting: this one's backlog is empty */
+    uint8_t dead;         /* accept said EBADF/EINVAL/ENOTSOCK: never poll again */
+} pf__listener;
+
+typedef struct pf__watch {
+    int fd;
+    uint32_t tag;
+} pf__watch;
+
+typedef struct pf__pend {
+    int fd;
+    int recovered;        /* came back from a removed worker's queue */
+} pf__pend;
+
+struct pf_dispatcher {
+    pf_config cfg;
+    int epfd;
+    int reserve_fd;       /* /dev/null, spent to accept one connection on EMFILE */
+    int reserve_wanted;   /* reopen it when spent (only if it opened once) */
+
+    pf_slot *board;       /* MAP_SHARED scoreboard, cfg.capacity lines */
+    size_t board_size;
+
+    pf__worker *workers;  /* cfg.capacity */
+    int hi;               /* slots >= hi were never used: scans stop there */
+    int n_ready;
+    int rr_next;
+    int n_hup;            /* workers with hup_pending */
+
+    pf__listener *listeners;
+    int nlisteners;
+    pf__watch *watches;
+    int nwatch;
+
+    pf__pend *pend;       /* ring of cfg.max_pending accepted fds */
+    int phead, pcount;
+
+    struct epoll_event *evbuf;
+    int evcap;
+
+    int accepting;        /* listeners are (wanted) in the poll set */
+    int stopping;         /* pf_dispatcher_stop_accepting was called */
+    int drained;          /* ... and the final pass is done */
+    int drained_unreported;
+    int more;             /* a drain pass has work left: poll without sleeping */
+    uint64_t pause_until_ns;  /* EMFILE pause end, 0 = none */
+    uint64_t recheck_ns;      /* PF__BLK_RETRY flags clear at this time, 0 = none */
+
+    pf_event *out;        /* the run call's event array */
+    int nout, maxout;
+
+    pf_stats st;
+};
+
+/* Monotonic clock in ns (the scoreboard's clock too: CLOCK_MONOTONIC). */
+uint64_t pf__now_ns(void);
+
+/* dispatch_send.c */
+int pf__pend_push(pf_dispatcher *d, int fd, int recovered);
+void pf__flush(pf_dispatcher *d);
+void pf__mark_gone(pf_dispatcher *d, int slot);
+void pf__clear_retry(pf_dispatcher *d);
+int pf__chan_events(pf_dispatcher *d, int slot, uint32_t events);
+
+#endif
