@@ -1,0 +1,115 @@
+"""pyfork.Cluster: Node's cluster API, the Python way.
+
+Theory of operation: a Cluster is a validated Settings plus event callbacks;
+``run()`` builds an ``Arbiter`` (pyfork/arbiter.py), which binds, forks and
+loops until stopped, and returns the exit code (0 stopped, 2 startup error,
+3 every worker slot gave up). Callbacks run in the primary, inside the
+arbiter's loop, one at a time; an exception in one is logged and ignored.
+``reload()``, ``scale()`` and ``stop()`` only queue a request for the loop (and
+wake it), so they are safe from callbacks, from another thread, and as the
+programmatic twins of HUP, TTIN/TTOU and TERM.
+
+Events (arguments):
+  fork(worker)                 the process exists
+  online(worker)               it runs pyfork code (before the app import)
+  ready(worker)                app imported, it gets connections (Node: listening)
+  message(worker, obj)         it called pyfork.worker.current().send(obj)
+  disconnect(worker)           it was told to drain, or it is gone
+  exit(worker, code, signal)   it was reaped
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Optional
+
+from pyfork import config, policy as P
+from pyfork.arbiter import Arbiter, StartupError, WorkerHandle  # noqa: F401 - re-exported
+
+EVENTS = ("fork", "online", "ready", "message", "disconnect", "exit")
+
+log = logging.getLogger("pyfork.cluster")
+
+
+class Cluster:
+    def __init__(self, target, bind=("127.0.0.1:8000",), workers: Optional[int] = None, policy: str = "rr",
+                 backend: str = "auto", interface: str = "auto", graceful_timeout: float = 30.0,
+                 timeout: float = 30.0, min_uptime: float = 1.0, max_restarts: int = 5, max_requests: int = 0,
+                 max_requests_jitter: int = 0, control: Optional[str] = None, post_fork: Optional[Callable] = None,
+                 ready_timeout: float = 30.0):
+        """``target`` is a "module:attr" string (re-imported by every new worker,
+        so HUP runs new code) or the app object itself (inherited through fork).
+        Bad values raise ValueError (pyfork.config.ConfigError) here, before anything runs."""
+        if bind is None or isinstance(bind, str):
+            bind = [bind] if bind else None
+        self.settings = config.validate(
+            app=target, bind=list(bind) if bind else None, workers=workers, policy=policy, backend=backend,
+            interface=interface, graceful_timeout=graceful_timeout, timeout=timeout, min_uptime=min_uptime,
+            max_restarts=max_restarts, max_requests=max_requests, max_requests_jitter=max_requests_jitter,
+            control=control, ready_timeout=ready_timeout)
+        if post_fork is not None and not callable(post_fork):
+            raise config.ConfigError("post_fork must be callable")
+        self.post_fork = post_fork
+        self._callbacks: Dict[str, List[Callable]] = {e: [] for e in EVENTS}
+        self._arbiter: Optional[Arbiter] = None
+
+    # ---- events ------------------------------------------------------------
+    def on(self, event: str, callback: Callable) -> "Cluster":
+        if event not in self._callbacks:
+            raise ValueError(f"unknown event {event!r}; expected one of {', '.join(EVENTS)}")
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        self._callbacks[event].append(callback)
+        return self
+
+    def _emit(self, event: str, *args) -> None:
+        for cb in list(self._callbacks[event]):
+            try:
+                cb(*args)
+            except Exception:
+                log.exception("%r callback %r failed", event, cb)
+
+    # ---- running --------------------------------------------------------------
+    def _arb(self) -> Arbiter:
+        if self._arbiter is None:
+            self._arbiter = Arbiter(self.settings, emit=self._emit, post_fork=self.post_fork)
+        return self._arbiter
+
+    def prepare(self) -> None:
+        """Loads the backend, imports the app once to check it, binds every address.
+        Raises StartupError (one-line message) before anything is forked. run() calls it."""
+        self._arb().prepare()
+
+    def run(self) -> int:
+        """Blocks in the primary until stopped; returns the exit code."""
+        arb = self._arb()
+        if arb.closed:
+            raise RuntimeError("this Cluster has already run")
+        return arb.run()
+
+    # ---- primary-side handles ----------------------------------------------------
+    @property
+    def workers(self) -> Dict[int, WorkerHandle]:
+        """Live workers by id (1-based, growing on every fork)."""
+        return dict(self._arbiter.handles) if self._arbiter is not None else {}
+
+    def broadcast(self, obj) -> int:
+        """Sends obj to every READY worker; returns how many it was delivered to."""
+        if self._arbiter is None:
+            return 0
+        return self._arbiter.broadcast(obj)
+
+    def reload(self) -> None:
+        """Rolling restart (as SIGHUP)."""
+        self._arb().request(P.Reload())
+
+    def scale(self, n: int) -> None:
+        """Set the number of workers (as TTIN/TTOU, but to a number)."""
+        self._arb().request(P.Scale(int(n)))
+
+    def stop(self, graceful: bool = True) -> None:
+        """Stop (as SIGTERM, or SIGQUIT when graceful is False)."""
+        self._arb().request(P.Stop(graceful=graceful))
+
+    def status(self) -> dict:
+        return self._arbiter.status() if self._arbiter is not None and self._arbiter.policy else {}

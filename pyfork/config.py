@@ -1,0 +1,248 @@
+"""Option definitions, defaults, environment variables and validation.
+
+Theory of operation: ``OPTIONS`` is the single table of every ``pyfork serve``
+setting (name, flags, type, default, help). The CLI builds its argparse parser
+from it, reads ``PYFORK_<NAME>`` for any option not given on the command line
+(command line > environment > default), and ``validate()`` turns the result
+into a ``Settings`` or raises ``ConfigError`` with a one-line message. The
+public ``pyfork.Cluster`` validates its keyword arguments with the same
+functions, so the API and the CLI accept exactly the same values. Nothing here
+binds, imports the app or forks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+POLICIES = ("rr", "least", "shared", "reuseport")
+BACKENDS = ("auto", "c", "python")
+INTERFACES = ("auto", "wsgi", "asgi", "raw", "asyncio")
+DEFAULT_APP = "pyfork.demo:app"
+DEFAULT_BIND = "127.0.0.1:8000"
+# 1024 workers is far beyond any core count we target; the dispatcher's slot
+# table is sized 2x+ that to hold replacements and draining workers.
+MAX_WORKERS = 1024
+ENV_PREFIX = "PYFORK_"
+
+
+class ConfigError(ValueError):
+    """A bad option value: the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class BindAddr:
+    kind: str                 # "tcp" | "unix" | "fd"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    fd: int = -1
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class Option:
+    name: str                          # attribute name, env PYFORK_<NAME.upper()>
+    flags: tuple                       # argparse flags; () for the positional APP
+    kind: Callable                     # parser from str
+    default: object
+    help: str
+    metavar: Optional[str] = None
+    repeat: bool = False
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+def _int(text) -> int:
+    try:
+        return int(str(text).strip(), 10)
+    except ValueError:
+        raise ConfigError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text) -> float:
+    try:
+        v = float(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"expected a number of seconds, got {text!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ConfigError(f"expected a finite number of seconds, got {text!r}")
+    return v
+
+
+def _str(text) -> str:
+    return str(text)
+
+
+OPTIONS: List[Option] = [
+    Option("app", (), _str, DEFAULT_APP, "module:attribute of a WSGI, ASGI, raw or asyncio app "
+           "(default: the demo app, pyfork.demo:app)", metavar="APP"),
+    Option("bind", ("-b", "--bind"), _str, [DEFAULT_BIND],
+           "HOST:PORT, [V6]:PORT, unix:PATH or fd://N; repeatable (default 127.0.0.1:8000)",
+           metavar="ADDR", repeat=True),
+    Option("workers", ("-w", "--workers"), _int, None, "number of workers (default: os.cpu_count())",
+           metavar="N"),
+    Option("policy", ("--policy",), _str, "rr", "rr | least | shared | reuseport (default rr)"),
+    Option("backend", ("--backend",), _str, "auto", "auto | c | python (default auto)"),
+    Option("interface", ("--interface",), _str, "auto", "auto | wsgi | asgi | raw | asyncio (default auto)"),
+    Option("graceful_timeout", ("--graceful-timeout",), _float, 30.0,
+           "seconds draining workers get before SIGKILL (30)", metavar="S"),
+    Option("timeout", ("--timeout",), _float, 30.0,
+           "seconds without a heartbeat before a worker is killed as hung (30; 0 = off)", metavar="S"),
+    Option("min_uptime", ("--min-uptime",), _float, 1.0,
+           "an exit before READY or sooner than this is a rapid crash (1)", metavar="S"),
+    Option("max_restarts", ("--max-restarts",), _int, 5,
+           "rapid crashes in a row before a worker slot gives up (5)", metavar="N"),
+    Option("max_requests", ("--max-requests",), _int, 0,
+           "recycle a worker after this many requests (0 = off)", metavar="N"),
+    Option("max_requests_jitter", ("--max-requests-jitter",), _int, 0,
+           "add 0..N at random to --max-requests per worker (0)", metavar="N"),
+    Option("control", ("--control",), _str, None,
+           "Unix socket for status and commands (mode 0600, peer uid checked)", metavar="PATH"),
+]
+OPTION_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass
+class Settings:
+    app: object = DEFAULT_APP
+    bind: List[BindAddr] = field(default_factory=list)
+    workers: int = 1
+    policy: str = "rr"
+    backend: str = "auto"
+    interface: str = "auto"
+    graceful_timeout: float = 30.0
+    timeout: float = 30.0
+    min_uptime: float = 1.0
+    max_restarts: int = 5
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    control: Optional[str] = None
+    ready_timeout: float = 30.0
+
+
+_HOSTPORT = re.compile(r"^(?P<host>[^:\[\]]*):(?P<port>[0-9]+)$")
+_V6PORT = re.compile(r"^\[(?P<host>[0-9A-Fa-f:.%a-zA-Z]+)\]:(?P<port>[0-9]+)$")
+
+
+def parse_bind(text) -> BindAddr:
+    """HOST:PORT, [V6]:PORT, unix:PATH or fd://N -> BindAddr; ConfigError otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"bad bind address {text!r}: expected HOST:PORT, [V6]:PORT, unix:PATH or fd://N")
+    t = text.strip()
+    if t.startswith("unix:"):
+        path = t[5:]
+        if not path:
+            raise ConfigError(f"bad bind address {text!r}: unix: needs a path")
+        if len(os.fsencode(path)) >= 108:   # sockaddr_un.sun_path is 108 bytes on Linux
+            raise ConfigError(f"bad bind address {text!r}: unix socket path longer than 107 bytes")
+        return BindAddr("unix", path=path, text=t)
+    if t.startswith("fd://"):
+        num = t[5:]
+        if not num.isdigit():
+            raise ConfigError(f"bad bind address {text!r}: fd:// needs a file descriptor number")
+        return BindAddr("fd", fd=int(num), text=t)
+    m = _V6PORT.match(t) or _HOSTPORT.match(t)
+    if not m:
+        raise ConfigError(f"bad bind address {text!r}: expected HOST:PORT, [V6]:PORT, unix:PATH or fd://N")
+    port = int(m.group("port"))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"bad bind address {text!r}: port must be 0..65535")
+    host = m.group("host")
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return BindAddr("tcp", host=host, port=port, text=shown)
+
+
+def split_env_list(text: str) -> List[str]:
+    """PYFORK_BIND may hold several addresses separated by commas or spaces."""
+    return [p for p in re.split(r"[,\s]+", text.strip()) if p]
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ConfigError(f"bad --{name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def _nonneg(name, value, integer=False):
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ConfigError(f"bad {flag} {value!r}: expected a{'n integer' if integer else ' number'}")
+    if value < 0:
+        raise ConfigError(f"bad {flag} {value!r}: must be >= 0")
+    return value
+
+
+def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="auto", interface="auto",
+             graceful_timeout=30.0, timeout=30.0, min_uptime=1.0, max_restarts=5, max_requests=0,
+             max_requests_jitter=0, control=None, ready_timeout=30.0) -> Settings:
+    """Checks every value; returns Settings or raises ConfigError (one line)."""
+    if isinstance(app, str):
+        if not app.strip():
+            raise ConfigError("bad APP '': expected module:attribute")
+    elif not callable(app):
+        raise ConfigError(f"bad APP {app!r}: expected a 'module:attribute' string or a callable")
+    if bind is None:
+        bind = [DEFAULT_BIND]
+    if isinstance(bind, (str, BindAddr)):
+        bind = [bind]
+    addrs = [b if isinstance(b, BindAddr) else parse_bind(b) for b in bind]
+    if not addrs:
+        raise ConfigError("no bind address given")
+    if len(addrs) > 16:   # Dispatcher max_listeners default
+        raise ConfigError(f"too many bind addresses ({len(addrs)}); at most 16")
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"bad --workers {workers!r}: must be an integer in 1..{MAX_WORKERS}")
+    policy = _choice("policy", policy, POLICIES)
+    backend = _choice("backend", backend, BACKENDS)
+    interface = _choice("interface", interface, INTERFACES)
+    if policy == "reuseport":
+        bad = [a.text for a in addrs if a.kind != "tcp"]
+        if bad:
+            raise ConfigError(f"--policy reuseport needs HOST:PORT binds (one SO_REUSEPORT listener per worker); "
+                              f"got {', '.join(bad)}")
+    for name, val in (("graceful_timeout", graceful_timeout), ("timeout", timeout),
+                      ("min_uptime", min_uptime), ("ready_timeout", ready_timeout)):
+        _nonneg(name, val)
+    for name, val in (("max_restarts", max_restarts), ("max_requests", max_requests),
+                      ("max_requests_jitter", max_requests_jitter)):
+        _nonneg(name, val, integer=True)
+    if ready_timeout <= 0:
+        raise ConfigError("bad ready_timeout: must be > 0")
+    if control is not None:
+        if not isinstance(control, str) or not control:
+            raise ConfigError(f"bad --control {control!r}: expected a path")
+        if len(os.fsencode(control)) >= 108:
+            raise ConfigError(f"bad --control {control!r}: unix socket path longer than 107 bytes")
+    return Settings(app=app, bind=addrs, workers=workers, policy=policy, backend=backend, interface=interface,
+                    graceful_timeout=float(graceful_timeout), timeout=float(timeout), min_uptime=float(min_uptime),
+                    max_restarts=max_restarts, max_requests=max_requests, max_requests_jitter=max_requests_jitter,
+                    control=control, ready_timeout=float(ready_timeout))
+
+
+def from_env(environ=None) -> dict:
+    """Options found in PYFORK_<NAME> variables, parsed (ConfigError on a bad value).
+    PYFORK_BACKEND is also what pyfork.backend.load() reads."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for opt in OPTIONS:
+        raw = environ.get(opt.env)
+        if raw is None or raw == "":
+            continue
+        try:
+            if opt.repeat:
+                out[opt.name] = [opt.kind(p) for p in split_env_list(raw)]
+            else:
+                out[opt.name] = opt.kind(raw)
+        except ConfigError as e:
+            raise ConfigError(f"bad {opt.env}: {e}") from None
+    return out

@@ -1,0 +1,701 @@
+"""Worker lifecycle policy: a sans-IO state machine (no fork, no kill, no clock).
+
+Theory of operation (h11's ``_state.py`` style): the arbiter feeds events
+(``Started``, ``Ready``, ``Exited``, ``Tick``, ``Reload``, ``Stop`` ...) to
+``Lifecycle.handle(event, now)`` and gets back a list of actions (``Spawn``,
+``Drain``, ``Kill``, ``Activate``, ``Log``, ``Exit`` ...) that it carries out.
+Time is a parameter, so backoff, hung-worker detection and timeouts are tested
+with an injected clock and no sleeping.
+
+Two kinds of things have state:
+
+* a **worker** (one forked process, identified by its 1-based id, which grows
+  on every fork as in Node): SPAWNING -> READY -> DRAINING -> EXITED, moves
+  listed as data in ``WORKER_MOVES``;
+* a **slot** (one of the N positions the primary keeps filled): RUNNING,
+  BACKOFF (waiting to respawn after a rapid crash) or GAVE_UP, moves listed in
+  ``SLOT_MOVES``. A slot holds its serving worker and at most one *candidate*
+  (a replacement started by a rolling restart or by max_requests recycling;
+  the old worker is drained only once the candidate is READY, as nginx does
+  on reload). A replaced worker becomes *retiring*: it drains and its exit
+  respawns nothing.
+
+An undefined move raises ``PolicyError`` instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional
+
+# ---- states -----------------------------------------------------------------
+SPAWNING, READY, DRAINING, EXITED = "spawning", "ready", "draining", "exited"
+RUNNING, BACKOFF, GAVE_UP = "running", "backoff", "gave_up"
+
+# Worker moves: (state, what happened) -> new state.
+WORKER_MOVES = {
+    (SPAWNING, "ready"): READY,
+    (SPAWNING, "drain"): DRAINING,   # stop or scale-down while still importing
+    (SPAWNING, "exit"): EXITED,      # crash before READY: always a rapid crash
+    (READY, "drain"): DRAINING,
+    (READY, "exit"): EXITED,
+    (DRAINING, "ready"): DRAINING,   # told to drain before it said READY
+    (DRAINING, "drain"): DRAINING,
+    (DRAINING, "exit"): EXITED,
+}
+
+# Slot moves: (state, what happened) -> new state.
+SLOT_MOVES = {
+    (RUNNING, "stable_exit"): RUNNING,   # respawn at once, crash count reset
+    (RUNNING, "rapid_crash"): BACKOFF,   # respawn after min(base*2^k, cap)
+    (RUNNING, "give_up"): GAVE_UP,       # max_restarts rapid crashes in a row
+    (BACKOFF, "due"): RUNNING,
+    (GAVE_UP, "revive"): RUNNING,        # HUP gives a given-up slot another chance
+    (BACKOFF, "revive"): BACKOFF,
+    (RUNNING, "revive"): RUNNING,
+}
+
+# Backoff constants. base 0.1 s doubling with a 10 s cap: the article's
+# production cluster backs off 200 ms, 400 ms, 800 ms ... after rapid crash
+# #1, #2, #3 (Math.pow(2, count) * 100); systemd's RestartSec/StartLimit and
+# s6-supervise's one-second minimum between respawns bound the same loop. The
+# cap keeps a slot that crashes for a while from waiting minutes once fixed.
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 10.0
+# After QUIT (immediate stop) workers get SIGQUIT; stragglers get SIGKILL after
+# this many seconds (gunicorn escalates the same way, after its own timeout).
+IMMEDIATE_GRACE = 2.0
+
+
+class PolicyError(RuntimeError):
+    """An event that makes no sense in the current state (a bug in the caller)."""
+
+
+def backoff_delay(k: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
+    """Delay before respawning after rapid crash number ``k`` (1-based): min(base*2^k, cap)."""
+    if k <= 0:
+        return 0.0
+    if k > 64:  # 2**k overflows floats long after the cap is reached
+        return cap
+    return min(base * (2 ** k), cap)
+
+
+# ---- events (fed by the arbiter) -----------------------------------------------
+@dataclass(frozen=True)
+class Start:
+    """Fill ``n`` slots (the first event)."""
+    n: int
+
+
+@dataclass(frozen=True)
+class Forked:
+    """Spawn(wid) produced process ``pid``."""
+    wid: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker said READY over its channel."""
+    wid: int
+
+
+@dataclass(frozen=True)
+class Exited:
+    """Worker was reaped (code or signal set), or fork failed (both None)."""
+    wid: int
+    code: Optional[int] = None
+    signal: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class RecycleRequested:
+    """Worker reached its max_requests (+ jitter)."""
+    wid: int
+
+
+@dataclass(frozen=True)
+class Leaving:
+    """Worker got SIGTERM from someone else and asks to be drained."""
+    wid: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed. ``beats`` maps wid -> last heartbeat (same clock as ``now``)."""
+    beats: Mapping[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reload:
+    """HUP: replace every worker, oldest first, replacement READY before drain."""
+
+
+@dataclass(frozen=True)
+class Scale:
+    n: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    graceful: bool = True
+    code: int = 0
+
+
+@dataclass(frozen=True)
+class Drained:
+    """The dispatcher accepted the backlog to EAGAIN and sent every pending fd."""
+
+
+# ---- actions (carried out by the arbiter) -----------------------------------------
+@dataclass(frozen=True)
+class Spawn:
+    wid: int
+    slot: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Activate:
+    """Mark the worker READY in the dispatcher (it may now get connections)."""
+    wid: int
+
+
+@dataclass(frozen=True)
+class Drain:
+    wid: int
+
+
+@dataclass(frozen=True)
+class Kill:
+    wid: int
+    sig: int
+
+
+@dataclass(frozen=True)
+class StopAccepting:
+    pass
+
+
+@dataclass(frozen=True)
+class ReleaseSlot:
+    """The slot is gone (scale-down) or gave up: per-slot resources (reuseport listeners) can go."""
+    slot: int
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str   # "info" | "warning" | "error"
+    message: str
+
+
+@dataclass(frozen=True)
+class Exit:
+    code: int
+
+
+# ---- records ------------------------------------------------------------------
+@dataclass
+class WorkerRec:
+    wid: int
+    slot: int
+    generation: int
+    started: float
+    pid: Optional[int] = None
+    state: str = SPAWNING
+    ready_at: Optional[float] = None
+    drain_at: Optional[float] = None
+    purpose: str = "serve"          # serve | reload | recycle
+    killed: bool = False
+
+    def label(self) -> str:
+        return f"worker {self.wid} (pid {self.pid})"
+
+
+@dataclass
+class SlotRec:
+    index: int
+    state: str = RUNNING
+    worker: Optional[int] = None     # wid serving this slot
+    candidate: Optional[int] = None  # wid of its replacement, not READY yet
+    crashes: int = 0                 # rapid crashes in a row (k)
+    due: float = 0.0                 # BACKOFF: when to respawn
+    restarts: int = 0                # respawns so far (for status)
+    recycle_failures: int = 0
+    recycle_due: Optional[float] = None
+
+
+def _move(table, state: str, what: str, label: str) -> str:
+    try:
+        return table[(state, what)]
+    except KeyError:
+        raise PolicyError(f"{label}: no move for {what!r} in state {state!r}") from None
+
+
+def _secs(x: float) -> str:
+    return f"{x:.1f} s"
+
+
+def _dur(x: float) -> str:
+    return _ms(x) if x < 1.0 else _secs(x)
+
+
+def _ms(x: float) -> str:
+    return f"{int(round(x * 1000))} ms"
+
+
+class Lifecycle:
+    """The whole lifecycle of a primary's workers. ``handle(event, now)`` -> actions.
+
+    Limits and their precedent:
+
+    * ``min_uptime`` (1 s): an exit before READY or within this uptime is a
+      rapid crash (the article's CRASH_LOOP_THRESHOLD_MS = 1000; PM2's
+      min_uptime; systemd's StartLimitIntervalSec serves the same purpose).
+    * ``max_restarts`` (5): rapid crashes in a row before a slot gives up (the
+      article's MAX_RESTART_ATTEMPTS = 5; PM2's max_restarts). 0 behaves as 1.
+      When every slot has given up the primary exits with code 3 (gunicorn's
+      HaltServer on a worker boot error uses 3 too).
+    * ``timeout`` (30 s, 0 = off): no heartbeat for that long -> SIGKILL and
+      replace (gunicorn's --timeout, same default).
+    * ``ready_timeout`` (30 s): a worker not READY that long after fork is
+      killed; a rolling restart whose replacement is not READY in time aborts
+      and the old workers keep serving (nginx keeps old workers until new ones
+      are up).
+    * ``graceful_timeout`` (30 s): a draining worker is killed after it
+      (gunicorn's --graceful-timeout, same default).
+    """
+
+    def __init__(self, *, min_uptime: float = 1.0, max_restarts: int = 5, timeout: float = 30.0,
+                 graceful_timeout: float = 30.0, ready_timeout: float = 30.0,
+                 backoff_base: float = BACKOFF_BASE, backoff_cap: float = BACKOFF_CAP,
+                 max_workers: int = 1024):
+        self.min_uptime = min_uptime
+        self.max_restarts = max(1, max_restarts)
+        self.timeout = timeout
+        self.graceful_timeout = graceful_timeout
+        self.ready_timeout = ready_timeout
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.max_workers = max_workers
+        self.workers: Dict[int, WorkerRec] = {}
+        self.slots: Dict[int, SlotRec] = {}
+        self.generation = 0
+        self.next_wid = 1
+        self.reloading = False
+        self.reload_wait: Optional[int] = None    # wid of the candidate we wait for
+        self.reload_deadline: Optional[float] = None
+        self.stopping = False
+        self.graceful = True
+        self.exit_code = 0
+        self.drained = False
+        self.stop_deadline: Optional[float] = None
+        self.killed_all = False
+        self.exited = False
+        self._out: List[object] = []
+
+    # ---- helpers ------------------------------------------------------------------
+    def _log(self, level: str, msg: str) -> None:
+        self._out.append(Log(level, msg))
+
+    def _spawn(self, slot: SlotRec, now: float, purpose: str = "serve") -> WorkerRec:
+        wid = self.next_wid
+        self.next_wid += 1
+        w = WorkerRec(wid=wid, slot=slot.index, generation=self.generation, started=now, purpose=purpose)
+        self.workers[wid] = w
+        if purpose == "serve":
+            slot.worker = wid
+        else:
+            slot.candidate = wid
+        self._out.append(Spawn(wid, slot.index, self.generation))
+        return w
+
+    def _drain(self, w: WorkerRec, now: float) -> None:
+        if w.state == DRAINING:
+            return
+        w.state = _move(WORKER_MOVES, w.state, "drain", w.label())
+        w.drain_at = now
+        self._out.append(Drain(w.wid))
+
+    def _kill(self, w: WorkerRec, sig: int) -> None:
+        self._out.append(Kill(w.wid, sig))
+        if sig == signal.SIGKILL:
+            w.killed = True
+
+    def live(self) -> List[WorkerRec]:
+        return list(self.workers.values())
+
+    def live_count(self) -> int:
+        return len(self.workers)
+
+    def serving(self) -> int:
+        """Workers that are READY (get connections)."""
+        return sum(1 for w in self.workers.values() if w.state == READY)
+
+    # ---- entry point ----------------------------------------------------------------
+    def handle(self, event, now: float) -> list:
+        self._out = []
+        name = type(event).__name__
+        getattr(self, "_on_" + name)(event, now)
+        self._check_exit(now)
+        out, self._out = self._out, []
+        return out
+
+    def _check_exit(self, now: float) -> None:
+        if self.exited or not self.stopping:
+            return
+        if not self.workers:
+            self.exited = True
+            self._log("info", f"all workers gone; exiting with code {self.exit_code}")
+            self._out.append(Exit(self.exit_code))
+
+    # ---- events ---------------------------------------------------------------------
+    def _on_Start(self, ev: Start, now: float) -> None:
+        for i in range(ev.n):
+            slot = SlotRec(index=i)
+            self.slots[i] = slot
+            self._spawn(slot, now)
+
+    def _on_Forked(self, ev: Forked, now: float) -> None:
+        w = self.workers.get(ev.wid)
+        if w is not None:
+            w.pid = ev.pid
+
+    def _on_Ready(self, ev: Ready, now: float) -> None:
+        w = self.workers.get(ev.wid)
+        if w is None:
+            return
+        w.state = _move(WORKER_MOVES, w.state, "ready", w.label())
+        w.ready_at = now
+        if w.state != READY:       # told to drain meanwhile: never gets connections
+            return
+        self._out.append(Activate(w.wid))
+        self._log("info", f"{w.label()} ready in {_dur(now - w.started)}")
+        slot = self.slots.get(w.slot)
+        if slot is not None and slot.candidate == w.wid:
+            old = self.workers.get(slot.worker) if slot.worker is not None else None
+            slot.worker, slot.candidate = w.wid, None
+            if w.purpose == "recycle":
+                slot.recycle_failures = 0
+                slot.recycle_due = None
+            if old is not None:
+                self._log("info", f"{w.label()} replaces {old.label()} in slot {slot.index} ({w.purpose}); "
+                          f"draining worker {old.wid}")
+                self._drain(old, now)
+        if self.reloading and (self.reload_wait == w.wid or self.reload_wait is None):
+            # our candidate is up, or a recycle the reload was waiting for finished
+            self.reload_wait = None
+            self.reload_deadline = None
+            self._reload_next(now)
+
+    def _on_Exited(self, ev: Exited, now: float) -> None:
+        w = self.workers.pop(ev.wid, None)
+        if w is None:
+            return
+        w.state = _move(WORKER_MOVES, w.state, "exit", w.label())
+        uptime = now - w.started
+        if ev.code is None and ev.signal is None:
+            head = f"worker {w.wid} could not be forked"
+        else:
+            head = f"{w.label()} exited code={ev.code} signal={ev.signal} after {_secs(uptime)}"
+        slot = self.slots.get(w.slot)
+        if slot is None or (slot.worker != w.wid and slot.candidate != w.wid):
+            # retiring (replaced, scaled down) or the slot is gone
+            self._log("info", head + ("" if w.drain_at is not None else " (retired)"))
+            return
+        if self.stopping:
+            self._log("info", head)
+            if slot.worker == w.wid:
+                slot.worker = None
+            if slot.candidate == w.wid:
+                slot.candidate = None
+            return
+        if slot.candidate == w.wid:
+            slot.candidate = None
+            self._candidate_failed(slot, w, head, now)
+            return
+        # the slot's serving worker
+        slot.worker = None
+        if slot.candidate is not None:
+            # its replacement is already starting: promote it
+            cand = self.workers[slot.candidate]
+            slot.worker, slot.candidate = cand.wid, None
+            cand.purpose = "serve" if not (self.reloading and self.reload_wait == cand.wid) else cand.purpose
+            self._log("warning", f"{head}; its replacement worker {cand.wid} is starting")
+            return
+        rapid = w.ready_at is None or uptime < self.min_uptime
+        if not rapid:
+            slot.state = _move(SLOT_MOVES, slot.state, "stable_exit", f"slot {slot.index}")
+            slot.crashes = 0
+            slot.restarts += 1
+            self._log("warning", f"{head}; respawning now")
+            self._spawn(slot, now)
+            return
+        slot.crashes += 1
+        k = slot.crashes
+        if k >= self.max_restarts:
+            slot.state = _move(SLOT_MOVES, slot.state, "give_up", f"slot {slot.index}")
+            self._out.append(ReleaseSlot(slot.index))
+            self._log("error", f"{head}; rapid crash #{k}: slot {slot.index} GIVES UP after {k} rapid "
+                      f"crashes in a row (max_restarts {self.max_restarts}); fix the app, then HUP or restart")
+            if self.slots and all(s.state == GAVE_UP for s in self.slots.values()):
+                self._log("error", "every worker slot has given up; stopping with exit code 3")
+                self._begin_stop(now, graceful=True, code=3)
+            return
+        delay = backoff_delay(k, self.backoff_base, self.backoff_cap)
+        slot.state = _move(SLOT_MOVES, slot.state, "rapid_crash", f"slot {slot.index}")
+        slot.due = now + delay
+        self._log("warning", f"{head}; rapid crash #{k}, respawning in {_ms(delay)}")
+
+    def _candidate_failed(self, slot: SlotRec, w: WorkerRec, head: str, now: float) -> None:
+        why = "before READY" if w.ready_at is None else "while starting"
+        if w.purpose == "reload":
+            if self.reloading and self.reload_wait == w.wid:
+                self.reloading = False
+                self.reload_wait = None
+                self.reload_deadline = None
+                self._log("error", f"{head}; reload ABORTED: replacement for slot {slot.index} exited {why}; "
+                          "old workers keep serving")
+            else:
+                self._log("warning", head)
+            return
+        # recycle candidate: the old worker keeps serving; retry with backoff
+        if self.reloading and self.reload_wait is None:
+            self._reload_next(now)      # the reload waited for this slot; it is free now
+        slot.recycle_failures += 1
+        n = slot.recycle_failures
+        if n >= self.max_restarts:
+            slot.recycle_due = None
+            self._log("error", f"{head}; recycling slot {slot.index} failed {n} times in a row; "
+                      "the old worker keeps serving and will not be recycled")
+            return
+        delay = backoff_delay(n, self.backoff_base, self.backoff_cap)
+        slot.recycle_due = now + delay
+        self._log("warning", f"{head}; recycle replacement failed (#{n}); old worker keeps serving, "
+                  f"retrying in {_ms(delay)}")
+
+    def _on_RecycleRequested(self, ev: RecycleRequested, now: float) -> None:
+        w = self.workers.get(ev.wid)
+        if w is None or self.stopping:
+            return
+        slot = self.slots.get(w.slot)
+        if slot is None or slot.worker != w.wid or w.state != READY:
+            return
+        if slot.candidate is not None or slot.recycle_due is not None:
+            return
+        if slot.recycle_failures >= self.max_restarts:
+            return
+        self._log("info", f"{w.label()} reached max_requests; starting its replacement first")
+        self._spawn(slot, now, purpose="recycle")
+
+    def _on_Leaving(self, ev: Leaving, now: float) -> None:
+        w = self.workers.get(ev.wid)
+        if w is None or w.state == DRAINING:
+            return
+        slot = self.slots.get(w.slot)
+        self._log("info", f"{w.label()} got SIGTERM; draining it")
+        self._drain(w, now)
+        if slot is None or self.stopping:
+            return
+        if slot.worker == w.wid:
+            slot.worker = None
+            if slot.candidate is not None:
+                slot.worker, slot.candidate = slot.candidate, None
+            else:
+                slot.restarts += 1
+                self._spawn(slot, now)
+        elif slot.candidate == w.wid:
+            slot.candidate = None
+
+    def _on_Tick(self, ev: Tick, now: float) -> None:
+        # timers of slots
+        if not self.stopping:
+            for slot in list(self.slots.values()):
+                if slot.state == BACKOFF and now >= slot.due:
+                    slot.state = _move(SLOT_MOVES, slot.state, "due", f"slot {slot.index}")
+                    slot.restarts += 1
+                    self._spawn(slot, now)
+                if (slot.recycle_due is not None and now >= slot.recycle_due and slot.candidate is None
+                        and slot.worker is not None):
+                    slot.recycle_due = None
+                    w = self.workers[slot.worker]
+                    if w.state == READY:
+                        self._log("info", f"retrying recycle of {w.label()}")
+                        self._spawn(slot, now, purpose="recycle")
+        # per-worker timers
+        for w in list(self.workers.values()):
+            if w.killed:
+                continue
+            if w.state == SPAWNING and now - w.started >= self.ready_timeout:
+                self._log("error", f"{w.label()} not READY after {_secs(now - w.started)} "
+                          f"(ready timeout {_secs(self.ready_timeout)}); killing it")
+                self._kill(w, signal.SIGKILL)
+                if self.reloading and self.reload_wait == w.wid:
+                    self.reloading = False
+                    self.reload_wait = None
+                    self._log("error", f"reload ABORTED: replacement worker {w.wid} never became READY; "
+                              "old workers keep serving")
+                continue
+            if self.timeout > 0 and w.state in (READY, DRAINING):
+                beat = max(ev.beats.get(w.wid) or 0.0, w.ready_at or 0.0)
+                if now - beat >= self.timeout:
+                    self._log("error", f"{w.label()} hung: no heartbeat for {_secs(now - beat)} "
+                              f"(timeout {_secs(self.timeout)}); killing it")
+                    self._kill(w, signal.SIGKILL)
+                    continue
+            if (w.state == DRAINING and not self.stopping and w.drain_at is not None
+                    and now - w.drain_at >= self.graceful_timeout):
+                self._log("warning", f"{w.label()} still draining after {_secs(now - w.drain_at)}; killing it")
+                self._kill(w, signal.SIGKILL)
+        # stop deadline
+        if self.stopping and not self.killed_all and self.stop_deadline is not None and now >= self.stop_deadline:
+            self.killed_all = True
+            left = [w for w in self.workers.values() if not w.killed]
+            if left:
+                what = "graceful timeout" if self.graceful else "immediate stop"
+                self._log("warning", f"{what}: killing {len(left)} worker(s) still running: "
+                          + ", ".join(w.label() for w in left))
+                for w in left:
+                    self._kill(w, signal.SIGKILL)
+
+    def _on_Reload(self, ev: Reload, now: float) -> None:
+        if self.stopping:
+            self._log("warning", "reload ignored: stopping")
+            return
+        self.generation += 1
+        for slot in self.slots.values():
+            if slot.state == GAVE_UP:
+                slot.state = _move(SLOT_MOVES, slot.state, "revive", f"slot {slot.index}")
+                slot.crashes = 0
+                self._log("info", f"reload: slot {slot.index} had given up; trying it again")
+                self._spawn(slot, now)
+            slot.recycle_failures = 0
+        if self.reloading:
+            self._log("info", f"reload requested again (generation {self.generation}); "
+                      "workers started before it will be replaced too")
+            return
+        self.reloading = True
+        self._log("info", f"reload (generation {self.generation}): replacing workers one at a time, oldest first")
+        self._reload_next(now)
+
+    def _reload_next(self, now: float) -> None:
+        todo = []
+        for slot in self.slots.values():
+            if slot.worker is None or slot.candidate is not None:
+                continue
+            w = self.workers[slot.worker]
+            if w.state == READY and w.generation < self.generation:
+                todo.append((w.started, w.wid, slot))
+        if not todo:
+            busy = [s.index for s in self.slots.values() if s.candidate is not None and s.worker is not None
+                    and self.workers[s.worker].generation < self.generation]
+            if busy:
+                # a recycle is replacing these slots' workers: continue when it is done
+                self.reload_wait = None
+                return
+            self.reloading = False
+            self._log("info", f"reload complete (generation {self.generation})")
+            return
+        todo.sort(key=lambda t: (t[0], t[1]))
+        slot = todo[0][2]
+        cand = self._spawn(slot, now, purpose="reload")
+        self.reload_wait = cand.wid
+        self.reload_deadline = now + self.ready_timeout
+
+    def _on_Scale(self, ev: Scale, now: float) -> None:
+        if self.stopping:
+            return
+        n = max(1, min(ev.n, self.max_workers))
+        cur = len(self.slots)
+        if ev.n > self.max_workers:
+            self._log("warning", f"cannot scale to {ev.n} workers: at most {self.max_workers} "
+                      "(dispatcher capacity); restart with more --workers")
+        if n == cur:
+            return
+        self._log("info", f"scaling from {cur} to {n} workers")
+        if n > cur:
+            free = [i for i in range(n + cur) if i not in self.slots]
+            for i in free[: n - cur]:
+                slot = SlotRec(index=i)
+                self.slots[i] = slot
+                self._spawn(slot, now)
+            return
+        # remove slots that serve nothing first, then the highest index
+        not_running = [s for s in self.slots.values() if s.state != RUNNING]
+        running = sorted((s for s in self.slots.values() if s.state == RUNNING), key=lambda s: -s.index)
+        victims = (sorted(not_running, key=lambda s: -s.index) + running)[: cur - n]
+        for slot in victims:
+            del self.slots[slot.index]
+            for wid in (slot.candidate, slot.worker):
+                if wid is None:
+                    continue
+                w = self.workers[wid]
+                self._drain(w, now)
+                if self.reloading and self.reload_wait == wid:
+                    self.reload_wait = None
+                    self._reload_next(now)
+            self._out.append(ReleaseSlot(slot.index))
+        if self.slots and all(s.state == GAVE_UP for s in self.slots.values()):
+            self._log("error", "every remaining worker slot has given up; stopping with exit code 3")
+            self._begin_stop(now, graceful=True, code=3)
+
+    def _on_Stop(self, ev: Stop, now: float) -> None:
+        if self.stopping:
+            if self.graceful and not ev.graceful:
+                self._log("warning", "stopping at once")
+                self.graceful = False
+                self.stop_deadline = min(self.stop_deadline or now, now + IMMEDIATE_GRACE)
+                for w in self.workers.values():
+                    if not w.killed:
+                        self._kill(w, signal.SIGQUIT)
+            return
+        self._begin_stop(now, ev.graceful, ev.code)
+
+    def _begin_stop(self, now: float, graceful: bool, code: int) -> None:
+        self.stopping = True
+        self.graceful = graceful
+        self.exit_code = code
+        self.reloading = False
+        self.reload_wait = None
+        n = len(self.workers)
+        if graceful:
+            self.stop_deadline = now + self.graceful_timeout
+            self._log("info", f"graceful stop: no new connections; waiting up to {_secs(self.graceful_timeout)} "
+                      f"for {n} worker(s) to finish")
+            self._out.append(StopAccepting())
+        else:
+            self.stop_deadline = now + IMMEDIATE_GRACE
+            self._log("info", f"immediate stop of {n} worker(s)")
+            for w in self.workers.values():
+                self._kill(w, signal.SIGQUIT)
+
+    def _on_Drained(self, ev: Drained, now: float) -> None:
+        if not self.stopping or self.drained:
+            return
+        self.drained = True
+        if not self.graceful:
+            return
+        for w in list(self.workers.values()):
+            if w.state != DRAINING:
+                self._drain(w, now)
+
+    # ---- timers -------------------------------------------------------------------
+    def next_deadline(self, now: float) -> Optional[float]:
+        """Earliest time a Tick could act (the arbiter also ticks periodically for heartbeats)."""
+        times = []
+        for slot in self.slots.values():
+            if slot.state == BACKOFF and not self.stopping:
+                times.append(slot.due)
+            if slot.recycle_due is not None:
+                times.append(slot.recycle_due)
+        for w in self.workers.values():
+            if w.state == SPAWNING and not w.killed:
+                times.append(w.started + self.ready_timeout)
+        if self.stopping and self.stop_deadline is not None and not self.killed_all:
+            times.append(self.stop_deadline)
+        return min(times) if times else None
+
+    def slot_of(self, wid: int) -> Optional[SlotRec]:
+        w = self.workers.get(wid)
+        return self.slots.get(w.slot) if w is not None else None

@@ -1,0 +1,184 @@
+"""The shared scoreboard: one 64-byte line per worker slot (Apache httpd's idea).
+
+Theory of operation: the dispatcher maps a MAP_SHARED|MAP_ANONYMOUS region of
+``capacity * 64`` bytes before the first fork, so every worker inherits the
+same pages. Each worker writes only its own line (``pf_slot`` in
+csrc/pyfork.h) and the primary reads it at dispatch time with no syscall:
+``closed`` gives the connections a worker has finished (inflight = sent -
+closed), ``active``/``busy_since_ns`` say how busy it is, ``heartbeat_ns``
+says it is alive. The one field the primary writes is ``want_credit``: set
+when it skipped this worker as full, cleared by the worker on its next close,
+which then sends PF_MSG_CREDIT so a blocked primary wakes up.
+
+Fields are accessed through memoryview casts ("Q"/"I" in native byte order,
+which is the little-endian layout the C struct has on the targets we build
+for), so every read and write is one aligned machine load or store.
+"""
+
+import sys
+import time
+
+SLOT_SIZE = 64
+
+# pf_slot offsets (bytes): closed 0, handled 8, heartbeat_ns 16,
+# busy_since_ns 24, active 32, pid 36, want_credit 40. As indexes into the
+# u64 and u32 views of one line:
+_Q_CLOSED, _Q_HANDLED, _Q_HEARTBEAT, _Q_BUSY_SINCE = 0, 1, 2, 3
+_I_ACTIVE, _I_PID, _I_WANT_CREDIT = 8, 9, 10
+_U64 = (1 << 64) - 1
+_U32 = (1 << 32) - 1
+
+if sys.byteorder != "little":  # the layout is documented as little-endian
+    raise ImportError("pyfork.scoreboard supports little-endian hosts only")
+
+__all__ = ["SLOT_SIZE", "Scoreboard", "SlotView"]
+
+
+class Scoreboard:
+    """A view of ``capacity`` pf_slot lines over a writable buffer.
+
+    ``buf`` is the dispatcher's ``scoreboard`` memoryview (either backend),
+    or any writable bytes-like object of at least ``capacity * 64`` bytes.
+    """
+
+    __slots__ = ("capacity", "_raw", "_q", "_i")
+
+    def __init__(self, buf, capacity):
+        capacity = int(capacity)
+        if capacity < 1:
+            raise ValueError("scoreboard capacity must be >= 1, got %d" % capacity)
+        mv = memoryview(buf)
+        if mv.readonly:
+            raise ValueError("scoreboard buffer must be writable")
+        if not mv.c_contiguous:
+            raise ValueError("scoreboard buffer must be contiguous")
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        size = capacity * SLOT_SIZE
+        if mv.nbytes < size:
+            raise ValueError("scoreboard buffer has %d bytes, %d slots need %d"
+                             % (mv.nbytes, capacity, size))
+        self.capacity = capacity
+        self._raw = mv[:size]
+        self._q = self._raw.cast("Q")
+        self._i = self._raw.cast("I")
+
+    def slot(self, i):
+        """Returns the SlotView of slot ``i`` (0 <= i < capacity)."""
+        i = int(i)
+        if not 0 <= i < self.capacity:
+            raise ValueError("slot %d out of range 0..%d" % (i, self.capacity - 1))
+        return SlotView(self, i)
+
+    def __len__(self):
+        return self.capacity
+
+    def release(self):
+        """Drops the views so the underlying mapping can be unmapped."""
+        for mv in (self._q, self._i, self._raw):
+            if mv is not None:
+                mv.release()
+        self._q = self._i = self._raw = None
+
+
+class SlotView:
+    """One worker's line. Worker-side writers, anyone-side readers."""
+
+    __slots__ = ("index", "_q", "_i", "_qb", "_ib")
+
+    def __init__(self, board, index):
+        self.index = index
+        self._q = board._q
+        self._i = board._i
+        self._qb = index * (SLOT_SIZE // 8)
+        self._ib = index * (SLOT_SIZE // 4)
+
+    # -- readers -----------------------------------------------------------
+    @property
+    def closed(self):
+        return self._q[self._qb + _Q_CLOSED]
+
+    @property
+    def handled(self):
+        return self._q[self._qb + _Q_HANDLED]
+
+    @property
+    def heartbeat_ns(self):
+        return self._q[self._qb + _Q_HEARTBEAT]
+
+    @property
+    def busy_since_ns(self):
+        return self._q[self._qb + _Q_BUSY_SINCE]
+
+    @property
+    def active(self):
+        return self._i[self._ib + _I_ACTIVE]
+
+    @property
+    def pid(self):
+        return self._i[self._ib + _I_PID]
+
+    @property
+    def want_credit(self):
+        return self._i[self._ib + _I_WANT_CREDIT]
+
+    # -- worker-side writers ------------------------------------------------
+    def set_pid(self, pid):
+        self._i[self._ib + _I_PID] = pid & _U32
+        self.heartbeat()
+
+    def heartbeat(self):
+        self._q[self._qb + _Q_HEARTBEAT] = time.monotonic_ns()
+
+    def request_started(self):
+        i = self._ib + _I_ACTIVE
+        now = time.monotonic_ns()
+        if self._i[i] == 0:
+            self._q[self._qb + _Q_BUSY_SINCE] = now
+        self._i[i] = (self._i[i] + 1) & _U32
+        self._q[self._qb + _Q_HEARTBEAT] = now
+
+    def request_finished(self):
+        # busy_since_ns is "busy without progress since": a finished request is
+        # progress, so with requests still in progress it moves to now. That
+        # keeps a steadily loaded async worker from looking stuck.
+        i = self._ib + _I_ACTIVE
+        now = time.monotonic_ns()
+        active = self._i[i]
+        if active:
+            active -= 1
+            self._i[i] = active
+        qb = self._qb
+        self._q[qb + _Q_HANDLED] = (self._q[qb + _Q_HANDLED] + 1) & _U64
+        self._q[qb + _Q_BUSY_SINCE] = now if active else 0
+        self._q[qb + _Q_HEARTBEAT] = now
+
+    def conn_closed(self, n=1):
+        """Counts ``n`` closed connections. Returns True when the primary asked
+        for credit (want_credit was set; it is cleared here): the caller must
+        then send MSG_CREDIT on its channel."""
+        qc = self._qb + _Q_CLOSED
+        # closed is written before want_credit is read: the primary sets
+        # want_credit and then re-reads closed, so one of the two sees the other.
+        self._q[qc] = (self._q[qc] + n) & _U64
+        w = self._ib + _I_WANT_CREDIT
+        if self._i[w]:
+            self._i[w] = 0
+            return True
+        return False
+
+    # -- primary-side -------------------------------------------------------
+    def request_credit(self):
+        """Primary: ask this worker for a MSG_CREDIT on its next close."""
+        self._i[self._ib + _I_WANT_CREDIT] = 1
+
+    def clear(self):
+        """Zeroes the whole line (done by add_worker before a fork)."""
+        qb = self._qb
+        for k in range(SLOT_SIZE // 8):
+            self._q[qb + k] = 0
+
+    def __repr__(self):
+        return ("SlotView(%d, pid=%d, closed=%d, handled=%d, active=%d, busy_since_ns=%d)"
+                % (self.index, self.pid, self.closed, self.handled, self.active,
+                   self.busy_since_ns))

@@ -1,0 +1,306 @@
+"""The asyncio interface: `async def handler(reader, writer)` per connection.
+
+Theory of operation: one event loop per worker (uvloop when importable, unless
+PYFORK_UVLOOP=0). `LoopDriver` ties the worker runtime to that loop and is shared
+with the ASGI interface:
+
+  * `rt.fileno()` is watched with `loop.add_reader`; when it is readable every socket
+    from `rt.take()` is handed to the interface, which adopts it with
+    `loop.connect_accepted_socket` (the loop then owns the fd);
+  * `rt.wakeup_fd()` is watched too, and `rt.tick()` runs on it and every
+    `rt.tick_interval` (1 s) from a loop timer;
+  * once `rt.draining` turns true (after a take, a tick or a wakeup) the driver stops
+    watching `rt.fileno()` and tells the interface, which finishes what it has and
+    returns.
+
+Here each adopted socket gets a `StreamReader`/`StreamWriter` pair and a task running
+the handler, exactly as `asyncio.start_server` would call it. When the handler
+returns the writer is closed (start_server would leave that to the handler and leak
+the socket until GC); when the transport is gone `rt.closed()` is called, once.
+Drain: stop taking, wait for every handler task and connection to end (as Node's
+`server.close()`: open connections are not cut; the supervisor's graceful timeout
+bounds a handler that never ends), then return.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import socket
+import threading
+
+NAME = "asyncio"
+
+DRAIN_POLL = 0.05  # s; how often a draining worker checks whether it is done (only while draining)
+
+
+# --------------------------------------------------------------------------- detection
+
+def _positional_params(func) -> int | None:
+    """Number of parameters `func` can take positionally (None when unknown or *args)."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+    n = 0
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            return None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            n += 1
+    return n
+
+
+def async_callable(app):
+    """The coroutine function `app` stands for (itself or its async __call__), or None.
+
+    Classes are excluded: calling one builds an instance (an ASGI 2 app), not a coroutine.
+    """
+    if inspect.isclass(app):
+        return None
+    if inspect.iscoroutinefunction(app):  # also sees through functools.partial
+        return app
+    call = getattr(app, "__call__", None)
+    if call is not None and inspect.iscoroutinefunction(call):
+        return call
+    return None
+
+
+def detect(app) -> bool:
+    """True for a coroutine function taking exactly two parameters (reader, writer)."""
+    target = async_callable(app)
+    return target is not None and _positional_params(target) == 2
+
+
+# --------------------------------------------------------------------------- loop plumbing
+
+def loop_factory():
+    """uvloop's loop when importable and not disabled by PYFORK_UVLOOP=0, else asyncio's."""
+    if os.environ.get("PYFORK_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def run(main_factory, rt) -> None:
+    """Runs `main_factory()` (a coroutine) to completion on a fresh loop in this thread.
+
+    The runtime's signal wakeup fd is read here, before the loop starts, because
+    uvloop replaces it with its own self-pipe while running (loop.pyx
+    `_setup_or_resume_signals`) and swallows the bytes: `rt.wakeup_fd()` would then
+    never become readable and a SIGTERM would only be noticed at the next tick.
+    `LoopDriver.start()` puts it back from inside the running loop; uvloop restores
+    the same fd when it stops.
+    """
+    wakeup_write_fd = -1
+    if threading.current_thread() is threading.main_thread():
+        wakeup_write_fd = signal.set_wakeup_fd(-1)
+        if wakeup_write_fd != -1:
+            signal.set_wakeup_fd(wakeup_write_fd, warn_on_full_buffer=False)
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(main_factory(wakeup_write_fd))
+
+
+class LoopDriver:
+    """Connects a worker runtime to the running loop (see the module docstring).
+
+    `on_socket(sock)` adopts each taken socket; `on_tick()` runs after every tick;
+    `on_drain()` runs once, synchronously, in the very callback that saw `rt.draining`
+    (so no request can slip in between); `drain_started` is an asyncio.Event set then.
+    """
+
+    def __init__(self, rt, on_socket, on_tick=None, on_drain=None, wakeup_write_fd: int = -1):
+        self.rt = rt
+        self.loop = asyncio.get_running_loop()
+        self.on_socket = on_socket
+        self.on_tick = on_tick
+        self.on_drain = on_drain
+        self.draining = False
+        self.drain_started = asyncio.Event()
+        self._fileno = rt.fileno()
+        self._wakeup = rt.wakeup_fd() if hasattr(rt, "wakeup_fd") else None
+        self._wakeup_write_fd = wakeup_write_fd
+        self._interval = float(getattr(rt, "tick_interval", 1.0) or 1.0)
+        self._timer = None
+
+    def start(self) -> None:
+        if self._wakeup_write_fd != -1 and threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(self._wakeup_write_fd, warn_on_full_buffer=False)
+        if self._wakeup is not None and self._wakeup >= 0:
+            self.loop.add_reader(self._wakeup, self._on_wakeup)
+        self._timer = self.loop.call_later(self._interval, self._on_timer)
+        if self.rt.draining:
+            self.begin_drain()
+        else:
+            self.loop.add_reader(self._fileno, self._on_ready)
+            self._on_ready()  # connections may already be waiting: the fd is level-triggered anyway
+
+    def stop(self) -> None:
+        if not self.draining:
+            self.loop.remove_reader(self._fileno)
+        if self._wakeup is not None and self._wakeup >= 0:
+            self.loop.remove_reader(self._wakeup)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def begin_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        # Stop watching: after draining take() returns [] forever, and for the shared
+        # policy rt.fileno() is the listening socket, which would stay readable and spin.
+        self.loop.remove_reader(self._fileno)
+        if self.on_drain is not None:
+            self.on_drain()
+        self.drain_started.set()
+
+    def _on_ready(self) -> None:
+        rt = self.rt
+        try:
+            socks = rt.take()
+        except Exception:
+            # A runtime that cannot take connections any more would make this fd spin:
+            # stop taking, finish what is open, and let the supervisor replace us.
+            rt.log.exception("worker %s: rt.take() failed; draining", getattr(rt, "id", "?"))
+            self.begin_drain()
+            return
+        for sock in socks:
+            try:
+                self.on_socket(sock)
+            except Exception:
+                # Never leak the rest of the batch: close and account for this one.
+                rt.log.exception("worker %s: could not adopt a connection", getattr(rt, "id", "?"))
+                sock.close()
+                rt.closed()
+        if rt.draining:
+            self.begin_drain()
+
+    def _tick(self) -> None:
+        self.rt.tick()
+        if self.on_tick is not None:
+            self.on_tick()
+        if self.draining:
+            # rt.fileno() is no longer watched, but the channel may still carry
+            # messages for the app: take() delivers them (and returns nothing now).
+            self._on_ready()
+        elif self.rt.draining:
+            self.begin_drain()
+
+    def _on_wakeup(self) -> None:
+        self._tick()
+
+    def _on_timer(self) -> None:
+        self._timer = self.loop.call_later(self._interval, self._on_timer)
+        self._tick()
+
+
+def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure) -> None:
+    """Hands `sock` to `protocol` on the loop; `on_failure()` if the loop refuses it.
+
+    connect_accepted_socket is a coroutine (it waits for connection_made), hence the
+    task; the set keeps a strong reference until it is done (asyncio keeps only weak ones).
+    """
+    # The primary sets TCP_NODELAY already; set it again because without it a response
+    # written in two parts (uvicorn: head, then body) waits for the client's delayed
+    # ACK, ~40 ms per keep-alive request. asyncio's transport would not do it here: its
+    # _set_nodelay skips sockets whose proto is 0, which is what accept() returns. One
+    # setsockopt per connection; it fails (harmlessly) on Unix sockets. No `sock.family`
+    # test first: that property builds an IntEnum, dearer than the syscall.
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+    async def connect():
+        try:
+            await loop.connect_accepted_socket(lambda: protocol, sock)
+        except Exception:
+            sock.close()  # no-op when the transport already took (and closed/detached) the fd
+            on_failure()
+
+    task = loop.create_task(connect())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+# --------------------------------------------------------------------------- the interface
+
+class _StreamProtocol(asyncio.StreamReaderProtocol):
+    """start_server's protocol, plus exactly one rt.closed() when the transport goes."""
+
+    def __init__(self, reader, callback, server):
+        super().__init__(reader, callback)
+        self._pf_server = server
+        self._pf_reported = False
+
+    def connection_lost(self, exc):
+        try:
+            super().connection_lost(exc)
+        finally:
+            self._pf_server.report_closed(self)
+
+
+class _StreamServer:
+    def __init__(self, handler, rt, loop):
+        self.handler = handler
+        self.rt = rt
+        self.loop = loop
+        self.live: set = set()            # protocols whose socket is not yet reported closed
+        self.handler_tasks: set = set()
+        self.connect_tasks: set = set()
+
+    def adopt(self, sock: socket.socket) -> None:
+        reader = asyncio.StreamReader(limit=2 ** 16, loop=self.loop)  # start_server's default limit
+        protocol = _StreamProtocol(reader, self._run_handler, self)
+        self.live.add(protocol)
+        adopt_socket(self.loop, self.connect_tasks, sock, protocol, lambda: self.report_closed(protocol))
+
+    def report_closed(self, protocol) -> None:
+        if protocol._pf_reported:
+            return
+        protocol._pf_reported = True
+        self.live.discard(protocol)
+        self.rt.closed()
+
+    def _run_handler(self, reader, writer):
+        task = self.loop.create_task(self._handler_task(reader, writer))
+        self.handler_tasks.add(task)
+        task.add_done_callback(self.handler_tasks.discard)
+        return None  # not a coroutine: StreamReaderProtocol must not make a second task
+
+    async def _handler_task(self, reader, writer) -> None:
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            self.rt.log.debug("asyncio handler: client went away: %r", exc)
+        except Exception:
+            self.rt.log.exception("asyncio handler %r raised", self.handler)
+        finally:
+            if not writer.is_closing():
+                writer.close()
+
+    def idle(self) -> bool:
+        return not self.live and not self.handler_tasks and not self.connect_tasks
+
+
+def serve(app, rt) -> None:
+    """Serves `async def app(reader, writer)` until the worker drains and every handler ended."""
+    async def main(wakeup_write_fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        server = _StreamServer(app, rt, loop)
+        driver = LoopDriver(rt, server.adopt, wakeup_write_fd=wakeup_write_fd)
+        driver.start()
+        try:
+            await driver.drain_started.wait()
+            while not server.idle():
+                await asyncio.sleep(DRAIN_POLL)
+        finally:
+            driver.stop()
+
+    run(main, rt)

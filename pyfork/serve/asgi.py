@@ -1,0 +1,341 @@
+"""The ASGI interface: uvicorn's own HTTP/1.1 protocol on the sockets pyfork hands over.
+
+Theory of operation: pyfork does not parse HTTP here. Each worker builds one uvicorn
+`Config` (loaded once) and one `ServerState`, runs the ASGI lifespan protocol once
+(uvicorn's LifespanOn: startup before the first connection is taken, shutdown after
+the last one is closed), and gives every socket from `rt.take()` to uvicorn's
+protocol class (HttpToolsProtocol, or H11Protocol when httptools is missing) with
+`loop.connect_accepted_socket` - what `loop.create_server` does after accept(), minus
+the accept, which pyfork's primary already did. The loop plumbing (take, tick,
+wakeup fd, drain notice) is `aio.LoopDriver`.
+
+What pyfork adds to uvicorn's protocol, in a subclass made once per worker:
+  * `connection_lost` (also on the WebSocket protocol after an upgrade) calls
+    `rt.closed()` exactly once per socket;
+  * the app a connection calls is wrapped to call `rt.request_started()` /
+    `rt.request_finished()` around each request (one extra coroutine frame); the
+    lifespan still sees the bare app.
+Every second the Date header is refreshed, as uvicorn's `Server.on_tick` does.
+
+Drain (the SPEC's contract, after uvicorn's `Server.shutdown`), decided per connection
+in the very loop callback that sees `rt.draining`, then re-checked every 50 ms:
+  * stop taking;
+  * a connection with a response in flight gets uvicorn's `shutdown()`: keep-alive
+    off, so the response ends with `Connection: close` and the socket closes;
+  * a kept-alive connection (one request already answered) that is idle is closed;
+    one with request bytes already there (parser mid-request, or unread data in the
+    socket) is kept and that request is answered `503` + `Connection: close` (the
+    app of every such connection is swapped): uvicorn would close it and turn that
+    request into a reset, leaving the client unsure whether it was processed;
+  * a fresh connection (taken, no request yet: the primary accepted it before the
+    stop) is still served, once, with `Connection: close` added to the response;
+  * pending and fresh connections get `timeout_keep_alive` (5 s) to send their
+    request head, then are closed;
+  * when no connection and no request task is left: lifespan shutdown, return.
+
+Knobs (environment, read once per worker): PYFORK_UVLOOP=0 (asyncio's loop),
+PYFORK_ASGI_HTTP=httptools|h11 (protocol class; default httptools when importable).
+Proxy headers are off (pyfork is not a proxy-aware server by default) and uvicorn's
+access log is off: it costs a log record per request. TCP_NODELAY: the primary sets
+it on accepted sockets and `aio.adopt_socket` sets it again (asyncio's transport
+skips accepted sockets, see there), so uvicorn's two writes per response (head, then
+body) never wait for the client's delayed ACK (~40 ms per keep-alive request).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import time
+from email.utils import formatdate
+
+from . import aio
+
+NAME = "asgi"
+
+DRAIN_POLL = aio.DRAIN_POLL
+
+_UNAVAILABLE_BODY = b"Service Unavailable: this worker is shutting down, retry the request\n"
+_UNAVAILABLE_START = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(_UNAVAILABLE_BODY)).encode()),
+        (b"connection", b"close"),
+        (b"retry-after", b"0"),
+    ],
+}
+_UNAVAILABLE_BODY_MSG = {"type": "http.response.body", "body": _UNAVAILABLE_BODY, "more_body": False}
+
+
+# --------------------------------------------------------------------------- detection
+
+def detect(app) -> bool:
+    """True for an ASGI 3 app: async callable taking (scope, receive, send)."""
+    target = aio.async_callable(app)
+    return target is not None and aio._positional_params(target) == 3
+
+
+# --------------------------------------------------------------------------- uvicorn setup
+
+def _http_protocol_name() -> str:
+    wanted = os.environ.get("PYFORK_ASGI_HTTP", "auto")
+    if wanted not in ("auto", "httptools", "h11"):
+        raise ValueError(f"PYFORK_ASGI_HTTP must be httptools or h11, not {wanted!r}")
+    if wanted != "auto":
+        return wanted
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
+
+
+def make_config(app, rt):
+    """One uvicorn Config for this worker, loaded."""
+    from uvicorn.config import Config
+
+    # factory=True with a lambda hands uvicorn the app object as is. Given the app
+    # itself, Config.load() would call it with no arguments to probe for a factory,
+    # which creates (and drops) a coroutine for apps whose parameters have defaults.
+    config = Config(
+        app=lambda: app,
+        factory=True,
+        interface="asgi3",
+        http=_http_protocol_name(),
+        lifespan="auto",
+        log_config=None,  # the worker's logging is pyfork's; do not dictConfig it
+        log_level=logging.DEBUG if rt.log.isEnabledFor(logging.DEBUG) else logging.WARNING,
+        access_log=False,
+        proxy_headers=False,
+    )
+    config.load()
+    return config
+
+
+def _refresh_default_headers(config, state) -> None:
+    # uvicorn's Server.on_tick does this once a second: Date plus Server.
+    date = [(b"date", formatdate(time.time(), usegmt=True).encode())] if config.date_header else []
+    state.default_headers = date + config.encoded_headers
+
+
+def _counted(app, rt):
+    started, finished = rt.request_started, rt.request_finished
+
+    async def pyfork_request(scope, receive, send):
+        started()
+        try:
+            await app(scope, receive, send)
+        finally:
+            finished()
+
+    return pyfork_request
+
+
+def _counted_h11(app, rt, worker):
+    """_counted, plus `Connection: close` on responses that start while draining.
+
+    HttpToolsProtocol writes that header itself once shutdown() turned keep-alive
+    off; H11Protocol just closes after the response, so the client cannot tell the
+    connection is going. Only the h11 fallback pays for this extra send layer.
+    """
+    started, finished = rt.request_started, rt.request_finished
+    close = (b"connection", b"close")
+
+    async def pyfork_request(scope, receive, send):
+        async def send_marking_close(message):
+            if worker.draining and message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), close]
+            await send(message)
+
+        started()
+        try:
+            await app(scope, receive, send_marking_close)
+        finally:
+            finished()
+
+    return pyfork_request
+
+
+def _closing(app):
+    """`app`, with `Connection: close` added to its response (uvicorn then closes the socket)."""
+    async def pyfork_last_request(scope, receive, send):
+        async def send_closing(message):
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+            await send(message)
+
+        await app(scope, receive, send_closing)
+
+    return pyfork_last_request
+
+
+async def _service_unavailable(scope, receive, send) -> None:
+    await send(_UNAVAILABLE_START)
+    await send(_UNAVAILABLE_BODY_MSG)
+
+
+def _request_pending(protocol) -> bool:
+    """True when part of a request has been parsed on an otherwise idle connection."""
+    if hasattr(protocol, "parser"):  # HttpToolsProtocol
+        scope, cycle = protocol.scope, protocol.cycle
+        # on_message_begin makes a new scope; on_headers_complete gives it to a new cycle.
+        return scope is not None and (cycle is None or cycle.scope is not scope)
+    conn = getattr(protocol, "conn", None)  # H11Protocol
+    if conn is not None:
+        import h11
+        return conn.their_state is h11.SEND_BODY or bool(conn.trailing_data[0])
+    return False
+
+
+def _socket_readable(protocol) -> bool:
+    """True when the kernel holds unread bytes (or EOF) for the connection."""
+    transport = getattr(protocol, "transport", None)
+    if transport is None or transport.is_closing():
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+class _Worker:
+    """The per-worker state: config, ServerState, lifespan, live connections."""
+
+    def __init__(self, app, rt, loop):
+        from uvicorn.server import ServerState
+
+        self.rt = rt
+        self.loop = loop
+        self.config = make_config(app, rt)
+        self.state = ServerState()
+        _refresh_default_headers(self.config, self.state)
+        self.lifespan = self.config.lifespan_class(self.config)
+        self.draining = False
+        if self.config.http_protocol_class.__name__ == "H11Protocol":
+            self.request_app = _counted_h11(self.config.loaded_app, rt, self)
+        else:
+            self.request_app = _counted(self.config.loaded_app, rt)
+        self.last_request_app = _closing(self.request_app)
+        self.live: set = set()            # HTTP protocols whose socket is not yet reported closed
+        self.connect_tasks: set = set()
+        self.protocol_class = self._make_protocol_class(self.config.http_protocol_class)
+
+    def _make_protocol_class(self, base):
+        worker = self
+
+        class PyforkHTTPProtocol(base):
+            _pf_reported = False
+            _pf_shut = False
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.app = worker.request_app
+
+            def connection_lost(self, exc):
+                try:
+                    super().connection_lost(exc)
+                finally:
+                    worker.report_closed(self)
+
+            def handle_websocket_upgrade(self, *args):
+                super().handle_websocket_upgrade(*args)
+                # The transport now talks to uvicorn's WebSocket protocol, so our
+                # connection_lost will not run: have the new protocol report instead.
+                new = self.transport.get_protocol()
+                if new is not self:
+                    inner = new.connection_lost
+
+                    def connection_lost(exc, _inner=inner, _http=self):
+                        try:
+                            _inner(exc)
+                        finally:
+                            worker.report_closed(_http)
+
+                    new.connection_lost = connection_lost
+
+        PyforkHTTPProtocol.__name__ = PyforkHTTPProtocol.__qualname__ = "Pyfork" + base.__name__
+        return PyforkHTTPProtocol
+
+    def adopt(self, sock) -> None:
+        protocol = self.protocol_class(
+            config=self.config, server_state=self.state,
+            app_state=self.lifespan.state, _loop=self.loop,
+        )
+        if self.draining:
+            protocol.app = self.last_request_app
+        self.live.add(protocol)
+        aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, lambda: self.report_closed(protocol))
+
+    def report_closed(self, protocol) -> None:
+        if protocol._pf_reported:
+            return
+        protocol._pf_reported = True
+        self.live.discard(protocol)
+        self.rt.closed()
+
+    def on_tick(self) -> None:
+        _refresh_default_headers(self.config, self.state)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        for protocol in self.live:
+            # cycle is None until a request head completed: the connection is fresh.
+            protocol.app = self.last_request_app if protocol.cycle is None else _service_unavailable
+        self.drain_deadline = self.loop.time() + self.config.timeout_keep_alive
+        self.sweep()
+
+    def sweep(self) -> None:
+        """One drain pass over the open connections (see the module docstring)."""
+        late = self.loop.time() >= self.drain_deadline
+        for protocol in list(self.state.connections):
+            if getattr(protocol, "_pf_shut", False):
+                continue
+            if not isinstance(protocol, self.protocol_class):
+                # A WebSocket after an upgrade: uvicorn's shutdown() sends close 1012.
+                protocol._pf_shut = True
+                protocol.shutdown()
+                continue
+            cycle = protocol.cycle
+            if cycle is not None and not cycle.response_complete:
+                protocol._pf_shut = True
+                protocol.shutdown()  # in flight: finish with Connection: close
+            elif late or not (cycle is None or _request_pending(protocol) or _socket_readable(protocol)):
+                protocol._pf_shut = True
+                protocol.shutdown()  # idle kept-alive connection (or out of time): close now
+            # else: fresh, or request bytes are arriving: wait for them (see the docstring).
+
+    def idle(self) -> bool:
+        return not self.live and not self.state.tasks and not self.connect_tasks
+
+
+def serve(app, rt) -> None:
+    """Serves an ASGI 3 app with uvicorn's protocol until the worker has drained."""
+    async def main(wakeup_write_fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        worker = _Worker(app, rt, loop)
+        await worker.lifespan.startup()
+        if worker.lifespan.should_exit:
+            raise RuntimeError("ASGI lifespan startup failed (see the uvicorn.error log above)")
+        driver = aio.LoopDriver(rt, worker.adopt, on_tick=worker.on_tick, on_drain=worker.begin_drain,
+                                wakeup_write_fd=wakeup_write_fd)
+        driver.start()
+        try:
+            await driver.drain_started.wait()
+            while not worker.idle():
+                await asyncio.sleep(DRAIN_POLL)
+                worker.sweep()
+        finally:
+            driver.stop()
+        await worker.lifespan.shutdown()
+
+    aio.run(main, rt)

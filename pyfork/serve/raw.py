@@ -1,0 +1,76 @@
+"""Raw interface: `handler(sock, addr)` is called once per connection, inline.
+
+Theory of operation. A selectors loop in the worker's main thread watches rt.fileno() and
+rt.wakeup_fd(). Each socket from rt.take() is switched to blocking mode and handed to the
+handler, which owns the conversation; when it returns (or raises, which is logged) the
+server closes the socket and reports it with rt.closed(). One connection at a time, like a
+gunicorn sync worker: a handler that never returns stalls the worker's heartbeat, and the
+arbiter's --timeout replaces it.
+
+Draining: the loop stops taking connections; sockets already taken are still handled (the
+kernel accepted them before the stop), then serve() returns.
+
+Raw is never auto-detected from a signature (any 2-argument callable looks like WSGI);
+choose it with --interface raw, or mark the handler with `handler.pyfork_interface = "raw"`.
+"""
+
+import selectors
+import time
+
+NAME = "raw"
+
+
+def detect(app):
+    """True only for a handler explicitly marked `pyfork_interface = "raw"`."""
+    return getattr(app, "pyfork_interface", None) == "raw"
+
+
+def serve(app, rt):
+    """Call `app(sock, addr)` for every connection until rt.draining."""
+    sel = selectors.DefaultSelector()
+    listen_fd = rt.fileno()
+    sel.register(listen_fd, selectors.EVENT_READ, "take")
+    sel.register(rt.wakeup_fd(), selectors.EVENT_READ, "wakeup")
+    tick_every = min(getattr(rt, "tick_interval", 1.0), 1.0) / 2
+    next_tick = time.monotonic() + tick_every
+    listening = True
+    try:
+        while True:
+            if rt.draining:
+                if listening:
+                    sel.unregister(listen_fd)   # stop watching: a readable listener would spin
+                    listening = False
+                return
+            for key, _ in sel.select(max(0.0, next_tick - time.monotonic())):
+                if key.data == "wakeup":
+                    rt.tick()
+                elif not rt.draining:
+                    for sock in rt.take():
+                        _handle(app, rt, sock)
+                        if time.monotonic() >= next_tick:   # a burst must not starve ticks
+                            rt.tick()
+                            next_tick = time.monotonic() + tick_every
+            if time.monotonic() >= next_tick:
+                rt.tick()
+                next_tick = time.monotonic() + tick_every
+    finally:
+        sel.close()
+
+
+def _handle(app, rt, sock):
+    rt.request_started()
+    try:
+        sock.setblocking(True)
+        try:
+            addr = sock.getpeername()
+        except OSError:
+            addr = None
+        app(sock, addr)
+    except Exception:
+        rt.log.exception("error in raw handler")
+    finally:
+        try:
+            sock.close()
+        finally:
+            rt.request_finished()
+            rt.closed()

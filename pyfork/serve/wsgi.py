@@ -1,0 +1,704 @@
+"""WSGI (PEP 3333) interface: one single-threaded selectors loop per worker.
+
+Theory of operation. The worker's loop watches rt.fileno() (new connections), rt.wakeup_fd()
+(signals) and every connection socket, all non-blocking. Bytes go into the connection's
+http1.RequestReader; when a request is complete (the whole body is buffered, up to
+Limits.max_body) the application is called inline, like a gunicorn sync worker, but the
+connection stays open for keep-alive and pipelined requests are answered in order.
+
+A response is written without blocking the loop: the common case (a list body) is rendered
+into one bytes object and sent with one send(); anything the kernel does not take waits in
+the connection's output queue. A streaming iterable is pulled only while that queue is below
+HIGH_WATER; beyond it the response generator (Server._respond) yields and is resumed when the
+socket is writable. wsgi.file_wrapper bodies on real files go out with os.sendfile the same
+way. Only the legacy write() callable blocks (poll on that one socket, bounded by
+request_timeout), because it runs inside the application's frame.
+
+Timers: a connection has one deadline, swept a few times per second: keepalive_timeout while
+idle between requests, request_timeout from the first byte of a request until its response
+is written (slow clients), linger_timeout while draining input after an error response.
+
+Draining (rt.draining): stop taking connections, close idle kept-alive ones, finish requests
+in progress with `Connection: close`, answer a new request on a kept-alive connection with
+503 + `Connection: close`, and return once no connection is left.
+
+Expect: 100-continue: since the body is read before the application runs, `100 Continue` is
+sent as soon as the head is accepted (and not when the body is too large: 413 instead).
+"""
+
+import errno
+import inspect
+import io
+import os
+import select
+import selectors
+import socket
+import stat
+import sys
+import time
+
+from . import http1
+from .http1 import (COMPLETE, HEAD, NEED_DATA, MODE_CHUNKED, MODE_LENGTH, HttpError,
+                    Limits, RequestReader, chunk, decode_path, error_response,
+                    render_head, split_target)
+
+NAME = "wsgi"
+
+RECV_SIZE = 65536
+HIGH_WATER = 256 * 1024          # pause a streaming body when this much output is queued
+SENDFILE_MAX = 1 << 20           # per sendfile() call, so one big file cannot hog the loop
+LINGER_MAX = 1 << 20             # bytes discarded after an error response before giving up
+
+_ACCEPT, _WAKEUP = object(), object()
+_R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+def detect(app):
+    """A plain callable taking two positional arguments (environ, start_response), not async."""
+    if not callable(app):
+        return False
+    if (inspect.iscoroutinefunction(app) or inspect.isasyncgenfunction(app)
+            or inspect.iscoroutinefunction(getattr(app, "__call__", None))):
+        return False
+    try:
+        inspect.signature(app).bind(None, None)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def serve(app, rt, limits=None):
+    """Serve `app` on the connections `rt` hands over until draining leaves none."""
+    Server(app, rt, limits if limits is not None else Limits.from_env()).run()
+
+
+class FileWrapper:
+    """wsgi.file_wrapper: iterates in blocks, and lets the server use sendfile() when
+    `filelike` is a regular file with a fileno()."""
+
+    def __init__(self, filelike, blksize=65536):
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self):
+        read, size = self.filelike.read, self.blksize
+        while True:
+            data = read(size)
+            if not data:
+                return
+            yield data
+
+
+class Conn:
+    """One client connection."""
+
+    __slots__ = ("sock", "fd", "reader", "env", "out", "out_len", "resume", "deadline",
+                 "busy_since", "nreq", "closing", "linger", "dead", "events", "lingered", "closed")
+
+    def __init__(self, sock, reader, env):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.reader = reader
+        self.env = env              # per-connection part of the environ
+        self.out = []               # queued output (bytes/memoryview), in order
+        self.out_len = 0
+        self.resume = None          # a suspended Server._respond generator
+        self.deadline = 0.0
+        self.busy_since = None      # monotonic time the current request's first byte came
+        self.nreq = 0               # requests admitted on this connection
+        self.closing = False        # close once the output queue is empty
+        self.linger = False         # ... after shutdown(SHUT_WR) and draining the input
+        self.dead = False           # peer gone: drop output, close
+        self.events = 0
+        self.lingered = 0
+        self.closed = False         # closed: events still queued for it are stale
+
+
+class _Response:
+    """start_response()/write() state of one request."""
+
+    __slots__ = ("server", "conn", "req", "status", "headers", "head_sent", "mode", "remaining",
+                 "keep_alive", "send_body")
+
+    def __init__(self, server, conn, req):
+        self.server = server
+        self.conn = conn
+        self.req = req
+        self.status = None
+        self.headers = None
+        self.head_sent = False
+        self.mode = 0
+        self.remaining = 0
+        self.keep_alive = req.keep_alive
+        self.send_body = True
+
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response() called twice without exc_info")
+        if type(status) is not str:
+            raise TypeError(f"status must be str, not {type(status).__name__}")
+        if type(headers) is not list:
+            raise TypeError(f"headers must be a list, not {type(headers).__name__}")
+        self.status = status
+        self.headers = headers
+        return self.write
+
+    def head(self, body_len):
+        """Render the head; the caller sends it (with the first body bytes)."""
+        if self.status is None:
+            raise AssertionError("the application returned without calling start_response()")
+        server = self.server
+        req = self.req
+        head, self.mode, length, keep_alive, self.send_body = render_head(
+            self.status, self.headers, req.version == "1.1",
+            self.keep_alive and not server.rt.draining, body_len, req.method == "HEAD")
+        self.keep_alive = keep_alive
+        self.remaining = length if length is not None else 0
+        self.head_sent = True
+        return head
+
+    def frame(self, data):
+        """Body bytes as they go on the wire (may be empty); head first if not yet sent."""
+        prefix = b"" if self.head_sent else self.head(None)
+        if not self.send_body:
+            return prefix
+        mode = self.mode
+        if mode == MODE_LENGTH:
+            if len(data) > self.remaining:         # never send more than we announced
+                data = data[:self.remaining]
+            self.remaining -= len(data)
+        elif mode == MODE_CHUNKED:
+            data = chunk(data)
+        return prefix + data if prefix else data
+
+    def write(self, data):
+        """PEP 3333 write(): sends at once, blocking on this one socket if needed."""
+        if self.status is None:
+            raise AssertionError("write() before start_response()")
+        if type(data) is not bytes:
+            data = bytes(data)
+        if not data:
+            return
+        conn = self.conn
+        if conn.dead:
+            raise ConnectionError("client disconnected")
+        self.server.send(conn, self.frame(data))
+        self.server.flush_blocking(conn)
+
+    def finish(self):
+        """After the body: terminate the framing; decide whether the connection lives on."""
+        server = self.server
+        conn = self.conn
+        if not self.head_sent:
+            server.send(conn, self.head(0))
+        elif self.send_body:
+            if self.mode == MODE_CHUNKED:
+                server.send(conn, b"0\r\n\r\n")
+            elif self.mode == MODE_LENGTH and self.remaining:
+                self.keep_alive = False        # short body: only a close tells the client
+        if not self.keep_alive:
+            conn.closing = True
+
+
+class Server:
+    """The worker's loop; one per serve() call."""
+
+    def __init__(self, app, rt, limits):
+        self.app = app
+        self.rt = rt
+        self.limits = limits
+        self.log = rt.log
+        self.draining = False
+        self.conns = {}
+        self.sel = selectors.DefaultSelector()
+        self.listen_fd = rt.fileno()
+        self.sel.register(self.listen_fd, _R, _ACCEPT)
+        self.sel.register(rt.wakeup_fd(), _R, _WAKEUP)
+        shortest = min(limits.keepalive_timeout, limits.request_timeout, limits.linger_timeout)
+        self.sweep_every = max(0.02, min(0.5, shortest / 4))
+        self.tick_every = min(getattr(rt, "tick_interval", 1.0), 1.0) / 2
+        self.base_env = {
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
+            "SCRIPT_NAME": "",
+        }
+
+    # -- loop -------------------------------------------------------------------------------
+    def run(self):
+        rt = self.rt
+        sel = self.sel
+        monotonic = time.monotonic
+        now = monotonic()
+        next_tick = now + self.tick_every
+        next_sweep = now + self.sweep_every
+        try:
+            self.check_drain()
+            while not (self.draining and not self.conns):
+                timeout = max(0.0, min(next_tick, next_sweep) - now)
+                for key, mask in sel.select(timeout):
+                    conn = key.data
+                    if conn is _ACCEPT:
+                        self.accept()
+                    elif conn is _WAKEUP:
+                        rt.tick()
+                        self.check_drain()
+                    elif conn.closed:
+                        # closed earlier in this batch; its fd may already be a new conn's
+                        continue
+                    elif mask & _W:
+                        self.on_writable(conn)
+                    else:
+                        self.on_readable(conn)
+                now = monotonic()
+                if now >= next_tick:
+                    rt.tick()
+                    self.check_drain()
+                    now = monotonic()
+                    next_tick = now + self.tick_every
+                if now >= next_sweep:
+                    self.sweep(now)
+                    next_sweep = now + self.sweep_every
+        finally:
+            for conn in list(self.conns.values()):
+                self.close(conn)
+            sel.close()
+
+    def check_drain(self):
+        if self.draining or not self.rt.draining:
+            return
+        self.draining = True
+        self.sel.unregister(self.listen_fd)       # else a readable listener would spin us
+        now = time.monotonic()
+        for conn in list(self.conns.values()):
+            if conn.resume is None and not conn.out and conn.reader.idle and not conn.linger:
+                if conn.nreq:
+                    # idle kept-alive connection: a request already in its socket gets the
+                    # 503 it is owed; otherwise close it now
+                    self.on_readable(conn)
+                    if (not conn.closed and conn.reader.idle and not conn.out
+                            and conn.resume is None and not conn.linger):
+                        self.close(conn)
+                else:                             # taken but silent yet: short grace
+                    conn.deadline = min(conn.deadline, now + self.limits.keepalive_timeout)
+
+    def sweep(self, now):
+        for conn in [c for c in self.conns.values() if c.deadline <= now]:
+            if (conn.reader.idle and not conn.out and conn.resume is None and not conn.linger
+                    and not conn.closing):
+                # A request may have arrived while the application held the loop; it is
+                # not the client's fault that we have not read it yet.
+                self.on_readable(conn)
+                if conn.closed or conn.deadline > now:
+                    continue
+            self.close(conn)
+
+    def accept(self):
+        rt = self.rt
+        socks = rt.take()
+        if rt.draining:
+            self.check_drain()
+        now = time.monotonic()
+        for sock in socks:
+            conn = Conn(sock, RequestReader(self.limits), self.conn_env(sock))
+            conn.deadline = now + self.limits.request_timeout
+            conn.busy_since = now
+            self.conns[conn.fd] = conn
+            conn.events = _R
+            self.sel.register(conn.fd, _R, conn)
+            self.on_readable(conn)              # the request has usually arrived already
+
+    def conn_env(self, sock):
+        env = self.base_env.copy()
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                local = sock.getsockname()
+                peer = sock.getpeername()
+                env["SERVER_NAME"] = local[0]
+                env["SERVER_PORT"] = str(local[1])
+                env["REMOTE_ADDR"] = peer[0]
+                env["REMOTE_PORT"] = str(peer[1])
+            else:
+                env["SERVER_NAME"] = "localhost"
+                env["SERVER_PORT"] = "0"
+                env["REMOTE_ADDR"] = ""
+        except OSError:                         # peer already gone; the read will tell
+            env["SERVER_NAME"] = "localhost"
+            env["SERVER_PORT"] = "0"
+            env["REMOTE_ADDR"] = ""
+        return env
+
+    # -- reading ----------------------------------------------------------------------------
+    def on_readable(self, conn):
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close(conn)
+            return
+        if conn.linger:
+            conn.lingered += len(data)
+            if not data or conn.lingered > LINGER_MAX:
+                self.close(conn)
+            return
+        if not data:                 # EOF: an incomplete request is never dispatched
+            self.close(conn)
+            return
+        if conn.busy_since is None:
+            now = time.monotonic()
+            conn.busy_since = now
+            conn.deadline = now + self.limits.request_timeout
+        conn.reader.feed(data)
+        self.process(conn)
+
+    def process(self, conn):
+        """Answer every complete request in the buffer, in order, until one has to wait."""
+        reader = conn.reader
+        while conn.resume is None and not conn.closing and not conn.dead:
+            try:
+                event = reader.next_event()
+            except HttpError as exc:
+                self.fail(conn, exc.status)
+                return
+            if event is NEED_DATA:
+                break
+            req = reader.request
+            if not req.admitted:
+                req.admitted = True
+                if conn.nreq and self.rt.draining:
+                    self.fail(conn, 503)        # a new request on a kept-alive connection
+                    return
+                conn.nreq += 1
+                if event is HEAD and req.expect_continue and not reader.pending:
+                    self.send(conn, http1.CONTINUE_100)
+            if event is COMPLETE:
+                gen = self._respond(conn, req)
+                try:
+                    next(gen)
+                except StopIteration:
+                    conn.busy_since = None       # response done: timers restart in settle()
+                    continue
+                conn.resume = gen                # waits for the socket to take more
+        self.settle(conn)
+
+    def settle(self, conn):
+        """Pick the events to wait for, or close, after a burst of work on `conn`."""
+        if conn.dead:
+            self.close(conn)
+            return
+        if conn.out or conn.resume is not None:
+            want = _W
+        elif conn.closing:
+            if conn.linger or conn.reader.pending:
+                self.start_linger(conn)
+            else:
+                self.close(conn)
+            return
+        else:
+            want = _R
+            if conn.busy_since is None:          # a response just completed
+                now = time.monotonic()
+                if conn.reader.idle:
+                    if self.draining and conn.nreq:
+                        self.close(conn)
+                        return
+                    conn.deadline = now + self.limits.keepalive_timeout
+                else:                            # part of the next request is here
+                    conn.busy_since = now
+                    conn.deadline = now + self.limits.request_timeout
+        if conn.events != want:
+            conn.events = want
+            self.sel.modify(conn.fd, want, conn)
+
+    def fail(self, conn, status):
+        """Answer a request the application never sees, then close (lingering)."""
+        self.send(conn, error_response(status))
+        conn.closing = conn.linger = True
+        self.settle(conn)
+
+    def start_linger(self, conn):
+        # Closing with unread input makes the kernel send RST, which can destroy the error
+        # response before the client reads it: half-close, then read and discard a while.
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close(conn)
+            return
+        conn.linger = True
+        conn.deadline = time.monotonic() + self.limits.linger_timeout
+        if conn.events != _R:
+            conn.events = _R
+            self.sel.modify(conn.fd, _R, conn)
+
+    # -- writing ----------------------------------------------------------------------------
+    def send(self, conn, data):
+        """Queue `data`; try to send at once when nothing is queued before it."""
+        if conn.dead or not data:
+            return
+        if conn.out:
+            conn.out.append(data)
+            conn.out_len += len(data)
+            return
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            conn.dead = True
+            return
+        if sent < len(data):
+            rest = memoryview(data)[sent:]
+            conn.out.append(rest)
+            conn.out_len += len(rest)
+
+    def flush(self, conn):
+        """Send queued output; returns True when the queue is empty."""
+        out = conn.out
+        while out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                conn.dead = True
+                out.clear()
+                conn.out_len = 0
+                return True
+            if sent < len(data):
+                rest = memoryview(data)[sent:]
+                out[:] = [rest]
+                conn.out_len = len(rest)
+                conn.deadline = time.monotonic() + self.limits.request_timeout
+                return False
+            out.clear()
+            conn.out_len = 0
+        return True
+
+    def flush_blocking(self, conn):
+        """For write(): wait (this socket only) until the queue is empty."""
+        poller = None
+        while not self.flush(conn):
+            if poller is None:
+                poller = select.poll()
+                poller.register(conn.fd, select.POLLOUT)
+            if not poller.poll(self.limits.request_timeout * 1000):
+                conn.dead = True
+                raise TimeoutError("client did not read the response in time")
+        if conn.dead:
+            raise ConnectionError("client disconnected")
+
+    def on_writable(self, conn):
+        if not self.flush(conn):
+            return
+        gen = conn.resume
+        if gen is not None and not conn.dead:
+            try:
+                next(gen)
+                self.settle(conn)
+                return
+            except StopIteration:
+                conn.resume = None
+                conn.busy_since = None
+        if conn.dead:
+            self.close(conn)
+        elif not conn.closing and conn.reader.pending:
+            self.process(conn)               # pipelined requests wait behind a response
+        else:
+            self.settle(conn)
+
+    # -- the application --------------------------------------------------------------------
+    def environ(self, conn, req):
+        env = conn.env.copy()
+        target = req.target
+        path, query, authority = split_target(target)
+        env["REQUEST_METHOD"] = req.method
+        env["PATH_INFO"] = decode_path(path)
+        env["QUERY_STRING"] = query.decode("latin-1")
+        env["RAW_URI"] = target.decode("latin-1")
+        env["SERVER_PROTOCOL"] = "HTTP/1.1" if req.version == "1.1" else "HTTP/1.0"
+        keys = _KEYS
+        for name, value in req.headers:
+            key = keys.get(name)
+            if key is None:
+                key = _env_key(name)
+            if not key:
+                continue                        # underscores: see _env_key
+            value = value.decode("latin-1")
+            if key in env:
+                sep = "; " if key == "HTTP_COOKIE" else ","
+                env[key] = env[key] + sep + value
+            else:
+                env[key] = value
+        if authority is not None and authority:
+            env["HTTP_HOST"] = authority.decode("latin-1")   # RFC 9112 3.2.2: target wins
+        body = req.body
+        if req.chunked:
+            env.pop("HTTP_TRANSFER_ENCODING", None)          # the app sees a plain body
+            env["CONTENT_LENGTH"] = str(len(body))
+        env["wsgi.input"] = io.BytesIO(body)
+        return env
+
+    def _respond(self, conn, req):
+        """Run the application for one request; a generator that yields while the socket
+        cannot take more output."""
+        rt = self.rt
+        rt.request_started()
+        resp = _Response(self, conn, req)
+        result = None
+        try:
+            try:
+                env = self.environ(conn, req)
+                result = self.app(env, resp.start_response)
+                if type(result) is list or type(result) is tuple:
+                    if not resp.head_sent:      # the whole body is known: one send
+                        body = b"".join(result)
+                        head = resp.head(len(body))
+                        if resp.send_body and (resp.mode == MODE_LENGTH):
+                            if len(body) > resp.remaining:
+                                body = body[:resp.remaining]
+                            resp.remaining -= len(body)
+                            self.send(conn, head + body)
+                        else:
+                            self.send(conn, head)
+                    else:
+                        for data in result:
+                            self.send(conn, resp.frame(_as_bytes(data)))
+                elif (type(result) is FileWrapper and not resp.head_sent
+                      and req.method != "HEAD" and _regular_fd(result.filelike) is not None):
+                    yield from self._sendfile(conn, resp, result.filelike)
+                else:
+                    for data in result:
+                        if data:
+                            self.send(conn, resp.frame(_as_bytes(data)))
+                            if conn.dead:
+                                break
+                            if conn.out_len > HIGH_WATER:
+                                yield
+                                if conn.dead:
+                                    break
+                        if not resp.send_body and resp.head_sent:
+                            break                   # HEAD: the headers were all we needed
+                if not conn.dead:
+                    resp.finish()
+            except Exception:
+                self.log.exception("error in WSGI application (%s %s)",
+                                   req.method, req.target.decode("latin-1")[:200])
+                if not resp.head_sent and not conn.dead:
+                    self.send(conn, error_response(500))
+                    conn.closing = True
+                else:
+                    conn.dead = True               # mid-body: only closing can tell the client
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:
+                        self.log.exception("error closing the WSGI response iterable")
+        finally:
+            rt.request_finished()
+
+    def _sendfile(self, conn, resp, filelike):
+        fd = filelike.fileno()
+        try:
+            offset = filelike.tell()
+        except (AttributeError, OSError):
+            offset = os.lseek(fd, 0, os.SEEK_CUR)
+        size = max(0, os.fstat(fd).st_size - offset)
+        self.send(conn, resp.head(size))
+        count = resp.remaining if resp.mode == MODE_LENGTH else 0
+        if count > size:
+            resp.keep_alive = False           # app announced more than the file holds
+        while count > 0 and not conn.dead:
+            if conn.out:
+                yield                          # the head (or earlier bytes) first
+                continue
+            try:
+                sent = os.sendfile(conn.fd, fd, offset, min(count, SENDFILE_MAX))
+            except (BlockingIOError, InterruptedError):
+                yield
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                conn.dead = True
+                break
+            if sent == 0:                      # file shrank under us
+                break
+            offset += sent
+            count -= sent
+            resp.remaining -= sent
+            conn.deadline = time.monotonic() + self.limits.request_timeout
+        try:
+            filelike.seek(offset)
+        except (AttributeError, OSError):
+            pass
+
+    # -- closing ----------------------------------------------------------------------------
+    def close(self, conn):
+        if conn.closed:
+            return
+        conn.closed = conn.dead = True
+        del self.conns[conn.fd]
+        gen = conn.resume
+        conn.resume = None
+        if gen is not None:
+            gen.close()                        # runs the iterable's close(), request_finished
+        try:
+            self.sel.unregister(conn.fd)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        conn.out.clear()
+        self.rt.closed()
+
+
+def _as_bytes(data):
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"WSGI body items must be bytes, not {type(data).__name__}")
+
+
+def _regular_fd(filelike):
+    try:
+        fd = filelike.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        pass
+    return None
+
+
+# header name (raw bytes) -> environ key; "" means "not passed to the app". Bounded, so that
+# random names from clients cannot grow it without limit.
+_KEYS = {}
+_KEYS_MAX = 1024
+
+
+def _env_key(name):
+    lname = name.lower()
+    if b"_" in name:
+        # `Transfer_Encoding` would become HTTP_TRANSFER_ENCODING: dropped, like gunicorn's
+        # default header_map=drop and nginx, so a client cannot spoof another field.
+        key = ""
+    elif lname == b"content-type":
+        key = "CONTENT_TYPE"
+    elif lname == b"content-length":
+        key = "CONTENT_LENGTH"
+    else:
+        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+    if len(_KEYS) < _KEYS_MAX:
+        _KEYS[name] = key
+    return key

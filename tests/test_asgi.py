@@ -1,0 +1,545 @@
+"""The ASGI interface: a Starlette app served by uvicorn's protocol in a forked pyfork worker.
+
+Each test forks worker(s) (tests/test_asgi_harness.py) on a real listening socket and
+talks HTTP with requests or raw sockets. "Behaves as under uvicorn" is checked by sending
+the same requests to a real `uvicorn.Server` on another socket and comparing status,
+headers (minus Date) and bodies. Drain is driven by SIGTERM and synchronised with
+pipe bytes, never with sleeps. Every test checks this process's open-fd count.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from pyfork.serve import asgi, resolve
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def load_harness():
+    name = "pyfork_tests_asgi_harness"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_asgi_harness.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+H = load_harness()
+
+# (PYFORK_UVLOOP, PYFORK_ASGI_HTTP): the default pair and the fallback pair.
+STACKS = [
+    pytest.param({"PYFORK_UVLOOP": "1", "PYFORK_ASGI_HTTP": "httptools"}, id="uvloop-httptools"),
+    pytest.param({"PYFORK_UVLOOP": "0", "PYFORK_ASGI_HTTP": "h11"}, id="asyncio-h11"),
+]
+ALL_STACKS = STACKS + [
+    pytest.param({"PYFORK_UVLOOP": "0", "PYFORK_ASGI_HTTP": "httptools"}, id="asyncio-httptools"),
+    pytest.param({"PYFORK_UVLOOP": "1", "PYFORK_ASGI_HTTP": "h11"}, id="uvloop-h11"),
+]
+
+
+# --------------------------------------------------------------------------- the app
+
+LIFESPAN = {"startup": 0, "shutdown": 0}  # per process: each worker reports its own
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    LIFESPAN["startup"] += 1
+    yield {"started_in_pid": os.getpid()}
+    LIFESPAN["shutdown"] += 1
+
+
+def report():
+    return dict(LIFESPAN)
+
+
+async def home(request):
+    return JSONResponse({"hello": "world"})
+
+
+async def item(request):
+    return JSONResponse({"id": request.path_params["item_id"], "q": request.query_params.get("q")})
+
+
+async def echo(request):
+    data = await request.json()
+    return JSONResponse({"got": data, "len": len(await request.body())}, status_code=201,
+                        headers={"x-echo": "yes"})
+
+
+async def stream(request):
+    async def chunks():
+        for i in range(5):
+            yield f"chunk {i}\n".encode()
+            await asyncio.sleep(0)
+
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
+async def headers(request):
+    response = JSONResponse({"ua": request.headers.get("user-agent"),
+                             "custom": request.headers.getlist("x-multi")})
+    response.set_cookie("session", "abc", httponly=True)
+    response.headers["x-reply"] = "1"
+    return response
+
+
+async def state(request):
+    return JSONResponse({"started_in_pid": request.state.started_in_pid, "pid": os.getpid()})
+
+
+async def head_only(request):
+    return PlainTextResponse("body not sent for HEAD", headers={"x-head": "ok"})
+
+
+async def empty(request):
+    return Response(status_code=204)
+
+
+async def boom(request):
+    raise RuntimeError("app bug (expected by the test)")
+
+
+def _own_socket_nodelay(client) -> int | None:
+    """TCP_NODELAY of this worker's socket whose peer is `client` (found via /proc/self/fd)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        with sock:
+            try:
+                if sock.getpeername() == tuple(client):
+                    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            except OSError:
+                continue
+    return None
+
+
+async def nodelay(request):
+    client = request.scope["client"]
+    return JSONResponse({"nodelay": _own_socket_nodelay(client), "client_port": client[1], "pid": os.getpid()})
+
+
+async def hold(request):
+    H.child_notify(b"H")
+    await H.child_wait_release()
+    return PlainTextResponse("held and done")
+
+
+app = Starlette(routes=[
+    Route("/", home),
+    Route("/items/{item_id:int}", item),
+    Route("/echo", echo, methods=["POST"]),
+    Route("/stream", stream),
+    Route("/headers", headers),
+    Route("/state", state),
+    Route("/head", head_only, methods=["GET", "HEAD"]),
+    Route("/empty", empty),
+    Route("/boom", boom),
+    Route("/nodelay", nodelay),
+    Route("/hold", hold),
+], lifespan=lifespan)
+
+
+# --------------------------------------------------------------------------- helpers
+
+@pytest.fixture
+def fds():
+    before = H.fd_count()
+    yield
+    assert H.fd_count() == before
+
+
+def start(env=None, nodelay=True, worker_id=1, lsock=None):
+    own = lsock is None
+    lsock = lsock or H.listener()
+    worker = H.ForkedWorker(lsock, app, "asgi", env=env, nodelay=nodelay, report=report, worker_id=worker_id)
+    if own:
+        lsock.close()
+    return worker
+
+
+class UvicornChild:
+    """The same app under a real uvicorn.Server (single process), for comparison."""
+
+    def __init__(self):
+        lsock = H.listener()
+        self.port = lsock.getsockname()[1]
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                import uvicorn
+                lsock.setblocking(True)
+                server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+                server.run(sockets=[lsock])
+                code = 0
+            finally:
+                os._exit(code)
+        self.pid = pid
+        lsock.close()
+
+    def stop(self):
+        os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + H.LIVENESS
+        while time.monotonic() < deadline:
+            done, _ = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                return
+            time.sleep(0.02)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        raise AssertionError("uvicorn child did not stop")
+
+
+def http_exchange(client, base: str):
+    """The request set used to compare pyfork with uvicorn: [(label, status, headers, body)]."""
+    requests = [
+        ("GET", "/", {}, None),
+        ("GET", "/items/42?q=x%20y", {}, None),
+        ("GET", "/items/notanint", {}, None),
+        ("POST", "/echo", {"content-type": "application/json"}, json.dumps({"a": [1, 2, 3]}).encode()),
+        ("GET", "/echo", {}, None),  # 405 from Starlette
+        ("GET", "/stream", {}, None),
+        ("GET", "/headers", {"user-agent": "pyfork-test", "x-multi": "1"}, None),
+        ("HEAD", "/head", {}, None),
+        ("GET", "/empty", {}, None),
+        ("GET", "/missing", {}, None),
+        # Last: after a 500 from a raising app uvicorn closes the connection without
+        # `Connection: close`, so a request sent right after could meet a reset (as under uvicorn).
+        ("GET", "/boom", {}, None),
+    ]
+    out = []
+    for method, path, hdrs, body in requests:
+        r = client.request(method, base + path, headers=hdrs, data=body)
+        kept = sorted((k.lower(), v) for k, v in r.headers.items() if k.lower() != "date")
+        out.append((f"{method} {path}", r.status_code, kept, r.content))
+    return out
+
+
+def raw_request(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(data)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """Reads one Content-Length response from a blocking socket."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed mid-response: {buf!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    length = int(hdrs.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return status, hdrs, rest[:length]
+
+
+def at_eof(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+# --------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("env", STACKS)
+def test_starlette_behaves_as_under_uvicorn(fds, env):
+    worker = start(env)
+    reference = UvicornChild()
+    try:
+        with H.Client() as client:
+            ours = http_exchange(client, f"http://127.0.0.1:{worker.port}")
+            theirs = http_exchange(client, f"http://127.0.0.1:{reference.port}")
+        stats = worker.stop()
+    finally:
+        worker.kill()
+        reference.stop()
+    if env["PYFORK_ASGI_HTTP"] == "h11":
+        # the reference runs uvicorn's default (httptools); h11 differs only in header order/case
+        ours = [(label, status, sorted((k, v) for k, v in hdrs if k != "connection"), body)
+                for label, status, hdrs, body in ours]
+        theirs = [(label, status, sorted((k, v) for k, v in hdrs if k != "connection"), body)
+                  for label, status, hdrs, body in theirs]
+    assert ours == theirs
+    by_label = {label: (status, dict(hdrs), body) for label, status, hdrs, body in ours}
+    assert by_label["POST /echo"][0] == 201 and json.loads(by_label["POST /echo"][2])["got"] == {"a": [1, 2, 3]}
+    assert by_label["GET /stream"][1]["transfer-encoding"] == "chunked"
+    assert by_label["GET /stream"][2] == b"".join(f"chunk {i}\n".encode() for i in range(5))
+    assert by_label["HEAD /head"][2] == b"" and by_label["HEAD /head"][1]["x-head"] == "ok"
+    assert by_label["GET /boom"][0] == 500
+    assert stats["extra"] == {"startup": 1, "shutdown": 1}
+    H.assert_balanced(stats)
+    assert stats["started"] == len(ours)
+
+
+@pytest.mark.parametrize("env", ALL_STACKS)
+def test_keepalive_and_tcp_nodelay(fds, env):
+    # The runtime here does NOT set TCP_NODELAY, to prove the interface's sockets get it anyway.
+    worker = start(env, nodelay=False)
+    try:
+        with H.Client() as client:
+            replies = [client.get(f"http://127.0.0.1:{worker.port}/nodelay").json() for _ in range(5)]
+        stats = worker.stop()
+    finally:
+        worker.kill()
+    assert all(r["nodelay"] for r in replies), replies
+    assert len({r["client_port"] for r in replies}) == 1  # one kept-alive connection
+    assert stats["taken"] == 1 and stats["started"] == 5
+    H.assert_balanced(stats)
+
+
+def test_lifespan_once_per_worker(fds):
+    lsock = H.listener()
+    workers = []
+    try:
+        workers = [start(worker_id=i, lsock=lsock) for i in (1, 2)]
+        lsock.close()
+        seen = {}
+        with H.Client(headers={"connection": "close"}) as client:
+            for _ in range(20):
+                reply = client.get(f"http://127.0.0.1:{workers[0].port}/state").json()
+                seen[reply["pid"]] = reply["started_in_pid"]
+        all_stats = [w.stop() for w in workers]
+    finally:
+        if lsock.fileno() != -1:
+            lsock.close()
+        for w in workers:
+            w.kill()
+    assert all(pid == started for pid, started in seen.items())  # lifespan state is the worker's own
+    for stats in all_stats:
+        assert stats["extra"] == {"startup": 1, "shutdown": 1}
+        H.assert_balanced(stats)
+    assert sum(s["taken"] for s in all_stats) == 20
+
+
+@pytest.mark.parametrize("env", ALL_STACKS)
+def test_drain(fds, env):
+    """In-flight finishes (Connection: close); a new request on a kept-alive connection gets
+    503 + Connection: close; an idle kept-alive connection is closed; a fresh connection is served."""
+    worker = start(env)
+    conns = [socket.create_connection(("127.0.0.1", worker.port), timeout=H.LIVENESS) for _ in range(4)]
+    busy, pending, idle, fresh = conns
+    try:
+        for sock in (pending, idle):  # make them kept-alive connections
+            raw_request(sock, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, hdrs, _ = read_response(sock)
+            assert status == 200 and hdrs.get("connection") != "close"
+        raw_request(busy, b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
+        worker.wait_event(b"H")  # /hold is in flight
+        raw_request(pending, b"GET /state HTTP/1.1\r\nHost: t\r\n")  # head not complete yet
+        raw_request(fresh, b"GET /state HTTP/1.1\r\nHost: t\r\n")  # first request, head not complete
+        worker.drain()
+        worker.wait_event(b"D")  # the worker is draining now
+        assert at_eof(idle)
+        raw_request(pending, b"\r\n")
+        status, hdrs, body = read_response(pending)
+        assert status == 503 and hdrs["connection"] == "close", (status, hdrs, body)
+        assert at_eof(pending)
+        raw_request(fresh, b"\r\n")
+        status, hdrs, body = read_response(fresh)
+        assert status == 200 and hdrs["connection"] == "close" and b"started_in_pid" in body
+        assert at_eof(fresh)
+        worker.release()
+        status, hdrs, body = read_response(busy)
+        assert (status, body) == (200, b"held and done") and hdrs["connection"] == "close"
+        assert at_eof(busy)
+        stats = worker.join()
+    finally:
+        for sock in conns:
+            sock.close()
+        worker.kill()
+    assert stats["extra"] == {"startup": 1, "shutdown": 1}
+    assert stats["taken"] == 4
+    H.assert_balanced(stats)
+
+
+def test_drain_with_nothing_open_is_prompt(fds):
+    worker = start()
+    try:
+        with H.Client() as client:
+            assert client.get(f"http://127.0.0.1:{worker.port}/").status_code == 200
+        stats = worker.stop()
+    finally:
+        worker.kill()
+    H.assert_balanced(stats)
+
+
+class _FakeWebSocket:
+    """Stands in for uvicorn's WebSocket protocol (no websockets library in the venv)."""
+
+    def __init__(self, config, server_state, app_state):
+        self.server_state = server_state
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.server_state.connections.add(self)
+
+    def data_received(self, data):
+        if data.startswith(b"GET /ws"):
+            self.transport.write(b"UPGRADED\n")
+        elif data == b"bye":
+            self.transport.close()
+
+    def eof_received(self):
+        return None
+
+    def connection_lost(self, exc):
+        self.server_state.connections.discard(self)
+
+    def shutdown(self):
+        self.transport.close()
+
+
+@pytest.mark.parametrize("env", STACKS)
+def test_websocket_upgrade_reports_close_once(fds, env, monkeypatch):
+    """In-process: after an upgrade, rt.closed() still runs exactly once, from the new protocol."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    async def plain(scope, receive, send):
+        if scope["type"] == "lifespan":
+            raise RuntimeError("no lifespan")  # lifespan=auto: treated as unsupported
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        lsock = H.listener()
+        rt = H.FakeRuntime(lsock)
+        try:
+            worker = asgi._Worker(plain, rt, loop)
+            worker.config.ws_protocol_class = _FakeWebSocket
+            client = socket.create_connection(lsock.getsockname())
+            client.setblocking(False)
+            try:
+                socks = []
+                while not socks:
+                    socks = rt.take()
+                    await asyncio.sleep(0.01)
+                worker.adopt(socks[0])
+                await loop.sock_sendall(client, b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                                                b"Connection: Upgrade\r\nSec-WebSocket-Key: x\r\n"
+                                                b"Sec-WebSocket-Version: 13\r\n\r\n")
+                assert await asyncio.wait_for(loop.sock_recv(client, 100), H.LIVENESS) == b"UPGRADED\n"
+                await loop.sock_sendall(client, b"bye")
+                assert await asyncio.wait_for(loop.sock_recv(client, 100), H.LIVENESS) == b""
+                while worker.live:
+                    await asyncio.sleep(0.01)
+            finally:
+                client.close()
+        finally:
+            lsock.close()
+            os.close(rt._wake_r)
+            os.close(rt._wake_w)
+        return rt.stats()
+
+    stats = asyncio.run(main())
+    assert stats["taken"] == 1 and stats["closed"] == 1
+
+
+def test_lifespan_startup_failure_fails_the_worker(fds):
+    async def failing(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.failed", "message": "no database (expected by the test)"})
+
+    lsock = H.listener()
+    worker = H.ForkedWorker(lsock, failing, "asgi")
+    lsock.close()
+    try:
+        with pytest.raises(AssertionError, match="lifespan startup failed"):
+            worker.join()
+    finally:
+        worker.kill()
+
+
+def test_detect_and_resolve():
+    async def asgi3(scope, receive, send):
+        pass
+
+    class App:
+        async def __call__(self, scope, receive, send):
+            pass
+
+    class Asgi2:
+        def __init__(self, scope):
+            pass
+
+        async def __call__(self, receive, send):
+            pass
+
+    async def two(reader, writer):
+        pass
+
+    def wsgi(environ, start_response):
+        pass
+
+    assert asgi.detect(asgi3) and asgi.detect(App()) and asgi.detect(app)
+    assert not asgi.detect(Asgi2) and not asgi.detect(two) and not asgi.detect(wsgi)
+    assert resolve(app) is asgi and resolve(App()) is asgi
+    assert resolve(asgi3, "asgi") is asgi
+
+
+def test_resolve_errors_and_explicit_names():
+    async def two(reader, writer):
+        pass
+
+    with pytest.raises(ValueError, match="unknown interface 'http2'.*asgi, asyncio, wsgi, raw"):
+        resolve(two, "http2")
+    with pytest.raises(ValueError, match="Accepted signatures"):
+        resolve(42)
+    with pytest.raises(ValueError, match="Accepted signatures"):
+        resolve(lambda a, b, c, d: None)
+
+    def declared(a, b):
+        pass
+
+    declared.pyfork_interface = "asyncio"
+    assert resolve(declared).NAME == "asyncio"
+    assert resolve(two).NAME == "asyncio"
+    assert resolve(two, None).NAME == "asyncio"
+
+
+def test_with_the_shipped_standalone_runtime(fds):
+    pytest.importorskip("pyfork.worker").StandaloneRuntime  # noqa: B018 (supervisor's helper)
+    lsock = H.listener()
+    worker = H.ForkedWorker(lsock, app, "asgi", runtime="standalone", report=report)
+    lsock.close()
+    try:
+        with H.Client() as client:
+            for _ in range(3):
+                assert client.get(f"http://127.0.0.1:{worker.port}/").json() == {"hello": "world"}
+        stats = worker.stop()
+    finally:
+        worker.kill()
+    assert stats["extra"] == {"startup": 1, "shutdown": 1}
+    assert stats["taken"] == 1 and stats["started"] == 3
+    H.assert_balanced(stats)

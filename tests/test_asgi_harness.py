@@ -1,0 +1,360 @@
+"""Test support for the asyncio/ASGI/demo tests: a runtime and a forked worker.
+
+Theory of operation: `FakeRuntime` implements SPEC.md's worker runtime contract on a
+plain listening socket (what pyfork.worker.StandaloneRuntime does): take() accepts
+until EAGAIN, closed()/request_*() count, tick() drains the signal wakeup pipe and
+turns a SIGTERM into `draining`. `ForkedWorker` forks a child that builds one, runs
+`pyfork.serve.<interface>.serve(app, rt)` on a listening socket the parent made (or,
+with runtime="standalone", pyfork.worker.StandaloneRuntime: then there is no b"D"), and
+when serve() returns writes the runtime's counters as JSON on a pipe and `_exit`s.
+The parent talks HTTP to the socket, sends SIGTERM to drain, reaps the child within
+a generous bound and checks the counters (every socket taken was reported closed,
+every request started also finished).
+
+Synchronisation without timing: the child writes one byte on `events` once its
+SIGTERM handler is installed (b"S", the constructor waits for it), and when it starts
+draining (b"D") and test apps can write their own (`child_notify`) and wait for the
+parent (`child_wait_release`, a pipe read).
+
+Other test modules load this file by path (`load_harness()` below, copied there) so
+it works under --import-mode=importlib, where tests/ is not on sys.path.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import time
+import traceback
+
+import pytest
+
+LIVENESS = 30.0  # s; generous bound for a child to drain and exit (2 cores shared by ~6 people)
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class FakeRuntime:
+    """SPEC.md's `rt` on a listening socket (accepts itself, like the shared policy)."""
+
+    tick_interval = 1.0
+
+    def __init__(self, listen_sock: socket.socket, worker_id: int = 1, nodelay: bool = True,
+                 events_fd: int = -1):
+        self.listen_sock = listen_sock
+        self.id = worker_id
+        self.pid = os.getpid()
+        self.log = logging.getLogger("pyfork.worker")
+        self.nodelay = nodelay
+        self.events_fd = events_fd
+        self.draining = False
+        self.taken = self.closed_count = self.started = self.finished = self.ticks = 0
+        self.max_busy = 0
+        self._sigterm = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # signals: SIGTERM only records (STYLE.md principle 8); tick() acts on it
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
+
+    def fileno(self) -> int:
+        return self.listen_sock.fileno()
+
+    def wakeup_fd(self) -> int:
+        return self._wake_r
+
+    def take(self) -> list[socket.socket]:
+        if self.draining:
+            return []
+        out = []
+        while True:
+            try:
+                sock, _addr = self.listen_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            sock.setblocking(False)
+            if self.nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            out.append(sock)
+        self.taken += len(out)
+        return out
+
+    def closed(self, n: int = 1) -> None:
+        self.closed_count += n
+
+    def request_started(self) -> None:
+        self.started += 1
+        self.max_busy = max(self.max_busy, self.started - self.finished)
+
+    def request_finished(self) -> None:
+        self.finished += 1
+
+    def tick(self) -> None:
+        self.ticks += 1
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        if self._sigterm and not self.draining:
+            self.stop()
+
+    def stop(self) -> None:
+        self.draining = True
+        if self.events_fd >= 0:
+            os.write(self.events_fd, b"D")
+
+    def stats(self) -> dict:
+        return {"taken": self.taken, "closed": self.closed_count, "started": self.started,
+                "finished": self.finished, "ticks": self.ticks, "max_busy": self.max_busy,
+                "pid": self.pid, "id": self.id}
+
+
+# Set in the child only: pipe ends test apps use through child_notify/child_wait_release.
+CHILD: dict = {}
+
+
+def child_notify(byte: bytes) -> None:
+    os.write(CHILD["events_w"], byte)
+
+
+async def child_wait_release() -> None:
+    """Waits (without blocking the loop) until the parent calls ForkedWorker.release()."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    fd = CHILD["release_r"]
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+        os.read(fd, 1)
+    finally:
+        loop.remove_reader(fd)
+
+
+def listener() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class ForkedWorker:
+    """One child running `pyfork.serve.<interface>.serve(app, FakeRuntime(...))`."""
+
+    def __init__(self, listen_sock, app, interface: str, worker_id: int = 1, env: dict | None = None,
+                 nodelay: bool = True, report=None, runtime: str = "fake"):
+        self.interface = interface
+        self.port = listen_sock.getsockname()[1]
+        self.events_r, events_w = os.pipe2(os.O_CLOEXEC)
+        release_r, self.release_w = os.pipe2(os.O_CLOEXEC)
+        stats_r, stats_w = os.pipe2(os.O_CLOEXEC)
+        self.stats_r = stats_r
+        self.stats = None
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            code = 1
+            try:
+                os.close(self.events_r)
+                os.close(self.release_w)
+                os.close(stats_r)
+                CHILD.update(events_w=events_w, release_r=release_r)
+                for key, value in (env or {}).items():
+                    os.environ[key] = value
+                from pyfork.serve import load
+                module = load(interface)
+                if runtime == "standalone":  # the supervisor's, as shipped
+                    from pyfork.worker import StandaloneRuntime
+                    rt = StandaloneRuntime(listen_sock, id=worker_id)
+                    signal.signal(signal.SIGTERM, lambda signum, frame: rt.stop())
+                else:
+                    rt = FakeRuntime(listen_sock, worker_id=worker_id, nodelay=nodelay, events_fd=events_w)
+                    rt.install_signals()
+                try:  # make pyfork.worker.current() answer as in a real worker (this child only)
+                    import pyfork.worker
+                    pyfork.worker.current = lambda: rt
+                except ImportError:
+                    pass
+                os.write(events_w, b"S")  # the parent may signal us from now on
+                module.serve(app, rt)
+                out = rt.stats() if runtime != "standalone" else {
+                    "taken": rt.taken, "closed": rt.closed_count, "started": rt.started,
+                    "finished": rt.finished, "ticks": rt.ticks, "pid": rt.pid, "id": rt.id}
+                out["extra"] = report() if report else None
+                code = 0
+            except BaseException:
+                out = {"error": traceback.format_exc()}
+            try:
+                os.write(stats_w, json.dumps(out).encode())
+            finally:
+                os._exit(code)
+        self.pid = pid
+        os.close(events_w)
+        os.close(release_r)
+        os.close(stats_w)
+        try:
+            self.wait_event(b"S")
+        except BaseException:
+            self.kill()
+            raise
+
+    def wait_event(self, expected: bytes, timeout: float = LIVENESS) -> None:
+        """Blocks until the child writes `expected` on the events pipe (other bytes are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.events_r], [], [], left)[0]:
+                raise AssertionError(f"child {self.pid} did not signal {expected!r} within {timeout} s")
+            got = os.read(self.events_r, 1)
+            if got == expected:
+                return
+            if not got:
+                raise AssertionError(f"child {self.pid} exited before signalling {expected!r}")
+
+    def release(self) -> None:
+        os.write(self.release_w, b"R")
+
+    def drain(self) -> None:
+        os.kill(self.pid, signal.SIGTERM)
+
+    def join(self, timeout: float = LIVENESS) -> dict:
+        """Reaps the child (SIGKILL after `timeout`) and returns its stats; closes our fds."""
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self._close()
+            raise AssertionError(f"child {self.pid} did not exit within {timeout} s of the drain")
+        chunks = []
+        while True:
+            chunk = os.read(self.stats_r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        self._close()
+        raw = b"".join(chunks)
+        self.stats = json.loads(raw) if raw else {"error": f"no stats, wait status {status}"}
+        assert "error" not in self.stats, self.stats["error"]
+        assert os.waitstatus_to_exitcode(status) == 0, self.stats
+        return self.stats
+
+    def stop(self) -> dict:
+        self.drain()
+        return self.join()
+
+    def _close(self) -> None:
+        for fd in (self.events_r, self.release_w, self.stats_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def kill(self) -> None:
+        """Last resort in a finally: kill and reap if still running; close our fds."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        self._close()
+
+
+class Client:
+    """A requests.Session with a base URL and the liveness timeout (requests is in the
+    test extras; one Session = one kept-alive connection per host, as a browser would)."""
+
+    def __init__(self, base: str = "", headers: dict | None = None):
+        import requests
+
+        self.session = requests.Session()
+        self.session.headers.update(headers or {})
+        self.base = base
+
+    def request(self, method: str, path: str, **kw):
+        kw.setdefault("timeout", LIVENESS)
+        return self.session.request(method, self.base + path, **kw)
+
+    def get(self, path: str, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, **kw):
+        return self.request("POST", path, **kw)
+
+    def head(self, path: str, **kw):
+        return self.request("HEAD", path, **kw)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.session.close()
+
+
+def assert_balanced(stats: dict) -> None:
+    """Every socket the runtime handed out was reported closed; requests started == finished."""
+    assert stats["closed"] == stats["taken"], stats
+    assert stats["started"] == stats["finished"], stats
+
+
+# --------------------------------------------------------------------------- the harness' own tests
+
+def test_fake_runtime_take_sets_nodelay_and_counts():
+    before = fd_count()
+    lsock = listener()
+    rt = FakeRuntime(lsock)
+    client = socket.create_connection(lsock.getsockname())
+    try:
+        deadline = time.monotonic() + LIVENESS
+        socks = []
+        while not socks and time.monotonic() < deadline:
+            socks = rt.take()
+            time.sleep(0.01)
+        assert len(socks) == 1 and rt.taken == 1
+        assert socks[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert socks[0].getblocking() is False
+        socks[0].close()
+        rt.closed()
+        rt.stop()
+        assert rt.draining and rt.take() == []
+        assert_balanced(rt.stats())
+    finally:
+        client.close()
+        lsock.close()
+        os.close(rt._wake_r)
+        os.close(rt._wake_w)
+    assert fd_count() == before
+
+
+@pytest.mark.timeout(60)
+def test_forked_worker_drains_on_sigterm_with_no_connections():
+    async def echo(reader, writer):
+        writer.write(await reader.read(100))
+
+    before = fd_count()
+    lsock = listener()
+    worker = ForkedWorker(lsock, echo, "asyncio")
+    lsock.close()
+    try:
+        stats = worker.stop()
+    finally:
+        worker.kill()
+    assert stats["taken"] == 0
+    assert_balanced(stats)
+    assert fd_count() == before

@@ -1,0 +1,248 @@
+"""Helpers (no tests here) for the supervisor integration tests: run `python -m pyfork serve` as a subprocess,
+follow its log, and talk to it with a tiny HTTP/1.0 client (Connection: close).
+
+The subprocess runs in the test's tmp dir (so the test app module is importable and the repo
+root is not on sys.path: the pyfork under test is the one this interpreter imports, through
+the inherited environment) with PYFORK_BACKEND set to the backend under test.
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+RAW_APP = r'''
+import json, os, time
+import pyfork.worker
+
+_last = {}
+if pyfork.worker.current() is not None:
+    pyfork.worker.current().on_message(lambda obj: _last.update(msg=obj))
+
+def app(sock, addr):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return
+        data += chunk
+    path = data.split(b" ", 2)[1].decode()
+    if path.startswith("/sleep"):
+        time.sleep(int(path.split("=", 1)[1]) / 1000)
+    elif path == "/block":
+        with open("blocked.pid", "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(3600)          # never answers; stalls this worker (and its heartbeat)
+    elif path == "/garbage":
+        import socket as _socket, struct
+        w = pyfork.worker.current()
+        raw = _socket.socket(fileno=os.dup(w._chan))
+        raw.send(b"not a pyfork message at all")                           # bad magic
+        raw.send(struct.pack("<IHHII", 0x31464B50, 5, 0, 10 ** 6, 0))     # claims a 1 MB payload
+        raw.close()
+        w._b.send_msg(w._chan, w._b.MSG_USER, 0, b"{not json")             # not JSON
+        w._b.send_msg(w._chan, w._b.MSG_CTL, 0, b"[1]")                    # not a control object
+        try:
+            w.send("x" * 70000)                                            # too large: refused here
+        except ValueError:
+            pass
+        w.send({"after": "garbage"})
+    elif path == "/send":
+        pyfork.worker.current().send({"from": pyfork.worker.current().id})
+    body = json.dumps({"pid": os.getpid(), "id": pyfork.worker.current().id, "last": _last.get("msg")}).encode()
+    sock.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                 b"Connection: close\r\n\r\n%s" % (len(body), body))
+
+app.pyfork_interface = "raw"
+'''
+
+# Imports fine in the primary (which only checks it), raises in every worker.
+BAD_IN_WORKER_APP = r'''
+import pyfork.worker
+if pyfork.worker.current() is not None:
+    raise RuntimeError("boom: this app fails to import inside a worker")
+from app import app
+'''
+
+MARKER_APP = r'''
+import os
+import pyfork.worker
+if pyfork.worker.current() is not None:
+    open("forked.marker", "a").write("%d\n" % os.getpid())
+from app import app
+'''
+
+
+def write_apps(tmp_path):
+    (tmp_path / "app.py").write_text(RAW_APP)
+    (tmp_path / "badapp.py").write_text(BAD_IN_WORKER_APP)
+    (tmp_path / "markapp.py").write_text(MARKER_APP)
+
+
+class Server:
+    """`python -m pyfork serve ...` in a subprocess with its stderr followed line by line."""
+
+    def __init__(self, tmp_path, backend_name, *args, app="app:app", env=None, workers=2, argv=None, pass_fds=()):
+        self.tmp = tmp_path
+        e = dict(os.environ)
+        e["PYFORK_BACKEND"] = backend_name
+        e.pop("PYFORK_WORKERS", None)
+        if env:
+            e.update(env)
+        if argv is None:
+            argv = [sys.executable, "-m", "pyfork", "serve"]
+            if app is not None:
+                argv.append(app)
+            argv += ["-b", "127.0.0.1:0", "--interface", "raw", "-w", str(workers), *args]
+        self.lines = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(argv, cwd=str(tmp_path), env=e, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     pass_fds=tuple(pass_fds), start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = None
+
+    def _read(self):
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append(None)   # EOF marker
+            self._cond.notify_all()
+
+    def log(self):
+        with self._cond:
+            return "\n".join(l for l in self.lines if l is not None)
+
+    def count(self, pattern):
+        rx = re.compile(pattern)
+        with self._cond:
+            return sum(1 for l in self.lines if l is not None and rx.search(l))
+
+    def wait_log(self, pattern, n=1, timeout=30.0):
+        """Waits until `pattern` matched at least n lines; returns the last match."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                hits = [m for m in (rx.search(l) for l in self.lines if l is not None) if m]
+                if len(hits) >= n:
+                    return hits[-1]
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.lines and self.lines[-1] is None):
+                    raise AssertionError(f"no {n} x {pattern!r} in log:\n" + self.log())
+                self._cond.wait(min(left, 0.5))
+
+    def start(self, ready=None, timeout=30.0):
+        m = self.wait_log(r"Listening at http://127\.0\.0\.1:(\d+)", timeout=timeout)
+        self.port = int(m.group(1))
+        self.wait_log(r"worker \d+ \(pid \d+\) ready", n=ready if ready is not None else 1, timeout=timeout)
+        return self
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout=60.0):
+        code = self.proc.wait(timeout)
+        self._reader.join(10)
+        return code
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+        self._reader.join(10)
+        self.proc.stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def http_get(port, path="/", timeout=20.0, host="127.0.0.1"):
+    """GET with Connection: close; returns (status, body bytes). Raises OSError on failure."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    if not buf:
+        raise ConnectionError("empty response")
+    head, _, body = buf.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, body
+
+
+def pid_of(port, path="/"):
+    import json
+    status, body = http_get(port, path)
+    assert status == 200, (status, body)
+    return json.loads(body)["pid"]
+
+
+def alive(pid):
+    """True when pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_until(pred, timeout=30.0, interval=0.05, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class Load:
+    """Client threads sending GET / (Connection: close) in a loop; counts ok and failed."""
+
+    def __init__(self, port, threads=2, path="/"):
+        self.port, self.path = port, path
+        self.ok = 0
+        self.failed = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                status, _ = http_get(self.port, self.path, timeout=30)
+                good = status == 200
+                err = None if good else f"status {status}"
+            except OSError as e:
+                good, err = False, repr(e)
+            with self._lock:
+                if good:
+                    self.ok += 1
+                else:
+                    self.failed.append(err)
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
