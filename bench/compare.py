@@ -3,10 +3,12 @@
 Theory of operation: each server in the list (pyfork: every policy x backend;
 the bare-C floor; gunicorn sync and gthread; uvicorn --workers; Node cluster
 RR and SCHED_NONE) serves bench/hello_app.py (node_cluster.js for Node) on
-loopback with the same number of workers. Servers run one at a time: start ->
-warm-up -> scenarios -> stop, so they never compete with each other. Load is
-bounded (wrk with a fixed connection count, or an open-loop Python client at
-a fixed rate) and loopback-only. Scenarios:
+loopback with the same number of workers. All servers are started first and
+stay up (an idle server costs nothing); the load scenarios then run in
+interleaved rounds across servers, so drift on a shared machine hits every
+server alike instead of whichever ran during a busy minute. Load is bounded
+(wrk with a fixed connection count, or an open-loop Python client at a fixed
+rate) and loopback-only. Scenarios:
 
   close      wrk throughput with `Connection: close`; the primary's CPU per
              connection is read from /proc/<pid>/schedstat during this run
@@ -16,29 +18,25 @@ a fixed rate) and loopback-only. Scenarios:
              (Connection: close, pids counted by bench/pidcount.lua)
   tail       open-loop client: Poisson arrivals, 5% hit /fibonacci (n
              calibrated to --heavy-ms of CPU), p50/p99 of the light requests
+             and the share of them that landed behind a heavy one
   recovery   SIGKILL an idle worker -> time until the replacement answers;
              SIGKILL a worker under wrk load -> failed requests; SIGHUP
              (rolling restart) under wrk load -> failed requests
 Results: bench/results/compare.{md,json,png} (tables and plot by
-bench/compare_report.py). Ratios compare servers measured minutes apart on a
-shared 2-core machine: run twice and read the spread.
+bench/compare_report.py). Ratios compare servers measured in the same minutes on a
+shared 2-core machine, even interleaved: run twice and read the spread.
 
-Usage: python bench/compare.py [--duration 4] [--workers 2]
+Usage: python bench/compare.py [--duration 3] [--rounds 2] [--workers 2]
        [--peers pyfork,floor,gunicorn,uvicorn,node] [--scenarios ...] [--quick]
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import concurrent.futures
 import dataclasses
 import importlib.util
 import json
 import os
-import random
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +44,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 import compare_report  # noqa: E402
+from compare_scenarios import (calibrate, run_close, run_fairness, run_keepalive,  # noqa: E402
+                               run_memory, run_recovery, run_tail, summarize_rounds,
+                               summarize_tail)
 
 ALL_PEERS = ("pyfork", "floor", "gunicorn", "uvicorn", "node")
 ALL_SCENARIOS = ("close", "keepalive", "memory", "fairness", "tail", "recovery")
@@ -162,244 +163,6 @@ def start(spec: Spec, args) -> benchlib.Server:
     return server
 
 
-# ---------------------------------------------------------------- scenarios
-
-def run_close(server, args) -> dict:
-    meter = benchlib.CpuMeter(server.pid).start()
-    res = benchlib.run_wrk(server.port, args.duration, args.conns, args.threads, close=True,
-                           latency=True)
-    meter.stop()
-    n = max(1, res["requests"])
-    return {"rps": res["rps"], "requests": res["requests"], "errors": res["errors"],
-            "p99_us": res.get("p99_us"),
-            "primary_us_per_conn": meter.sched_ns / n / 1e3,
-            "primary_us_per_conn_ticks": meter.tick_ns / n / 1e3}
-
-
-def run_keepalive(server, args) -> dict:
-    res = benchlib.run_wrk(server.port, args.duration, args.conns, args.threads, close=False,
-                           latency=True)
-    return {"rps": res["rps"], "requests": res["requests"], "errors": res["errors"],
-            "p99_us": res.get("p99_us")}
-
-
-def run_memory(server, args) -> dict:
-    prim = benchlib.memory_kb(server.pid)
-    workers = [benchlib.memory_kb(p) for p in benchlib.worker_pids(server.pid)]
-    return {"primary_rss_kb": prim["rss"], "primary_uss_kb": prim["uss"],
-            "worker_uss_kb": statistics.mean(x["uss"] for x in workers) if workers else 0,
-            "worker_rss_kb": statistics.mean(x["rss"] for x in workers) if workers else 0,
-            "worker_pss_kb": statistics.mean(x["pss"] for x in workers) if workers else 0,
-            "workers": len(workers),
-            "total_uss_kb": prim["uss"] + sum(x["uss"] for x in workers)}
-
-
-def run_fairness(server, args) -> dict:
-    script = os.path.join(benchlib.BENCH_DIR, "pidcount.lua")
-    out = {}
-    for conc in args.fair_conc:
-        res = benchlib.run_wrk(server.port, args.fair_duration, conc, min(2, conc), close=True,
-                               script=script)
-        counts = sorted(res.get("pids", {}).values(), reverse=True)
-        total = sum(counts) or 1
-        counts += [0] * max(0, args.workers - len(counts))  # a worker that got nothing
-        out[str(conc)] = {"max_share": counts[0] / total, "min_share": counts[-1] / total,
-                          "shares": [c / total for c in counts], "requests": total,
-                          "errors": res["errors"]}
-    return out
-
-
-async def _tail_client(port, rate, duration, heavy_frac, heavy_path, seed):
-    """Open loop: Poisson arrivals at `rate`/s; each request a new connection."""
-    rng = random.Random(seed)
-    schedule, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t >= duration:
-            break
-        schedule.append((t, rng.random() < heavy_frac))
-    results = []
-
-    async def one(heavy):
-        path = heavy_path if heavy else "/"
-        t0 = time.perf_counter()
-        ok, pid = False, None
-        try:
-            r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
-            w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            data = await asyncio.wait_for(r.read(), 10)
-            w.close()
-            ok = data.startswith(b"HTTP/1.1 200") or data.startswith(b"HTTP/1.0 200")
-            pid = benchlib.body_pid(data)
-        except (OSError, asyncio.TimeoutError):
-            pass
-        results.append((heavy, t0, time.perf_counter(), ok, pid))
-
-    loop = asyncio.get_running_loop()
-    begin = loop.time()
-    tasks = []
-    for at, heavy in schedule:
-        delay = begin + at - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(heavy)))
-    if tasks:
-        await asyncio.wait(tasks, timeout=30)
-    return results
-
-
-def pct(values, p):
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
-
-
-def run_tail(server, spec, args, heavy_n, round_no) -> list:
-    """One round of the open-loop client; returns raw (heavy, seconds, ok) samples."""
-    n = heavy_n[spec.impl]
-    return asyncio.run(_tail_client(server.port, args.tail_rate, args.tail_duration / args.rounds,
-                                    args.heavy_frac, f"/fibonacci?n={n}", args.seed + round_no))
-
-
-def summarize_tail(samples, n) -> dict:
-    """Percentiles of the light requests, and the share of them that started while a
-    heavy request was in flight on the worker that answered them (stuck behind it).
-    That share counts dispatch decisions, so CPU noise from other processes on the
-    machine does not move it the way it moves p99."""
-    light = [(t0, t1, pid) for h, t0, t1, ok, pid in samples if not h and ok]
-    heavy = [(t0, t1, pid) for h, t0, t1, ok, pid in samples if h and ok]
-    by_pid = {}
-    for t0, t1, pid in heavy:
-        by_pid.setdefault(pid, []).append((t0, t1))
-    behind = sum(1 for t0, _, pid in light
-                 if pid is not None and any(h0 < t0 < h1 for h0, h1 in by_pid.get(pid, ())))
-    lat = [(t1 - t0) * 1e3 for t0, t1, _ in light]
-    return {"light_p50_ms": pct(lat, 50), "light_p99_ms": pct(lat, 99),
-            "light_max_ms": max(lat) if lat else None,
-            "behind_heavy": behind / len(light) if light else None,
-            "heavy_p50_ms": pct([(t1 - t0) * 1e3 for t0, t1, _ in heavy], 50),
-            "light": len(light), "heavy": len(heavy),
-            "failed": sum(1 for sample in samples if not sample[3]), "fib_n": n}
-
-
-def summarize_rounds(rounds: list) -> dict:
-    """Median of every numeric figure over interleaved rounds, plus the rounds and
-    the spread of req/s ((max - min) / median)."""
-    out = {"rounds": rounds}
-    for key in rounds[0]:
-        vals = [r[key] for r in rounds if isinstance(r.get(key), (int, float))]
-        if vals:
-            out[key] = statistics.median(vals)
-    rps = [r["rps"] for r in rounds if r.get("rps")]
-    if len(rps) > 1 and statistics.median(rps):
-        out["rps_spread"] = (max(rps) - min(rps)) / statistics.median(rps)
-    out["errors"] = sum(r.get("errors", 0) for r in rounds)
-    return out
-
-
-def _probe_pids(port, n=8) -> set:
-    """n concurrent GETs; the pids that answered."""
-    def one(_):
-        try:
-            return benchlib.body_pid(benchlib.http_get(port, "/", timeout=2)[1])
-        except OSError:
-            return None
-    with concurrent.futures.ThreadPoolExecutor(n) as ex:
-        return set(ex.map(one, range(n))) - {None}
-
-
-def _wait_workers(server, n, timeout=20.0, exclude=()) -> float | None:
-    """Seconds until the primary has n worker children none of which is in exclude."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        pids = benchlib.worker_pids(server.pid)
-        if len(pids) >= n and not set(pids) & set(exclude):
-            return time.monotonic() - t0
-        time.sleep(0.005)
-    return None
-
-
-def run_recovery(server, args) -> dict:
-    out = {}
-    port = server.port
-    # (a) idle: SIGKILL one worker, time to a new child, then to its first answer.
-    old = set(benchlib.worker_pids(server.pid))
-    victim = min(old)
-    t0 = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
-    new = None
-    while time.monotonic() - t0 < 15 and new is None:
-        fresh = set(benchlib.worker_pids(server.pid)) - old
-        new = min(fresh) if fresh else None
-        if new is None:
-            time.sleep(0.002)
-    out["kill_to_fork_ms"] = (time.monotonic() - t0) * 1e3 if new else None
-    out["kill_to_serving_ms"] = None
-    while new and time.monotonic() - t0 < 15:
-        if new in _probe_pids(port):
-            out["kill_to_serving_ms"] = (time.monotonic() - t0) * 1e3
-            break
-    _wait_workers(server, args.workers, exclude={victim})
-    time.sleep(0.5)
-
-    # (b) SIGKILL a worker under load: requests that failed.
-    dur = max(3.0, args.duration)
-    wrk = benchlib.start_wrk(port, dur, args.recovery_conns, 2, close=True)
-    time.sleep(dur / 3)
-    pids = benchlib.worker_pids(server.pid)
-    if pids:
-        os.kill(pids[0], signal.SIGKILL)
-    res = benchlib.finish_wrk(wrk)
-    out["kill_under_load"] = {"requests": res["requests"], "failed": res["errors"],
-                              "socket_errors": res.get("socket_errors"), "non2xx": res["non2xx"]}
-    _wait_workers(server, args.workers, exclude=set(pids[:1]))
-    time.sleep(1.0)  # let the replacement finish booting before the next test
-
-    # (c) SIGHUP (rolling restart) under load: requests that failed, restart time.
-    dur = max(5.0, args.duration + 2)
-    old = set(benchlib.worker_pids(server.pid))
-    wrk = benchlib.start_wrk(port, dur, args.recovery_conns, 2, close=True)
-    time.sleep(1.0)
-    server.signal(signal.SIGHUP)
-    took = _wait_workers(server, args.workers, timeout=dur, exclude=old)
-    res = benchlib.finish_wrk(wrk)
-    out["hup_under_load"] = {"requests": res["requests"], "failed": res["errors"],
-                             "socket_errors": res.get("socket_errors"), "non2xx": res["non2xx"],
-                             "restart_s": took}
-    return out
-
-
-# ---------------------------------------------------------------- heavy-route calibration
-
-def calibrate(args) -> dict:
-    """fib n per implementation whose CPU time is >= --heavy-ms (min of 3)."""
-    sys.setrecursionlimit(10000)
-    from hello_app import fib
-    n_py = 30
-    for n in range(15, 31):
-        best = min(_timed(fib, n) for _ in range(3))
-        if best * 1e3 >= args.heavy_ms:
-            n_py = n
-            break
-    out = {"python": n_py, "none": n_py}
-    if shutil.which("node"):
-        js = ("function fib(n){return n<2?n:fib(n-1)+fib(n-2)}"
-              f"for(let n=20;n<=40;n++){{let best=1e9;for(let i=0;i<3;i++){{"
-              "const b=process.hrtime.bigint();fib(n);"
-              "best=Math.min(best,Number(process.hrtime.bigint()-b)/1e6)}"
-              f"if(best>={args.heavy_ms}||n==40){{console.log(n);break}}}}")
-        r = subprocess.run(["node", "-e", js], capture_output=True, text=True, timeout=120)
-        out["node"] = int(r.stdout.strip() or 35)
-    return out
-
-
-def _timed(fn, n):
-    t0 = time.perf_counter()
-    fn(n)
-    return time.perf_counter() - t0
-
-
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -424,12 +187,12 @@ def parse_args(argv=None):
     ap.add_argument("--gthreads", type=int, default=4, help="gunicorn gthread --threads (4)")
     ap.add_argument("--fair-conc", default="1,4,64", help="fairness concurrencies (1,4,64)")
     ap.add_argument("--fair-duration", type=float, default=1.0)
-    ap.add_argument("--tail-rate", type=float, default=100.0, help="tail: requests/s (100)")
-    ap.add_argument("--tail-duration", type=float, default=10.0,
-                    help="seconds of tail load per server, split over the rounds (10)")
+    ap.add_argument("--tail-rate", type=float, default=50.0, help="tail: requests/s (50)")
+    ap.add_argument("--tail-duration", type=float, default=16.0,
+                    help="seconds of tail load per server, split over the rounds (16)")
     ap.add_argument("--heavy-frac", type=float, default=0.05)
-    ap.add_argument("--heavy-ms", type=float, default=15.0,
-                    help="tail: CPU ms of a heavy request; fib n is calibrated to it (15)")
+    ap.add_argument("--heavy-ms", type=float, default=30.0,
+                    help="tail: CPU ms of a heavy request; fib n is calibrated to it (30)")
     ap.add_argument("--recovery-conns", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="short runs for a smoke test")

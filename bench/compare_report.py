@@ -5,10 +5,15 @@ in one run; every table column of relative figures divides by a baseline row
 from the same run (pyfork rr with the first backend for most scenarios, the
 bare-C floor for primary CPU, the fair share 1/N for fairness). Absolute
 numbers stay in their own columns. Missing figures print as "-".
+
+`python bench/compare_report.py A.json B.json ...` prints the headline ratios of
+several runs side by side with their spread ((max - min) / mean).
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 
 def _get(row, *keys):
@@ -63,8 +68,9 @@ def progress_line(name, row):
     return "  ".join(bits)
 
 
-def headline(results, meta):
-    """The issue targets and the ratios people ask about, as bullet lines."""
+def headline_values(results, meta):
+    """[(label, value, target, lower_is_better)]: the issue targets and the ratios
+    people ask about (value None when a side is missing)."""
     base = _baseline_name(results, meta)
     out = []
 
@@ -72,44 +78,79 @@ def headline(results, meta):
         va, vb = _get(results.get(a, {}), *keys), _get(results.get(b, {}), *keys)
         return (va / vb) if va and vb else None
 
-    def line(text, r, target=None, lower_is_better=False):
-        if r is None:
-            return
-        verdict = ""
-        if target is not None:
-            ok = r <= target if lower_is_better else r >= target
-            shown = "1/3" if abs(target - 1 / 3) < 1e-9 else f"{target:g}"
-            verdict = f" (target {'≤' if lower_is_better else '≥'} {shown}: {'met' if ok else 'MISSED'})"
-        out.append(f"- {text}: **{r:.2f}×**{verdict}")
+    def add(label, value, target=None, lower=False):
+        out.append((label, value, target, lower))
 
     if base:
-        line(f"`Connection: close` req/s, {base} / gunicorn sync", ratio(base, "gunicorn sync", "close", "rps"), 2)
         asgi = base.replace("rr", "asgi rr", 1)
-        line(f"`Connection: close` req/s, {asgi} / uvicorn", ratio(asgi, "uvicorn", "close", "rps"), 1)
-        line(f"`Connection: close` req/s, {base} / node cluster rr", ratio(base, "node cluster rr", "close", "rps"))
-        line(f"keep-alive req/s, {base} / gunicorn gthread", ratio(base, "gunicorn gthread", "keepalive", "rps"), 1.5)
-        line(f"keep-alive req/s, {asgi} / uvicorn", ratio(asgi, "uvicorn", "keepalive", "rps"))
-        line(f"keep-alive req/s, {base} / node cluster rr", ratio(base, "node cluster rr", "keepalive", "rps"))
+        add(f"`Connection: close` req/s, {base} / gunicorn sync", ratio(base, "gunicorn sync", "close", "rps"), 2)
+        add(f"`Connection: close` req/s, {asgi} / uvicorn", ratio(asgi, "uvicorn", "close", "rps"), 1)
+        add(f"`Connection: close` req/s, {base} / uvicorn", ratio(base, "uvicorn", "close", "rps"))
+        add(f"`Connection: close` req/s, {base} / node cluster rr", ratio(base, "node cluster rr", "close", "rps"))
+        add(f"keep-alive req/s, {base} / gunicorn gthread", ratio(base, "gunicorn gthread", "keepalive", "rps"), 1.5)
+        add(f"keep-alive req/s, {asgi} / uvicorn", ratio(asgi, "uvicorn", "keepalive", "rps"))
+        add(f"keep-alive req/s, {base} / node cluster rr", ratio(base, "node cluster rr", "keepalive", "rps"))
     for be in ("c", "python"):
-        line(f"primary CPU per connection, pyfork rr {be} / floor",
-             ratio(f"pyfork rr {be}", "floor (bare C)", "close", "primary_us_per_conn"))
-    line("primary CPU per connection, pyfork rr c / pyfork rr python",
-         ratio("pyfork rr c", "pyfork rr python", "close", "primary_us_per_conn"), 0.5, True)
-    line("primary CPU per connection, node cluster rr / pyfork rr c",
-         ratio("node cluster rr", "pyfork rr c", "close", "primary_us_per_conn"))
+        add(f"primary CPU per connection, pyfork rr {be} / floor",
+            ratio(f"pyfork rr {be}", "floor (bare C)", "close", "primary_us_per_conn"))
+    add("primary CPU per connection, pyfork rr c / pyfork rr python",
+        ratio("pyfork rr c", "pyfork rr python", "close", "primary_us_per_conn"), 0.5, True)
+    add("primary CPU per connection, node cluster rr / pyfork rr c",
+        ratio("node cluster rr", "pyfork rr c", "close", "primary_us_per_conn"))
     for be in ("c", "python"):
-        line(f"light-request p99 with 5% heavy, pyfork least {be} / pyfork rr {be}",
-             ratio(f"pyfork least {be}", f"pyfork rr {be}", "tail", "light_p99_ms"), 1 / 3, True)
+        add(f"light-request p99 with 5% heavy, pyfork least {be} / pyfork rr {be}",
+            ratio(f"pyfork least {be}", f"pyfork rr {be}", "tail", "light_p99_ms"), 1 / 3, True)
+        add(f"light requests stuck behind a heavy one, pyfork least {be} / pyfork rr {be}",
+            ratio(f"pyfork least {be}", f"pyfork rr {be}", "tail", "behind_heavy"))
+    if base:
+        for peer in ("node cluster rr", "gunicorn sync", "uvicorn"):
+            add(f"worker USS, {peer} / {base}", ratio(peer, base, "memory", "worker_uss_kb"))
+    return out
+
+
+def headline(results, meta):
+    """The headline as markdown bullet lines."""
+    out = []
+    for label, r, target, lower in headline_values(results, meta):
+        if r is None:
+            continue
+        verdict = ""
+        if target is not None:
+            ok = r <= target if lower else r >= target
+            shown = "1/3" if abs(target - 1 / 3) < 1e-9 else f"{target:g}"
+            verdict = f" (target {'≤' if lower else '≥'} {shown}: {'met' if ok else 'MISSED'})"
+        out.append(f"- {label}: **{r:.2f}×**{verdict}")
     for be in ("c", "python"):
         lb = _get(results.get(f"pyfork least {be}", {}), "tail", "behind_heavy")
         rb = _get(results.get(f"pyfork rr {be}", {}), "tail", "behind_heavy")
         if lb is not None and rb is not None:
             out.append(f"- light requests stuck behind a heavy one: pyfork least {be} "
                        f"**{lb * 100:.1f}%** vs pyfork rr {be} **{rb * 100:.1f}%**")
-    if base:
-        for peer in ("node cluster rr", "gunicorn sync", "uvicorn"):
-            line(f"worker USS, {peer} / {base}", ratio(peer, base, "memory", "worker_uss_kb"))
+    for name, row in results.items():
+        rc = row.get("recovery")
+        if rc and name.startswith("pyfork"):
+            out.append(f"- {name}: SIGKILL → replacement answering in "
+                       f"{_f(rc.get('kill_to_serving_ms'))} ms; failed requests: "
+                       f"{_f(_get(rc, 'kill_under_load', 'failed'))} with a worker SIGKILLed under load, "
+                       f"{_f(_get(rc, 'hup_under_load', 'failed'))} during a rolling restart under load")
     return out
+
+
+def spread(paths):
+    """Markdown table of the headline ratios of several compare.json runs and their spread."""
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            data = json.load(f)
+        runs.append(headline_values(data["results"], data["meta"]))
+    lines = ["| ratio | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | spread |",
+             "|---|" + "---:|" * (len(runs) + 1)]
+    for i, (label, *_rest) in enumerate(runs[0]):
+        vals = [r[i][1] if i < len(r) else None for r in runs]
+        got = [v for v in vals if v]
+        sp = f"{(max(got) - min(got)) / (sum(got) / len(got)) * 100:.0f}%" if len(got) > 1 else "-"
+        lines.append(f"| {label} | " + " | ".join(_f(v, "{:.2f}") for v in vals) + f" | {sp} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results, meta):
@@ -304,3 +345,9 @@ def plot(results, meta, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python bench/compare_report.py RUN1.json [RUN2.json ...]")
+    print(spread(sys.argv[1:]), end="")

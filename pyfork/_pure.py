@@ -36,6 +36,7 @@ import operator
 import os
 import select
 import socket
+import stat
 import struct
 import time
 from array import array
@@ -76,6 +77,7 @@ _ACCEPT_SOFT = frozenset(e for e in (
 _POLICIES = {"rr": 0, "least": 1}
 
 _EPOLLIN = select.EPOLLIN
+_SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, NUL included
 
 __all__ = [
     "BACKEND", "MAX_FDS", "MAX_PAYLOAD", "SLOT_SIZE", "Message", "Event", "Dispatcher",
@@ -100,6 +102,13 @@ class Event(NamedTuple):
 
 def _oserror(code):
     return OSError(code, os.strerror(code))
+
+
+def _index(name, value):
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError("%s must be an integer, got %r" % (name, value)) from None
 
 
 def _close_all(fds):
@@ -138,8 +147,8 @@ def _borrow(fd):
 # ---- messages -------------------------------------------------------------
 
 def _pack(type, arg, payload, fds):
-    type = int(type)
-    arg = int(arg)
+    type = _index("type", type)
+    arg = _index("arg", arg)
     if not 0 <= arg <= _U32:
         raise ValueError("arg must be 0..2**32-1, got %d" % arg)
     payload = memoryview(payload).cast("B")
@@ -163,8 +172,9 @@ def send_msg(fd, type, arg=0, payload=b"", fds=()):
     """Sends one message on channel fd. EMSGSIZE (payload > MAX_PAYLOAD or more
     than MAX_FDS fds), EINVAL (bad type), BlockingIOError when a non-blocking
     channel is full, BrokenPipeError when the peer is gone. Never closes fds."""
-    fds = [int(f) for f in fds]
-    sock = _borrow(int(fd))
+    fd = _index("fd", fd)
+    fds = [_index("fd", f) for f in fds]
+    sock = _borrow(fd)
     try:
         _send(sock, type, arg, payload, fds)
     finally:
@@ -224,10 +234,11 @@ def recv_msg(fd, max_fds=MAX_FDS):
     BlockingIOError when a non-blocking channel is empty, OSError(EBADMSG) for a
     malformed message, OSError(EMSGSIZE) when more than max_fds fds came; on
     every error all fds received are closed first. Received fds are CLOEXEC."""
-    max_fds = int(max_fds)
+    fd = _index("fd", fd)
+    max_fds = _index("max_fds", max_fds)
     if not 0 <= max_fds <= MAX_FDS:
         raise ValueError("max_fds must be 0..%d, got %d" % (MAX_FDS, max_fds))
-    sock = _borrow(int(fd))
+    sock = _borrow(fd)
     try:
         return _recv(sock, max_fds)
     finally:
@@ -243,59 +254,128 @@ def _finish_listener(sock, backlog):
 
 
 def _check_backlog(backlog):
-    backlog = int(backlog)
+    backlog = _index("backlog", backlog)
     if backlog < 1:
         raise ValueError("backlog must be >= 1, got %d" % backlog)
     return backlog
 
 
+# getaddrinfo speaks EAI_*, the API speaks errno (as listen.c maps them): an
+# unknown host cannot be bound, hence EADDRNOTAVAIL.
+_GAI_ERRNO = {socket.EAI_NONAME: errno.EADDRNOTAVAIL, socket.EAI_AGAIN: errno.EAGAIN,
+              socket.EAI_MEMORY: errno.ENOMEM}
+for _name in ("EAI_NODATA", "EAI_ADDRFAMILY"):
+    if hasattr(socket, _name):
+        _GAI_ERRNO[getattr(socket, _name)] = errno.EADDRNOTAVAIL
+# bind errors that mean "this family/address does not exist here, try the
+# next address" (e.g. localhost -> ::1 without IPv6); anything else is the answer.
+_TRY_NEXT = frozenset((errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL,
+                       errno.EPFNOSUPPORT))
+
+
+def _listen_ai(family, stype, proto, addr, backlog, reuseport):
+    sock = socket.socket(family, stype, proto)
+    try:
+        # SO_REUSEADDR: a restarted primary must bind while old connections
+        # sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # Both ways: the default comes from the bindv6only sysctl, and
+            # "::" should mean dual-stack on every machine.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        return _finish_listener(sock, backlog)
+    except BaseException:
+        sock.close()
+        raise
+
+
 def listen_tcp(host, port, backlog=2048, reuseport=False):
     """Returns a listening TCP fd (non-blocking, CLOEXEC, SO_REUSEADDR) bound to
-    host:port; host None or "" means any address."""
-    port = int(port)
+    host:port; host None or "" means any address ("::" dual-stack first, as
+    Node's server.listen(port), then 0.0.0.0)."""
+    port = _index("port", port)
     if not 0 <= port <= 65535:
         raise ValueError("port must be 0..65535, got %d" % port)
     backlog = _check_backlog(backlog)
+    anyhost = not host
     try:
-        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                   0, socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(None if anyhost else host, port, socket.AF_UNSPEC,
+                                   socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE | socket.AI_NUMERICSERV)
     except socket.gaierror as exc:
-        raise OSError(errno.EADDRNOTAVAIL, "cannot resolve %r: %s" % (host, exc)) from None
+        if exc.errno == getattr(socket, "EAI_SYSTEM", None):
+            raise
+        code = _GAI_ERRNO.get(exc.errno, errno.EINVAL)
+        raise OSError(code, "%s: %s" % (os.strerror(code), exc.strerror)) from None
+    if anyhost:
+        infos = ([i for i in infos if i[0] == socket.AF_INET6]
+                 + [i for i in infos if i[0] != socket.AF_INET6])
     last = _oserror(errno.EADDRNOTAVAIL)
     for family, stype, proto, _, addr in infos:
-        sock = socket.socket(family, stype, proto)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuseport:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(addr)
-            return _finish_listener(sock, backlog)
+            return _listen_ai(family, stype, proto, addr, backlog, reuseport)
         except OSError as exc:
+            if exc.errno not in _TRY_NEXT:
+                raise
             last = exc
-            sock.close()
     raise last
+
+
+def _unix_stale(path):
+    """True when path is a socket file nobody listens on (connect refused)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True  # vanished: just retry the bind
+    if not stat.S_ISSOCK(st.st_mode):
+        return False
+    # Non-blocking probe: a live server with a full backlog answers EAGAIN
+    # rather than making us wait; only ECONNREFUSED proves nobody is there.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
 
 
 def listen_unix(path, backlog=2048, mode=0o666):
     """Returns a listening AF_UNIX fd at path (non-blocking, CLOEXEC), chmod'ed to
-    mode. A stale socket file is replaced; any other existing file is
-    EADDRINUSE."""
+    mode. A socket file left by a dead server is replaced; a live one, or any
+    other file, is EADDRINUSE."""
     path = os.fspath(path)
     backlog = _check_backlog(backlog)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        import stat
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE), path)
-        os.unlink(path)
+    mode = _index("mode", mode)
+    bpath = os.fsencode(path)
+    if not bpath or not 0 <= mode <= 0o7777:
+        raise _oserror(errno.EINVAL)
+    if len(bpath) >= _SUN_PATH_MAX:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
-        os.chmod(path, mode)
-        return _finish_listener(sock, backlog)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or not _unix_stale(path):
+                raise
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            sock.bind(path)  # a server racing us gets EADDRINUSE; no loop
+        try:
+            # chmod before listen: until listen, connect is refused whatever
+            # the umask allowed.
+            os.chmod(path, mode)
+            return _finish_listener(sock, backlog)
+        except BaseException:
+            os.unlink(path)  # we created it
+            raise
     except BaseException:
         sock.close()
         raise
@@ -303,16 +383,18 @@ def listen_unix(path, backlog=2048, mode=0o666):
 
 def adopt_listener(fd):
     """Returns fd after checking it is a listening stream socket and making it
-    non-blocking and CLOEXEC: ENOTSOCK, EINVAL otherwise."""
-    fd = int(fd)
+    non-blocking and CLOEXEC: EBADF, ENOTSOCK, EINVAL otherwise."""
+    fd = _index("fd", fd)
     if fd < 0:
         raise _oserror(errno.EBADF)
-    os.fstat(fd)  # EBADF before anything else
+    os.fstat(fd)  # EBADF before a socket object is made over it
     sock = _borrow(fd)
     try:
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM:
-            raise _oserror(errno.EINVAL)
+        # SO_ACCEPTCONN: ENOTSOCK for a pipe or file, 0 if nobody listened.
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise _oserror(errno.EINVAL)
+        # SEQPACKET also listens, but the dispatcher hands out byte streams.
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM:
             raise _oserror(errno.EINVAL)
         os.set_blocking(fd, False)
         os.set_inheritable(fd, False)
@@ -337,10 +419,7 @@ _ACCEPT_DEAD = frozenset((errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAUL
 
 
 def _ranged(name, value, lo, hi):
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError("%s must be an integer, got %r" % (name, value)) from None
+    value = _index(name, value)
     if not lo <= value <= hi:
         raise ValueError("%s must be %d..%d, got %d" % (name, lo, hi, value))
     return value
@@ -445,10 +524,7 @@ class Dispatcher:
 
     def _slot(self, slot):
         self._check()
-        try:
-            slot = operator.index(slot)
-        except TypeError:
-            raise ValueError("slot must be an integer, got %r" % (slot,)) from None
+        slot = _index("slot", slot)
         if not 0 <= slot < self._capacity:
             raise ValueError("slot %d out of range 0..%d" % (slot, self._capacity - 1))
         return slot
@@ -489,7 +565,7 @@ class Dispatcher:
 
     def add_listener(self, fd):
         self._check()
-        fd = operator.index(fd)
+        fd = _index("fd", fd)
         if fd < 0:
             raise _oserror(errno.EINVAL)
         if self._find_listener(fd) is not None:
@@ -511,7 +587,7 @@ class Dispatcher:
 
     def remove_listener(self, fd):
         self._check()
-        lst = self._find_listener(operator.index(fd))
+        lst = self._find_listener(_index("fd", fd))
         if lst is None:
             raise _oserror(errno.ENOENT)
         if lst.in_poll:
@@ -524,8 +600,8 @@ class Dispatcher:
 
     def watch(self, fd, tag):
         self._check()
-        fd = operator.index(fd)
-        tag = operator.index(tag)
+        fd = _index("fd", fd)
+        tag = _index("tag", tag)
         if not 0 <= tag <= _U32:
             raise ValueError("tag must be 0..2**32-1, got %d" % tag)
         if fd < 0:
@@ -539,7 +615,7 @@ class Dispatcher:
 
     def unwatch(self, fd):
         self._check()
-        fd = operator.index(fd)
+        fd = _index("fd", fd)
         for i, w in enumerate(self._watches):
             if w[0] == fd:
                 self._unregister(fd)
@@ -558,8 +634,8 @@ class Dispatcher:
     # -- workers ----------------------------------------------------------
     def add_worker(self, slot, chan, peer=-1):
         slot = self._slot(slot)
-        chan = operator.index(chan)
-        peer = operator.index(peer)
+        chan = _index("chan", chan)
+        peer = _index("peer", peer)
         if chan < 0 or peer < -1 or chan == peer:
             raise ValueError("bad channel fds chan=%d peer=%d" % (chan, peer))
         w = self._workers[slot]
@@ -1091,7 +1167,7 @@ class Dispatcher:
             deadline = None
         else:
             timeout = float(timeout)
-            if timeout < 0:
+            if not timeout >= 0:  # NaN too
                 raise ValueError("timeout must be >= 0 or None, got %r" % timeout)
         now = time.monotonic()
         if timeout is not None:

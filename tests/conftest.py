@@ -17,6 +17,7 @@
 import gc
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -46,10 +47,10 @@ def pytest_sessionstart(session):
         return
     import importlib
     try:
-        import pyfork
         importlib.import_module("pyfork._core")
     except Exception as exc:  # noqa: BLE001 -- any failure here is fatal
-        where = getattr(locals().get("pyfork"), "__file__", "?")
+        pkg = sys.modules.get("pyfork")
+        where = getattr(pkg, "__file__", None) or "(pyfork itself did not import)"
         pytest.exit(
             "PYFORK_BACKEND=c but the C backend cannot be imported: %s: %s\n"
             "pyfork is imported from %s. Running from a source tree without a "

@@ -401,10 +401,12 @@ def test_send_limits(backend):
             backend.send_msg(a.fileno(), backend.MSG_CONN, 0, b"", [0] * (backend.MAX_FDS + 1))
         assert ei.value.errno == errno.EMSGSIZE
         for bad in (0, 7, 99):
-            with pytest.raises((OSError, ValueError)) as ei:
+            with pytest.raises(OSError) as ei:
                 backend.send_msg(a.fileno(), bad)
-            if isinstance(ei.value, OSError):
-                assert ei.value.errno == errno.EINVAL
+            assert ei.value.errno == errno.EINVAL
+        for bad_arg in (-1, 2**32):
+            with pytest.raises(ValueError):
+                backend.send_msg(a.fileno(), backend.MSG_USER, bad_arg)
         b.setblocking(False)
         with pytest.raises(BlockingIOError):
             backend.recv_msg(b.fileno())
@@ -551,9 +553,9 @@ def test_socket_default_timeout_is_ignored(backend):
 def test_recv_max_fds_range(backend):
     a, b = seqpacket_pair()
     try:
-        with pytest.raises((ValueError, OSError)):
+        with pytest.raises(ValueError):
             backend.recv_msg(b.fileno(), backend.MAX_FDS + 1)
-        with pytest.raises((ValueError, OSError)):
+        with pytest.raises(ValueError):
             backend.recv_msg(b.fileno(), -1)
     finally:
         a.close()
@@ -599,6 +601,15 @@ def test_listen_tcp_and_adopt(backend):
         r2 = backend.listen_tcp("127.0.0.1", rport, reuseport=True)
         os.close(r1)
         os.close(r2)
+        # Any address: reachable over IPv4 loopback (dual-stack "::" or 0.0.0.0).
+        anyfd = backend.listen_tcp("", 0)
+        with socket.socket(fileno=os.dup(anyfd)) as s:
+            aport = s.getsockname()[1]
+        socket.create_connection(("127.0.0.1", aport), timeout=LIVENESS).close()
+        os.close(anyfd)
+        with pytest.raises(OSError) as ei:  # in use, not SO_REUSEPORT
+            backend.listen_tcp("127.0.0.1", port)
+        assert ei.value.errno == errno.EADDRINUSE
         # adopt: a listening socket passes and becomes non-blocking + CLOEXEC.
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
@@ -633,6 +644,9 @@ def test_listen_unix(backend, tmp_path):
     c = socket.socket(socket.AF_UNIX)
     c.connect(path)
     c.close()
+    with pytest.raises(OSError) as ei:  # a live one never is
+        backend.listen_unix(path)
+    assert ei.value.errno == errno.EADDRINUSE
     os.close(fd)
     plain = tmp_path / "file"
     plain.write_text("x")
@@ -640,6 +654,9 @@ def test_listen_unix(backend, tmp_path):
         backend.listen_unix(str(plain))
     assert ei.value.errno == errno.EADDRINUSE
     assert plain.read_text() == "x"
+    with pytest.raises(OSError) as ei:
+        backend.listen_unix(str(tmp_path / ("x" * 120)))
+    assert ei.value.errno == errno.ENAMETOOLONG
 
 
 # ---- dispatcher arguments ---------------------------------------------------
@@ -679,7 +696,7 @@ def test_bad_arguments(backend):
         with pytest.raises(FileExistsError):  # slot reuse; nothing taken over
             d.add_worker(0, c2.fileno())
         assert os.fstat(c2.fileno())
-        with pytest.raises((ValueError, OSError)):
+        with pytest.raises(ValueError):
             d.add_worker(1, -5)
         # Not a SOCK_SEQPACKET socket (or not an fd at all): EINVAL, not taken.
         for bad in (pr, e2.fileno() + 1000):
@@ -700,12 +717,17 @@ def test_bad_arguments(backend):
         d.watch(pr, 1)
         with pytest.raises(OSError) as ei:
             d.watch(pw, 2)
-        assert ei.value.errno in (errno.ENOSPC, errno.EEXIST)
+        assert ei.value.errno == errno.ENOSPC
         with pytest.raises(FileNotFoundError):
             d.unwatch(pw)
         d.unwatch(pr)
         d.remove_listener(lfd)
         assert d.remove_worker(0) == 0
+        for t in (-1, float("nan"), "soon"):
+            with pytest.raises(ValueError):
+                d.run(t)
+        with pytest.raises(ValueError):
+            d.add_worker(1.0, c2.fileno())
         d.close()
         d.close()  # idempotent
         for call in (lambda: d.run(0), d.stats, lambda: d.worker_stats(0),
@@ -970,9 +992,9 @@ def test_back_pressure(rig):
     r.spawn(0, "hold")
     r.spawn(1, "hold")
     clients = [r.client() for _ in range(12)]
-    r.pump(lambda: r.d.stats()["dispatched"] >= 4, what="first 4")
-    end = time.monotonic() + 0.3
-    while time.monotonic() < end:
+    r.pump(lambda: r.d.stats()["dispatched"] >= 4 and r.d.stats()["accepting"] == 0,
+           what="listeners out of the poll set")
+    for _ in range(10):  # a while longer: nothing more goes out
         r.d.run(0.02)
     st = r.d.stats()
     assert st["dispatched"] == 4 and st["accepting"] == 0, st
@@ -1269,7 +1291,6 @@ def test_least_tie_breaks(ends):
         for m in e.take(s):
             for fd in m:
                 os.close(fd)
-    del sb
 
 
 def test_remove_worker_recovers_queue(ends):

@@ -47,7 +47,7 @@ KNOWN = {
 }
 
 MISSING = (f"HTTP conformance corpus not found (looked in $PYFORK_CONFORMANCE_DIR, "
-           f"tests/conformance/http-requests, /work/shared/conformance/http-requests)")
+           f"tests/conformance/http-requests, ../shared/conformance/http-requests beside the checkout)")
 if not (VALID and INVALID) and os.environ.get("PYFORK_REQUIRE_CONFORMANCE") == "1":
     raise RuntimeError(MISSING + " and PYFORK_REQUIRE_CONFORMANCE=1")
 

@@ -270,6 +270,10 @@ def test_pyfork_serve_asgi_demo_end_to_end(fds, tmp_path):
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(0.05)
+        # The port answers as soon as it is bound; round robin needs both workers READY.
+        while (tmp_path / "serve.log").read_text().count(" ready in ") < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.05)
         with H.Client(headers={"connection": "close"}) as c:
             ids = [c.get(f"http://127.0.0.1:{port}/").json()["workerId"] for _ in range(6)]
             assert c.get(f"http://127.0.0.1:{port}/good-counter").status_code == 503

@@ -11,9 +11,9 @@ import io
 import json
 import os
 import pathlib
-import socket
+import signal
 import sys
-import tempfile
+import time
 
 import pytest
 
@@ -488,7 +488,7 @@ def test_request_sent_while_app_holds_the_loop_is_not_dropped():
             busy.sendall(get("/hold"))
             w.wait_event(b"H")
             kept.sendall(get("/hello"))                     # arrives during the hold
-            __import__("time").sleep(0.6)                   # > keepalive_timeout
+            time.sleep(0.6)                                 # > keepalive_timeout
             w.release()
             assert H.Reader(busy).next().body == b"held"
             resp = reader.next()
@@ -513,7 +513,7 @@ def test_drain_finishes_in_flight_and_503s_new_requests(worker):
         assert kept_reader.next().status == 200             # `kept` is now a kept-alive connection
         busy.sendall(get("/hold"))
         worker.wait_event(b"H")                             # the worker is inside the app
-        os.kill(worker.pid, __import__("signal").SIGTERM)   # drain starts while in flight
+        os.kill(worker.pid, signal.SIGTERM)                  # drain starts while in flight
         kept.sendall(get("/hello"))                         # a new request on a kept-alive conn
         worker.release()
         resp = H.Reader(busy).next()

@@ -413,12 +413,13 @@ FUZZ_SEED = 20261127
 
 def find_corpus():
     """The HTTP request corpus (gunicorn's parser vectors): $PYFORK_CONFORMANCE_DIR, else a
-    copy in the repo (tests/conformance/http-requests), else the team's shared one."""
+    copy in the repo (tests/conformance/http-requests), else the project's shared/ folder beside
+    the checkout (../shared/conformance/http-requests, as laid out for developers and CI)."""
     explicit = os.environ.get("PYFORK_CONFORMANCE_DIR")
     if explicit:
         return pathlib.Path(explicit)            # only there, even if it is missing
     for candidate in (pathlib.Path(__file__).with_name("conformance") / "http-requests",
-                      pathlib.Path("/work/shared/conformance/http-requests")):
+                      pathlib.Path(__file__).resolve().parents[2] / "shared" / "conformance" / "http-requests"):
         if (candidate / "valid").is_dir():
             return candidate
     return pathlib.Path("conformance-corpus-not-found")

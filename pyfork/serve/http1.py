@@ -10,8 +10,12 @@ seen the head of a body-bearing request is simply replaced (about 1 us) for the 
 
 llhttp is more lenient than the conformance corpus (/work/shared/conformance, gunicorn's parser
 vectors) in some places, so the checks it lacks are made here: request-target form versus
-method, HTTP version (505), Transfer-Encoding lists, Content-Length with Transfer-Encoding,
-chunked framing and forbidden trailer fields, field count/size limits. It is stricter in
+method, HTTP version (only 1.0/1.1; 400, as the corpus wants no 5xx), Transfer-Encoding
+lists, Content-Length with Transfer-Encoding, repeated SP and bare CR/LF around the request
+line, chunked framing and forbidden trailer fields, field count/size limits (gunicorn's
+defaults: 4094-byte request line -> 414, 100 fields and 8190-byte field lines -> 431). While
+a head is incomplete, cheap incremental checks refuse junk at once (a TLS ClientHello gets a
+400) and keep a slow client's cost linear in the bytes it sends. It is stricter in
 two places where gunicorn accepts a request: methods outside llhttp's table (`-BLARGH`) and
 raw obs-text in the target. Those heads are re-validated by our own request-line grammar and
 fed to llhttp again with a neutral request line (`PUT / HTTP/x.y`); the real method and target
