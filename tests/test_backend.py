@@ -341,6 +341,36 @@ def test_backend_load_names():
         pyfork.backend.load(3)
 
 
+def test_import_pyfork_is_lazy(tmp_path):
+    """import pyfork loads nothing heavy, and works even if cluster.py is broken."""
+    import subprocess
+    code = ("import sys, pyfork\n"
+            "heavy = [m for m in ('pyfork.cluster', 'pyfork._core', 'pyfork._pure', 'cffi')"
+            " if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert pyfork.backend.name('python') == 'python'\n"
+            "assert pyfork.scoreboard.SLOT_SIZE == 64\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                       timeout=LIVENESS)
+    assert r.returncode == 0, r.stderr.decode()
+    # A package whose cluster module is broken still imports.
+    pkg = tmp_path / "pyfork"
+    pkg.mkdir()
+    pkg.joinpath("__init__.py").write_bytes(open(pyfork.__file__, "rb").read())
+    pkg.joinpath("cluster.py").write_text("raise RuntimeError('broken on purpose')\n")
+    code = ("import pyfork\n"
+            "assert pyfork.__version__ == '0.1.0'\n"
+            "try:\n    pyfork.Cluster\nexcept RuntimeError:\n    pass\n"
+            "else:\n    raise SystemExit('Cluster should fail')\n")
+    # -S: no site-packages (an editable install's finder would pick the real one).
+    r = subprocess.run([sys.executable, "-S", "-c", code], cwd=str(tmp_path),
+                       env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(tmp_path)},
+                       capture_output=True, timeout=LIVENESS)
+    assert r.returncode == 0, r.stderr.decode()
+
+
 def test_backend_interface(backend):
     assert backend.MAX_FDS == 32 and backend.MAX_PAYLOAD == 65536 and backend.SLOT_SIZE == 64
     assert (backend.MSG_CONN, backend.MSG_READY, backend.MSG_CREDIT, backend.MSG_DRAIN,

@@ -260,7 +260,8 @@ def test_pyfork_serve_asgi_demo_end_to_end(fds, tmp_path):
     with open(tmp_path / "serve.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pyfork", "serve", "pyfork.demo:asgi_app",
                                  "-w", "2", "-b", f"127.0.0.1:{port}"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+                                stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=str(tmp_path))  # `-m` puts the cwd first on sys.path: never the repo root
     try:
         deadline = time.monotonic() + H.LIVENESS
         while True:

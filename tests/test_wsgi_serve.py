@@ -99,7 +99,7 @@ class Served:
                "--interface", "wsgi", "-b", f"127.0.0.1:{self.port}", "-w", str(workers)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=child_env)
+                                         env=child_env, cwd=str(tmp_path))  # not the repo root: see README
         deadline = time.monotonic() + H.LIVENESS
         while self.log().count(" ready in ") < workers:
             if self.proc.poll() is not None or time.monotonic() > deadline:
