@@ -130,6 +130,23 @@ def validate_app(spec: str):
     return app
 
 
+def check_app(app, interface: str) -> None:
+    """Primary side, before any fork: the app imports (when given as "module:attr") and
+    ``interface`` can serve it. Raises AppImportError with a one-line message."""
+    if isinstance(app, str):
+        app = validate_app(app)
+    try:
+        import pyfork.serve
+    except ImportError:  # interfaces not installed: the worker reports it
+        return
+    try:
+        pyfork.serve.resolve(app, interface)
+    except ImportError as e:
+        raise AppImportError(f"interface {interface!r} is not available: {e}") from None
+    except ValueError as e:
+        raise AppImportError(str(e).splitlines()[0]) from None
+
+
 def forget(names: Iterable[str]) -> None:
     for n in names:
         sys.modules.pop(n, None)

@@ -24,7 +24,8 @@ import logging
 from typing import Callable, Dict, List, Optional
 
 from pyfork import config, policy as P
-from pyfork.arbiter import Arbiter, StartupError, WorkerHandle  # noqa: F401 - re-exported
+from pyfork.arbiter import Arbiter, StartupError  # noqa: F401 - re-exported
+from pyfork.messages import WorkerHandle  # noqa: F401 - re-exported
 
 EVENTS = ("fork", "online", "ready", "message", "disconnect", "exit")
 

@@ -21,228 +21,26 @@ Two kinds of things have state:
   respawns nothing.
 
 An undefined move raises ``PolicyError`` instead of being silently ignored.
+
+Layout: the events and actions are in pyfork.policy_events, the states, move tables,
+records and backoff math in pyfork.policy_states; this module holds the state machine
+(``Lifecycle``) and re-exports both, so ``pyfork.policy`` is the one name callers use.
 """
 
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Optional
 
-# ---- states -----------------------------------------------------------------
-SPAWNING, READY, DRAINING, EXITED = "spawning", "ready", "draining", "exited"
-RUNNING, BACKOFF, GAVE_UP = "running", "backoff", "gave_up"
-
-# Worker moves: (state, what happened) -> new state.
-WORKER_MOVES = {
-    (SPAWNING, "ready"): READY,
-    (SPAWNING, "drain"): DRAINING,   # stop or scale-down while still importing
-    (SPAWNING, "exit"): EXITED,      # crash before READY: always a rapid crash
-    (READY, "drain"): DRAINING,
-    (READY, "exit"): EXITED,
-    (DRAINING, "ready"): DRAINING,   # told to drain before it said READY
-    (DRAINING, "drain"): DRAINING,
-    (DRAINING, "exit"): EXITED,
-}
-
-# Slot moves: (state, what happened) -> new state.
-SLOT_MOVES = {
-    (RUNNING, "stable_exit"): RUNNING,   # respawn at once, crash count reset
-    (RUNNING, "rapid_crash"): BACKOFF,   # respawn after min(base*2^k, cap)
-    (RUNNING, "give_up"): GAVE_UP,       # max_restarts rapid crashes in a row
-    (BACKOFF, "due"): RUNNING,
-    (GAVE_UP, "revive"): RUNNING,        # HUP gives a given-up slot another chance
-    (BACKOFF, "revive"): BACKOFF,
-    (RUNNING, "revive"): RUNNING,
-}
-
-# Backoff constants. base 0.1 s doubling with a 10 s cap: the article's
-# production cluster backs off 200 ms, 400 ms, 800 ms ... after rapid crash
-# #1, #2, #3 (Math.pow(2, count) * 100); systemd's RestartSec/StartLimit and
-# s6-supervise's one-second minimum between respawns bound the same loop. The
-# cap keeps a slot that crashes for a while from waiting minutes once fixed.
-BACKOFF_BASE = 0.1
-BACKOFF_CAP = 10.0
-# After QUIT (immediate stop) workers get SIGQUIT; stragglers get SIGKILL after
-# this many seconds (gunicorn escalates the same way, after its own timeout).
-IMMEDIATE_GRACE = 2.0
-
-
-class PolicyError(RuntimeError):
-    """An event that makes no sense in the current state (a bug in the caller)."""
-
-
-def backoff_delay(k: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
-    """Delay before respawning after rapid crash number ``k`` (1-based): min(base*2^k, cap)."""
-    if k <= 0:
-        return 0.0
-    if k > 64:  # 2**k overflows floats long after the cap is reached
-        return cap
-    return min(base * (2 ** k), cap)
-
-
-# ---- events (fed by the arbiter) -----------------------------------------------
-@dataclass(frozen=True)
-class Start:
-    """Fill ``n`` slots (the first event)."""
-    n: int
-
-
-@dataclass(frozen=True)
-class Forked:
-    """Spawn(wid) produced process ``pid``."""
-    wid: int
-    pid: int
-
-
-@dataclass(frozen=True)
-class Ready:
-    """Worker said READY over its channel."""
-    wid: int
-
-
-@dataclass(frozen=True)
-class Exited:
-    """Worker was reaped (code or signal set), or fork failed (both None)."""
-    wid: int
-    code: Optional[int] = None
-    signal: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class RecycleRequested:
-    """Worker reached its max_requests (+ jitter)."""
-    wid: int
-
-
-@dataclass(frozen=True)
-class Leaving:
-    """Worker got SIGTERM from someone else and asks to be drained."""
-    wid: int
-
-
-@dataclass(frozen=True)
-class Tick:
-    """Time passed. ``beats`` maps wid -> last heartbeat (same clock as ``now``)."""
-    beats: Mapping[int, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Reload:
-    """HUP: replace every worker, oldest first, replacement READY before drain."""
-
-
-@dataclass(frozen=True)
-class Scale:
-    n: int
-
-
-@dataclass(frozen=True)
-class Stop:
-    graceful: bool = True
-    code: int = 0
-
-
-@dataclass(frozen=True)
-class Drained:
-    """The dispatcher accepted the backlog to EAGAIN and sent every pending fd."""
-
-
-# ---- actions (carried out by the arbiter) -----------------------------------------
-@dataclass(frozen=True)
-class Spawn:
-    wid: int
-    slot: int
-    generation: int
-
-
-@dataclass(frozen=True)
-class Activate:
-    """Mark the worker READY in the dispatcher (it may now get connections)."""
-    wid: int
-
-
-@dataclass(frozen=True)
-class Drain:
-    wid: int
-
-
-@dataclass(frozen=True)
-class Kill:
-    wid: int
-    sig: int
-
-
-@dataclass(frozen=True)
-class StopAccepting:
-    pass
-
-
-@dataclass(frozen=True)
-class ReleaseSlot:
-    """The slot is gone (scale-down) or gave up: per-slot resources (reuseport listeners) can go."""
-    slot: int
-
-
-@dataclass(frozen=True)
-class Log:
-    level: str   # "info" | "warning" | "error"
-    message: str
-
-
-@dataclass(frozen=True)
-class Exit:
-    code: int
-
-
-# ---- records ------------------------------------------------------------------
-@dataclass
-class WorkerRec:
-    wid: int
-    slot: int
-    generation: int
-    started: float
-    pid: Optional[int] = None
-    state: str = SPAWNING
-    ready_at: Optional[float] = None
-    drain_at: Optional[float] = None
-    purpose: str = "serve"          # serve | reload | recycle
-    killed: bool = False
-
-    def label(self) -> str:
-        return f"worker {self.wid} (pid {self.pid})"
-
-
-@dataclass
-class SlotRec:
-    index: int
-    state: str = RUNNING
-    worker: Optional[int] = None     # wid serving this slot
-    candidate: Optional[int] = None  # wid of its replacement, not READY yet
-    crashes: int = 0                 # rapid crashes in a row (k)
-    due: float = 0.0                 # BACKOFF: when to respawn
-    restarts: int = 0                # respawns so far (for status)
-    recycle_failures: int = 0
-    recycle_due: Optional[float] = None
-
-
-def _move(table, state: str, what: str, label: str) -> str:
-    try:
-        return table[(state, what)]
-    except KeyError:
-        raise PolicyError(f"{label}: no move for {what!r} in state {state!r}") from None
-
-
-def _secs(x: float) -> str:
-    return f"{x:.1f} s"
-
-
-def _dur(x: float) -> str:
-    return _ms(x) if x < 1.0 else _secs(x)
-
-
-def _ms(x: float) -> str:
-    return f"{int(round(x * 1000))} ms"
+from pyfork.policy_events import (  # noqa: F401 - re-exported: callers use pyfork.policy.*
+    Activate, Drain, Drained, Exit, Exited, Forked, Kill, Leaving, Log, RecycleRequested, Ready,
+    ReleaseSlot, Reload, Scale, Spawn, Start, Stop, StopAccepting, Tick,
+)
+from pyfork.policy_states import (  # noqa: F401 - re-exported: callers use pyfork.policy.*
+    BACKOFF, BACKOFF_BASE, BACKOFF_CAP, DRAINING, EXITED, GAVE_UP, IMMEDIATE_GRACE, READY, RUNNING,
+    SLOT_MOVES, SPAWNING, WORKER_MOVES, PolicyError, SlotRec, WorkerRec, _dur, _move, _ms, _secs,
+    backoff_delay,
+)
 
 
 class Lifecycle:

@@ -9,8 +9,8 @@ connection stays open for keep-alive and pipelined requests are answered in orde
 A response is written without blocking the loop: the common case (a list body) is rendered
 into one bytes object and sent with one send(); anything the kernel does not take waits in
 the connection's output queue. A streaming iterable is pulled only while that queue is below
-HIGH_WATER; beyond it the response generator (Server._respond) yields and is resumed when the
-socket is writable. wsgi.file_wrapper bodies on real files go out with os.sendfile the same
+HIGH_WATER; beyond it the response generator (wsgi_adapter.respond) yields and is resumed when
+the socket is writable. wsgi.file_wrapper bodies on real files go out with os.sendfile the same
 way. Only the legacy write() callable blocks (poll on that one socket, bounded by
 request_timeout), because it runs inside the application's frame.
 
@@ -24,29 +24,24 @@ in progress with `Connection: close`, answer a new request on a kept-alive conne
 
 Expect: 100-continue: since the body is read before the application runs, `100 Continue` is
 sent as soon as the head is accepted (and not when the body is too large: 413 instead).
+
+Layout: this module is the loop (connections, reading, writing, timers, draining);
+wsgi_adapter is the application side (environ, start_response, the body iterable).
 """
 
-import errno
 import inspect
-import io
-import os
 import select
 import selectors
 import socket
-import stat
-import sys
 import time
 
 from . import http1
-from .http1 import (COMPLETE, HEAD, NEED_DATA, MODE_CHUNKED, MODE_LENGTH, HttpError,
-                    Limits, RequestReader, chunk, decode_path, error_response,
-                    render_head, split_target)
+from .http1 import COMPLETE, HEAD, NEED_DATA, HttpError, Limits, RequestReader, error_response
+from .wsgi_adapter import FileWrapper, base_environ, conn_environ, respond  # noqa: F401 - re-exported
 
 NAME = "wsgi"
 
 RECV_SIZE = 65536
-HIGH_WATER = 256 * 1024          # pause a streaming body when this much output is queued
-SENDFILE_MAX = 1 << 20           # per sendfile() call, so one big file cannot hog the loop
 LINGER_MAX = 1 << 20             # bytes discarded after an error response before giving up
 
 _ACCEPT, _WAKEUP = object(), object()
@@ -70,25 +65,6 @@ def detect(app):
 def serve(app, rt, limits=None):
     """Serve `app` on the connections `rt` hands over until draining leaves none."""
     Server(app, rt, limits if limits is not None else Limits.from_env()).run()
-
-
-class FileWrapper:
-    """wsgi.file_wrapper: iterates in blocks, and lets the server use sendfile() when
-    `filelike` is a regular file with a fileno()."""
-
-    def __init__(self, filelike, blksize=65536):
-        self.filelike = filelike
-        self.blksize = blksize
-        if hasattr(filelike, "close"):
-            self.close = filelike.close
-
-    def __iter__(self):
-        read, size = self.filelike.read, self.blksize
-        while True:
-            data = read(size)
-            if not data:
-                return
-            yield data
 
 
 class Conn:
@@ -116,98 +92,6 @@ class Conn:
         self.closed = False         # closed: events still queued for it are stale
 
 
-class _Response:
-    """start_response()/write() state of one request."""
-
-    __slots__ = ("server", "conn", "req", "status", "headers", "head_sent", "mode", "remaining",
-                 "keep_alive", "send_body")
-
-    def __init__(self, server, conn, req):
-        self.server = server
-        self.conn = conn
-        self.req = req
-        self.status = None
-        self.headers = None
-        self.head_sent = False
-        self.mode = 0
-        self.remaining = 0
-        self.keep_alive = req.keep_alive
-        self.send_body = True
-
-    def start_response(self, status, headers, exc_info=None):
-        if exc_info is not None:
-            try:
-                if self.head_sent:
-                    raise exc_info[1].with_traceback(exc_info[2])
-            finally:
-                exc_info = None
-        elif self.status is not None:
-            raise AssertionError("start_response() called twice without exc_info")
-        if type(status) is not str:
-            raise TypeError(f"status must be str, not {type(status).__name__}")
-        if type(headers) is not list:
-            raise TypeError(f"headers must be a list, not {type(headers).__name__}")
-        self.status = status
-        self.headers = headers
-        return self.write
-
-    def head(self, body_len):
-        """Render the head; the caller sends it (with the first body bytes)."""
-        if self.status is None:
-            raise AssertionError("the application returned without calling start_response()")
-        server = self.server
-        req = self.req
-        head, self.mode, length, keep_alive, self.send_body = render_head(
-            self.status, self.headers, req.version == "1.1",
-            self.keep_alive and not server.rt.draining, body_len, req.method == "HEAD")
-        self.keep_alive = keep_alive
-        self.remaining = length if length is not None else 0
-        self.head_sent = True
-        return head
-
-    def frame(self, data):
-        """Body bytes as they go on the wire (may be empty); head first if not yet sent."""
-        prefix = b"" if self.head_sent else self.head(None)
-        if not self.send_body:
-            return prefix
-        mode = self.mode
-        if mode == MODE_LENGTH:
-            if len(data) > self.remaining:         # never send more than we announced
-                data = data[:self.remaining]
-            self.remaining -= len(data)
-        elif mode == MODE_CHUNKED:
-            data = chunk(data)
-        return prefix + data if prefix else data
-
-    def write(self, data):
-        """PEP 3333 write(): sends at once, blocking on this one socket if needed."""
-        if self.status is None:
-            raise AssertionError("write() before start_response()")
-        if type(data) is not bytes:
-            data = bytes(data)
-        if not data:
-            return
-        conn = self.conn
-        if conn.dead:
-            raise ConnectionError("client disconnected")
-        self.server.send(conn, self.frame(data))
-        self.server.flush_blocking(conn)
-
-    def finish(self):
-        """After the body: terminate the framing; decide whether the connection lives on."""
-        server = self.server
-        conn = self.conn
-        if not self.head_sent:
-            server.send(conn, self.head(0))
-        elif self.send_body:
-            if self.mode == MODE_CHUNKED:
-                server.send(conn, b"0\r\n\r\n")
-            elif self.mode == MODE_LENGTH and self.remaining:
-                self.keep_alive = False        # short body: only a close tells the client
-        if not self.keep_alive:
-            conn.closing = True
-
-
 class Server:
     """The worker's loop; one per serve() call."""
 
@@ -225,12 +109,7 @@ class Server:
         shortest = min(limits.keepalive_timeout, limits.request_timeout, limits.linger_timeout)
         self.sweep_every = max(0.02, min(0.5, shortest / 4))
         self.tick_every = min(getattr(rt, "tick_interval", 1.0), 1.0) / 2
-        self.base_env = {
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
-            "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True,
-            "SCRIPT_NAME": "",
-        }
+        self.base_env = base_environ()
 
     # -- loop -------------------------------------------------------------------------------
     def run(self):
@@ -308,33 +187,13 @@ class Server:
             self.check_drain()
         now = time.monotonic()
         for sock in socks:
-            conn = Conn(sock, RequestReader(self.limits), self.conn_env(sock))
+            conn = Conn(sock, RequestReader(self.limits), conn_environ(self.base_env, sock))
             conn.deadline = now + self.limits.request_timeout
             conn.busy_since = now
             self.conns[conn.fd] = conn
             conn.events = _R
             self.sel.register(conn.fd, _R, conn)
             self.on_readable(conn)              # the request has usually arrived already
-
-    def conn_env(self, sock):
-        env = self.base_env.copy()
-        try:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                local = sock.getsockname()
-                peer = sock.getpeername()
-                env["SERVER_NAME"] = local[0]
-                env["SERVER_PORT"] = str(local[1])
-                env["REMOTE_ADDR"] = peer[0]
-                env["REMOTE_PORT"] = str(peer[1])
-            else:
-                env["SERVER_NAME"] = "localhost"
-                env["SERVER_PORT"] = "0"
-                env["REMOTE_ADDR"] = ""
-        except OSError:                         # peer already gone; the read will tell
-            env["SERVER_NAME"] = "localhost"
-            env["SERVER_PORT"] = "0"
-            env["REMOTE_ADDR"] = ""
-        return env
 
     # -- reading ----------------------------------------------------------------------------
     def on_readable(self, conn):
@@ -381,7 +240,7 @@ class Server:
                 if event is HEAD and req.expect_continue and not reader.pending:
                     self.send(conn, http1.CONTINUE_100)
             if event is COMPLETE:
-                gen = self._respond(conn, req)
+                gen = respond(self, conn, req)
                 try:
                     next(gen)
                 except StopIteration:
@@ -516,134 +375,6 @@ class Server:
         else:
             self.settle(conn)
 
-    # -- the application --------------------------------------------------------------------
-    def environ(self, conn, req):
-        env = conn.env.copy()
-        target = req.target
-        path, query, authority = split_target(target)
-        env["REQUEST_METHOD"] = req.method
-        env["PATH_INFO"] = decode_path(path)
-        env["QUERY_STRING"] = query.decode("latin-1")
-        env["RAW_URI"] = target.decode("latin-1")
-        env["SERVER_PROTOCOL"] = "HTTP/1.1" if req.version == "1.1" else "HTTP/1.0"
-        keys = _KEYS
-        for name, value in req.headers:
-            key = keys.get(name)
-            if key is None:
-                key = _env_key(name)
-            if not key:
-                continue                        # underscores: see _env_key
-            value = value.decode("latin-1")
-            if key in env:
-                sep = "; " if key == "HTTP_COOKIE" else ","
-                env[key] = env[key] + sep + value
-            else:
-                env[key] = value
-        if authority is not None and authority:
-            env["HTTP_HOST"] = authority.decode("latin-1")   # RFC 9112 3.2.2: target wins
-        body = req.body
-        if req.chunked:
-            env.pop("HTTP_TRANSFER_ENCODING", None)          # the app sees a plain body
-            env["CONTENT_LENGTH"] = str(len(body))
-        env["wsgi.input"] = io.BytesIO(body)
-        return env
-
-    def _respond(self, conn, req):
-        """Run the application for one request; a generator that yields while the socket
-        cannot take more output."""
-        rt = self.rt
-        rt.request_started()
-        resp = _Response(self, conn, req)
-        result = None
-        try:
-            try:
-                env = self.environ(conn, req)
-                result = self.app(env, resp.start_response)
-                if type(result) is list or type(result) is tuple:
-                    if not resp.head_sent:      # the whole body is known: one send
-                        body = b"".join(result)
-                        head = resp.head(len(body))
-                        if resp.send_body and (resp.mode == MODE_LENGTH):
-                            if len(body) > resp.remaining:
-                                body = body[:resp.remaining]
-                            resp.remaining -= len(body)
-                            self.send(conn, head + body)
-                        else:
-                            self.send(conn, head)
-                    else:
-                        for data in result:
-                            self.send(conn, resp.frame(_as_bytes(data)))
-                elif (type(result) is FileWrapper and not resp.head_sent
-                      and req.method != "HEAD" and _regular_fd(result.filelike) is not None):
-                    yield from self._sendfile(conn, resp, result.filelike)
-                else:
-                    for data in result:
-                        if data:
-                            self.send(conn, resp.frame(_as_bytes(data)))
-                            if conn.dead:
-                                break
-                            if conn.out_len > HIGH_WATER:
-                                yield
-                                if conn.dead:
-                                    break
-                        if not resp.send_body and resp.head_sent:
-                            break                   # HEAD: the headers were all we needed
-                if not conn.dead:
-                    resp.finish()
-            except Exception:
-                self.log.exception("error in WSGI application (%s %s)",
-                                   req.method, req.target.decode("latin-1")[:200])
-                if not resp.head_sent and not conn.dead:
-                    self.send(conn, error_response(500))
-                    conn.closing = True
-                else:
-                    conn.dead = True               # mid-body: only closing can tell the client
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    try:
-                        close()
-                    except Exception:
-                        self.log.exception("error closing the WSGI response iterable")
-        finally:
-            rt.request_finished()
-
-    def _sendfile(self, conn, resp, filelike):
-        fd = filelike.fileno()
-        try:
-            offset = filelike.tell()
-        except (AttributeError, OSError):
-            offset = os.lseek(fd, 0, os.SEEK_CUR)
-        size = max(0, os.fstat(fd).st_size - offset)
-        self.send(conn, resp.head(size))
-        count = resp.remaining if resp.mode == MODE_LENGTH else 0
-        if count > size:
-            resp.keep_alive = False           # app announced more than the file holds
-        while count > 0 and not conn.dead:
-            if conn.out:
-                yield                          # the head (or earlier bytes) first
-                continue
-            try:
-                sent = os.sendfile(conn.fd, fd, offset, min(count, SENDFILE_MAX))
-            except (BlockingIOError, InterruptedError):
-                yield
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EINVAL, errno.ENOSYS):
-                    raise
-                conn.dead = True
-                break
-            if sent == 0:                      # file shrank under us
-                break
-            offset += sent
-            count -= sent
-            resp.remaining -= sent
-            conn.deadline = time.monotonic() + self.limits.request_timeout
-        try:
-            filelike.seek(offset)
-        except (AttributeError, OSError):
-            pass
-
     # -- closing ----------------------------------------------------------------------------
     def close(self, conn):
         if conn.closed:
@@ -661,44 +392,3 @@ class Server:
         conn.sock.close()
         conn.out.clear()
         self.rt.closed()
-
-
-def _as_bytes(data):
-    if type(data) is bytes:
-        return data
-    if isinstance(data, (bytearray, memoryview)):
-        return bytes(data)
-    raise TypeError(f"WSGI body items must be bytes, not {type(data).__name__}")
-
-
-def _regular_fd(filelike):
-    try:
-        fd = filelike.fileno()
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            return fd
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        pass
-    return None
-
-
-# header name (raw bytes) -> environ key; "" means "not passed to the app". Bounded, so that
-# random names from clients cannot grow it without limit.
-_KEYS = {}
-_KEYS_MAX = 1024
-
-
-def _env_key(name):
-    lname = name.lower()
-    if b"_" in name:
-        # `Transfer_Encoding` would become HTTP_TRANSFER_ENCODING: dropped, like gunicorn's
-        # default header_map=drop and nginx, so a client cannot spoof another field.
-        key = ""
-    elif lname == b"content-type":
-        key = "CONTENT_TYPE"
-    elif lname == b"content-length":
-        key = "CONTENT_LENGTH"
-    else:
-        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
-    if len(_KEYS) < _KEYS_MAX:
-        _KEYS[name] = key
-    return key

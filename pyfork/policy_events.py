@@ -1,0 +1,127 @@
+"""The words between the arbiter and the policy: events in, actions out (sans-IO).
+
+Theory of operation (h11's ``_events.py``): the arbiter feeds the events below to
+``pyfork.policy.Lifecycle.handle(event, now)`` and carries out the actions it gets back,
+in order. Both are frozen dataclasses -- plain data, compared by value, so a policy test
+is a list of events and the exact list of actions expected. Nothing here does anything.
+pyfork.policy re-exports every name (``P.Start``, ``P.Spawn`` ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+
+# ---- events (fed by the arbiter) -----------------------------------------------
+@dataclass(frozen=True)
+class Start:
+    """Fill ``n`` slots (the first event)."""
+    n: int
+
+
+@dataclass(frozen=True)
+class Forked:
+    """Spawn(wid) produced process ``pid``."""
+    wid: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker said READY over its channel."""
+    wid: int
+
+
+@dataclass(frozen=True)
+class Exited:
+    """Worker was reaped (code or signal set), or fork failed (both None)."""
+    wid: int
+    code: Optional[int] = None
+    signal: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class RecycleRequested:
+    """Worker reached its max_requests (+ jitter)."""
+    wid: int
+
+
+@dataclass(frozen=True)
+class Leaving:
+    """Worker got SIGTERM from someone else and asks to be drained."""
+    wid: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed. ``beats`` maps wid -> last heartbeat (same clock as ``now``)."""
+    beats: Mapping[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reload:
+    """HUP: replace every worker, oldest first, replacement READY before drain."""
+
+
+@dataclass(frozen=True)
+class Scale:
+    n: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    graceful: bool = True
+    code: int = 0
+
+
+@dataclass(frozen=True)
+class Drained:
+    """The dispatcher accepted the backlog to EAGAIN and sent every pending fd."""
+
+
+# ---- actions (carried out by the arbiter) -----------------------------------------
+@dataclass(frozen=True)
+class Spawn:
+    wid: int
+    slot: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Activate:
+    """Mark the worker READY in the dispatcher (it may now get connections)."""
+    wid: int
+
+
+@dataclass(frozen=True)
+class Drain:
+    wid: int
+
+
+@dataclass(frozen=True)
+class Kill:
+    wid: int
+    sig: int
+
+
+@dataclass(frozen=True)
+class StopAccepting:
+    pass
+
+
+@dataclass(frozen=True)
+class ReleaseSlot:
+    """The slot is gone (scale-down) or gave up: per-slot resources (reuseport listeners) can go."""
+    slot: int
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str   # "info" | "warning" | "error"
+    message: str
+
+
+@dataclass(frozen=True)
+class Exit:
+    code: int

@@ -1,0 +1,118 @@
+"""Worker and slot states, their moves as data, the records the policy keeps, the timing math.
+
+Theory of operation (h11's ``_state.py``, s6-supervise): every state change of a worker
+or a slot goes through ``_move(table, state, what, label)``; the tables below list every
+allowed move, so an undefined one raises ``PolicyError`` instead of being silently
+ignored. ``WorkerRec`` and ``SlotRec`` are the policy's records of one forked process and
+of one of the N positions the primary keeps filled. ``backoff_delay`` is the respawn
+delay after a rapid crash; ``_secs``/``_ms``/``_dur`` print durations the way the
+policy's log lines show them. pyfork.policy.Lifecycle drives all of this; pyfork.policy
+re-exports every name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+# ---- states -----------------------------------------------------------------
+SPAWNING, READY, DRAINING, EXITED = "spawning", "ready", "draining", "exited"
+RUNNING, BACKOFF, GAVE_UP = "running", "backoff", "gave_up"
+
+# Worker moves: (state, what happened) -> new state.
+WORKER_MOVES = {
+    (SPAWNING, "ready"): READY,
+    (SPAWNING, "drain"): DRAINING,   # stop or scale-down while still importing
+    (SPAWNING, "exit"): EXITED,      # crash before READY: always a rapid crash
+    (READY, "drain"): DRAINING,
+    (READY, "exit"): EXITED,
+    (DRAINING, "ready"): DRAINING,   # told to drain before it said READY
+    (DRAINING, "drain"): DRAINING,
+    (DRAINING, "exit"): EXITED,
+}
+
+# Slot moves: (state, what happened) -> new state.
+SLOT_MOVES = {
+    (RUNNING, "stable_exit"): RUNNING,   # respawn at once, crash count reset
+    (RUNNING, "rapid_crash"): BACKOFF,   # respawn after min(base*2^k, cap)
+    (RUNNING, "give_up"): GAVE_UP,       # max_restarts rapid crashes in a row
+    (BACKOFF, "due"): RUNNING,
+    (GAVE_UP, "revive"): RUNNING,        # HUP gives a given-up slot another chance
+    (BACKOFF, "revive"): BACKOFF,
+    (RUNNING, "revive"): RUNNING,
+}
+
+# Backoff constants. base 0.1 s doubling with a 10 s cap: the article's
+# production cluster backs off 200 ms, 400 ms, 800 ms ... after rapid crash
+# #1, #2, #3 (Math.pow(2, count) * 100); systemd's RestartSec/StartLimit and
+# s6-supervise's one-second minimum between respawns bound the same loop. The
+# cap keeps a slot that crashes for a while from waiting minutes once fixed.
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 10.0
+# After QUIT (immediate stop) workers get SIGQUIT; stragglers get SIGKILL after
+# this many seconds (gunicorn escalates the same way, after its own timeout).
+IMMEDIATE_GRACE = 2.0
+
+
+class PolicyError(RuntimeError):
+    """An event that makes no sense in the current state (a bug in the caller)."""
+
+
+def backoff_delay(k: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
+    """Delay before respawning after rapid crash number ``k`` (1-based): min(base*2^k, cap)."""
+    if k <= 0:
+        return 0.0
+    if k > 64:  # 2**k overflows floats long after the cap is reached
+        return cap
+    return min(base * (2 ** k), cap)
+
+
+# ---- records ------------------------------------------------------------------
+@dataclass
+class WorkerRec:
+    wid: int
+    slot: int
+    generation: int
+    started: float
+    pid: Optional[int] = None
+    state: str = SPAWNING
+    ready_at: Optional[float] = None
+    drain_at: Optional[float] = None
+    purpose: str = "serve"          # serve | reload | recycle
+    killed: bool = False
+
+    def label(self) -> str:
+        return f"worker {self.wid} (pid {self.pid})"
+
+
+@dataclass
+class SlotRec:
+    index: int
+    state: str = RUNNING
+    worker: Optional[int] = None     # wid serving this slot
+    candidate: Optional[int] = None  # wid of its replacement, not READY yet
+    crashes: int = 0                 # rapid crashes in a row (k)
+    due: float = 0.0                 # BACKOFF: when to respawn
+    restarts: int = 0                # respawns so far (for status)
+    recycle_failures: int = 0
+    recycle_due: Optional[float] = None
+
+
+def _move(table, state: str, what: str, label: str) -> str:
+    try:
+        return table[(state, what)]
+    except KeyError:
+        raise PolicyError(f"{label}: no move for {what!r} in state {state!r}") from None
+
+
+# ---- how log lines show durations ---------------------------------------------
+def _secs(x: float) -> str:
+    return f"{x:.1f} s"
+
+
+def _dur(x: float) -> str:
+    return _ms(x) if x < 1.0 else _secs(x)
+
+
+def _ms(x: float) -> str:
+    return f"{int(round(x * 1000))} ms"
