@@ -22,6 +22,12 @@ import time
 
 import pytest
 
+# The shared test harnesses (wsgi_harness.py, asgi_harness.py, supervisor_harness.py,
+# redis_server.py) are plain modules beside this file. --import-mode=importlib leaves
+# sys.path alone, so put this folder on it (never the repo root: that would import the
+# source tree's pyfork/ without its compiled module).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 BACKENDS = ("c", "python")
 
 

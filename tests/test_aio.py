@@ -1,17 +1,15 @@
 """The asyncio interface: handlers run as asyncio.start_server would run them, in a forked worker.
 
-Each test forks a worker (tests/test_asgi_harness.py) serving a handler on a real
+Each test forks a worker (tests/asgi_harness.py) serving a handler on a real
 listening socket, talks to it with plain sockets, drains it with SIGTERM and checks
 the runtime's counters and this process's open-fd count.
 """
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 import socket
-import sys
 
 import pytest
 
@@ -20,18 +18,7 @@ from pyfork.serve import aio, resolve
 pytestmark = pytest.mark.timeout(120)
 
 
-def load_harness():
-    name = "pyfork_tests_asgi_harness"
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_asgi_harness.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = load_harness()
+import asgi_harness as H
 LOOPS = [pytest.param({"PYFORK_UVLOOP": "1"}, id="uvloop"), pytest.param({"PYFORK_UVLOOP": "0"}, id="asyncio")]
 
 

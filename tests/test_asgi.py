@@ -1,6 +1,6 @@
 """The ASGI interface: a Starlette app served by uvicorn's protocol in a forked pyfork worker.
 
-Each test forks worker(s) (tests/test_asgi_harness.py) on a real listening socket and
+Each test forks worker(s) (tests/asgi_harness.py) on a real listening socket and
 talks HTTP with requests or raw sockets. "Behaves as under uvicorn" is checked by sending
 the same requests to a real `uvicorn.Server` on another socket and comparing status,
 headers (minus Date) and bodies. Drain is driven by SIGTERM and synchronised with
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import signal
 import socket
-import sys
 import time
 
 import pytest
@@ -28,18 +26,7 @@ from pyfork.serve import asgi, resolve
 pytestmark = pytest.mark.timeout(180)
 
 
-def load_harness():
-    name = "pyfork_tests_asgi_harness"
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_asgi_harness.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = load_harness()
+import asgi_harness as H
 
 # (PYFORK_UVLOOP, PYFORK_ASGI_HTTP): the default pair and the fallback pair.
 STACKS = [

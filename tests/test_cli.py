@@ -1,8 +1,6 @@
 """CLI contract tests: `pyfork --version`, `pyfork serve` option errors (exit 2, one line,
 nothing forked), environment variables, `pyfork status`."""
-import importlib.util
 import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -12,10 +10,7 @@ import pytest
 
 from pyfork import cli, config
 
-_spec = importlib.util.spec_from_file_location(
-    "pyfork_test_supervisor_helpers", pathlib.Path(__file__).with_name("test_supervisor_helpers.py"))
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
+import supervisor_harness as H
 
 pytestmark = [pytest.mark.usefixtures("fd_guard"), pytest.mark.timeout(120)]
 

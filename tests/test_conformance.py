@@ -1,6 +1,6 @@
 """HTTP/1.1 conformance of the WSGI interface against gunicorn's request corpus.
 
-The vectors (found by test_wsgi_harness.find_corpus: $PYFORK_CONFORMANCE_DIR, a copy in
+The vectors (found by wsgi_harness.find_corpus: $PYFORK_CONFORMANCE_DIR, a copy in
 tests/conformance/http-requests, or /work/shared/conformance/http-requests; missing corpus =
 a skip with that reason, or a failure with PYFORK_REQUIRE_CONFORMANCE=1) are sent byte for byte over one TCP connection each (then half-closed) to a forked worker
 running pyfork.serve.wsgi with an app that reads the whole body and reports every request it
@@ -14,26 +14,12 @@ Known exceptions are listed in KNOWN with the reason and the outcome we assert i
 may be a request-smuggling (rfc9112_smuggle_*) or forbidden-trailer vector, and there may be
 at most two (the target in issue 4; gunicorn itself gets two of these wrong).
 """
-import importlib.util
 import os
-import pathlib
-import sys
 
 import pytest
 
 
-def _load_harness():
-    name = "pyfork_test_wsgi_harness"
-    if name not in sys.modules:
-        path = pathlib.Path(__file__).with_name("test_wsgi_harness.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = _load_harness()
+import wsgi_harness as H
 CORPUS = H.CORPUS
 VALID = sorted(CORPUS.glob("valid/*.raw"))
 INVALID = sorted(CORPUS.glob("invalid/*.raw"))

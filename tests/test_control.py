@@ -1,9 +1,7 @@
 """Control socket tests: mode 0600, peer uid check, line-oriented JSON, garbage refused
 without changing anything, reload/scale/stop commands."""
-import importlib.util
 import json
 import os
-import pathlib
 import socket
 import stat
 
@@ -11,10 +9,7 @@ import pytest
 
 from pyfork import control
 
-_spec = importlib.util.spec_from_file_location(
-    "pyfork_test_supervisor_helpers", pathlib.Path(__file__).with_name("test_supervisor_helpers.py"))
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
+import supervisor_harness as H
 
 pytestmark = [pytest.mark.usefixtures("fd_guard"), pytest.mark.timeout(120)]
 

@@ -2,14 +2,13 @@
 
 Unit tests call the WSGI callable directly; integration tests serve `app` through
 pyfork's wsgi interface and `asgi_app` through the asgi interface in forked workers
-(tests/test_asgi_harness.py) and use requests. /good-counter is checked
+(tests/asgi_harness.py) and use requests. /good-counter is checked
 without Redis (503), with an unreachable Redis (503) and against a real private
 redis-server (tests/redis_server.py: skipped when absent, a failure under
 PYFORK_REQUIRE_REDIS=1), where two workers must count exactly.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -28,17 +27,8 @@ pytestmark = pytest.mark.timeout(180)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_by_path(name, filename):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, filename))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = load_by_path("pyfork_tests_asgi_harness", "test_asgi_harness.py")
-RS = load_by_path("pyfork_tests_redis_server", "redis_server.py")
+import asgi_harness as H
+import redis_server as RS
 redis_server = RS.redis_server  # the module-scoped fixture (private redis-server on a free port)
 
 FLAVOURS = [pytest.param(("wsgi", demo.app), id="wsgi"), pytest.param(("asgi", demo.asgi_app), id="asgi")]

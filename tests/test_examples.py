@@ -21,7 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import http.client
-import importlib.util
 import json
 import os
 import re
@@ -38,18 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def _load_redis_helper():
-    """Import tests/redis_server.py by path: works under --import-mode=importlib and without tests/__init__."""
-    name = "pyfork_tests_redis_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("redis_server.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_redis_helper = _load_redis_helper()
+import redis_server as _redis_helper
 redis_server = _redis_helper.redis_server   # module-scoped fixture: a private real redis-server
 
 READY_RE = re.compile(r"worker (\d+) \(pid (\d+)\) is (?:ready|healthy)")

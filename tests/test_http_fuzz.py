@@ -1,6 +1,6 @@
 """Fuzzing the HTTP/1.1 front end of the WSGI interface with mutated requests.
 
-A deterministic mutation corpus (test_wsgi_harness.fuzz_cases: random.Random with a fixed
+A deterministic mutation corpus (wsgi_harness.fuzz_cases: random.Random with a fixed
 seed, so every run and every failure is reproducible): seeds are the conformance vectors plus
 a few hand-written requests; each case applies one to three mutations (byte flips, inserted
 CR/LF/NUL/separators, deleted or duplicated lines, truncation, injected framing fields, bare
@@ -14,29 +14,15 @@ LF/CR, case changes, changed numbers).
   verdict (an error or not): the reader's buffering and offsets do not depend on how TCP
   segments the stream.
 """
-import importlib.util
 import os
-import pathlib
 import random
-import sys
 
 import pytest
 
 from pyfork.serve import http1
 
 
-def _load_harness():
-    name = "pyfork_test_wsgi_harness"
-    if name not in sys.modules:
-        path = pathlib.Path(__file__).with_name("test_wsgi_harness.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = _load_harness()
+import wsgi_harness as H
 SEED = H.FUZZ_SEED
 CASES = 3000
 

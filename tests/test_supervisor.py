@@ -1,23 +1,18 @@
 """Supervisor integration tests: real forks, real clients, both backends.
 
-Each test runs `python -m pyfork serve` on a tiny raw app (tests/test_supervisor_helpers.py)
+Each test runs `python -m pyfork serve` on a tiny raw app (tests/supervisor_harness.py)
 and checks the test process's open-fd count is unchanged. Few workers, short graceful
 timeouts, generous liveness timeouts, no timing assertions (2 shared cores).
 """
-import importlib.util
 import json
 import os
-import pathlib
 import signal
 import threading
 import time
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "pyfork_test_supervisor_helpers", pathlib.Path(__file__).with_name("test_supervisor_helpers.py"))
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
+import supervisor_harness as H
 
 pytestmark = [pytest.mark.usefixtures("fd_guard"), pytest.mark.timeout(180)]
 

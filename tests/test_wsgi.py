@@ -1,16 +1,14 @@
 """The WSGI interface (pyfork.serve.wsgi) in a forked worker, spoken to over real sockets.
 
-Each test forks one worker (tests/test_wsgi_harness.py) running serve(app, rt) on a loopback
+Each test forks one worker (tests/wsgi_harness.py) running serve(app, rt) on a loopback
 listener, talks HTTP to it, then stops it with SIGTERM; stopping asserts that every socket
 the worker took was reported closed and every request started also finished. Every test
 also checks that the test process's open-fd count is unchanged (fd_guard). No timing
 assertions: timeouts are configured short and only "it happens within LIVENESS" is checked.
 """
-import importlib.util
 import io
 import json
 import os
-import pathlib
 import signal
 import sys
 import time
@@ -21,18 +19,7 @@ from pyfork.serve import http1, wsgi
 from pyfork.serve.http1 import Limits
 
 
-def _load_harness():
-    name = "pyfork_test_wsgi_harness"
-    if name not in sys.modules:
-        path = pathlib.Path(__file__).with_name("test_wsgi_harness.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = _load_harness()
+import wsgi_harness as H
 pytestmark = [pytest.mark.usefixtures("fd_guard"), pytest.mark.timeout(120)]
 
 SENDFILE_CALLS = [0]

@@ -1,32 +1,18 @@
 """The raw interface (pyfork.serve.raw): handler(sock, addr) per connection, in a forked worker.
 
-Same harness as the WSGI tests (tests/test_wsgi_harness.py): stopping the worker asserts every
+Same harness as the WSGI tests (tests/wsgi_harness.py): stopping the worker asserts every
 socket taken was reported closed and every handler call that started also finished, and
 fd_guard checks the test process's open-fd count is unchanged.
 """
-import importlib.util
 import os
-import pathlib
 import signal
-import sys
 
 import pytest
 
 from pyfork.serve import raw
 
 
-def _load_harness():
-    name = "pyfork_test_wsgi_harness"
-    if name not in sys.modules:
-        path = pathlib.Path(__file__).with_name("test_wsgi_harness.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = _load_harness()
+import wsgi_harness as H
 pytestmark = [pytest.mark.usefixtures("fd_guard"), pytest.mark.timeout(120)]
 
 

@@ -12,9 +12,7 @@ SIGTERM, expecting exit code 0. The backend is whatever PYFORK_BACKEND says (CI:
 - PYFORK_REQUEST_TIMEOUT reaches the workers: a slow client is dropped;
 - SIGTERM drains: the request in flight gets its answer, then the connection closes.
 """
-import importlib.util
 import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -25,18 +23,7 @@ import time
 import pytest
 
 
-def _load_harness():
-    name = "pyfork_test_wsgi_harness"
-    if name not in sys.modules:
-        path = pathlib.Path(__file__).with_name("test_wsgi_harness.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = _load_harness()
+import wsgi_harness as H
 pytestmark = [pytest.mark.usefixtures("fd_guard"), pytest.mark.timeout(300)]
 
 APP_SOURCE = textwrap.dedent('''
