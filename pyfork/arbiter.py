@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional
 
 from pyfork import policy as P
 from pyfork import worker as W
+from pyfork import worker_boot
 from pyfork.config import Settings
 from pyfork.listeners import BindError, Listeners
 from pyfork.messages import WorkerHandle, WorkerMessages  # noqa: F401 - re-exported
@@ -298,7 +299,7 @@ class Arbiter(WorkerMessages):
         proc = _Proc(wid, slot, phys, chan, handle, self.board.slot(phys))
         cfg = self.cfg
         max_req = cfg.max_requests + self.rng.randint(0, cfg.max_requests_jitter) if cfg.max_requests else 0
-        spec = W.WorkerSpec(
+        spec = worker_boot.WorkerSpec(
             wid=wid, slot=slot, chan=peer, backend=self.backend, board_slot=proc.board, policy=cfg.policy,
             listeners=list(listeners), max_requests=max_req, primary_pid=os.getpid(),
             primary_signals=HANDLED_SIGNALS, baseline_fds=self.baseline_fds,
@@ -313,7 +314,7 @@ class Arbiter(WorkerMessages):
             self.free_phys.append(phys)
             return P.Exited(wid)
         if pid == 0:  # pragma: no cover - child
-            W.main(spec)
+            worker_boot.main(spec)
         proc.pid = handle.pid = pid
         self.procs[wid] = proc
         self.by_pid[pid] = wid

@@ -28,6 +28,8 @@ _I_ACTIVE, _I_PID, _I_WANT_CREDIT = 8, 9, 10
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 
+_monotonic_ns = time.monotonic_ns
+
 if sys.byteorder != "little":  # the layout is documented as little-endian
     raise ImportError("pyfork.scoreboard supports little-endian hosts only")
 
@@ -84,14 +86,19 @@ class Scoreboard:
 class SlotView:
     """One worker's line. Worker-side writers, anyone-side readers."""
 
-    __slots__ = ("index", "_q", "_i", "_qb", "_ib")
+    __slots__ = ("index", "_q", "_i", "_qb", "_ib",
+                 "_qc", "_qh", "_qhb", "_qbs", "_ia", "_iw")
 
     def __init__(self, board, index):
         self.index = index
         self._q = board._q
         self._i = board._i
-        self._qb = index * (SLOT_SIZE // 8)
-        self._ib = index * (SLOT_SIZE // 4)
+        self._qb = qb = index * (SLOT_SIZE // 8)
+        self._ib = ib = index * (SLOT_SIZE // 4)
+        # absolute indexes of the fields the worker writes per request/connection
+        self._qc, self._qh = qb + _Q_CLOSED, qb + _Q_HANDLED
+        self._qhb, self._qbs = qb + _Q_HEARTBEAT, qb + _Q_BUSY_SINCE
+        self._ia, self._iw = ib + _I_ACTIVE, ib + _I_WANT_CREDIT
 
     # -- readers -----------------------------------------------------------
     @property
@@ -131,39 +138,40 @@ class SlotView:
         self._q[self._qb + _Q_HEARTBEAT] = time.monotonic_ns()
 
     def request_started(self):
-        i = self._ib + _I_ACTIVE
-        now = time.monotonic_ns()
-        if self._i[i] == 0:
-            self._q[self._qb + _Q_BUSY_SINCE] = now
-        self._i[i] = (self._i[i] + 1) & _U32
-        self._q[self._qb + _Q_HEARTBEAT] = now
+        ia, iv, qv = self._ia, self._i, self._q
+        now = _monotonic_ns()
+        active = iv[ia]
+        if active == 0:
+            qv[self._qbs] = now
+        iv[ia] = (active + 1) & _U32
+        qv[self._qhb] = now
 
     def request_finished(self):
         # busy_since_ns is "busy without progress since": a finished request is
         # progress, so with requests still in progress it moves to now. That
         # keeps a steadily loaded async worker from looking stuck.
-        i = self._ib + _I_ACTIVE
-        now = time.monotonic_ns()
-        active = self._i[i]
+        ia, iv, qv = self._ia, self._i, self._q
+        now = _monotonic_ns()
+        active = iv[ia]
         if active:
             active -= 1
-            self._i[i] = active
-        qb = self._qb
-        self._q[qb + _Q_HANDLED] = (self._q[qb + _Q_HANDLED] + 1) & _U64
-        self._q[qb + _Q_BUSY_SINCE] = now if active else 0
-        self._q[qb + _Q_HEARTBEAT] = now
+            iv[ia] = active
+        qh = self._qh
+        qv[qh] = (qv[qh] + 1) & _U64
+        qv[self._qbs] = now if active else 0
+        qv[self._qhb] = now
 
     def conn_closed(self, n=1):
         """Counts ``n`` closed connections. Returns True when the primary asked
         for credit (want_credit was set; it is cleared here): the caller must
         then send MSG_CREDIT on its channel."""
-        qc = self._qb + _Q_CLOSED
+        qc, qv = self._qc, self._q
         # closed is written before want_credit is read: the primary sets
         # want_credit and then re-reads closed, so one of the two sees the other.
-        self._q[qc] = (self._q[qc] + n) & _U64
-        w = self._ib + _I_WANT_CREDIT
-        if self._i[w]:
-            self._i[w] = 0
+        qv[qc] = (qv[qc] + n) & _U64
+        w, iv = self._iw, self._i
+        if iv[w]:
+            iv[w] = 0
             return True
         return False
 

@@ -1,50 +1,41 @@
-"""The child side: what a forked worker does, and the Runtime interfaces serve with.
+"""The child side: the Runtime a forked worker's interface serves with.
 
-Theory of operation. The arbiter forks inside ``spawn_worker`` and calls
-``main(spec)`` in the child, which never returns (it ends in ``os._exit``, as
-CPython's forkserver children do, so no primary-side atexit/finalizer runs
-twice). ``main``:
-
-1. fork hygiene: clear the wakeup fd and the primary's signal handlers; close
-   every fd the primary opened after it started (sibling channels, the held
-   peer ends, the dispatcher's epoll, the control socket, accepted fds pending
-   in the primary) except this worker's channel and, for ``shared`` /
-   ``reuseport``, its listeners; PR_SET_PDEATHSIG(SIGKILL) then a getppid()
-   check, so a worker never outlives its primary (channel EOF is the second
-   line of defence);
-2. signals: SIGTERM asks the primary to drain us, SIGQUIT exits at once,
-   SIGINT/SIGHUP/SIGTTIN/SIGTTOU are ignored (Ctrl-C and job control hit the
-   whole process group; the primary orchestrates);
-3. the user's ``post_fork(worker)`` hook, then the app import (a failure is
-   logged with its traceback and exits with code 4 before READY, which the
-   primary counts as a rapid crash), then the interface lookup;
-4. ``interface.serve(app, runtime)``; READY goes over the channel when the
-   interface first asks for connections (its setup, e.g. the ASGI lifespan
-   startup, is done by then), or when it calls ``rt.ready()``.
-
-The ``Worker`` object is both the Runtime of SPEC.md (take/closed/
-request_started/request_finished/tick/draining/fileno/wakeup_fd) and what
-``pyfork.worker.current()`` returns (id, pid, send, on_message).
+Theory of operation. pyfork.worker_boot takes a child from the fork to
+``interface.serve(app, worker)`` (fork hygiene, signals, app import); this
+module is what the interface talks to from then on. The ``Worker`` object is
+both the Runtime of SPEC.md (take/closed/request_started/request_finished/
+tick/draining/fileno/wakeup_fd) and what ``pyfork.worker.current()`` returns
+(id, pid, send, on_message). READY goes over the channel when the interface
+first asks for connections (fileno/take/tick), or when it calls ``ready()``.
 
 With ``rr``/``least`` connections arrive as MSG_CONN on the channel and
 ``fileno()`` is the channel. With ``shared``/``reuseport`` the worker accepts
 for itself: ``fileno()`` is a private epoll fd watching the channel and the
 listeners, so one readable fd covers both (epoll fds are pollable).
+
+The per-connection path is kept lean because with ``Connection: close`` it
+runs once per request: take() reads every queued channel message in one call
+(bounded by READ_BATCH); a received fd becomes a socket object without a
+syscall when the listeners' family is known (the dispatcher already made it
+non-blocking and set TCP_NODELAY, SPEC.md), and of a class whose ``family``/
+``type`` are plain class attributes, so interfaces and the event loop read
+them without an enum conversion; closed() and request_* write the scoreboard
+line through precomputed indexes.
+
+``StandaloneRuntime`` is the same contract without a primary, for testing an
+interface on its own.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import logging
 import os
 import select
-import signal
 import socket
 import sys
 import time
-import traceback
 from typing import Callable, List, Optional
 
 log = logging.getLogger("pyfork.worker")
@@ -57,7 +48,6 @@ _current = None
 EXIT_LOAD_ERROR = 4
 EXIT_ORPHANED = 1
 
-PR_SET_PDEATHSIG = 1
 # Seconds a worker that got SIGTERM waits for the primary's MSG_DRAIN before
 # draining on its own (the primary normally answers in well under 1 ms).
 LEAVE_FALLBACK = 2.0
@@ -71,24 +61,75 @@ READ_BATCH = 256
 MAX_OPEN = 1000
 SEND_WAIT = 5.0   # seconds a worker waits for room in a full channel before dropping a message
 
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:  # pragma: no cover - not Linux
-    _libc = None
-
-
 def current():
     """The Worker this process is (None in the primary)."""
     return _current
+
+
+# ---- connection sockets ----------------------------------------------------------
+_STREAM_NB = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_INET = (socket.AF_INET, socket.AF_INET6)
+_conn_classes: dict = {}
+
+
+def conn_class(family: int):
+    """The socket.socket subclass for connected stream sockets of ``family``: its
+    ``family`` and ``type`` are class attributes (the same enum members the base class
+    would build per access), so reading them costs no conversion. Same repr, same API."""
+    cls = _conn_classes.get(family)
+    if cls is None:
+        fam = socket.AddressFamily(family)
+        cls = type("socket", (socket.socket,), {
+            "__slots__": (), "__module__": "socket", "__qualname__": "socket",
+            "family": fam, "type": socket.SOCK_STREAM})
+        _conn_classes[family] = cls
+    return cls
+
+
+def _conn_proto(family: int) -> int:
+    # what socket.socket(fileno=fd) would read back with SO_PROTOCOL
+    return socket.IPPROTO_TCP if family in _INET else 0
+
+
+_raw_family = socket.SocketType.family.__get__   # the C getter (_socket.socket): a plain int
+
+
+class _Acceptor:
+    """A listening socket plus what a connection accepted on it is built with."""
+
+    __slots__ = ("accept", "cls", "family", "nodelay", "proto", "sock")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.accept = sock._accept           # (fd, addr); socket.accept() adds two enum conversions
+        family = _raw_family(sock)
+        self.cls = conn_class(family)
+        self.family = family
+        self.proto = _conn_proto(family)
+        self.nodelay = family in _INET
+
+    def take(self) -> socket.socket:
+        """One accepted connection, non-blocking, TCP_NODELAY for TCP (BlockingIOError when none)."""
+        fd, _addr = self.accept()
+        conn = self.cls(self.family, socket.SOCK_STREAM, self.proto, fd)
+        conn.setblocking(False)
+        if self.nodelay:
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        return conn
 
 
 class Worker:
     """Runtime for interfaces and handle for the app, in a forked worker."""
 
     tick_interval = 1.0
+    tcp_nodelay = True    # sockets from take() have TCP_NODELAY already (SPEC.md); interfaces need not set it
 
     def __init__(self, *, wid: int, slot: int, chan: int, backend, board_slot, policy: str = "rr",
-                 listeners=(), max_requests: int = 0, primary_pid: Optional[int] = None):
+                 listeners=(), max_requests: int = 0, primary_pid: Optional[int] = None,
+                 conn_family: Optional[int] = None):
         self.id = wid
         self.pid = os.getpid()
         self.slot = slot
@@ -111,6 +152,13 @@ class Worker:
         self._accept_paused_until = 0.0
         self._listening = False
         self._listeners = [socket.socket(fileno=fd) for fd in listeners]
+        self._acceptors = [_Acceptor(ls) for ls in self._listeners]
+        # Connections handed over on the channel: with the family known (every listener
+        # has the same one), a socket object is built from the fd without a syscall (the
+        # dispatcher made it non-blocking and set TCP_NODELAY).
+        self._conn_family = conn_family
+        self._conn_cls = conn_class(conn_family) if conn_family is not None else None
+        self._conn_proto = _conn_proto(conn_family) if conn_family is not None else 0
         self._wake_r = self._wake_w = -1
         self._ep = None
         os.set_blocking(chan, False)
@@ -218,13 +266,13 @@ class Worker:
         self._listening = on
 
     def _accept(self, out: list) -> None:
-        for ls in self._listeners:
+        for acc in self._acceptors:
             for _ in range(ACCEPT_BATCH):
                 if self._open >= MAX_OPEN:
                     self._set_listening(False)
                     return
                 try:
-                    conn, _addr = ls.accept()
+                    conn = acc.take()
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:
@@ -237,39 +285,31 @@ class Worker:
                         self._set_listening(False)
                         return
                     raise
-                self._prep(conn)
+                self._open += 1
                 out.append(conn)
-
-    def _prep(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        self._open += 1
 
     def _final_sweep(self, out: list) -> None:
         """On DRAIN in shared/reuseport mode: take what the kernel already queued
         on our listeners, then stop listening and drop our copies."""
         if not self._self_accept:
             return
-        for ls in self._listeners:
+        for acc in self._acceptors:
             while True:
                 try:
-                    conn, _ = ls.accept()
+                    conn = acc.take()
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:
                     if e.errno in (errno.ECONNABORTED, errno.EPROTO):
                         continue
                     break
-                self._prep(conn)
+                self._open += 1
                 out.append(conn)
         self._set_listening(False)
         for ls in self._listeners:
             ls.close()
         self._listeners = []
+        self._acceptors = []
 
     def _begin_drain(self, out: Optional[list] = None) -> None:
         if self.draining:
@@ -280,9 +320,10 @@ class Worker:
 
     def _read_channel(self, out: list) -> None:
         b = self._b
+        recv_msg, chan, msg_conn = b.recv_msg, self._chan, b.MSG_CONN
         for _ in range(READ_BATCH):
             try:
-                msg = b.recv_msg(self._chan)
+                msg = recv_msg(chan)
             except (BlockingIOError, InterruptedError):
                 return
             except BrokenPipeError:
@@ -290,18 +331,25 @@ class Worker:
             except OSError as e:
                 log.warning("worker %d: dropped a malformed channel message: %s", self.id, e)
                 continue
-            if msg.type == b.MSG_CONN:
+            if msg.type == msg_conn:
+                fds = msg.fds
                 if self.draining:
                     # The primary promised no CONN after DRAIN; account and close.
-                    for fd in msg.fds:
+                    for fd in fds:
                         os.close(fd)
-                    self._board.conn_closed(len(msg.fds))
+                    self._board.conn_closed(len(fds))
                     continue
-                for fd in msg.fds:
-                    conn = socket.socket(fileno=fd)
-                    conn.setblocking(False)
-                    self._open += 1
-                    out.append(conn)
+                cls = self._conn_cls
+                if cls is not None:
+                    family, proto = self._conn_family, self._conn_proto
+                    for fd in fds:
+                        out.append(cls(family, _STREAM_NB, proto, fd))
+                else:            # family unknown (mixed listeners): ask the kernel
+                    for fd in fds:
+                        conn = socket.socket(fileno=fd)
+                        conn.setblocking(False)
+                        out.append(conn)
+                self._open += len(fds)
             elif msg.type == b.MSG_DRAIN:
                 for fd in msg.fds:
                     os.close(fd)
@@ -358,6 +406,7 @@ class StandaloneRuntime:
     sets draining (and wakes the loop through wakeup_fd())."""
 
     tick_interval = 1.0
+    tcp_nodelay = True    # take() sets TCP_NODELAY on TCP sockets, as the dispatcher does
 
     def __init__(self, listen_sock: socket.socket, id: int = 0):
         self.id = id
@@ -370,6 +419,7 @@ class StandaloneRuntime:
         self._callbacks: List[Callable] = []
         self._sock = listen_sock
         listen_sock.setblocking(False)
+        self._acceptor = _Acceptor(listen_sock)
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def ready(self) -> None:
@@ -385,15 +435,12 @@ class StandaloneRuntime:
         out: List[socket.socket] = []
         if self.draining:
             return out
+        take = self._acceptor.take
         for _ in range(64):
             try:
-                conn, _ = self._sock.accept()
+                out.append(take())
             except (BlockingIOError, InterruptedError):
                 break
-            conn.setblocking(False)
-            if conn.family in (socket.AF_INET, socket.AF_INET6):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            out.append(conn)
         self.taken += len(out)
         return out
 
@@ -440,14 +487,6 @@ class StandaloneRuntime:
         self.close()
 
 
-# ---- the child's main -------------------------------------------------------------
-class WorkerSpec:
-    """Everything the child needs, built by the arbiter just before fork."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
 def _flush() -> None:
     for h in logging.getLogger().handlers + logging.getLogger("pyfork").handlers:
         try:
@@ -460,117 +499,3 @@ def _flush() -> None:
         except Exception:
             pass
 
-
-def _open_fds() -> List[int]:
-    try:
-        return [int(x) for x in os.listdir("/proc/self/fd")]
-    except OSError:  # pragma: no cover - no /proc
-        return list(range(3, 1024))
-
-
-def _hygiene(spec) -> None:
-    # 1. signals: the primary's handlers and its wakeup fd must not fire here.
-    try:
-        signal.set_wakeup_fd(-1)
-    except ValueError:
-        pass
-    for sig in spec.primary_signals:
-        signal.signal(sig, signal.SIG_DFL)
-    # 2. fds: everything the primary opened since it started, except ours.
-    keep = {0, 1, 2, spec.chan, *spec.listeners}
-    close = (set(_open_fds()) - set(spec.baseline_fds)) | set(spec.primary_fds)
-    for fd in sorted(close - keep):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    # 3. die with the primary: PR_SET_PDEATHSIG, then close the race where it
-    # died between fork() and prctl() (we would already be reparented).
-    if _libc is not None:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != spec.primary_pid:
-        os._exit(EXIT_ORPHANED)
-
-
-def _install_signals(w: Worker) -> None:
-    r, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    w._wake_r, w._wake_w = r, wfd
-
-    def on_term(signum, frame):   # only records; tick() acts
-        w._sigterm = True
-
-    def on_quit(signum, frame):
-        os._exit(0)
-
-    def ignore(signum, frame):
-        pass
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGQUIT, on_quit)
-    # No-op handlers rather than SIG_IGN: handlers reset to default across exec,
-    # so subprocesses the app runs still get Ctrl-C normally.
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-        signal.signal(sig, ignore)
-    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-
-
-def _resolve_interface(app, name):
-    import pyfork.serve
-    return pyfork.serve.resolve(app, name)
-
-
-def _boot(spec) -> int:
-    global _current
-    _hygiene(spec)
-    w = Worker(wid=spec.wid, slot=spec.slot, chan=spec.chan, backend=spec.backend, board_slot=spec.board_slot,
-               policy=spec.policy, listeners=spec.listeners, max_requests=spec.max_requests,
-               primary_pid=spec.primary_pid)
-    _current = w
-    _install_signals(w)
-    spec.board_slot.set_pid(w.pid)
-    w._ctl({"online": True})
-    where = f"worker {w.id} (pid {w.pid})"
-    if spec.post_fork is not None:
-        try:
-            spec.post_fork(w)
-        except Exception:
-            log.error("%s: post_fork hook failed:\n%s", where, traceback.format_exc().rstrip())
-            return EXIT_LOAD_ERROR
-    app = spec.target
-    if isinstance(app, str):
-        from pyfork import applib
-        try:
-            app = applib.load_app(app)
-        except applib.AppImportError as e:
-            cause = e.__cause__
-            tb = "".join(traceback.format_exception(cause)).rstrip() if cause is not None else ""
-            log.error("%s: %s%s", where, e, ("\n" + tb) if tb else "")
-            return EXIT_LOAD_ERROR
-    try:
-        iface = _resolve_interface(app, spec.interface)
-    except Exception:
-        log.error("%s: no interface for the app:\n%s", where, traceback.format_exc().rstrip())
-        return EXIT_LOAD_ERROR
-    # READY goes out when the interface first asks for connections (Worker.ready()).
-    spec.board_slot.heartbeat()
-    iface.serve(app, w)
-    return 0
-
-
-def main(spec) -> None:
-    """Child entry point; never returns."""
-    code = 1
-    try:
-        code = _boot(spec)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        try:
-            log.error("worker %s (pid %d) died:\n%s", getattr(spec, "wid", "?"), os.getpid(),
-                      traceback.format_exc().rstrip())
-        except BaseException:
-            pass
-        code = 1
-    finally:
-        _flush()
-        os._exit(code)

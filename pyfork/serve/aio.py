@@ -200,33 +200,74 @@ class LoopDriver:
         self._tick()
 
 
-def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure) -> None:
+def needs_nodelay(rt) -> bool:
+    """True unless the runtime says its sockets have TCP_NODELAY already (`rt.tcp_nodelay`:
+    pyfork's Worker, whose dispatcher sets it, and StandaloneRuntime)."""
+    return not getattr(rt, "tcp_nodelay", False)
+
+
+def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure, nodelay: bool = True) -> None:
     """Hands `sock` to `protocol` on the loop; `on_failure()` if the loop refuses it.
 
-    connect_accepted_socket is a coroutine (it waits for connection_made), hence the
-    task; the set keeps a strong reference until it is done (asyncio keeps only weak ones).
+    connect_accepted_socket is a coroutine (it waits for connection_made); `_Connect`
+    runs it at once, without a Task. `tasks` holds it until it is done (drain waits
+    for that set to empty).
     """
-    # The primary sets TCP_NODELAY already; set it again because without it a response
-    # written in two parts (uvicorn: head, then body) waits for the client's delayed
-    # ACK, ~40 ms per keep-alive request. asyncio's transport would not do it here: its
-    # _set_nodelay skips sockets whose proto is 0, which is what accept() returns. One
-    # setsockopt per connection; it fails (harmlessly) on Unix sockets. No `sock.family`
-    # test first: that property builds an IntEnum, dearer than the syscall.
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass
-
-    async def connect():
+    # Without TCP_NODELAY a response written in two parts (uvicorn: head, then body)
+    # waits for the client's delayed ACK, ~40 ms per keep-alive request. pyfork's
+    # runtime hands sockets over with it set (the dispatcher does it on accept, SPEC.md),
+    # so `nodelay` is False then; a runtime that does not promise it gets it here.
+    # asyncio's transport would not do it: its _set_nodelay skips sockets whose proto
+    # is 0, which is what accept() returns. It fails (harmlessly) on Unix sockets. No
+    # `sock.family` test first: that property builds an IntEnum, dearer than the syscall.
+    if nodelay:
         try:
-            await loop.connect_accepted_socket(lambda: protocol, sock)
-        except Exception:
-            sock.close()  # no-op when the transport already took (and closed/detached) the fd
-            on_failure()
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
-    task = loop.create_task(connect())
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
+    _Connect(loop, loop.connect_accepted_socket(lambda: protocol, sock), sock, on_failure, tasks)
+
+
+class _Connect:
+    """One connect_accepted_socket() coroutine, driven the way a Task would drive it,
+    minus the Task: it runs at once, in the callback that took the socket, up to its
+    wait for connection_made (the transport is open and reading by then), and is
+    resumed by a done-callback on the future it waits for. A Task per connection
+    would cost an object, a context copy and a loop iteration before the transport
+    even opens. Exceptions are the loop refusing the socket: close it, `on_failure()`.
+    """
+
+    __slots__ = ("coro", "loop", "on_failure", "pending", "sock")
+
+    def __init__(self, loop, coro, sock, on_failure, pending: set):
+        self.loop = loop
+        self.coro = coro
+        self.sock = sock
+        self.on_failure = on_failure
+        self.pending = pending
+        pending.add(self)
+        self.step()
+
+    def step(self, _future=None) -> None:
+        try:
+            waited = self.coro.send(None)
+        except StopIteration:
+            self.pending.discard(self)
+            return
+        except Exception:
+            self.pending.discard(self)
+            self.sock.close()  # no-op when the transport already took (and closed/detached) the fd
+            self.on_failure()
+            return
+        except BaseException:
+            self.pending.discard(self)
+            raise
+        add_done_callback = getattr(waited, "add_done_callback", None)
+        if add_done_callback is not None:
+            add_done_callback(self.step)   # a future (asyncio's or uvloop's)
+        else:                              # a bare yield: go on at the next iteration
+            self.loop.call_soon(self.step)
 
 
 # --------------------------------------------------------------------------- the interface
@@ -254,12 +295,14 @@ class _StreamServer:
         self.live: set = set()            # protocols whose socket is not yet reported closed
         self.handler_tasks: set = set()
         self.connect_tasks: set = set()
+        self.nodelay = needs_nodelay(rt)
 
     def adopt(self, sock: socket.socket) -> None:
         reader = asyncio.StreamReader(limit=2 ** 16, loop=self.loop)  # start_server's default limit
         protocol = _StreamProtocol(reader, self._run_handler, self)
         self.live.add(protocol)
-        adopt_socket(self.loop, self.connect_tasks, sock, protocol, lambda: self.report_closed(protocol))
+        adopt_socket(self.loop, self.connect_tasks, sock, protocol, lambda: self.report_closed(protocol),
+                     self.nodelay)
 
     def report_closed(self, protocol) -> None:
         if protocol._pf_reported:

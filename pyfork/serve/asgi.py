@@ -37,9 +37,10 @@ Knobs (environment, read once per worker): PYFORK_UVLOOP=0 (asyncio's loop),
 PYFORK_ASGI_HTTP=httptools|h11 (protocol class; default httptools when importable).
 Proxy headers are off (pyfork is not a proxy-aware server by default) and uvicorn's
 access log is off: it costs a log record per request. TCP_NODELAY: the primary sets
-it on accepted sockets and `aio.adopt_socket` sets it again (asyncio's transport
-skips accepted sockets, see there), so uvicorn's two writes per response (head, then
-body) never wait for the client's delayed ACK (~40 ms per keep-alive request).
+it on accepted sockets (pyfork's runtime says so with `rt.tcp_nodelay`); for a runtime
+that does not, `aio.adopt_socket` sets it (asyncio's transport skips accepted sockets,
+see there), so uvicorn's two writes per response (head, then body) never wait for the
+client's delayed ACK (~40 ms per keep-alive request).
 """
 from __future__ import annotations
 
@@ -228,6 +229,7 @@ class _Worker:
         self.last_request_app = _closing(self.request_app)
         self.live: set = set()            # HTTP protocols whose socket is not yet reported closed
         self.connect_tasks: set = set()
+        self.nodelay = aio.needs_nodelay(rt)
         self.protocol_class = self._make_protocol_class(self.config.http_protocol_class)
 
     def _make_protocol_class(self, base):
@@ -274,7 +276,8 @@ class _Worker:
         if self.draining:
             protocol.app = self.last_request_app
         self.live.add(protocol)
-        aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, lambda: self.report_closed(protocol))
+        aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, lambda: self.report_closed(protocol),
+                         self.nodelay)
 
     def report_closed(self, protocol) -> None:
         if protocol._pf_reported:

@@ -87,7 +87,7 @@ class Conn:
         self.closing = False        # close once the output queue is empty
         self.linger = False         # ... after shutdown(SHUT_WR) and draining the input
         self.dead = False           # peer gone: drop output, close
-        self.events = 0
+        self.events = 0             # registered for (0: not registered with the selector)
         self.lingered = 0
         self.closed = False         # closed: events still queued for it are stale
 
@@ -186,14 +186,19 @@ class Server:
         if rt.draining:
             self.check_drain()
         now = time.monotonic()
+        limits, base_env, conns = self.limits, self.base_env, self.conns
+        deadline = now + limits.request_timeout
         for sock in socks:
-            conn = Conn(sock, RequestReader(self.limits), conn_environ(self.base_env, sock))
-            conn.deadline = now + self.limits.request_timeout
+            conn = Conn(sock, RequestReader(limits), conn_environ(base_env, sock))
+            conn.deadline = deadline
             conn.busy_since = now
-            self.conns[conn.fd] = conn
-            conn.events = _R
-            self.sel.register(conn.fd, _R, conn)
-            self.on_readable(conn)              # the request has usually arrived already
+            conns[conn.fd] = conn
+            # The request has usually arrived already: read it before registering, so a
+            # connection answered and closed at once never costs a selector round trip.
+            self.on_readable(conn)
+            if not conn.events and not conn.closed:
+                conn.events = _R
+                self.sel.register(conn.fd, _R, conn)
 
     # -- reading ----------------------------------------------------------------------------
     def on_readable(self, conn):
@@ -275,8 +280,7 @@ class Server:
                     conn.busy_since = now
                     conn.deadline = now + self.limits.request_timeout
         if conn.events != want:
-            conn.events = want
-            self.sel.modify(conn.fd, want, conn)
+            self.watch(conn, want)
 
     def fail(self, conn, status):
         """Answer a request the application never sees, then close (lingering)."""
@@ -295,8 +299,15 @@ class Server:
         conn.linger = True
         conn.deadline = time.monotonic() + self.limits.linger_timeout
         if conn.events != _R:
-            conn.events = _R
-            self.sel.modify(conn.fd, _R, conn)
+            self.watch(conn, _R)
+
+    def watch(self, conn, events):
+        """Wait for `events` on `conn` (registering it on first use)."""
+        if conn.events:
+            self.sel.modify(conn.fd, events, conn)
+        else:
+            self.sel.register(conn.fd, events, conn)
+        conn.events = events
 
     # -- writing ----------------------------------------------------------------------------
     def send(self, conn, data):
@@ -385,10 +396,11 @@ class Server:
         conn.resume = None
         if gen is not None:
             gen.close()                        # runs the iterable's close(), request_finished
-        try:
-            self.sel.unregister(conn.fd)
-        except (KeyError, ValueError):
-            pass
+        if conn.events:
+            try:
+                self.sel.unregister(conn.fd)
+            except (KeyError, ValueError):
+                pass
         conn.sock.close()
         conn.out.clear()
         self.rt.closed()
