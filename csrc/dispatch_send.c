@@ -9,10 +9,13 @@
  *   rr     round robin over candidates (Node's SCHED_RR); each gets a fair
  *          share floor(pending / ready) of the batch, so under load one
  *          wakeup costs one sendmsg per worker instead of one per fd.
- *   least  the candidate with the fewest in flight; ties go to an idle one,
- *          then to the one whose request in progress started most recently
- *          (it looks least stuck, DESIGN.md); it gets enough fds to catch up
- *          with the runner-up.
+ *   least  the candidate with the lowest score: connections in flight plus
+ *          one for every PF__LEAST_AGE_MS its request in progress has been
+ *          running (round robin balances connections, not work: a worker stuck
+ *          on one long request has 1 in flight but should not get the next
+ *          one, Node issue #39815); ties go to an idle one, then to the one
+ *          whose request started most recently (it looks least stuck,
+ *          DESIGN.md); it gets enough fds to catch up with the runner-up.
  * sendmsg errno triage (DESIGN.md): EAGAIN = that worker is busy, arm
  * EPOLLOUT and try the next; EPIPE & co = the worker is gone, HANGUP it and
  * the same fds go to the next; anything else = transient, retry on the
@@ -187,18 +190,30 @@ static int pf__better(const pf_dispatcher *d, int a, int64_t la, int b, int64_t 
     return ba > bb;             /* busy since later = less likely stuck */
 }
 
-/* least: the emptiest candidate; *n brings it level with the runner-up. */
+/* least: how long slot s's request in progress has been running, in units
+ * of PF__LEAST_AGE_MS (0 when idle). */
+static int64_t pf__age_units(const pf_dispatcher *d, int s, uint64_t now)
+{
+    uint64_t since = __atomic_load_n(&d->board[s].busy_since_ns, __ATOMIC_RELAXED);
+
+    if (since == 0 || since >= now)
+        return 0;
+    return (int64_t)((now - since) / ((uint64_t)PF__LEAST_AGE_MS * 1000000u));
+}
+
+/* least: the lowest-scoring candidate; *n brings it level with the runner-up. */
 static int pf__pick_least(pf_dispatcher *d, int *n)
 {
     int best = -1;
     int64_t bload = 0, second = INT64_MAX, broom = 0;
+    uint64_t now = pf__now_ns();  /* vDSO clock_gettime: no syscall */
 
     for (int s = 0; s < d->hi; s++) {
         int64_t room, load;
 
         if (!pf__candidate(d, s) || (room = pf__room(d, s)) == 0)
             continue;
-        load = d->cfg.max_inflight - room;
+        load = d->cfg.max_inflight - room + pf__age_units(d, s, now);
         if (best < 0 || pf__better(d, s, load, best, bload)) {
             if (best >= 0)
                 second = pf__min64(second, bload);

@@ -37,6 +37,10 @@
  * a worker written against the raw protocol may never send one, and 100
  * wakeups/s while stalled cost nothing measurable (not a spin). */
 #define PF__RECHECK_MS 10
+/* least: a request running this long counts as one more connection in flight.
+ * A light request takes well under 1 ms here (hello world: ~0.1 ms of worker
+ * CPU); 5 ms of running marks a request as heavy without reacting to noise. */
+#define PF__LEAST_AGE_MS 5
 
 /* epoll_wait batch: level-triggered, so readiness beyond it simply comes
  * back on the next call; 256 keeps the buffer small for 4096 slots. */

@@ -9,9 +9,11 @@ sent - scoreboard.closed < max_inflight.
   rr     round robin over candidates; each gets a fair share
          floor(pending / ready) of the batch (one sendmsg per worker, not
          one per fd).
-  least  the candidate with the fewest in flight; ties go to an idle one,
-         then to the one whose request in progress started most recently;
-         it gets enough fds to catch up with the runner-up.
+  least  the candidate with the lowest score: connections in flight plus
+         one for every _LEAST_AGE_NS its request in progress has been running
+         (a worker stuck on one long request must not get the next one); ties
+         go to an idle one, then to the one whose request in progress started
+         most recently; it gets enough fds to catch up with the runner-up.
 sendmsg errno triage: EAGAIN = that worker is busy, arm EPOLLOUT and try
 the next; EPIPE & co = the worker is gone, HANGUP it and the same fds go to
 the next; anything else = transient, retry on the recheck timer. _Send is a
@@ -25,7 +27,8 @@ import time
 
 from pyfork._pure_channel import MAX_FDS, MSG_CONN, _close_all, _send
 from pyfork._pure_internal import (
-    _BLK_NONE, _BLK_OUT, _BLK_RETRY, _CHAN_EVENTS, _RECHECK_S, STATE_FREE, STATE_GONE, STATE_READY,
+    _BLK_NONE, _BLK_OUT, _BLK_RETRY, _CHAN_EVENTS, _LEAST_AGE_NS, _RECHECK_S, STATE_FREE, STATE_GONE,
+    STATE_READY,
 )
 
 _GONE_ERRNOS = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN))
@@ -86,13 +89,16 @@ class _Send:
         best = -1
         bload = broom = 0
         second = None
+        now = time.monotonic_ns()
         for s in range(self._hi):
             if not self._candidate(s):
                 continue
             room = self._room(s)
             if room == 0:
                 continue
-            load = self._max_inflight - room
+            since = self._slots[s].busy_since_ns
+            age = (now - since) // _LEAST_AGE_NS if 0 < since < now else 0
+            load = self._max_inflight - room + age
             if best < 0 or self._better(s, load, best, bload):
                 if best >= 0:
                     second = bload if second is None else min(second, bload)

@@ -19,6 +19,9 @@ SLOT_SIZE = 64
 # worker written against the raw protocol may never send one, and a close can
 # race the want_credit flag. 100 wakeups/s while stalled is not a spin.
 _RECHECK_S = 0.010
+# least: a request running this long counts as one more connection in flight
+# (PF__LEAST_AGE_MS in csrc/pf_internal.h, where the number is explained).
+_LEAST_AGE_NS = 5_000_000
 
 _EPOLLIN = select.EPOLLIN
 _BLK_NONE, _BLK_OUT, _BLK_RETRY = 0, 1, 2      # why a READY worker is skipped

@@ -1305,9 +1305,12 @@ def test_least_tie_breaks(ends):
     def busy_since(slot, ns):
         struct.pack_into("<Q", sb, slot * SLOT_SIZE + 24, ns)
 
-    busy_since(0, 1_000)
+    # Start times a minute ahead count as "started just now" however slow the
+    # machine is, so only the tie-breaks decide (no age penalty).
+    soon = time.monotonic_ns() + 60 * 10**9
+    busy_since(0, soon)
     busy_since(1, 0)        # idle
-    busy_since(2, 5_000)
+    busy_since(2, soon + 4_000)
     order = []
     for i in range(3):
         e.connect()
@@ -1318,6 +1321,26 @@ def test_least_tie_breaks(ends):
     # 1 (idle), then 2 (busy since later), then 0.
     assert order == [1, 2, 0]
     for s in range(3):
+        for m in e.take(s):
+            for fd in m:
+                os.close(fd)
+
+
+def test_least_avoids_a_worker_stuck_on_a_long_request(ends):
+    """least counts work, not just connections: a worker whose request has been
+    running for 50 ms (10 x 5 ms) loses to workers with more, fresher, connections
+    in flight (Node issue #39815: round robin keeps feeding a stuck worker)."""
+    e = ends(2, policy="least")
+    sb = e.d.scoreboard
+    e.connect()
+    e.pump_until_dispatched(1)          # slot 0 (the lowest of two idle ones)
+    assert e.d.worker_stats(0)["sent"] == 1
+    struct.pack_into("<Q", sb, 0 * SLOT_SIZE + 24, time.monotonic_ns() - 50_000_000)
+    for i in range(3):                   # 3 more: slot 1 despite 1, 2 in flight there
+        e.connect()
+        e.pump_until_dispatched(2 + i)
+    assert [e.d.worker_stats(s)["sent"] for s in (0, 1)] == [1, 3]
+    for s in range(2):
         for m in e.take(s):
             for fd in m:
                 os.close(fd)

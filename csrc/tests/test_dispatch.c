@@ -146,7 +146,8 @@ static void test_least(void)
     pf_dispatcher *d = new_disp(&c);
     size_t size = 0;
     pf_slot *board = pf_dispatcher_scoreboard(d, &size);
-    int w[3], cl[6];
+    uint64_t now;
+    int w[3], cl[7];
 
     CHECK(board != NULL);
     CHECK_EQ(size, 3 * sizeof(pf_slot));
@@ -160,16 +161,25 @@ static void test_least(void)
     /* Worker 1 closed its connection: it is the emptiest now. */
     board[1].closed = 1;
     CHECK_EQ(dispatch_one(d, port, w, 3, 3, &cl[3]), 1);
-    /* All at 1 in flight: the idle one wins the tie. */
-    board[0].busy_since_ns = 100;
-    board[1].busy_since_ns = 300;
+    /* All at 1 in flight, requests that have run for no time at all (start
+     * times a minute ahead count as age 0, however slow this machine is):
+     * the idle one wins the tie. */
+    now = (now_ms() + 60000) * 1000000u;
+    board[0].busy_since_ns = now;
+    board[1].busy_since_ns = now + 100000;
     board[2].busy_since_ns = 0;
     CHECK_EQ(dispatch_one(d, port, w, 3, 4, &cl[4]), 2);
     /* 0 and 1 tie and both are busy: the most recent start wins. */
     CHECK_EQ(dispatch_one(d, port, w, 3, 5, &cl[5]), 1);
+    /* Slot 0's request has run for 50 ms (10 x PF__LEAST_AGE_MS): with 1 in
+     * flight it scores 11 and loses to slots 1 and 2 with 2 in flight each,
+     * which look merely busy. A stuck worker stops getting connections. */
+    board[1].busy_since_ns = board[2].busy_since_ns = 0;
+    board[0].busy_since_ns = now_ms() * 1000000u - 50000000u;
+    CHECK(dispatch_one(d, port, w, 3, 6, &cl[6]) != 0);
     pf_dispatcher_free(d);
     close_all(w, 3);
-    close_all(cl, 6);
+    close_all(cl, 7);
     close(lfd);
     CHECK_EQ(count_fds(), base);
 }
