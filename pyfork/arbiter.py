@@ -136,8 +136,10 @@ class Arbiter(WorkerMessages):
     def _make_dispatcher(self) -> None:
         cfg = self.cfg
         # Room for every worker plus one replacement each and old workers still
-        # draining after a reload or scale-down (and TTIN headroom).
-        self.capacity = min(4096, max(16, 4 * cfg.workers + 8))
+        # draining after a reload or scale-down (and TTIN headroom). A slot costs
+        # one 64-byte scoreboard line and the C loop only scans up to the highest
+        # slot in use, so a floor of 256 (TTIN up to 124 workers) is free.
+        self.capacity = min(4096, max(256, 4 * cfg.workers + 8))
         disp_policy = cfg.policy if cfg.policy in ("rr", "least") else "rr"
         self.disp = self.backend.Dispatcher(self.capacity, policy=disp_policy, max_watch=64)
         from pyfork.scoreboard import Scoreboard
