@@ -10,15 +10,15 @@ server alike instead of whichever ran during a busy minute. Load is bounded
 (wrk with a fixed connection count, or an open-loop Python client at a fixed
 rate) and loopback-only. Scenarios:
 
+  tail       (runs first) open-loop client: Poisson arrivals, 5% hit
+             /fibonacci (n calibrated to --heavy-ms of CPU), p50/p99 of the
+             light requests and the share of them that landed behind a heavy one
   close      wrk throughput with `Connection: close`; the primary's CPU per
              connection is read from /proc/<pid>/schedstat during this run
   keepalive  wrk throughput with keep-alive
   memory     primary RSS, per-worker USS (smaps_rollup), after the load runs
   fairness   per-worker share of requests at wrk concurrency 1, 4, 64
              (Connection: close, pids counted by bench/pidcount.lua)
-  tail       open-loop client: Poisson arrivals, 5% hit /fibonacci (n
-             calibrated to --heavy-ms of CPU), p50/p99 of the light requests
-             and the share of them that landed behind a heavy one
   recovery   SIGKILL an idle worker -> time until the replacement answers;
              SIGKILL a worker under wrk load -> failed requests; SIGHUP
              (rolling restart) under wrk load -> failed requests
@@ -26,7 +26,7 @@ Results: bench/results/compare.{md,json,png} (tables and plot by
 bench/compare_report.py). Ratios compare servers measured in the same minutes on a
 shared 2-core machine, even interleaved: run twice and read the spread.
 
-Usage: python bench/compare.py [--duration 3] [--rounds 2] [--workers 2]
+Usage: python bench/compare.py [--duration 2] [--rounds 3] [--workers 2]
        [--peers pyfork,floor,gunicorn,uvicorn,node] [--scenarios ...] [--quick]
 """
 from __future__ import annotations
@@ -167,10 +167,10 @@ def start(spec: Spec, args) -> benchlib.Server:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="pyfork vs gunicorn, uvicorn, Node cluster (one run)")
-    ap.add_argument("--duration", type=float, default=3.0,
-                    help="seconds per wrk throughput run, per round; whole seconds (3)")
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="interleaved rounds of the throughput and tail scenarios (2)")
+    ap.add_argument("--duration", type=float, default=2.0,
+                    help="seconds per wrk throughput run, per round; whole seconds (2)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds of the throughput and tail scenarios (3)")
     ap.add_argument("--workers", type=int, default=2, help="workers per server (2)")
     ap.add_argument("--conns", type=int, default=32, help="wrk connections for throughput (32)")
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
@@ -191,8 +191,8 @@ def parse_args(argv=None):
     ap.add_argument("--tail-duration", type=float, default=16.0,
                     help="seconds of tail load per server, split over the rounds (16)")
     ap.add_argument("--heavy-frac", type=float, default=0.05)
-    ap.add_argument("--heavy-ms", type=float, default=30.0,
-                    help="tail: CPU ms of a heavy request; fib n is calibrated to it (30)")
+    ap.add_argument("--heavy-ms", type=float, default=25.0,
+                    help="tail: CPU ms of a heavy request; fib n is calibrated to it (25)")
     ap.add_argument("--recovery-conns", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="short runs for a smoke test")
@@ -263,6 +263,15 @@ def main(argv=None) -> int:
                     print(f"  {spec.name} {scen}: error {e!r}", flush=True)
 
         per_round = {name: {"close": [], "keepalive": [], "tail": []} for name in servers}
+        # Tail first: latency is the figure most easily disturbed by what ran before it.
+        for r in range(args.rounds):
+            print(f"tail round {r + 1}/{args.rounds}", flush=True)
+            each("tail", lambda sp, sv: per_round[sp.name]["tail"].extend(
+                run_tail(sv, sp, args, heavy_n, r)))
+        for spec in live:
+            if per_round[spec.name]["tail"]:
+                results[spec.name]["tail"] = summarize_tail(per_round[spec.name]["tail"],
+                                                            heavy_n[spec.impl])
         for r in range(args.rounds):
             print(f"throughput round {r + 1}/{args.rounds}", flush=True)
             each("close", lambda sp, sv: per_round[sp.name]["close"].append(run_close(sv, args)))
@@ -275,14 +284,6 @@ def main(argv=None) -> int:
         each("memory", lambda sp, sv: results[sp.name].__setitem__("memory", run_memory(sv, args)))
         print("fairness", flush=True)
         each("fairness", lambda sp, sv: results[sp.name].__setitem__("fairness", run_fairness(sv, args)))
-        for r in range(args.rounds):
-            print(f"tail round {r + 1}/{args.rounds}", flush=True)
-            each("tail", lambda sp, sv: per_round[sp.name]["tail"].extend(
-                run_tail(sv, sp, args, heavy_n, r)))
-        for spec in live:
-            if per_round[spec.name]["tail"]:
-                results[spec.name]["tail"] = summarize_tail(per_round[spec.name]["tail"],
-                                                            heavy_n[spec.impl])
         print("recovery", flush=True)
         each("recovery", lambda sp, sv: results[sp.name].__setitem__("recovery", run_recovery(sv, args)))
     finally:

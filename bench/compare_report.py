@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 
 
@@ -45,6 +46,24 @@ def _x(a, b):
     return "-" if not a or not b else f"{a / b:.2f}×"
 
 
+def ratio(results, a, b, *keys):
+    """a / b for the figure at keys. When both rows have interleaved rounds for the
+    scenario (keys[0]), the median of the per-round ratios: each round measures every
+    server within the same minute or two, so drift between rounds cancels out."""
+    ra, rb = _get(results.get(a, {}), keys[0], "rounds"), _get(results.get(b, {}), keys[0], "rounds")
+    if ra and rb and len(ra) == len(rb) and len(keys) == 2:
+        vals = [x[keys[1]] / y[keys[1]] for x, y in zip(ra, rb) if x.get(keys[1]) and y.get(keys[1])]
+        if vals:
+            return statistics.median(vals)
+    va, vb = _get(results.get(a, {}), *keys), _get(results.get(b, {}), *keys)
+    return (va / vb) if va and vb else None
+
+
+def _xr(results, a, b, *keys):
+    r = ratio(results, a, b, *keys)
+    return "-" if r is None else f"{r:.2f}×"
+
+
 def progress_line(name, row):
     bits = [f"{name:22s}"]
     if "error" in row:
@@ -74,37 +93,33 @@ def headline_values(results, meta):
     base = _baseline_name(results, meta)
     out = []
 
-    def ratio(a, b, *keys):
-        va, vb = _get(results.get(a, {}), *keys), _get(results.get(b, {}), *keys)
-        return (va / vb) if va and vb else None
-
     def add(label, value, target=None, lower=False):
         out.append((label, value, target, lower))
 
     if base:
         asgi = base.replace("rr", "asgi rr", 1)
-        add(f"`Connection: close` req/s, {base} / gunicorn sync", ratio(base, "gunicorn sync", "close", "rps"), 2)
-        add(f"`Connection: close` req/s, {asgi} / uvicorn", ratio(asgi, "uvicorn", "close", "rps"), 1)
-        add(f"`Connection: close` req/s, {base} / uvicorn", ratio(base, "uvicorn", "close", "rps"))
-        add(f"`Connection: close` req/s, {base} / node cluster rr", ratio(base, "node cluster rr", "close", "rps"))
-        add(f"keep-alive req/s, {base} / gunicorn gthread", ratio(base, "gunicorn gthread", "keepalive", "rps"), 1.5)
-        add(f"keep-alive req/s, {asgi} / uvicorn", ratio(asgi, "uvicorn", "keepalive", "rps"))
-        add(f"keep-alive req/s, {base} / node cluster rr", ratio(base, "node cluster rr", "keepalive", "rps"))
+        add(f"`Connection: close` req/s, {base} / gunicorn sync", ratio(results, base, "gunicorn sync", "close", "rps"), 2)
+        add(f"`Connection: close` req/s, {asgi} / uvicorn", ratio(results, asgi, "uvicorn", "close", "rps"), 1)
+        add(f"`Connection: close` req/s, {base} / uvicorn", ratio(results, base, "uvicorn", "close", "rps"))
+        add(f"`Connection: close` req/s, {base} / node cluster rr", ratio(results, base, "node cluster rr", "close", "rps"))
+        add(f"keep-alive req/s, {base} / gunicorn gthread", ratio(results, base, "gunicorn gthread", "keepalive", "rps"), 1.5)
+        add(f"keep-alive req/s, {asgi} / uvicorn", ratio(results, asgi, "uvicorn", "keepalive", "rps"))
+        add(f"keep-alive req/s, {base} / node cluster rr", ratio(results, base, "node cluster rr", "keepalive", "rps"))
     for be in ("c", "python"):
         add(f"primary CPU per connection, pyfork rr {be} / floor",
-            ratio(f"pyfork rr {be}", "floor (bare C)", "close", "primary_us_per_conn"))
+            ratio(results, f"pyfork rr {be}", "floor (bare C)", "close", "primary_us_per_conn"))
     add("primary CPU per connection, pyfork rr c / pyfork rr python",
-        ratio("pyfork rr c", "pyfork rr python", "close", "primary_us_per_conn"), 0.5, True)
+        ratio(results, "pyfork rr c", "pyfork rr python", "close", "primary_us_per_conn"), 0.5, True)
     add("primary CPU per connection, node cluster rr / pyfork rr c",
-        ratio("node cluster rr", "pyfork rr c", "close", "primary_us_per_conn"))
+        ratio(results, "node cluster rr", "pyfork rr c", "close", "primary_us_per_conn"))
     for be in ("c", "python"):
         add(f"light-request p99 with 5% heavy, pyfork least {be} / pyfork rr {be}",
-            ratio(f"pyfork least {be}", f"pyfork rr {be}", "tail", "light_p99_ms"), 1 / 3, True)
+            ratio(results, f"pyfork least {be}", f"pyfork rr {be}", "tail", "light_p99_ms"), 1 / 3, True)
         add(f"light requests stuck behind a heavy one, pyfork least {be} / pyfork rr {be}",
-            ratio(f"pyfork least {be}", f"pyfork rr {be}", "tail", "behind_heavy"))
+            ratio(results, f"pyfork least {be}", f"pyfork rr {be}", "tail", "behind_heavy"))
     if base:
         for peer in ("node cluster rr", "gunicorn sync", "uvicorn"):
-            add(f"worker USS, {peer} / {base}", ratio(peer, base, "memory", "worker_uss_kb"))
+            add(f"worker USS, {peer} / {base}", ratio(results, peer, base, "memory", "worker_uss_kb"))
     return out
 
 
@@ -176,22 +191,22 @@ def markdown(results, meta):
         "",
         "## Throughput (hello world)",
         "",
+        f"req/s is the median over {a.get('rounds', 1)} interleaved rounds; × base is the median of "
+        "the per-round ratios (each round runs every server within the same minute or two).",
+        "",
         "| server | close req/s | close × base | close p99 ms | keep-alive req/s | keep-alive × base | keep-alive p99 ms | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    bc, bk = _get(results.get(base, {}), "close", "rps"), _get(results.get(base, {}), "keepalive", "rps")
     for name, r in rows:
         if "close" not in r and "keepalive" not in r:
             continue
         errs = (_get(r, "close", "errors") or 0) + (_get(r, "keepalive", "errors") or 0)
         note = f" ({r['note']})" if r.get("note") else ""
-        L.append(f"| {name}{note} | {_f(_get(r, 'close', 'rps'))} | {_x(_get(r, 'close', 'rps'), bc)} | "
+        L.append(f"| {name}{note} | {_f(_get(r, 'close', 'rps'))} | {_xr(results, name, base, 'close', 'rps')} | "
                  f"{_f(_get(r, 'close', 'p99_us') and _get(r, 'close', 'p99_us') / 1e3, '{:.2f}')} | "
-                 f"{_f(_get(r, 'keepalive', 'rps'))} | {_x(_get(r, 'keepalive', 'rps'), bk)} | "
+                 f"{_f(_get(r, 'keepalive', 'rps'))} | {_xr(results, name, base, 'keepalive', 'rps')} | "
                  f"{_f(_get(r, 'keepalive', 'p99_us') and _get(r, 'keepalive', 'p99_us') / 1e3, '{:.2f}')} | {errs} |")
 
-    fl = _get(results.get("floor (bare C)", {}), "close", "primary_us_per_conn")
-    bp = _get(results.get(base, {}), "close", "primary_us_per_conn")
     L += ["", "## Primary CPU per connection (`Connection: close` run)", "",
           "CPU time of the process that was started (primary / arbiter / supervisor), all threads, "
           "from /proc/<pid>/schedstat, divided by requests served. Where workers accept "
@@ -202,7 +217,8 @@ def markdown(results, meta):
         v = _get(r, "close", "primary_us_per_conn")
         if v is None:
             continue
-        L.append(f"| {name} | {v:.2f} | {_x(v, fl)} | {_x(v, bp)} | "
+        L.append(f"| {name} | {v:.2f} | {_xr(results, name, 'floor (bare C)', 'close', 'primary_us_per_conn')} | "
+                 f"{_xr(results, name, base, 'close', 'primary_us_per_conn')} | "
                  f"{_f(_get(r, 'close', 'primary_us_per_conn_ticks'), '{:.2f}')} |")
 
     conc = [str(c) for c in a.get("fair_conc", [1, 4, 64])]
@@ -319,9 +335,7 @@ def plot(results, meta, path):
             ax.legend(fontsize=7)
 
     def rel(*keys, base_name=base):
-        b = _get(results.get(base_name, {}), *keys)
-        return {n: (_get(r, *keys) / b if b and _get(r, *keys) is not None else None)
-                for n, r in results.items()}
+        return {n: ratio(results, n, base_name, *keys) for n in results}
 
     panel(axes[0][0], "throughput (× base, higher is better)",
           [("Connection: close", rel("close", "rps")), ("keep-alive", rel("keepalive", "rps"))],

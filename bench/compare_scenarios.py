@@ -231,22 +231,28 @@ def run_recovery(server, args) -> dict:
 # ---------------------------------------------------------------- heavy-route calibration
 
 def calibrate(args) -> dict:
-    """fib n per implementation whose CPU time is >= --heavy-ms (min of 3)."""
+    """fib n per implementation whose CPU time (min of 3) is closest to --heavy-ms
+    on a log scale (each n costs ~1.6x the one before)."""
+    import math
     sys.setrecursionlimit(10000)
     from hello_app import fib
-    n_py = 30
+    best_n, best_err = 25, math.inf
     for n in range(15, 31):
-        best = min(_timed(fib, n) for _ in range(3))
-        if best * 1e3 >= args.heavy_ms:
-            n_py = n
+        t_ms = min(_timed(fib, n) for _ in range(3)) * 1e3
+        err = abs(math.log(t_ms / args.heavy_ms))
+        if err < best_err:
+            best_n, best_err = n, err
+        if t_ms > args.heavy_ms * 2:
             break
-    out = {"python": n_py, "none": n_py}
+    out = {"python": best_n, "none": best_n}
     if shutil.which("node"):
         js = ("function fib(n){return n<2?n:fib(n-1)+fib(n-2)}"
-              f"for(let n=20;n<=40;n++){{let best=1e9;for(let i=0;i<3;i++){{"
+              "let bestN=35,bestErr=1e9;"
+              "for(let n=20;n<=40;n++){let t=1e9;for(let i=0;i<3;i++){"
               "const b=process.hrtime.bigint();fib(n);"
-              "best=Math.min(best,Number(process.hrtime.bigint()-b)/1e6)}"
-              f"if(best>={args.heavy_ms}||n==40){{console.log(n);break}}}}")
+              "t=Math.min(t,Number(process.hrtime.bigint()-b)/1e6)}"
+              f"const e=Math.abs(Math.log(t/{args.heavy_ms}));if(e<bestErr){{bestErr=e;bestN=n}}"
+              f"if(t>{args.heavy_ms}*2)break}}console.log(bestN)")
         r = subprocess.run(["node", "-e", js], capture_output=True, text=True, timeout=120)
         out["node"] = int(r.stdout.strip() or 35)
     return out

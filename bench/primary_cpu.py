@@ -35,6 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
 
+def stats_path(log_dir, be):
+    """Where dispatch_primary.py writes its Dispatcher.stats() on exit."""
+    return os.path.join(log_dir, f"primary_cpu-pyfork-{be}.stats.json")
+
+
 def start_targets(args, log_dir) -> tuple[dict, list[str]]:
     """Starts every available target; returns ({name: Server}, [skip lines])."""
     servers, skipped = {}, []
@@ -58,7 +63,7 @@ def start_targets(args, log_dir) -> tuple[dict, list[str]]:
             continue
         servers[f"pyfork-{be}"] = benchlib.Server(
             f"pyfork-{be}", [py, prim, "--backend", be, "--workers", str(args.workers),
-                             "--worker", "c-http"],
+                             "--worker", "c-http", "--stats-file", stats_path(log_dir, be)],
             env=benchlib.python_env(), cwd=benchlib.BENCH_DIR, log_path=log(f"pyfork-{be}"),
             ready_line=True)
     if args.node:
@@ -144,6 +149,17 @@ def main() -> int:
     finally:
         for s in servers.values():
             s.stop()
+    # Loop wake-ups per accepted connection over the whole run (< 1: accepts were batched).
+    wakeups = {}
+    for be in ("c", "python"):
+        try:
+            with open(stats_path(log_dir, be)) as f:
+                st = json.load(f)
+            os.unlink(stats_path(log_dir, be))
+            if st.get("accepted"):
+                wakeups[f"pyfork-{be}"] = st["wakeups"] / st["accepted"]
+        except (OSError, ValueError):
+            pass
 
     med = {n: statistics.median(m["us_per_conn"] for m in ms) for n, ms in rows.items() if ms}
     floor, c, pure = med.get("floor"), med.get("pyfork-c"), med.get("pyfork-python")
@@ -151,8 +167,8 @@ def main() -> int:
         f"# Primary CPU per connection ({args.workers} workers, wrk -c{args.conns} "
         f"`Connection: close`, {args.rounds} x {args.duration:g} s interleaved)",
         "",
-        "| primary | µs CPU / conn (median) | min-max | µs (stat ticks) | req/s | vs floor | vs pure |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| primary | µs CPU / conn (median) | min-max | µs (stat ticks) | req/s | vs floor | vs pure | wake-ups / conn |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, ms in rows.items():
         us = [m["us_per_conn"] for m in ms]
@@ -160,7 +176,8 @@ def main() -> int:
             f"| {name} | {med[name]:.2f} | {min(us):.2f}-{max(us):.2f} | "
             f"{statistics.median(m['us_per_conn_ticks'] for m in ms):.2f} | "
             f"{statistics.median(m['rps'] for m in ms):.0f} | {fmt_ratio(med[name], floor)} | "
-            f"{fmt_ratio(med[name], pure)} |")
+            f"{fmt_ratio(med[name], pure)} | "
+            f"{f'{wakeups[name]:.2f}' if name in wakeups else '-'} |")
     lines.append("")
     if c and pure:
         ok = "meets" if c <= 0.5 * pure else "misses"
@@ -182,6 +199,7 @@ def main() -> int:
         f.write(text)
     with open(args.out + ".json", "w") as f:
         json.dump({"args": vars(args), "rounds": rows, "median_us_per_conn": med,
+                   "wakeups_per_conn": wakeups,
                    "skipped": skipped, "machine": benchlib.machine_info(),
                    "time": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)
     return 0
