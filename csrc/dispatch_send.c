@@ -15,7 +15,8 @@
  *          on one long request has 1 in flight but should not get the next
  *          one, Node issue #39815); ties go to an idle one, then to the one
  *          whose request started most recently (it looks least stuck,
- *          DESIGN.md); it gets enough fds to catch up with the runner-up.
+ *          DESIGN.md), then to the next after the last one chosen; it gets
+ *          enough fds to catch up with the runner-up.
  * sendmsg errno triage (DESIGN.md): EAGAIN = that worker is busy, arm
  * EPOLLOUT and try the next; EPIPE & co = the worker is gone, HANGUP it and
  * the same fds go to the next; anything else = transient, retry on the
@@ -201,14 +202,17 @@ static int64_t pf__age_units(const pf_dispatcher *d, int s, uint64_t now)
     return (int64_t)((now - since) / ((uint64_t)PF__LEAST_AGE_MS * 1000000u));
 }
 
-/* least: the lowest-scoring candidate; *n brings it level with the runner-up. */
+/* least: the lowest-scoring candidate; *n brings it level with the runner-up.
+ * The scan starts after the last slot chosen, so workers that tie on every
+ * count take turns (an idle cluster at concurrency 1 is spread like rr). */
 static int pf__pick_least(pf_dispatcher *d, int *n)
 {
     int best = -1;
     int64_t bload = 0, second = INT64_MAX, broom = 0;
     uint64_t now = pf__now_ns();  /* vDSO clock_gettime: no syscall */
 
-    for (int s = 0; s < d->hi; s++) {
+    for (int i = 0; i < d->hi; i++) {
+        int s = (d->rr_next + i) % d->hi;
         int64_t room, load;
 
         if (!pf__candidate(d, s) || (room = pf__room(d, s)) == 0)
@@ -224,6 +228,7 @@ static int pf__pick_least(pf_dispatcher *d, int *n)
     }
     if (best < 0)
         return -1;
+    d->rr_next = best + 1;
     *n = (int)pf__min64(broom, PF_MAX_FDS);
     if (second != INT64_MAX && second - bload < *n)
         *n = second - bload > 1 ? (int)(second - bload) : 1;

@@ -13,7 +13,8 @@ sent - scoreboard.closed < max_inflight.
          one for every _LEAST_AGE_NS its request in progress has been running
          (a worker stuck on one long request must not get the next one); ties
          go to an idle one, then to the one whose request in progress started
-         most recently; it gets enough fds to catch up with the runner-up.
+         most recently, then to the next after the last one chosen; it gets
+         enough fds to catch up with the runner-up.
 sendmsg errno triage: EAGAIN = that worker is busy, arm EPOLLOUT and try
 the next; EPIPE & co = the worker is gone, HANGUP it and the same fds go to
 the next; anything else = transient, retry on the recheck timer. _Send is a
@@ -90,7 +91,10 @@ class _Send:
         bload = broom = 0
         second = None
         now = time.monotonic_ns()
-        for s in range(self._hi):
+        hi = self._hi
+        for i in range(hi):
+            # From after the last slot chosen: full ties take turns.
+            s = (self._rr_next + i) % hi
             if not self._candidate(s):
                 continue
             room = self._room(s)
@@ -107,6 +111,7 @@ class _Send:
                 second = load if second is None else min(second, load)
         if best < 0:
             return -1, 0
+        self._rr_next = best + 1
         n = min(broom, MAX_FDS)
         if second is not None and second - bload < n:
             n = max(second - bload, 1)

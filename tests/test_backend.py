@@ -1346,6 +1346,23 @@ def test_least_avoids_a_worker_stuck_on_a_long_request(ends):
                 os.close(fd)
 
 
+def test_least_takes_turns_among_idle_workers(ends):
+    """Workers that tie on everything (idle, nothing in flight) take turns, so a
+    quiet cluster at concurrency 1 is spread like round robin, not piled on slot 0."""
+    e = ends(2, policy="least")
+    sb = e.d.scoreboard
+    for i in range(4):
+        e.connect()
+        e.pump_until_dispatched(i + 1)
+        for slot in range(2):            # each worker closes what it got: idle again
+            sent = e.d.worker_stats(slot)["sent"]
+            struct.pack_into("<Q", sb, slot * SLOT_SIZE, sent)
+            for m in e.take(slot):
+                for fd in m:
+                    os.close(fd)
+    assert [e.d.worker_stats(s)["sent"] for s in (0, 1)] == [2, 2]
+
+
 def test_remove_worker_recovers_queue(ends):
     e = ends(2)
     e.connect(10)
