@@ -42,7 +42,7 @@ SLOT_SIZE = ffi.sizeof("pf_slot")
 
 __all__ = [
     "BACKEND", "MAX_FDS", "MAX_PAYLOAD", "SLOT_SIZE", "Message", "Event", "Dispatcher",
-    "send_msg", "recv_msg", "listen_tcp", "listen_unix", "adopt_listener",
+    "send_msg", "recv_msg", "Receiver", "listen_tcp", "listen_unix", "adopt_listener",
     "MSG_CONN", "MSG_READY", "MSG_CREDIT", "MSG_DRAIN", "MSG_USER", "MSG_CTL",
     "STATE_FREE", "STATE_SPAWNING", "STATE_READY", "STATE_DRAINING", "STATE_GONE",
 ]
@@ -133,6 +133,38 @@ def recv_msg(fd, max_fds=MAX_FDS):
     n = _check(lib.pf_recv_msg(fd, b.hdr, b.payload, MAX_PAYLOAD, b.fds, max_fds))
     h = b.hdr
     return Message(h.type, h.arg, ffi.unpack(b.payload, h.len), ffi.unpack(b.fds, n))
+
+
+class Receiver:
+    """recv_msg for one channel read on a hot path (the worker's take()):
+    arguments are checked once here, buffers are its own, and recv() returns
+    a plain (type, arg, payload, fds) tuple, or None when the non-blocking
+    channel is empty -- no exception per empty read. Errors otherwise as
+    recv_msg."""
+
+    __slots__ = ("_fd", "_max_fds", "_hdr", "_payload", "_fds")
+
+    def __init__(self, fd, max_fds=MAX_FDS):
+        self._fd = _index("fd", fd)
+        self._max_fds = _ranged("max_fds", max_fds, 0, MAX_FDS)
+        self._hdr = ffi.new("pf_msg_hdr *")
+        self._payload = ffi.new("char[]", MAX_PAYLOAD)
+        self._fds = ffi.new("int[]", MAX_FDS)
+
+    def recv(self):
+        fds = self._fds
+        n = lib.pf_recv_msg(self._fd, self._hdr, self._payload, MAX_PAYLOAD, fds, self._max_fds)
+        if n < 0:
+            if n == _NEG_EAGAIN:
+                return None
+            raise OSError(-n, os.strerror(-n))
+        h = self._hdr
+        size = h.len
+        return (h.type, h.arg, ffi.unpack(self._payload, size) if size else b"",
+                ffi.unpack(fds, n) if n else [])
+
+
+_NEG_EAGAIN = -errno.EAGAIN
 
 
 # ---- listeners --------------------------------------------------------------

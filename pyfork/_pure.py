@@ -40,7 +40,7 @@ implementation is split as the C files are:
 
 from pyfork._pure_channel import (  # HDR_SIZE, MSG_MAGIC: wire facts, kept for callers
     HDR_SIZE, MAX_FDS, MAX_PAYLOAD, MSG_CONN, MSG_CREDIT, MSG_CTL, MSG_DRAIN, MSG_MAGIC,
-    MSG_READY, MSG_USER, Message, recv_msg, send_msg,
+    MSG_READY, MSG_USER, Message, Receiver, recv_msg, send_msg,
 )
 from pyfork._pure_dispatch import Dispatcher
 from pyfork._pure_internal import (
@@ -52,7 +52,7 @@ BACKEND = "python"
 
 __all__ = [
     "BACKEND", "MAX_FDS", "MAX_PAYLOAD", "SLOT_SIZE", "Message", "Event", "Dispatcher",
-    "send_msg", "recv_msg", "listen_tcp", "listen_unix", "adopt_listener",
+    "send_msg", "recv_msg", "Receiver", "listen_tcp", "listen_unix", "adopt_listener",
     "MSG_CONN", "MSG_READY", "MSG_CREDIT", "MSG_DRAIN", "MSG_USER", "MSG_CTL",
     "STATE_FREE", "STATE_SPAWNING", "STATE_READY", "STATE_DRAINING", "STATE_GONE",
 ]

@@ -181,3 +181,24 @@ def recv_msg(fd, max_fds=MAX_FDS):
         return _recv(sock, max_fds)
     finally:
         sock.detach()
+
+
+class Receiver:
+    """recv_msg for one channel read on a hot path (mirrors _core.Receiver):
+    recv() returns a plain (type, arg, payload, fds) tuple, or None when the
+    non-blocking channel is empty."""
+
+    __slots__ = ("_fd", "_max_fds")
+
+    def __init__(self, fd, max_fds=MAX_FDS):
+        self._fd = _index("fd", fd)
+        max_fds = _index("max_fds", max_fds)
+        if not 0 <= max_fds <= MAX_FDS:
+            raise ValueError("max_fds must be 0..%d, got %d" % (MAX_FDS, max_fds))
+        self._max_fds = max_fds
+
+    def recv(self):
+        try:
+            return tuple(recv_msg(self._fd, self._max_fds))
+        except BlockingIOError:
+            return None

@@ -29,6 +29,7 @@ interface on its own.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -92,6 +93,13 @@ def _conn_proto(family: int) -> int:
 
 
 _raw_family = socket.SocketType.family.__get__   # the C getter (_socket.socket): a plain int
+
+
+def _recv_or_none(backend, chan):
+    try:
+        return backend.recv_msg(chan)
+    except BlockingIOError:
+        return None
 
 
 class _Acceptor:
@@ -162,6 +170,11 @@ class Worker:
         self._wake_r = self._wake_w = -1
         self._ep = None
         os.set_blocking(chan, False)
+        # Per request: the scoreboard's own writer, without a Worker frame around it.
+        self.request_started = getattr(board_slot, "request_started", self.request_started)
+        # Per take(): a backend Receiver (set up once; None, not BlockingIOError, when empty).
+        rx = getattr(backend, "Receiver", None)
+        self._recv = rx(chan).recv if rx else functools.partial(_recv_or_none, backend, chan)
         if self._self_accept:
             self._ep = select.epoll()
             self._ep.register(chan, select.EPOLLIN)
@@ -189,7 +202,8 @@ class Worker:
         return self._wake_r
 
     def take(self) -> List[socket.socket]:
-        self.ready()
+        if not self._ready_sent:    # tested here: take() runs per channel wakeup
+            self.ready()
         out: List[socket.socket] = []
         self._read_channel(out)
         if self._self_accept and self._listening and not self.draining:
@@ -320,10 +334,10 @@ class Worker:
 
     def _read_channel(self, out: list) -> None:
         b = self._b
-        recv_msg, chan, msg_conn = b.recv_msg, self._chan, b.MSG_CONN
+        recv, msg_conn = self._recv, b.MSG_CONN
         for _ in range(READ_BATCH):
             try:
-                msg = recv_msg(chan)
+                msg = recv()
             except (BlockingIOError, InterruptedError):
                 return
             except BrokenPipeError:
@@ -331,8 +345,10 @@ class Worker:
             except OSError as e:
                 log.warning("worker %d: dropped a malformed channel message: %s", self.id, e)
                 continue
-            if msg.type == msg_conn:
-                fds = msg.fds
+            if msg is None:      # the channel is empty
+                return
+            mtype, _arg, payload, fds = msg
+            if mtype == msg_conn:
                 if self.draining:
                     # The primary promised no CONN after DRAIN; account and close.
                     for fd in fds:
@@ -350,17 +366,13 @@ class Worker:
                         conn.setblocking(False)
                         out.append(conn)
                 self._open += len(fds)
-            elif msg.type == b.MSG_DRAIN:
-                for fd in msg.fds:
-                    os.close(fd)
+                continue
+            for fd in fds:
+                os.close(fd)
+            if mtype == b.MSG_DRAIN:
                 self._begin_drain(out)
-            elif msg.type == b.MSG_USER:
-                for fd in msg.fds:
-                    os.close(fd)
-                self._deliver(msg.payload)
-            else:
-                for fd in msg.fds:
-                    os.close(fd)
+            elif mtype == b.MSG_USER:
+                self._deliver(payload)
 
     def _deliver(self, payload: bytes) -> None:
         try:

@@ -445,6 +445,39 @@ def test_send_limits(backend):
         b.close()
 
 
+def test_receiver_matches_recv_msg(backend, open_fds):
+    """The worker's hot-path Receiver: same messages as recv_msg, None (not
+    BlockingIOError) on an empty non-blocking channel, EBADMSG and EOF as recv_msg."""
+    before = open_fds()
+    a, b = seqpacket_pair()
+    b.setblocking(False)
+    r, w = os.pipe()
+    try:
+        rx = backend.Receiver(b.fileno())
+        assert rx.recv() is None
+        backend.send_msg(a.fileno(), backend.MSG_CONN, 3, b"", [r, w])
+        backend.send_msg(a.fileno(), backend.MSG_USER, 0, b'"hi"')
+        t, arg, payload, fds = rx.recv()
+        assert (t, arg, payload, len(fds)) == (backend.MSG_CONN, 3, b"", 2)
+        for fd in fds:
+            os.close(fd)
+        assert tuple(rx.recv()) == (backend.MSG_USER, 0, b'"hi"', [])
+        assert rx.recv() is None
+        raw_send(a, b"garbage!", [r])
+        with pytest.raises(OSError) as exc:
+            rx.recv()
+        assert exc.value.errno == errno.EBADMSG
+        a.close()
+        with pytest.raises(BrokenPipeError):
+            rx.recv()
+    finally:
+        a.close()
+        b.close()
+        os.close(r)
+        os.close(w)
+    assert open_fds() == before
+
+
 def test_eof_and_closed_channel(backend, open_fds):
     a, b = seqpacket_pair()
     fa = a.detach()

@@ -207,7 +207,7 @@ def needs_nodelay(rt) -> bool:
 
 
 def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure, nodelay: bool = True) -> None:
-    """Hands `sock` to `protocol` on the loop; `on_failure()` if the loop refuses it.
+    """Hands `sock` to `protocol` on the loop; `on_failure(protocol)` if the loop refuses it.
 
     connect_accepted_socket is a coroutine (it waits for connection_made); `_Connect`
     runs it at once, without a Task. `tasks` holds it until it is done (drain waits
@@ -226,7 +226,7 @@ def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure, no
         except OSError:
             pass
 
-    _Connect(loop, loop.connect_accepted_socket(lambda: protocol, sock), sock, on_failure, tasks)
+    _Connect(loop, loop.connect_accepted_socket(lambda: protocol, sock), sock, protocol, on_failure, tasks)
 
 
 class _Connect:
@@ -235,15 +235,16 @@ class _Connect:
     wait for connection_made (the transport is open and reading by then), and is
     resumed by a done-callback on the future it waits for. A Task per connection
     would cost an object, a context copy and a loop iteration before the transport
-    even opens. Exceptions are the loop refusing the socket: close it, `on_failure()`.
+    even opens. Exceptions are the loop refusing the socket: close it, `on_failure(protocol)`.
     """
 
-    __slots__ = ("coro", "loop", "on_failure", "pending", "sock")
+    __slots__ = ("coro", "loop", "on_failure", "pending", "protocol", "sock")
 
-    def __init__(self, loop, coro, sock, on_failure, pending: set):
+    def __init__(self, loop, coro, sock, protocol, on_failure, pending: set):
         self.loop = loop
         self.coro = coro
         self.sock = sock
+        self.protocol = protocol
         self.on_failure = on_failure
         self.pending = pending
         pending.add(self)
@@ -258,7 +259,7 @@ class _Connect:
         except Exception:
             self.pending.discard(self)
             self.sock.close()  # no-op when the transport already took (and closed/detached) the fd
-            self.on_failure()
+            self.on_failure(self.protocol)
             return
         except BaseException:
             self.pending.discard(self)
@@ -301,8 +302,7 @@ class _StreamServer:
         reader = asyncio.StreamReader(limit=2 ** 16, loop=self.loop)  # start_server's default limit
         protocol = _StreamProtocol(reader, self._run_handler, self)
         self.live.add(protocol)
-        adopt_socket(self.loop, self.connect_tasks, sock, protocol, lambda: self.report_closed(protocol),
-                     self.nodelay)
+        adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay)
 
     def report_closed(self, protocol) -> None:
         if protocol._pf_reported:

@@ -234,20 +234,26 @@ class _Worker:
 
     def _make_protocol_class(self, base):
         worker = self
+        base_init, base_lost = base.__init__, base.connection_lost
+        live, closed = self.live, self.rt.closed
 
         class PyforkHTTPProtocol(base):
             _pf_reported = False
             _pf_shut = False
 
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
+            # Runs per connection: the base is called directly, report_closed is inlined.
+            def __init__(self, config, server_state, app_state, _loop=None):
+                base_init(self, config, server_state, app_state, _loop)
                 self.app = worker.request_app
 
             def connection_lost(self, exc):
                 try:
-                    super().connection_lost(exc)
+                    base_lost(self, exc)
                 finally:
-                    worker.report_closed(self)
+                    if not self._pf_reported:
+                        self._pf_reported = True
+                        live.discard(self)
+                        closed()
 
             def handle_websocket_upgrade(self, *args):
                 super().handle_websocket_upgrade(*args)
@@ -269,15 +275,11 @@ class _Worker:
         return PyforkHTTPProtocol
 
     def adopt(self, sock) -> None:
-        protocol = self.protocol_class(
-            config=self.config, server_state=self.state,
-            app_state=self.lifespan.state, _loop=self.loop,
-        )
+        protocol = self.protocol_class(self.config, self.state, self.lifespan.state, self.loop)
         if self.draining:
             protocol.app = self.last_request_app
         self.live.add(protocol)
-        aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, lambda: self.report_closed(protocol),
-                         self.nodelay)
+        aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay)
 
     def report_closed(self, protocol) -> None:
         if protocol._pf_reported:
