@@ -10,12 +10,12 @@
 #define PF_DISPATCH_UTIL_H
 
 #define _GNU_SOURCE
-#include <dirent.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -29,33 +29,11 @@
 
 #define LIVENESS_MS 10000   /* generous: a 2-core machine shared by others */
 
-static inline int count_fds(void)
-{
-    DIR *dir = opendir("/proc/self/fd");
-    struct dirent *e;
-    int n = 0;
-
-    CHECK(dir != NULL);
-    while ((e = readdir(dir)) != NULL)
-        if (e->d_name[0] != '.')
-            n++;
-    closedir(dir);
-    return n - 1;   /* the DIR's own fd */
-}
-
+/* The highest fd this process has open. */
 static inline int max_fd(void)
 {
-    DIR *dir = opendir("/proc/self/fd");
-    struct dirent *e;
-    int hi = -1, self = dirfd(dir);
-
-    CHECK(dir != NULL);
-    while ((e = readdir(dir)) != NULL) {
-        int fd = atoi(e->d_name);
-        if (e->d_name[0] != '.' && fd != self && fd > hi)
-            hi = fd;
-    }
-    closedir(dir);
+    int hi;
+    pf_scan_fds(&hi);
     return hi;
 }
 
@@ -162,28 +140,35 @@ static inline pf_stats stats(pf_dispatcher *d)
     return st;
 }
 
-/* Runs until `dispatched` reaches n; fails after LIVENESS_MS. */
-static inline void run_until_dispatched(pf_dispatcher *d, uint64_t n)
+/* Runs until the uint64_t pf_stats field at offset off reaches n; fails
+ * after LIVENESS_MS. */
+static inline void run_until_stat(pf_dispatcher *d, size_t off, uint64_t n)
 {
     pf_event ev[8];
     uint64_t t0 = now_ms();
 
-    while (stats(d).dispatched < n) {
+    for (;;) {
+        pf_stats st = stats(d);
+        uint64_t v;
+
+        memcpy(&v, (const char *)&st + off, sizeof(v));
+        if (v >= n)
+            return;
         CHECK(now_ms() - t0 < LIVENESS_MS);
         CHECK_OK(pf_dispatcher_run(d, 20, ev, 8));
     }
 }
 
-/* Runs until accepted reaches n; fails after LIVENESS_MS. */
+/* Runs until `dispatched` reaches n; fails after LIVENESS_MS. */
+static inline void run_until_dispatched(pf_dispatcher *d, uint64_t n)
+{
+    run_until_stat(d, offsetof(pf_stats, dispatched), n);
+}
+
+/* Runs until `accepted` reaches n; fails after LIVENESS_MS. */
 static inline void run_until_accepted(pf_dispatcher *d, uint64_t n)
 {
-    pf_event ev[8];
-    uint64_t t0 = now_ms();
-
-    while (stats(d).accepted < n) {
-        CHECK(now_ms() - t0 < LIVENESS_MS);
-        CHECK_OK(pf_dispatcher_run(d, 20, ev, 8));
-    }
+    run_until_stat(d, offsetof(pf_stats, accepted), n);
 }
 
 /* Reads the id byte a client sent on a connection a worker received. */
@@ -223,10 +208,12 @@ static inline void worker_take(int wend, int *ids, int *n)
     }
 }
 
+/* Closes fds[0..n), skipping any already marked closed with -1. */
 static inline void close_all(const int *fds, int n)
 {
     for (int i = 0; i < n; i++)
-        close(fds[i]);
+        if (fds[i] >= 0)
+            close(fds[i]);
 }
 
 static inline int dispatch_one(pf_dispatcher *d, int port, const int *w, int nw, int id, int *cl)
@@ -253,8 +240,82 @@ static inline void send_credit(int wend)
     CHECK_OK(pf_send_msg(wend, PF_MSG_CREDIT, 1, NULL, 0, NULL, 0));
 }
 
-/* max_inflight reached on every worker: skip, stall, listeners out of the
- * poll set (kernel backlog holds the rest), resume on CREDIT. */
+/* Worker side: checks exactly one connection is queued on wend, from client id. */
+static inline void take_one(int wend, int id)
+{
+    int ids[PF_MAX_FDS], n = 0;
+
+    worker_take(wend, ids, &n);
+    CHECK_EQ(n, 1);
+    CHECK_EQ(ids[0], id);
+}
+
+/* Connects clients 0..n-1 into cl[], one at a time, each dispatched before
+ * the next (so one dispatch pass sees one fd); d has dispatched none yet. */
+static inline void clients_one_by_one(pf_dispatcher *d, int port, int *cl, int n)
+{
+    for (int i = 0; i < n; i++) {
+        cl[i] = client(port, (unsigned char)i);
+        run_until_dispatched(d, (uint64_t)i + 1);
+    }
+}
+
+/* ---- fixture: listener + dispatcher + worker ends ------------------------- */
+
+#define FX_MAX_W 4
+
+struct disp_fx {
+    int base;               /* count_fds() before anything was opened */
+    int port, lfd;          /* the loopback listener */
+    pf_config c;            /* the config fx_start uses */
+    pf_dispatcher *d;
+    int w[FX_MAX_W], nw;    /* the test's worker ends, closed by fx_close */
+};
+
+/* Records the fd count, opens the listener, fills f->c (tweak before fx_start). */
+static inline void fx_init(struct disp_fx *f, int capacity, int policy)
+{
+    memset(f, 0, sizeof(*f));
+    f->base = count_fds();
+    f->lfd = tcp_listener(&f->port);
+    f->c = base_config(capacity, policy);
+}
+
+/* Creates the dispatcher from f->c, adds the listener, and nw ready workers
+ * in slots 0..nw-1 (keep_peer as for add_worker). */
+static inline void fx_start(struct disp_fx *f, int nw, int keep_peer)
+{
+    CHECK(nw <= FX_MAX_W);
+    f->d = new_disp(&f->c);
+    CHECK_OK(pf_dispatcher_add_listener(f->d, f->lfd));
+    for (int s = 0; s < nw; s++)
+        f->w[s] = add_worker(f->d, s, keep_peer, 1);
+    f->nw = nw;
+}
+
+/* fx_init with the default config, then fx_start. */
+static inline void fx_setup(struct disp_fx *f, int capacity, int policy, int nw, int keep_peer)
+{
+    fx_init(f, capacity, policy);
+    fx_start(f, nw, keep_peer);
+}
+
+/* Frees the dispatcher, closes the worker ends, the ncl clients and the listener. */
+static inline void fx_close(struct disp_fx *f, const int *cl, int ncl)
+{
+    pf_dispatcher_free(f->d);
+    close_all(f->w, f->nw);
+    close_all(cl, ncl);
+    close(f->lfd);
+}
+
+/* fx_close, then checks the fd count is back to where fx_init found it. */
+static inline void fx_teardown(struct disp_fx *f, const int *cl, int ncl)
+{
+    fx_close(f, cl, ncl);
+    CHECK_EQ(count_fds(), f->base);
+}
+
 /* ---- worker processes ------------------------------------------------------ */
 
 static inline void worker_main(int wend, char tag)

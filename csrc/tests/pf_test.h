@@ -14,19 +14,28 @@
 #ifndef PF_TEST_H
 #define PF_TEST_H
 
+#include <dirent.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* Print "FAIL file:line: " and a printf-style message, then exit 1. */
+#define PF_FAIL(...)                                                         \
+    do {                                                                     \
+        fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                 \
+        fprintf(stderr, __VA_ARGS__);                                        \
+        fputc('\n', stderr);                                                 \
+        fflush(stderr);                                                      \
+        exit(1);                                                             \
+    } while (0)
+
 /* Fail the whole executable: print where and why, exit 1. */
 #define CHECK(cond)                                                          \
     do {                                                                     \
         if (!(cond)) {                                                       \
-            fprintf(stderr, "FAIL %s:%d: CHECK(%s) errno=%d (%s)\n",         \
-                    __FILE__, __LINE__, #cond, errno, strerror(errno));      \
-            fflush(stderr);                                                  \
-            exit(1);                                                         \
+            int pf_e_ = errno;                                               \
+            PF_FAIL("CHECK(%s) errno=%d (%s)", #cond, pf_e_, strerror(pf_e_)); \
         }                                                                    \
     } while (0)
 
@@ -34,26 +43,48 @@
 #define CHECK_EQ(a, b)                                                       \
     do {                                                                     \
         long long pf_a_ = (long long)(a), pf_b_ = (long long)(b);            \
-        if (pf_a_ != pf_b_) {                                                \
-            fprintf(stderr, "FAIL %s:%d: CHECK_EQ(%s, %s): %lld != %lld\n",  \
-                    __FILE__, __LINE__, #a, #b, pf_a_, pf_b_);               \
-            fflush(stderr);                                                  \
-            exit(1);                                                         \
-        }                                                                    \
+        if (pf_a_ != pf_b_)                                                  \
+            PF_FAIL("CHECK_EQ(%s, %s): %lld != %lld", #a, #b, pf_a_, pf_b_); \
     } while (0)
 
 /* A pf_* call that must return >= 0; prints the -errno name otherwise. */
 #define CHECK_OK(expr)                                                       \
     do {                                                                     \
         long long pf_rc_ = (long long)(expr);                                \
-        if (pf_rc_ < 0) {                                                    \
-            fprintf(stderr, "FAIL %s:%d: %s returned %lld (%s)\n",           \
-                    __FILE__, __LINE__, #expr, pf_rc_,                       \
+        if (pf_rc_ < 0)                                                      \
+            PF_FAIL("%s returned %lld (%s)", #expr, pf_rc_,                  \
                     strerror((int)-pf_rc_));                                 \
-            fflush(stderr);                                                  \
-            exit(1);                                                         \
-        }                                                                    \
     } while (0)
+
+/* Scans /proc/self/fd: returns how many fds are open (not counting the
+ * scan's own) and, if hi is not NULL, stores the highest of them in *hi. */
+static inline int pf_scan_fds(int *hi)
+{
+    DIR *dir = opendir("/proc/self/fd");
+    struct dirent *e;
+    int n = 0, self;
+
+    CHECK(dir != NULL);
+    self = dirfd(dir);
+    if (hi != NULL)
+        *hi = -1;
+    while ((e = readdir(dir)) != NULL) {
+        int fd = atoi(e->d_name);
+        if (e->d_name[0] == '.' || fd == self)
+            continue;
+        n++;
+        if (hi != NULL && fd > *hi)
+            *hi = fd;
+    }
+    closedir(dir);
+    return n;
+}
+
+/* How many fds this process has open: tests compare it before and after. */
+static inline int count_fds(void)
+{
+    return pf_scan_fds(NULL);
+}
 
 /* Run one test function and print a line ctest's log can show. */
 #define PF_RUN(fn)                                                           \

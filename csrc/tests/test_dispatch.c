@@ -104,56 +104,44 @@ static void test_bad_args(void)
 
 static void test_rr_order(void)
 {
-    int base = count_fds(), port, lfd = tcp_listener(&port);
-    pf_config c = base_config(3, PF_POLICY_RR);
-    pf_dispatcher *d = new_disp(&c);
-    int w[3], ids[3][8], n[3] = {0, 0, 0}, cl[6];
+    struct disp_fx f;
+    int ids[3][8], n[3] = {0, 0, 0}, cl[6];
     pf_worker_stats ws;
 
-    CHECK_OK(pf_dispatcher_add_listener(d, lfd));
-    for (int s = 0; s < 3; s++)
-        w[s] = add_worker(d, s, 1, 1);
-    /* One connection at a time, so each dispatch pass sees exactly one fd. */
-    for (int i = 0; i < 6; i++) {
-        cl[i] = client(port, (unsigned char)i);
-        run_until_dispatched(d, (uint64_t)i + 1);
-    }
+    fx_setup(&f, 3, PF_POLICY_RR, 3, 1);
+    clients_one_by_one(f.d, f.port, cl, 6);
     for (int s = 0; s < 3; s++) {
-        worker_take(w[s], ids[s], &n[s]);
+        worker_take(f.w[s], ids[s], &n[s]);
         CHECK_EQ(n[s], 2);
         CHECK_EQ(ids[s][0], s);
         CHECK_EQ(ids[s][1], s + 3);
-        CHECK_OK(pf_dispatcher_worker_stats(d, s, &ws));
+        CHECK_OK(pf_dispatcher_worker_stats(f.d, s, &ws));
         CHECK_EQ(ws.state, PF_WORKER_READY);
         CHECK_EQ(ws.sent, 2);
         CHECK_EQ(ws.inflight, 2);
     }
-    CHECK_EQ(stats(d).accepted, 6);
-    CHECK_EQ(stats(d).pending, 0);
-    CHECK_EQ(stats(d).accepting, 1);
-    pf_dispatcher_free(d);
-    close_all(w, 3);
-    close_all(cl, 6);
-    close(lfd);
-    CHECK_EQ(count_fds(), base);
+    CHECK_EQ(stats(f.d).accepted, 6);
+    CHECK_EQ(stats(f.d).pending, 0);
+    CHECK_EQ(stats(f.d).accepting, 1);
+    fx_teardown(&f, cl, 6);
 }
 
-/* Sends one client and returns the slot whose worker end received it. */
 static void test_least(void)
 {
-    int base = count_fds(), port, lfd = tcp_listener(&port);
-    pf_config c = base_config(3, PF_POLICY_LEAST);
-    pf_dispatcher *d = new_disp(&c);
+    struct disp_fx f;
     size_t size = 0;
-    pf_slot *board = pf_dispatcher_scoreboard(d, &size);
+    pf_slot *board;
+    pf_dispatcher *d;
     uint64_t now;
-    int w[3], cl[7];
+    int *w, cl[7], port;
 
+    fx_setup(&f, 3, PF_POLICY_LEAST, 3, 0);
+    d = f.d;
+    w = f.w;
+    port = f.port;
+    board = pf_dispatcher_scoreboard(d, &size);
     CHECK(board != NULL);
     CHECK_EQ(size, 3 * sizeof(pf_slot));
-    CHECK_OK(pf_dispatcher_add_listener(d, lfd));
-    for (int s = 0; s < 3; s++)
-        w[s] = add_worker(d, s, 0, 1);
     /* All empty and idle: the lowest slot; then the emptiest each time. */
     CHECK_EQ(dispatch_one(d, port, w, 3, 0, &cl[0]), 0);
     CHECK_EQ(dispatch_one(d, port, w, 3, 1, &cl[1]), 1);
@@ -177,30 +165,26 @@ static void test_least(void)
     board[1].busy_since_ns = board[2].busy_since_ns = 0;
     board[0].busy_since_ns = now_ms() * 1000000u - 50000000u;
     CHECK(dispatch_one(d, port, w, 3, 6, &cl[6]) != 0);
-    pf_dispatcher_free(d);
-    close_all(w, 3);
-    close_all(cl, 7);
-    close(lfd);
-    CHECK_EQ(count_fds(), base);
+    fx_teardown(&f, cl, 7);
 }
 
 static void test_full_worker_backpressure(void)
 {
-    int base = count_fds(), port, lfd = tcp_listener(&port);
-    pf_config c = base_config(2, PF_POLICY_RR);
+    struct disp_fx f;
     pf_dispatcher *d;
     pf_slot *board;
     pf_event ev[4];
     pf_stats st;
-    int w[2], cl[5], ids[8], n;
+    int *w, cl[5], port;
     uint64_t wakeups;
 
-    c.max_inflight = 1;
-    d = new_disp(&c);
+    fx_init(&f, 2, PF_POLICY_RR);
+    f.c.max_inflight = 1;
+    fx_start(&f, 2, 0);
+    d = f.d;
+    w = f.w;
+    port = f.port;
     board = pf_dispatcher_scoreboard(d, NULL);
-    CHECK_OK(pf_dispatcher_add_listener(d, lfd));
-    w[0] = add_worker(d, 0, 0, 1);
-    w[1] = add_worker(d, 1, 0, 1);
     CHECK_EQ(dispatch_one(d, port, w, 2, 0, &cl[0]), 0);
     CHECK_EQ(dispatch_one(d, port, w, 2, 1, &cl[1]), 1);
 
@@ -229,10 +213,7 @@ static void test_full_worker_backpressure(void)
     board[1].want_credit = 0;
     send_credit(w[1]);
     run_until_dispatched(d, 3);
-    n = 0;
-    worker_take(w[1], ids, &n);
-    CHECK_EQ(n, 1);
-    CHECK_EQ(ids[0], 2);
+    take_one(w[1], 2);
     /* Ring empty -> listeners back -> the backlogged client is accepted and
      * stalls again (both full). The CREDIT was eaten: no MESSAGE event. */
     run_until_accepted(d, 4);
@@ -241,10 +222,7 @@ static void test_full_worker_backpressure(void)
     /* A worker that closes without a CREDIT is found by the 10 ms recheck. */
     board[0].closed = 1;
     run_until_dispatched(d, 4);
-    n = 0;
-    worker_take(w[0], ids, &n);
-    CHECK_EQ(n, 1);
-    CHECK_EQ(ids[0], 3);
+    take_one(w[0], 3);
     /* Both full again, but nothing is held: listeners are polled. */
     CHECK_EQ(pf_dispatcher_run(d, 0, ev, 4), 0);
     CHECK_EQ(stats(d).accepting, 1);
@@ -252,23 +230,20 @@ static void test_full_worker_backpressure(void)
     cl[4] = client(port, 4);
     run_until_dispatched(d, 5);
     CHECK_EQ(stats(d).accepting, 1);
-    pf_dispatcher_free(d);
-    close_all(w, 2);
-    close_all(cl, 5);
-    close(lfd);
-    CHECK_EQ(count_fds(), base);
+    fx_teardown(&f, cl, 5);
 }
 
 /* A worker whose channel is full (sendmsg EAGAIN) is skipped until it reads. */
 static void test_channel_eagain_skipped(void)
 {
-    int base = count_fds(), port, lfd = tcp_listener(&port);
-    pf_config c = base_config(2, PF_POLICY_RR);
-    pf_dispatcher *d = new_disp(&c);
+    struct disp_fx f;
+    pf_dispatcher *d;
     static char big[60000];
-    int sv[2], w[2], cl[6], ids[8], n, filled = 0;
+    int sv[2], *w = f.w, cl[6], ids[8], n, filled = 0, port;
 
-    CHECK_OK(pf_dispatcher_add_listener(d, lfd));
+    fx_setup(&f, 2, PF_POLICY_RR, 0, 0);
+    d = f.d;
+    port = f.port;
     CHECK(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0);
     set_nonblock(sv[0]);
     set_nonblock(sv[1]);
@@ -280,6 +255,7 @@ static void test_channel_eagain_skipped(void)
     CHECK_OK(pf_dispatcher_set_state(d, 0, PF_WORKER_READY));
     w[0] = sv[1];
     w[1] = add_worker(d, 1, 0, 1);
+    f.nw = 2;
 
     for (int i = 0; i < 4; i++)
         CHECK_EQ(dispatch_one(d, port, w + 1, 1, i, &cl[i]), 0);   /* all to w[1] */
@@ -299,31 +275,22 @@ static void test_channel_eagain_skipped(void)
     n = 0;
     worker_take(w[0], ids, &n);
     CHECK_EQ(n, 0);
-    pf_dispatcher_free(d);
-    close_all(w, 2);
-    close_all(cl, 6);
-    close(lfd);
-    CHECK_EQ(count_fds(), base);
+    fx_teardown(&f, cl, 6);
 }
 
 /* A worker that never reads is removed: its queued connections are
  * recovered through the peer end and reach the other workers. */
 static void test_remove_redispatches(void)
 {
-    int base = count_fds(), port, lfd = tcp_listener(&port);
-    pf_config c = base_config(3, PF_POLICY_RR);
-    pf_dispatcher *d = new_disp(&c);
-    int w[3], cl[6], ids[16], n = 0, seen = 0;
+    struct disp_fx f;
+    pf_dispatcher *d;
+    int *w = f.w, cl[6], ids[16], n = 0, seen = 0;
     pf_msg_hdr h;
     pf_stats st;
 
-    CHECK_OK(pf_dispatcher_add_listener(d, lfd));
-    for (int s = 0; s < 3; s++)
-        w[s] = add_worker(d, s, 1, 1);
-    for (int i = 0; i < 6; i++) {
-        cl[i] = client(port, (unsigned char)i);
-        run_until_dispatched(d, (uint64_t)i + 1);
-    }
+    fx_setup(&f, 3, PF_POLICY_RR, 3, 1);
+    d = f.d;
+    clients_one_by_one(d, f.port, cl, 6);
     /* Worker 0 has ids 0 and 3 queued, unread. */
     CHECK_EQ(pf_dispatcher_remove_worker(d, 0), 2);
     run_until_dispatched(d, 8);
@@ -340,28 +307,25 @@ static void test_remove_redispatches(void)
     /* Emptied, and the channel is closed. */
     CHECK_EQ(pf_recv_msg(w[0], &h, NULL, 0, NULL, 0), -EPIPE);
     CHECK_EQ(pf_dispatcher_remove_worker(d, 0), -ENOENT);
-    pf_dispatcher_free(d);
-    close_all(w, 3);
-    close_all(cl, 6);
-    close(lfd);
-    CHECK_EQ(count_fds(), base);
+    fx_teardown(&f, cl, 6);
 }
 
 /* The same with a real worker process that is SIGKILLed before reading. */
 static void test_stop_accepting_drains(void)
 {
-    int base = count_fds(), port, lfd = tcp_listener(&port);
-    pf_config c = base_config(1, PF_POLICY_RR);
+    struct disp_fx f;
     pf_dispatcher *d;
     pf_slot *board;
     pf_event ev[4];
-    int w, cl[6], ids[16], n = 0, got_drained = 0;
+    int w, port, cl[6], ids[16], n = 0, got_drained = 0;
 
-    c.max_inflight = 2;     /* the drain must wait for credit on the way */
-    d = new_disp(&c);
+    fx_init(&f, 1, PF_POLICY_RR);
+    f.c.max_inflight = 2;   /* the drain must wait for credit on the way */
+    fx_start(&f, 1, 0);
+    d = f.d;
+    w = f.w[0];
+    port = f.port;
     board = pf_dispatcher_scoreboard(d, NULL);
-    CHECK_OK(pf_dispatcher_add_listener(d, lfd));
-    w = add_worker(d, 0, 0, 1);
     for (int i = 0; i < 5; i++)
         cl[i] = client(port, (unsigned char)i);      /* all in the backlog */
     CHECK_OK(pf_dispatcher_stop_accepting(d));
@@ -399,19 +363,16 @@ static void test_stop_accepting_drains(void)
     CHECK_EQ(pf_dispatcher_run(d, 50, ev, 4), 0);
     CHECK_EQ(stats(d).accepted, 5);
     CHECK_EQ(stats(d).accepting, 0);
-    pf_dispatcher_free(d);
-    close(w);
-    close_all(cl, 6);
-    close(lfd);
+    fx_close(&f, cl, 6);
 
     /* No listeners at all: DRAINED at once. */
-    d = new_disp(&c);
+    d = new_disp(&f.c);
     CHECK_OK(pf_dispatcher_stop_accepting(d));
     CHECK_EQ(pf_dispatcher_run(d, 1000, ev, 4), 1);
     CHECK_EQ(ev[0].type, PF_EV_DRAINED);
     CHECK_EQ(pf_dispatcher_run(d, 0, ev, 4), 0);
     pf_dispatcher_free(d);
-    CHECK_EQ(count_fds(), base);
+    CHECK_EQ(count_fds(), f.base);
 }
 
 /* Watched fds, worker messages (CREDIT eaten, others left unread), hangups. */
@@ -498,60 +459,46 @@ static void test_events(void)
  * epoll says HUP; either way the connection goes to the other worker. */
 static void test_dead_worker_skipped(void)
 {
-    int base = count_fds(), port, lfd = tcp_listener(&port);
-    pf_config c = base_config(2, PF_POLICY_RR);
-    pf_dispatcher *d = new_disp(&c);
-    int w[2], cl[3], ids[4], n = 0;
+    struct disp_fx f;
+    int cl[3], ids[4], n = 0;
     pf_worker_stats ws;
 
-    CHECK_OK(pf_dispatcher_add_listener(d, lfd));
-    w[0] = add_worker(d, 0, 0, 1);
-    w[1] = add_worker(d, 1, 0, 1);
-    close(w[0]);
+    fx_setup(&f, 2, PF_POLICY_RR, 2, 0);
+    close(f.w[0]);
+    f.w[0] = -1;                            /* fx_teardown skips it */
     for (int i = 0; i < 3; i++)
-        cl[i] = client(port, (unsigned char)i);
-    run_until_dispatched(d, 3);
-    worker_take(w[1], ids, &n);
+        cl[i] = client(f.port, (unsigned char)i);
+    run_until_dispatched(f.d, 3);
+    worker_take(f.w[1], ids, &n);
     CHECK_EQ(n, 3);
     /* (The HANGUP event itself may have gone by inside the runs above.) */
-    CHECK_OK(pf_dispatcher_worker_stats(d, 0, &ws));
+    CHECK_OK(pf_dispatcher_worker_stats(f.d, 0, &ws));
     CHECK_EQ(ws.state, PF_WORKER_GONE);
-    CHECK_OK(pf_dispatcher_remove_worker(d, 0));
-    pf_dispatcher_free(d);
-    close(w[1]);
-    close_all(cl, 3);
-    close(lfd);
-    CHECK_EQ(count_fds(), base);
+    CHECK_OK(pf_dispatcher_remove_worker(f.d, 0));
+    fx_teardown(&f, cl, 3);
 }
 
 /* Many connections through, in waves; the fd count comes back. */
 static void test_many_no_leak(void)
 {
-    int base = count_fds(), port, lfd = tcp_listener(&port);
-    pf_config c = base_config(2, PF_POLICY_RR);
-    pf_dispatcher *d = new_disp(&c);
-    int w[2], cl[40], ids[64], total = 0;
+    struct disp_fx f;
+    int cl[40], ids[64], total = 0;
 
-    CHECK_OK(pf_dispatcher_add_listener(d, lfd));
-    w[0] = add_worker(d, 0, 1, 1);
-    w[1] = add_worker(d, 1, 1, 1);
+    fx_setup(&f, 2, PF_POLICY_RR, 2, 1);
     for (int wave = 0; wave < 25; wave++) {
         int n = 0;
         for (int i = 0; i < 40; i++)
-            cl[i] = client(port, (unsigned char)i);
-        run_until_dispatched(d, (uint64_t)total + 40);
-        worker_take(w[0], ids, &n);
-        worker_take(w[1], ids, &n);
+            cl[i] = client(f.port, (unsigned char)i);
+        run_until_dispatched(f.d, (uint64_t)total + 40);
+        worker_take(f.w[0], ids, &n);
+        worker_take(f.w[1], ids, &n);
         CHECK_EQ(n, 40);
         total += n;
         close_all(cl, 40);
     }
-    CHECK_EQ(stats(d).accepted, 1000);
-    CHECK_EQ(stats(d).dispatched, 1000);
-    pf_dispatcher_free(d);
-    close_all(w, 2);
-    close(lfd);
-    CHECK_EQ(count_fds(), base);
+    CHECK_EQ(stats(f.d).accepted, 1000);
+    CHECK_EQ(stats(f.d).dispatched, 1000);
+    fx_teardown(&f, NULL, 0);
 }
 
 /* Two dispatchers in one process do not share anything (no globals). */

@@ -13,13 +13,13 @@
 
 static void test_killed_worker_redispatches(void)
 {
-    int base = count_fds(), port, lfd = tcp_listener(&port);
-    pf_config c = base_config(2, PF_POLICY_RR);
-    pf_dispatcher *d = new_disp(&c);
+    struct disp_fx f;
+    pf_dispatcher *d;
     int sv[2], w1, cl[8], ids[16], n = 0, seen = 0, status;
     pid_t pid;
 
-    CHECK_OK(pf_dispatcher_add_listener(d, lfd));
+    fx_setup(&f, 2, PF_POLICY_RR, 0, 0);
+    d = f.d;
     CHECK(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0);
     CHECK_OK(pf_dispatcher_add_worker(d, 0, sv[0], sv[1]));   /* we keep the peer */
     pid = fork();
@@ -31,10 +31,8 @@ static void test_killed_worker_redispatches(void)
     }
     CHECK_OK(pf_dispatcher_set_state(d, 0, PF_WORKER_READY));
     w1 = add_worker(d, 1, 1, 1);
-    for (int i = 0; i < 8; i++) {
-        cl[i] = client(port, (unsigned char)i);
-        run_until_dispatched(d, (uint64_t)i + 1);
-    }
+    f.w[f.nw++] = w1;                       /* fx_teardown closes it */
+    clients_one_by_one(d, f.port, cl, 8);
     CHECK(kill(pid, SIGKILL) == 0);
     CHECK(waitpid(pid, &status, 0) == pid);
     CHECK(WIFSIGNALED(status));
@@ -46,11 +44,7 @@ static void test_killed_worker_redispatches(void)
         seen |= 1 << ids[i];
     CHECK_EQ(seen, 0xff);
     CHECK_EQ(stats(d).redispatched, 4);
-    pf_dispatcher_free(d);
-    close(w1);
-    close_all(cl, 8);
-    close(lfd);
-    CHECK_EQ(count_fds(), base);
+    fx_teardown(&f, cl, 8);
 }
 
 /* stop_accepting: the backlog is accepted to EAGAIN, everything is sent,
@@ -58,27 +52,27 @@ static void test_killed_worker_redispatches(void)
 
 static void test_forked_workers(void)
 {
-    int base = count_fds(), port, lfd = tcp_listener(&port);
-    pf_config c = base_config(2, PF_POLICY_RR);
-    pf_dispatcher *d = new_disp(&c);
+    struct disp_fx f;
+    pf_dispatcher *d;
     int sv[2][2], chan[2], seen = 0, hup = 0, status;
     pid_t pid[2];
     char tags[16];
     pid_t runner;
 
-    CHECK_OK(pf_dispatcher_add_listener(d, lfd));
+    fx_setup(&f, 2, PF_POLICY_RR, 0, 0);
+    d = f.d;
     for (int s = 0; s < 2; s++) {
         CHECK(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv[s]) == 0);
         chan[s] = sv[s][0];
         CHECK_OK(pf_dispatcher_add_worker(d, s, chan[s], -1));   /* before fork */
-        pid[s] = spawn_worker(sv[s], (char)('a' + s), lfd);
+        pid[s] = spawn_worker(sv[s], (char)('a' + s), f.lfd);
         CHECK_OK(pf_dispatcher_set_state(d, s, PF_WORKER_READY));
     }
     /* The clients run in a child so the dispatcher can run here meanwhile. */
     runner = fork();
     CHECK(runner >= 0);
     if (runner == 0) {
-        int served = clients_roundtrip(port, 16, tags);
+        int served = clients_roundtrip(f.port, 16, tags);
         int mask = 0;
         for (int i = 0; i < served; i++)
             mask |= 1 << (tags[i] - 'a');
@@ -110,9 +104,7 @@ static void test_forked_workers(void)
         CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
         CHECK_EQ(pf_dispatcher_remove_worker(d, s), 0);
     }
-    pf_dispatcher_free(d);
-    close(lfd);
-    CHECK_EQ(count_fds(), base);
+    fx_teardown(&f, NULL, 0);
 }
 
 /* The primary, in a forked child with RLIMIT_NOFILE at the number of fds it

@@ -10,7 +10,6 @@
  * received fds are closed", and a leak is only visible as a count.
  */
 #define _GNU_SOURCE
-#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
@@ -25,20 +24,6 @@
 
 /* ---- helpers ----------------------------------------------------------- */
 
-static int count_fds(void)
-{
-    DIR *d = opendir("/proc/self/fd");
-    struct dirent *e;
-    int n = 0;
-
-    CHECK(d != NULL);
-    while ((e = readdir(d)) != NULL)
-        if (e->d_name[0] != '.')
-            n++;
-    closedir(d);
-    return n - 1;   /* the DIR's own fd */
-}
-
 static void seqpair(int sv[2])
 {
     CHECK(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) == 0);
@@ -48,6 +33,22 @@ static void close_pair(int sv[2])
 {
     close(sv[0]);
     close(sv[1]);
+}
+
+/* seqpair(sv), returning the fd count from just before it. */
+static int counted_pair(int sv[2])
+{
+    int before = count_fds();
+
+    seqpair(sv);
+    return before;
+}
+
+/* close_pair(sv), then checks the fd count is back to before. */
+static void close_pair_check(int sv[2], int before)
+{
+    close_pair(sv);
+    CHECK_EQ(count_fds(), before);
 }
 
 static void set_nonblock(int fd)
@@ -122,8 +123,7 @@ static void expect_recv_error(const void *buf, size_t len, int nfds, size_t cap,
     char *payload = malloc(cap + 1);
 
     CHECK(payload != NULL);
-    before = count_fds();
-    seqpair(sv);
+    before = counted_pair(sv);
     devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     CHECK(devnull >= 0);
     for (i = 0; i < nfds; i++)
@@ -143,20 +143,31 @@ static void expect_recv_error(const void *buf, size_t len, int nfds, size_t cap,
     CHECK_EQ(hdr.type, PF_MSG_READY);
     CHECK_EQ(hdr.arg, 9);
 
-    close_pair(sv);
     free(payload);
-    CHECK_EQ(count_fds(), before);
+    close_pair_check(sv, before);
+}
+
+/* expect_recv_error(-EBADMSG) for raw_msg(magic, type, nfds, len, plen)
+ * sent with `sent` fds to a receiver with cap bytes and maxfds fd slots. */
+static void expect_badmsg(uint32_t magic, uint16_t type, uint16_t nfds, uint32_t len,
+                          size_t plen, int sent, size_t cap, int maxfds)
+{
+    size_t total;
+    unsigned char *m = raw_msg(magic, type, nfds, len, plen, &total);
+
+    expect_recv_error(m, total, sent, cap, maxfds, -EBADMSG);
+    free(m);
 }
 
 /* ---- well-formed messages ---------------------------------------------- */
 
 static void test_payload_roundtrip(void)
 {
-    int sv[2], fds[1], before = count_fds();
+    int sv[2], fds[1], before;
     pf_msg_hdr hdr;
     char buf[64];
 
-    seqpair(sv);
+    before = counted_pair(sv);
     CHECK_OK(pf_send_msg(sv[0], PF_MSG_USER, 42, "{\"a\":1}", 7, NULL, 0));
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, buf, sizeof(buf), fds, 1), 0);
     CHECK_EQ(hdr.magic, PF_MSG_MAGIC);
@@ -180,38 +191,36 @@ static void test_payload_roundtrip(void)
         CHECK_EQ(hdr.arg, t * 10);
         CHECK_EQ(hdr.len, 0);
     }
-    close_pair(sv);
-    CHECK_EQ(count_fds(), before);
+    close_pair_check(sv, before);
 }
 
 static void test_max_payload(void)
 {
-    int sv[2], before = count_fds();
+    int sv[2], before;
     pf_msg_hdr hdr;
     unsigned char *out = malloc(PF_MAX_PAYLOAD), *in = malloc(PF_MAX_PAYLOAD + 100);
 
     CHECK(out != NULL && in != NULL);
     for (size_t i = 0; i < PF_MAX_PAYLOAD; i++)
         out[i] = (unsigned char)(i * 131u + 7u);
-    seqpair(sv);
+    before = counted_pair(sv);
     CHECK_OK(pf_send_msg(sv[0], PF_MSG_USER, 1, out, PF_MAX_PAYLOAD, NULL, 0));
     /* A cap above the protocol limit is fine (clamped inside). */
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, in, PF_MAX_PAYLOAD + 100, NULL, 0), 0);
     CHECK_EQ(hdr.len, PF_MAX_PAYLOAD);
     CHECK(memcmp(in, out, PF_MAX_PAYLOAD) == 0);
-    close_pair(sv);
     free(out);
     free(in);
-    CHECK_EQ(count_fds(), before);
+    close_pair_check(sv, before);
 }
 
 static void test_send_validation(void)
 {
-    int sv[2], fd = 0, before = count_fds();
+    int sv[2], fd = 0, before;
     static int many[PF_MAX_FDS + 1];
     char big[1];
 
-    seqpair(sv);
+    before = counted_pair(sv);
     CHECK_EQ(pf_send_msg(sv[0], 0, 0, NULL, 0, NULL, 0), -EINVAL);
     CHECK_EQ(pf_send_msg(sv[0], 7, 0, NULL, 0, NULL, 0), -EINVAL);
     CHECK_EQ(pf_send_msg(sv[0], 0x10001, 0, NULL, 0, NULL, 0), -EINVAL);
@@ -227,22 +236,20 @@ static void test_send_validation(void)
     /* Nothing above reached the channel. */
     set_nonblock(sv[1]);
     CHECK_EQ(pf_recv_msg(sv[1], &(pf_msg_hdr){0}, NULL, 0, NULL, 0), -EAGAIN);
-    close_pair(sv);
-    CHECK_EQ(count_fds(), before);
+    close_pair_check(sv, before);
 }
 
 static void test_recv_validation(void)
 {
-    int sv[2], before = count_fds();
+    int sv[2], before;
     pf_msg_hdr hdr;
 
-    seqpair(sv);
+    before = counted_pair(sv);
     CHECK_EQ(pf_recv_msg(sv[1], NULL, NULL, 0, NULL, 0), -EINVAL);
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, NULL, 4, NULL, 0), -EINVAL);
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, NULL, 0, NULL, -1), -EINVAL);
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, NULL, 0, NULL, 2), -EINVAL);
-    close_pair(sv);
-    CHECK_EQ(count_fds(), before);
+    close_pair_check(sv, before);
 }
 
 /* Child side of the fork tests: receive one CONN with want fds, write the
@@ -322,13 +329,13 @@ static void test_pass_several_fds(void)
 
 static void test_cap_too_small(void)
 {
-    int sv[2], p[2], out[4], before = count_fds();
+    int sv[2], p[2], out[4], before;
     pf_msg_hdr hdr;
     char buf[10];
     char payload[100];
 
     memset(payload, 'p', sizeof(payload));
-    seqpair(sv);
+    before = counted_pair(sv);
     CHECK(pipe2(p, O_CLOEXEC) == 0);
     CHECK_OK(pf_send_msg(sv[0], PF_MSG_USER, 0, payload, sizeof(payload), p, 2));
     close(p[0]);
@@ -339,16 +346,15 @@ static void test_cap_too_small(void)
     /* No buffer at all for a message that has a payload. */
     CHECK_OK(pf_send_msg(sv[0], PF_MSG_USER, 0, payload, 1, NULL, 0));
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, NULL, 0, NULL, 0), -EMSGSIZE);
-    close_pair(sv);
-    CHECK_EQ(count_fds(), before);
+    close_pair_check(sv, before);
 }
 
 static void test_maxfds_too_small(void)
 {
-    int sv[2], p[2], out[PF_MAX_FDS], three[3], before = count_fds();
+    int sv[2], p[2], out[PF_MAX_FDS], three[3], before;
     pf_msg_hdr hdr;
 
-    seqpair(sv);
+    before = counted_pair(sv);
     CHECK(pipe2(p, O_CLOEXEC) == 0);
     three[0] = p[0];
     three[1] = p[1];
@@ -360,8 +366,7 @@ static void test_maxfds_too_small(void)
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, NULL, 0, out, 2), -EMSGSIZE);
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, NULL, 0, NULL, 0), -EMSGSIZE);
     CHECK_EQ(count_fds(), before + 2);
-    close_pair(sv);
-    CHECK_EQ(count_fds(), before);
+    close_pair_check(sv, before);
 }
 
 /* ---- malformed messages: -EBADMSG, nothing leaked ----------------------- */
@@ -383,38 +388,18 @@ static void test_short_and_garbage(void)
 
 static void test_bad_header_fields(void)
 {
-    size_t len;
-    unsigned char *m;
-
-    m = raw_msg(0xdeadbeef, PF_MSG_CONN, 1, 0, 0, &len);       /* magic */
-    expect_recv_error(m, len, 1, 64, 4, -EBADMSG);
-    free(m);
-    m = raw_msg(PF_MSG_MAGIC, 0, 0, 0, 0, &len);                /* type 0 */
-    expect_recv_error(m, len, 0, 64, 4, -EBADMSG);
-    free(m);
-    m = raw_msg(PF_MSG_MAGIC, 7, 1, 0, 0, &len);                /* type 7 */
-    expect_recv_error(m, len, 1, 64, 4, -EBADMSG);
-    free(m);
-    m = raw_msg(PF_MSG_MAGIC, PF_MSG_USER, 0, 10, 5, &len);     /* len > sent */
-    expect_recv_error(m, len, 0, 64, 4, -EBADMSG);
-    free(m);
-    m = raw_msg(PF_MSG_MAGIC, PF_MSG_USER, 1, 5, 10, &len);     /* len < sent */
-    expect_recv_error(m, len, 1, 64, 4, -EBADMSG);
-    free(m);
+    /*            magic         type         nfds len plen sent cap maxfds */
+    expect_badmsg(0xdeadbeef,   PF_MSG_CONN, 1,   0,  0,  1, 64, 4);  /* magic */
+    expect_badmsg(PF_MSG_MAGIC, 0,           0,   0,  0,  0, 64, 4);  /* type 0 */
+    expect_badmsg(PF_MSG_MAGIC, 7,           1,   0,  0,  1, 64, 4);  /* type 7 */
+    expect_badmsg(PF_MSG_MAGIC, PF_MSG_USER, 0,  10,  5,  0, 64, 4);  /* len > sent */
+    expect_badmsg(PF_MSG_MAGIC, PF_MSG_USER, 1,   5, 10,  1, 64, 4);  /* len < sent */
     /* A lying length bigger than the caller's cap is still a lie, not
      * EMSGSIZE: the real datagram length (MSG_TRUNC) exposes it. */
-    m = raw_msg(PF_MSG_MAGIC, PF_MSG_USER, 0, 100, 50, &len);
-    expect_recv_error(m, len, 0, 8, 4, -EBADMSG);
-    free(m);
-    m = raw_msg(PF_MSG_MAGIC, PF_MSG_CONN, 2, 0, 0, &len);      /* nfds > sent */
-    expect_recv_error(m, len, 1, 64, 4, -EBADMSG);
-    free(m);
-    m = raw_msg(PF_MSG_MAGIC, PF_MSG_CONN, 0, 0, 0, &len);      /* nfds < sent */
-    expect_recv_error(m, len, 3, 64, 4, -EBADMSG);
-    free(m);
-    m = raw_msg(PF_MSG_MAGIC, PF_MSG_CONN, 1, 0, 0, &len);      /* fd missing */
-    expect_recv_error(m, len, 0, 64, 4, -EBADMSG);
-    free(m);
+    expect_badmsg(PF_MSG_MAGIC, PF_MSG_USER, 0, 100, 50,  0,  8, 4);
+    expect_badmsg(PF_MSG_MAGIC, PF_MSG_CONN, 2,   0,  0,  1, 64, 4);  /* nfds > sent */
+    expect_badmsg(PF_MSG_MAGIC, PF_MSG_CONN, 0,   0,  0,  3, 64, 4);  /* nfds < sent */
+    expect_badmsg(PF_MSG_MAGIC, PF_MSG_CONN, 1,   0,  0,  0, 64, 4);  /* fd missing */
 }
 
 static void test_oversize_datagram(void)
@@ -433,33 +418,24 @@ static void test_oversize_datagram(void)
 
 static void test_ctrunc(void)
 {
-    size_t len;
-    unsigned char *m;
-
     /* More fds than the receiver's cmsg buffer (PF_MAX_FDS) holds: the
      * kernel installs what fits and sets MSG_CTRUNC; those must be closed. */
-    m = raw_msg(PF_MSG_MAGIC, PF_MSG_CONN, PF_MAX_FDS + 8, 0, 0, &len);
-    expect_recv_error(m, len, PF_MAX_FDS + 8, 64, PF_MAX_FDS, -EBADMSG);
-    free(m);
+    expect_badmsg(PF_MSG_MAGIC, PF_MSG_CONN, PF_MAX_FDS + 8, 0, 0, PF_MAX_FDS + 8, 64, PF_MAX_FDS);
     /* The case only MSG_CTRUNC catches: the header claims exactly what
      * fits, one more fd was sent and silently dropped by the kernel. */
-    m = raw_msg(PF_MSG_MAGIC, PF_MSG_CONN, PF_MAX_FDS, 0, 0, &len);
-    expect_recv_error(m, len, PF_MAX_FDS + 1, 64, PF_MAX_FDS, -EBADMSG);
-    free(m);
+    expect_badmsg(PF_MSG_MAGIC, PF_MSG_CONN, PF_MAX_FDS, 0, 0, PF_MAX_FDS + 1, 64, PF_MAX_FDS);
     /* Even when the header is honest about PF_MAX_FDS + 1. */
-    m = raw_msg(PF_MSG_MAGIC, PF_MSG_CONN, PF_MAX_FDS + 1, 0, 0, &len);
-    expect_recv_error(m, len, PF_MAX_FDS + 1, 64, PF_MAX_FDS, -EBADMSG);
-    free(m);
+    expect_badmsg(PF_MSG_MAGIC, PF_MSG_CONN, PF_MAX_FDS + 1, 0, 0, PF_MAX_FDS + 1, 64, PF_MAX_FDS);
 }
 
 static void test_foreign_cmsg(void)
 {
-    int sv[2], p[2], out[4], on = 1, before = count_fds();
+    int sv[2], p[2], out[4], on = 1, before;
     pf_msg_hdr hdr;
 
     /* SO_PASSCRED makes the kernel add an SCM_CREDENTIALS cmsg: a second
      * cmsg of the wrong type. The fds next to it must still be closed. */
-    seqpair(sv);
+    before = counted_pair(sv);
     CHECK(setsockopt(sv[1], SOL_SOCKET, SO_PASSCRED, &on, sizeof(on)) == 0);
     CHECK(pipe2(p, O_CLOEXEC) == 0);
     CHECK_OK(pf_send_msg(sv[0], PF_MSG_CONN, 0, NULL, 0, p, 2));
@@ -469,18 +445,17 @@ static void test_foreign_cmsg(void)
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, NULL, 0, out, 4), -EBADMSG);
     CHECK_EQ(count_fds(), before + 2);
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, NULL, 0, out, 4), -EBADMSG);
-    close_pair(sv);
-    CHECK_EQ(count_fds(), before);
+    close_pair_check(sv, before);
 }
 
 /* ---- channel state ------------------------------------------------------ */
 
 static void test_eof(void)
 {
-    int sv[2], before = count_fds();
+    int sv[2], before;
     pf_msg_hdr hdr;
 
-    seqpair(sv);
+    before = counted_pair(sv);
     CHECK_OK(pf_send_msg(sv[0], PF_MSG_DRAIN, 0, NULL, 0, NULL, 0));
     close(sv[0]);
     /* Queued data first, then EOF, and EOF again. */
@@ -514,11 +489,11 @@ static void test_send_to_closed_peer(void)
 
 static void test_nonblocking(void)
 {
-    int sv[2], sent = 0, rc, before = count_fds();
+    int sv[2], sent = 0, rc, before;
     pf_msg_hdr hdr;
     char buf[256];
 
-    seqpair(sv);
+    before = counted_pair(sv);
     set_nonblock(sv[0]);
     set_nonblock(sv[1]);
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, buf, sizeof(buf), NULL, 0), -EAGAIN);
@@ -537,8 +512,7 @@ static void test_nonblocking(void)
         CHECK_EQ(hdr.arg, i);
     }
     CHECK_EQ(pf_recv_msg(sv[1], &hdr, buf, sizeof(buf), NULL, 0), -EAGAIN);
-    close_pair(sv);
-    CHECK_EQ(count_fds(), before);
+    close_pair_check(sv, before);
 }
 
 static void on_alarm(int sig)
