@@ -16,8 +16,8 @@ SIGTERM handler is installed (b"S", the constructor waits for it), and when it s
 draining (b"D") and test apps can write their own (`child_notify`) and wait for the
 parent (`child_wait_release`, a pipe read).
 
-Other test modules load this file by path (`load_harness()` below, copied there) so
-it works under --import-mode=importlib, where tests/ is not on sys.path.
+The pipes, fd counting and a minimal response reader are shared with wsgi_harness
+(net_harness.py); tests import this module by name (conftest.py puts tests/ on sys.path).
 """
 from __future__ import annotations
 
@@ -25,18 +25,13 @@ import asyncio
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import time
-import traceback
 
 
-LIVENESS = 30.0  # s; generous bound for a child to drain and exit (2 cores shared by ~6 people)
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+from net_harness import CHILD, LIVENESS, ForkedChild, fd_count as fd_count, read_response as read_response
+from net_harness import listener as net_listener
 
 
 class FakeRuntime:
@@ -119,10 +114,6 @@ class FakeRuntime:
                 "pid": self.pid, "id": self.id}
 
 
-# Set in the child only: pipe ends test apps use through child_notify/child_wait_release.
-CHILD: dict = {}
-
-
 def child_notify(byte: bytes) -> None:
     os.write(CHILD["events_w"], byte)
 
@@ -141,88 +132,48 @@ async def child_wait_release() -> None:
 
 
 def listener() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
+    return net_listener(backlog=128, blocking=False)
 
 
-class ForkedWorker:
+class ForkedWorker(ForkedChild):
     """One child running `pyfork.serve.<interface>.serve(app, FakeRuntime(...))`."""
 
     def __init__(self, listen_sock, app, interface: str, worker_id: int = 1, env: dict | None = None,
                  nodelay: bool = True, report=None, runtime: str = "fake"):
         self.interface = interface
         self.port = listen_sock.getsockname()[1]
-        self.events_r, events_w = os.pipe2(os.O_CLOEXEC)
-        release_r, self.release_w = os.pipe2(os.O_CLOEXEC)
-        stats_r, stats_w = os.pipe2(os.O_CLOEXEC)
-        self.stats_r = stats_r
-        self.stats = None
-        pid = os.fork()
-        if pid == 0:  # child: never returns
-            code = 1
-            try:
-                os.close(self.events_r)
-                os.close(self.release_w)
-                os.close(stats_r)
-                CHILD.update(events_w=events_w, release_r=release_r)
-                for key, value in (env or {}).items():
-                    os.environ[key] = value
-                from pyfork.serve import load
-                module = load(interface)
-                if runtime == "standalone":  # the supervisor's, as shipped
-                    from pyfork.worker import StandaloneRuntime
-                    rt = StandaloneRuntime(listen_sock, id=worker_id)
-                    signal.signal(signal.SIGTERM, lambda signum, frame: rt.stop())
-                else:
-                    rt = FakeRuntime(listen_sock, worker_id=worker_id, nodelay=nodelay, events_fd=events_w)
-                    rt.install_signals()
-                try:  # make pyfork.worker.current() answer as in a real worker (this child only)
-                    import pyfork.worker
-                    pyfork.worker.current = lambda: rt
-                except ImportError:
-                    pass
-                os.write(events_w, b"S")  # the parent may signal us from now on
-                module.serve(app, rt)
-                out = rt.stats() if runtime != "standalone" else {
-                    "taken": rt.taken, "closed": rt.closed_count, "started": rt.started,
-                    "finished": rt.finished, "ticks": rt.ticks, "pid": rt.pid, "id": rt.id}
-                out["extra"] = report() if report else None
-                code = 0
-            except BaseException:
-                out = {"error": traceback.format_exc()}
-            try:
-                os.write(stats_w, json.dumps(out).encode())
-            finally:
-                os._exit(code)
-        self.pid = pid
-        os.close(events_w)
-        os.close(release_r)
-        os.close(stats_w)
+
+        def run_child(events_w: int) -> dict:
+            for key, value in (env or {}).items():
+                os.environ[key] = value
+            from pyfork.serve import load
+            module = load(interface)
+            if runtime == "standalone":  # the supervisor's, as shipped
+                from pyfork.worker import StandaloneRuntime
+                rt = StandaloneRuntime(listen_sock, id=worker_id)
+                signal.signal(signal.SIGTERM, lambda signum, frame: rt.stop())
+            else:
+                rt = FakeRuntime(listen_sock, worker_id=worker_id, nodelay=nodelay, events_fd=events_w)
+                rt.install_signals()
+            try:  # make pyfork.worker.current() answer as in a real worker (this child only)
+                import pyfork.worker
+                pyfork.worker.current = lambda: rt
+            except ImportError:
+                pass
+            os.write(events_w, b"S")  # the parent may signal us from now on
+            module.serve(app, rt)
+            out = rt.stats() if runtime != "standalone" else {
+                "taken": rt.taken, "closed": rt.closed_count, "started": rt.started,
+                "finished": rt.finished, "ticks": rt.ticks, "pid": rt.pid, "id": rt.id}
+            out["extra"] = report() if report else None
+            return out
+
+        self._fork(run_child)
         try:
             self.wait_event(b"S")
         except BaseException:
             self.kill()
             raise
-
-    def wait_event(self, expected: bytes, timeout: float = LIVENESS) -> None:
-        """Blocks until the child writes `expected` on the events pipe (other bytes are skipped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.events_r], [], [], left)[0]:
-                raise AssertionError(f"child {self.pid} did not signal {expected!r} within {timeout} s")
-            got = os.read(self.events_r, 1)
-            if got == expected:
-                return
-            if not got:
-                raise AssertionError(f"child {self.pid} exited before signalling {expected!r}")
-
-    def release(self) -> None:
-        os.write(self.release_w, b"R")
 
     def drain(self) -> None:
         os.kill(self.pid, signal.SIGTERM)
@@ -239,7 +190,7 @@ class ForkedWorker:
         else:
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
-            self._close()
+            self._close_pipes()
             raise AssertionError(f"child {self.pid} did not exit within {timeout} s of the drain")
         chunks = []
         while True:
@@ -247,7 +198,7 @@ class ForkedWorker:
             if not chunk:
                 break
             chunks.append(chunk)
-        self._close()
+        self._close_pipes()
         raw = b"".join(chunks)
         self.stats = json.loads(raw) if raw else {"error": f"no stats, wait status {status}"}
         assert "error" not in self.stats, self.stats["error"]
@@ -257,22 +208,6 @@ class ForkedWorker:
     def stop(self) -> dict:
         self.drain()
         return self.join()
-
-    def _close(self) -> None:
-        for fd in (self.events_r, self.release_w, self.stats_r):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def kill(self) -> None:
-        """Last resort in a finally: kill and reap if still running; close our fds."""
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        self._close()
 
 
 class Client:

@@ -14,7 +14,19 @@ import sys
 import threading
 import time
 
-RAW_APP = r'''
+READ_HEAD = r'''
+def read_head(sock):
+    """The request head (and anything after it), or None if the client closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return None
+        data += chunk
+    return data
+'''
+
+RAW_APP = READ_HEAD + r'''
 import json, os, time
 import pyfork.worker
 
@@ -23,12 +35,9 @@ if pyfork.worker.current() is not None:
     pyfork.worker.current().on_message(lambda obj: _last.update(msg=obj))
 
 def app(sock, addr):
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return
-        data += chunk
+    data = read_head(sock)
+    if data is None:
+        return
     path = data.split(b" ", 2)[1].decode()
     if path.startswith("/sleep"):
         time.sleep(int(path.split("=", 1)[1]) / 1000)
@@ -189,6 +198,11 @@ def pid_of(port, path="/"):
     status, body = http_get(port, path)
     assert status == 200, (status, body)
     return json.loads(body)["pid"]
+
+
+def serving_pids(port, requests=4):
+    """The set of worker pids that answered `requests` fresh requests (round robin over them)."""
+    return {pid_of(port) for _ in range(requests)}
 
 
 def alive(pid):

@@ -7,6 +7,7 @@ the runtime's counters and this process's open-fd count.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -78,17 +79,22 @@ def fds():
     assert H.fd_count() == before
 
 
-def run_worker(handler, env=None):
+@contextlib.contextmanager
+def running_worker(handler, env=None, **kw):
+    """A ForkedWorker serving `handler` with the asyncio interface; killed (and reaped) on the
+    way out whatever happened, so stop()/join() it inside the block to get its stats."""
     lsock = H.listener()
-    worker = H.ForkedWorker(lsock, handler, "asyncio", env=env)
+    worker = H.ForkedWorker(lsock, handler, "asyncio", env=env, **kw)
     lsock.close()
-    return worker
+    try:
+        yield worker
+    finally:
+        worker.kill()
 
 
 @pytest.mark.parametrize("env", LOOPS)
 def test_echo_many_connections(fds, env):
-    worker = run_worker(echo, env)
-    try:
+    with running_worker(echo, env) as worker:
         payload = os.urandom(200_000)  # several reads and a drain() under back-pressure
         for i in range(5):
             with connect(worker.port) as sock:
@@ -96,55 +102,43 @@ def test_echo_many_connections(fds, env):
                 sock.shutdown(socket.SHUT_WR)
                 assert recv_all(sock) == payload + bytes([i])
         stats = worker.stop()
-    finally:
-        worker.kill()
     assert stats["taken"] == 5
     H.assert_balanced(stats)
 
 
 @pytest.mark.parametrize("env", LOOPS)
 def test_uvloop_switch(fds, env):
-    worker = run_worker(loop_kind, env)
-    try:
+    with running_worker(loop_kind, env) as worker:
         with connect(worker.port) as sock:
             sock.sendall(b"?\n")
             kind = recv_all(sock)
         worker.stop()
-    finally:
-        worker.kill()
     assert kind.startswith(b"uvloop" if env["PYFORK_UVLOOP"] == "1" else b"asyncio")
 
 
 def test_handler_returning_without_close_closes_connection(fds):
-    worker = run_worker(greet_and_return)
-    try:
+    with running_worker(greet_and_return) as worker:
         with connect(worker.port) as sock:
             sock.sendall(b"pyfork\n")
             assert recv_all(sock) == b"hello pyfork\n"  # EOF comes: the interface closed it
         stats = worker.stop()
-    finally:
-        worker.kill()
     H.assert_balanced(stats)
 
 
 def test_handler_exception_closes_connection_and_worker_keeps_serving(fds):
-    worker = run_worker(crash)
-    try:
+    with running_worker(crash) as worker:
         for _ in range(3):
             with connect(worker.port) as sock:
                 sock.sendall(b"x\n")
                 assert recv_all(sock) == b""
         stats = worker.stop()
-    finally:
-        worker.kill()
     assert stats["taken"] == 3
     H.assert_balanced(stats)
 
 
 @pytest.mark.parametrize("env", LOOPS)
 def test_drain_waits_for_running_handler(fds, env):
-    worker = run_worker(hold, env)
-    try:
+    with running_worker(hold, env) as worker:
         with connect(worker.port) as sock:
             sock.sendall(b"go\n")
             worker.wait_event(b"H")       # the handler is running
@@ -153,8 +147,6 @@ def test_drain_waits_for_running_handler(fds, env):
             worker.release()
             assert recv_all(sock) == b"done\n"
         stats = worker.join()
-    finally:
-        worker.kill()
     assert stats["taken"] == 1
     H.assert_balanced(stats)
 
@@ -188,17 +180,12 @@ def test_detect():
 
 def test_with_the_shipped_standalone_runtime(fds):
     pytest.importorskip("pyfork.worker").StandaloneRuntime  # noqa: B018 (supervisor's helper)
-    lsock = H.listener()
-    worker = H.ForkedWorker(lsock, echo, "asyncio", runtime="standalone")
-    lsock.close()
-    try:
+    with running_worker(echo, runtime="standalone") as worker:
         with connect(worker.port) as sock:
             sock.sendall(b"ping")
             sock.shutdown(socket.SHUT_WR)
             assert recv_all(sock) == b"ping"
         stats = worker.stop()
-    finally:
-        worker.kill()
     assert stats["taken"] == 1
     H.assert_balanced(stats)
 

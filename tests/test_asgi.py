@@ -226,30 +226,6 @@ def raw_request(sock: socket.socket, data: bytes) -> None:
     sock.sendall(data)
 
 
-def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
-    """Reads one Content-Length response from a blocking socket."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise AssertionError(f"connection closed mid-response: {buf!r}")
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    hdrs = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        hdrs[k.strip().lower()] = v.strip()
-    length = int(hdrs.get("content-length", "0"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    return status, hdrs, rest[:length]
-
-
 def at_eof(sock: socket.socket) -> bool:
     try:
         return sock.recv(1) == b""
@@ -339,7 +315,7 @@ def test_drain(fds, env):
     try:
         for sock in (pending, idle):  # make them kept-alive connections
             raw_request(sock, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            status, hdrs, _ = read_response(sock)
+            status, hdrs, _ = H.read_response(sock)
             assert status == 200 and hdrs.get("connection") != "close"
         raw_request(busy, b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
         worker.wait_event(b"H")  # /hold is in flight
@@ -349,15 +325,15 @@ def test_drain(fds, env):
         worker.wait_event(b"D")  # the worker is draining now
         assert at_eof(idle)
         raw_request(pending, b"\r\n")
-        status, hdrs, body = read_response(pending)
+        status, hdrs, body = H.read_response(pending)
         assert status == 503 and hdrs["connection"] == "close", (status, hdrs, body)
         assert at_eof(pending)
         raw_request(fresh, b"\r\n")
-        status, hdrs, body = read_response(fresh)
+        status, hdrs, body = H.read_response(fresh)
         assert status == 200 and hdrs["connection"] == "close" and b"started_in_pid" in body
         assert at_eof(fresh)
         worker.release()
-        status, hdrs, body = read_response(busy)
+        status, hdrs, body = H.read_response(busy)
         assert (status, body) == (200, b"held and done") and hdrs["connection"] == "close"
         assert at_eof(busy)
         stats = worker.join()

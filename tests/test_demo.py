@@ -224,25 +224,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
-    """One response with a Content-Length body, read to its end."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise AssertionError(f"closed before a response head: {buf!r}")
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    while len(rest) < int(headers.get("content-length", 0)):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    return int(lines[0].split()[1]), headers, rest
-
-
 def test_pyfork_serve_asgi_demo_end_to_end(fds, tmp_path):
     """The real supervisor and worker runtime: round robin over 2 workers, then a graceful stop."""
     port = _free_port()
@@ -274,10 +255,10 @@ def test_pyfork_serve_asgi_demo_end_to_end(fds, tmp_path):
         try:
             for sock in (idle, busy):
                 sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-                assert _read_response(sock)[0] == 200
+                assert H.read_response(sock)[0] == 200
             busy.sendall(b"GET /sleep?ms=500 HTTP/1.1\r\nHost: t\r\n\r\n")
             proc.send_signal(signal.SIGTERM)
-            status, headers, _ = _read_response(busy)
+            status, headers, _ = H.read_response(busy)
             # In flight when the drain began: 200; still unread in the socket then: 503.
             # Either way the worker says it is closing the connection.
             assert status in (200, 503) and headers["connection"] == "close", (status, headers)

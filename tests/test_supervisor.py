@@ -27,7 +27,7 @@ def test_serves_on_every_worker_and_stops_with_0(apps, backend):
     with H.Server(apps, backend.BACKEND) as srv:
         srv.start(ready=2)
         assert f"(policy rr, backend {backend.BACKEND}, 2 workers)" in srv.log()
-        pids = {H.pid_of(srv.port) for _ in range(6)}
+        pids = H.serving_pids(srv.port, 6)
         assert len(pids) == 2                       # round robin reaches both
         srv.signal(signal.SIGTERM)
         assert srv.wait() == 0
@@ -75,7 +75,7 @@ def test_sigkilled_worker_replaced_and_queued_connections_not_lost(apps, backend
         assert bad == []                            # every queued connection was served
         srv.wait_log(rf"pid {victim}\) exited code=None signal=9")
         srv.wait_log(r"ready", n=3)                 # the replacement
-        assert victim not in {H.pid_of(srv.port) for _ in range(4)}
+        assert victim not in H.serving_pids(srv.port)
         recovered = srv.count(r"recovered \d+ queued connection")
         assert recovered == 1, srv.log()
         blocker.join(30)
@@ -105,7 +105,7 @@ def test_worker_failing_at_import_bounded_forks_then_exit_3(apps, backend):
 def test_rolling_restart_repeated_under_load_fails_nothing(apps, backend):
     with H.Server(apps, backend.BACKEND, "--graceful-timeout", "20") as srv:
         srv.start(ready=2)
-        before = {H.pid_of(srv.port) for _ in range(4)}
+        before = H.serving_pids(srv.port)
         with H.Load(srv.port, threads=3) as load:
             for i in range(3):
                 srv.signal(signal.SIGHUP)
@@ -113,7 +113,7 @@ def test_rolling_restart_repeated_under_load_fails_nothing(apps, backend):
             time.sleep(0.3)
         assert load.failed == [], load.failed[:5]
         assert load.ok > 0
-        after = {H.pid_of(srv.port) for _ in range(4)}
+        after = H.serving_pids(srv.port)
         assert not (before & after)                 # every worker was replaced
         assert srv.count(r"reload ABORTED") == 0
         srv.signal(signal.SIGTERM)
@@ -123,12 +123,12 @@ def test_rolling_restart_repeated_under_load_fails_nothing(apps, backend):
 def test_reload_aborts_when_replacement_fails_and_old_workers_keep_serving(apps, backend):
     with H.Server(apps, backend.BACKEND, app="markapp:app") as srv:
         srv.start(ready=2)
-        before = {H.pid_of(srv.port) for _ in range(4)}
+        before = H.serving_pids(srv.port)
         # Break the app on disk: replacements fail at import.
         (apps / "markapp.py").write_text(H.BAD_IN_WORKER_APP + "\n# broken\n")
         srv.signal(signal.SIGHUP)
         srv.wait_log(r"reload ABORTED")
-        assert {H.pid_of(srv.port) for _ in range(4)} == before
+        assert H.serving_pids(srv.port) == before
         srv.signal(signal.SIGTERM)
         assert srv.wait() == 0
 
@@ -181,7 +181,7 @@ def test_hung_worker_is_killed_and_replaced(apps, backend):
         srv.wait_log(rf"pid {victim}\) hung: no heartbeat", timeout=60)
         srv.wait_log(r"ready", n=3, timeout=60)
         t.join(30)
-        assert victim not in {H.pid_of(srv.port) for _ in range(4)}
+        assert victim not in H.serving_pids(srv.port)
         srv.signal(signal.SIGTERM)
         assert srv.wait() == 0
 
@@ -192,11 +192,11 @@ def test_ttin_ttou_change_the_worker_count(apps, backend):
         srv.signal(signal.SIGTTIN)
         srv.wait_log(r"scaling from 2 to 3 workers")
         srv.wait_log(r"ready", n=3)
-        H.wait_until(lambda: len({H.pid_of(srv.port) for _ in range(6)}) == 3, what="3 pids answering")
+        H.wait_until(lambda: len(H.serving_pids(srv.port, 6)) == 3, what="3 pids answering")
         srv.signal(signal.SIGTTOU)
         srv.wait_log(r"scaling from 3 to 2 workers")
         srv.wait_log(r"exited code=0", n=1)
-        pids = {H.pid_of(srv.port) for _ in range(6)}
+        pids = H.serving_pids(srv.port, 6)
         assert len(pids) == 2
         srv.signal(signal.SIGTERM)
         assert srv.wait() == 0
@@ -205,12 +205,12 @@ def test_ttin_ttou_change_the_worker_count(apps, backend):
 def test_max_requests_recycles_without_failures(apps, backend):
     with H.Server(apps, backend.BACKEND, "--max-requests", "5", "--max-requests-jitter", "2") as srv:
         srv.start(ready=2)
-        first = {H.pid_of(srv.port) for _ in range(4)}
+        first = H.serving_pids(srv.port)
         for _ in range(12):                      # past 5..7 requests per worker
             H.pid_of(srv.port)
         srv.wait_log(r"reached max_requests")
         srv.wait_log(r"replaces worker", n=2)    # replacement READY first, then the old one drains
-        H.wait_until(lambda: not ({H.pid_of(srv.port) for _ in range(4)} & first), what="recycled pids")
+        H.wait_until(lambda: not (H.serving_pids(srv.port) & first), what="recycled pids")
         srv.signal(signal.SIGTERM)
         assert srv.wait() == 0
 
@@ -218,7 +218,7 @@ def test_max_requests_recycles_without_failures(apps, backend):
 def test_sigkill_of_the_primary_leaves_no_worker(apps, backend):
     with H.Server(apps, backend.BACKEND) as srv:
         srv.start(ready=2)
-        pids = {H.pid_of(srv.port) for _ in range(6)}
+        pids = H.serving_pids(srv.port, 6)
         assert len(pids) == 2
         srv.signal(signal.SIGKILL)
         srv.wait()
@@ -252,7 +252,7 @@ def test_other_policies_serve_reload_and_stop(apps, backend, pol):
         srv.signal(signal.SIGTTOU)
         srv.wait_log(r"scaling from 2 to 1")
         srv.wait_log(r"exited code=0", n=3)       # 2 replaced by the reload + the scaled-down one
-        assert len({H.pid_of(srv.port) for _ in range(10)}) == 1
+        assert len(H.serving_pids(srv.port, 10)) == 1
         srv.signal(signal.SIGTERM)
         assert srv.wait() == 0
 
@@ -357,14 +357,14 @@ sys.exit(c.run())
     import sys
     with H.Server(apps, backend.BACKEND, argv=[sys.executable, str(script)]) as srv:
         srv.start(ready=2)
-        before = {H.pid_of(srv.port) for _ in range(4)}
+        before = H.serving_pids(srv.port)
         for _ in range(2):
             assert H.http_get(srv.port, "/garbage")[0] == 200
         srv.wait_log(r"message from \d+: \{'after': 'garbage'\}", n=2)
         assert srv.count(r"dropped a malformed message") >= 4
         assert srv.count(r"dropped a message that is not JSON") == 2
         assert srv.count(r"dropped a malformed control message") == 2
-        assert {H.pid_of(srv.port) for _ in range(4)} == before
+        assert H.serving_pids(srv.port) == before
         srv.signal(signal.SIGTERM)
         assert srv.wait() == 0
 
@@ -397,21 +397,17 @@ def test_sigterm_to_one_worker_drains_and_replaces_it_without_failures(apps, bac
             srv.wait_log(r"ready", n=3)
             time.sleep(0.3)
         assert load.failed == [], load.failed[:5]
-        assert victim not in {H.pid_of(srv.port) for _ in range(4)}
+        assert victim not in H.serving_pids(srv.port)
         assert srv.count("rapid crash") == 0
         srv.signal(signal.SIGTERM)
         assert srv.wait() == 0
 
 
-VERSIONED_APP = r'''
+VERSIONED_APP = H.READ_HEAD.replace("%", "%%") + r'''
 VERSION = "%s"
 def app(sock, addr):
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return
-        data += chunk
+    if read_head(sock) is None:
+        return
     body = VERSION.encode()
     sock.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %%d\r\nConnection: close\r\n\r\n%%s" %% (len(body), body))
 '''

@@ -24,6 +24,7 @@ import pytest
 
 
 import wsgi_harness as H
+from net_harness import StopOnExit
 pytestmark = [pytest.mark.usefixtures("fd_guard"), pytest.mark.timeout(300)]
 
 APP_SOURCE = textwrap.dedent('''
@@ -68,7 +69,7 @@ APP_SOURCE = textwrap.dedent('''
 ''')
 
 
-class Served:
+class Served(StopOnExit):
     """`python -m pyfork serve pyfork_serve_test_app:app` on a free loopback port."""
 
     def __init__(self, tmp_path, workers=2, env=None):
@@ -111,15 +112,6 @@ class Served:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.stop()
-        else:
-            self.kill()
 
 
 def worker_pids(served, rounds=8):

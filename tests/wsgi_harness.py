@@ -16,7 +16,7 @@ The client side speaks HTTP with plain sockets: `exchange()` sends bytes as they
 closes, and reads to EOF; `read_response()` parses one response (Content-Length, chunked, or
 to EOF) so pipelined responses can be checked one by one.
 
-This file holds no tests; the others load it by path (works with --import-mode=importlib).
+This file holds no tests; the pipes and fd counting are shared with asgi_harness (net_harness.py).
 """
 import json
 import logging
@@ -27,13 +27,9 @@ import select
 import signal
 import socket
 import time
-import traceback
 
-LIVENESS = 30.0   # s: generous bound for anything that should happen "soon" (2 shared cores)
-
-
-def fd_count():
-    return len(os.listdir("/proc/self/fd"))
+from net_harness import CHILD, LIVENESS, ForkedChild, StopOnExit, fd_count as fd_count
+from net_harness import listener as net_listener
 
 
 class _FakeRuntime:
@@ -102,14 +98,7 @@ def make_runtime(listen_sock):
 
 
 def listener(family=socket.AF_INET):
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(256)
-    return sock
-
-
-CHILD = {}   # in the child only: pipe ends for notify()/wait_release()
+    return net_listener(family, backlog=256)
 
 
 def notify(byte):
@@ -122,65 +111,34 @@ def wait_release():
     os.read(CHILD["release_r"], 1)
 
 
-class Worker:
+class Worker(ForkedChild, StopOnExit):
     """A forked child serving `app` with one interface module on a fresh listener."""
 
     def __init__(self, app, interface="wsgi", limits=None, env=None):
         listen = listener()
         self.port = listen.getsockname()[1]
         self.addr = ("127.0.0.1", self.port)
-        self.events_r, events_w = os.pipe2(os.O_CLOEXEC)
-        release_r, self.release_w = os.pipe2(os.O_CLOEXEC)
-        self.stats_r, stats_w = os.pipe2(os.O_CLOEXEC)
-        self.stats = None
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(self.events_r)
-                os.close(self.release_w)
-                os.close(self.stats_r)
-                CHILD.update(events_w=events_w, release_r=release_r)
-                os.environ.update(env or {})
-                import importlib
-                module = importlib.import_module("pyfork.serve." + interface)
-                rt = make_runtime(listen)
 
-                # stop() only records (draining = True) and writes its wakeup pipe, which is
-                # what signal.set_wakeup_fd would do; the loop acts on it
-                signal.signal(signal.SIGTERM, lambda signum, frame: rt.stop())
-                os.write(events_w, b"S")
-                if limits is not None:
-                    module.serve(app, rt, limits)
-                else:
-                    module.serve(app, rt)
-                out = {"taken": rt.taken, "closed": rt.closed_count, "started": rt.started,
-                       "finished": rt.finished, "ticks": rt.ticks, "pid": os.getpid()}
-                code = 0
-            except BaseException:
-                out = {"error": traceback.format_exc()}
-            try:
-                os.write(stats_w, json.dumps(out).encode())
-            finally:
-                os._exit(code)
-        self.pid = pid
+        def run_child(events_w):
+            os.environ.update(env or {})
+            import importlib
+            module = importlib.import_module("pyfork.serve." + interface)
+            rt = make_runtime(listen)
+
+            # stop() only records (draining = True) and writes its wakeup pipe, which is
+            # what signal.set_wakeup_fd would do; the loop acts on it
+            signal.signal(signal.SIGTERM, lambda signum, frame: rt.stop())
+            os.write(events_w, b"S")
+            if limits is not None:
+                module.serve(app, rt, limits)
+            else:
+                module.serve(app, rt)
+            return {"taken": rt.taken, "closed": rt.closed_count, "started": rt.started,
+                    "finished": rt.finished, "ticks": rt.ticks, "pid": os.getpid()}
+
+        self._fork(run_child)
         listen.close()
-        os.close(events_w)
-        os.close(release_r)
-        os.close(stats_w)
         self.wait_event(b"S")
-
-    def wait_event(self, expected, timeout=LIVENESS):
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.events_r], [], [], left)[0]:
-                raise TimeoutError(f"child never sent {expected!r}")
-            got = os.read(self.events_r, 1)
-            if not got:
-                raise RuntimeError(f"child exited before sending {expected!r}")
-            if got == expected:
-                return
 
     def events_now(self):
         """Every byte apps have notify()-ed so far and not yet read (non-blocking)."""
@@ -191,9 +149,6 @@ class Worker:
                 break
             out += data
         return out
-
-    def release(self):
-        os.write(self.release_w, b"R")
 
     def alive(self):
         return os.waitpid(self.pid, os.WNOHANG) == (0, 0)
@@ -230,30 +185,6 @@ class Worker:
         assert self.stats["taken"] == self.stats["closed"], self.stats
         assert self.stats["started"] == self.stats["finished"], self.stats
         return self.stats
-
-    def kill(self):
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        self._close_pipes()
-
-    def _close_pipes(self):
-        for name in ("events_r", "release_w", "stats_r"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.stop()
-        else:
-            self.kill()
 
 
 # -- client side ---------------------------------------------------------------------------
