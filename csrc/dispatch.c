@@ -17,6 +17,8 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -132,6 +134,25 @@ static int pf__listener_index(const pf_dispatcher *d, int fd)
 }
 
 /* Returns 0; -ENOSPC when the table is full, -EEXIST if present, -errno. */
+/* Linux copies TCP_NODELAY from a listening socket to the sockets accept()
+ * makes from it (the child is a clone of the listener), so setting it here
+ * once saves a setsockopt per connection. Returns 1 when accepted fds will
+ * carry it; elsewhere, or if the option would not stick, 0 (set it on each). */
+static int pf__listener_nodelay(int fd)
+{
+#ifdef __linux__
+    int one = 1, val = 0;
+    socklen_t len = sizeof(val);
+
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0)
+        return 0;
+    return getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &val, &len) == 0 && val != 0;
+#else
+    (void)fd;
+    return 0;
+#endif
+}
+
 int pf_dispatcher_add_listener(pf_dispatcher *d, int fd)
 {
     struct sockaddr_storage ss;
@@ -151,7 +172,8 @@ int pf_dispatcher_add_listener(pf_dispatcher *d, int fd)
     l = &d->listeners[d->nlisteners];
     memset(l, 0, sizeof(*l));
     l->fd = fd;
-    l->tcp = ss.ss_family == AF_INET || ss.ss_family == AF_INET6;
+    if (ss.ss_family == AF_INET || ss.ss_family == AF_INET6)
+        l->nodelay_each = !pf__listener_nodelay(fd);
     if (d->accepting) {
         ev.events = EPOLLIN;
         ev.data.u64 = PF__EV_DATA(PF__K_LISTENER, fd);

@@ -85,12 +85,13 @@ static int pf__accept_fd(int lfd)
 
 /* A new connection is ours: Nagle off for TCP (a small response written in
  * two parts would wait for the peer's delayed ACK, TCP_DELACK_MIN = 40 ms on
- * Linux), then hold it until sent. */
+ * Linux; on Linux the fd inherited it from the listener, see add_listener),
+ * then hold it until sent. */
 static void pf__took(pf_dispatcher *d, const pf__listener *l, int fd)
 {
     int one = 1;
 
-    if (l->tcp)
+    if (l->nodelay_each)
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     pf__pend_push(d, fd, 0);    /* callers checked there is room */
     d->st.accepted++;

@@ -59,7 +59,8 @@ typedef struct pf__worker {
 
 typedef struct pf__listener {
     int fd;
-    uint8_t tcp;          /* AF_INET/AF_INET6: set TCP_NODELAY on accepted fds */
+    uint8_t nodelay_each; /* TCP listener whose accepted fds do not inherit
+                             TCP_NODELAY: set it on each one */
     uint8_t in_poll;
     uint8_t at_eagain;    /* stop_accepting: this one's backlog is empty */
     uint8_t dead;         /* accept said EBADF/EINVAL/ENOTSOCK: never poll again */

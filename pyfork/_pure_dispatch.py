@@ -19,6 +19,7 @@ import mmap
 import os
 import select
 import socket
+import sys
 from collections import deque
 
 from pyfork._pure_channel import (
@@ -54,6 +55,19 @@ def _is_seqpacket(fd):
     finally:
         sock.detach()
 
+
+
+def _listener_nodelay(sock):
+    """As pf__listener_nodelay: Linux copies TCP_NODELAY from the listener to
+    each accepted socket, so set it once here. True when accepted sockets
+    will carry it (else it is set on each one)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    except OSError:
+        return False
 
 
 class Dispatcher(_Send, _Loop):
@@ -170,7 +184,8 @@ class Dispatcher(_Send, _Loop):
         # (the probe is getsockname, as in C: ENOTSOCK, EBADF).
         sock = _wrap(fd)
         try:
-            lst = _Listener(fd, sock, sock.family in (socket.AF_INET, socket.AF_INET6))
+            tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+            lst = _Listener(fd, sock, tcp, tcp and not _listener_nodelay(sock))
             if self._accepting:
                 self._ep.register(fd, _EPOLLIN)
                 lst.in_poll = True

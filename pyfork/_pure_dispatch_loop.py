@@ -52,7 +52,7 @@ class _Loop:
         conn = _wrap(fd, socket.AF_INET if lst.tcp else socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.setblocking(False)  # as accept4(SOCK_NONBLOCK) in C
-            if lst.tcp:
+            if lst.nodelay_each:
                 # Nagle off: small responses would wait for the delayed ACK.
                 try:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -51,8 +51,8 @@ class _Worker:
 
 
 class _Listener:
-    __slots__ = ("fd", "sock", "tcp", "in_poll", "at_eagain", "dead")
+    __slots__ = ("fd", "sock", "tcp", "nodelay_each", "in_poll", "at_eagain", "dead")
 
-    def __init__(self, fd, sock, tcp):
-        self.fd, self.sock, self.tcp = fd, sock, tcp
+    def __init__(self, fd, sock, tcp, nodelay_each):
+        self.fd, self.sock, self.tcp, self.nodelay_each = fd, sock, tcp, nodelay_each
         self.in_poll = self.at_eagain = self.dead = False

@@ -34,6 +34,7 @@ from collections import deque
 from typing import Callable, Dict, List, Optional
 
 from pyfork import policy as P
+from pyfork import sched
 from pyfork import worker as W
 from pyfork import worker_boot
 from pyfork.config import Settings
@@ -165,6 +166,12 @@ class Arbiter(WorkerMessages):
                 log.error("%s", e)
                 return EXIT_STARTUP
         cfg = self.cfg
+        try:
+            sched.primary_batch()
+        except ValueError as e:
+            log.error("%s", e)
+            self._teardown()
+            return EXIT_STARTUP
         try:
             self.wake.install(HANDLED_SIGNALS)
             self.policy = P.Lifecycle(min_uptime=cfg.min_uptime, max_restarts=cfg.max_restarts,
@@ -480,6 +487,7 @@ class Arbiter(WorkerMessages):
         if self.closed:
             return
         self.closed = True
+        sched.primary_normal()
         if self.wake is not None:
             self.wake.restore()
         if self.control is not None:

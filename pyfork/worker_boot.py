@@ -16,7 +16,8 @@ primary-side atexit/finalizer runs twice. ``main``:
    sockets it is handed with that family instead of asking the kernel per fd;
 2. signals (``_install_signals``): SIGTERM asks the primary to drain us,
    SIGQUIT exits at once, SIGINT/SIGHUP/SIGTTIN/SIGTTOU are ignored (Ctrl-C and
-   job control hit the whole process group; the primary orchestrates);
+   job control hit the whole process group; the primary orchestrates); the
+   scheduling class the primary started with (it runs SCHED_BATCH, pyfork.sched);
 3. the user's ``post_fork(worker)`` hook, then the app import (a failure is
    logged with its traceback and exits with code 4 before READY, which the
    primary counts as a rapid crash), then the interface lookup;
@@ -38,6 +39,7 @@ import socket
 import traceback
 from typing import List, Optional
 
+from pyfork import sched
 from pyfork import worker as _worker
 from pyfork.worker import EXIT_LOAD_ERROR, EXIT_ORPHANED, Worker, _flush
 
@@ -89,6 +91,8 @@ def _hygiene(spec) -> Optional[int]:
         pass
     for sig in spec.primary_signals:
         signal.signal(sig, signal.SIG_DFL)
+    # The primary runs SCHED_BATCH (pyfork.sched); the app runs as the user started it.
+    sched.restore_after_fork()
     # Every connection this worker gets was accepted on one of these (rr/least: the
     # primary's; shared/reuseport: ours): read their family while they are open.
     family = _listener_family(spec.listeners or spec.primary_fds)

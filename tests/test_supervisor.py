@@ -35,6 +35,27 @@ def test_serves_on_every_worker_and_stops_with_0(apps, backend):
             assert not H.alive(pid)
 
 
+def test_primary_runs_sched_batch_and_workers_as_started(apps, backend):
+    # pyfork.sched: the primary never preempts a busy worker to accept; the workers
+    # (the app's code) get the scheduling class the primary was started with.
+    with H.Server(apps, backend.BACKEND) as srv:
+        srv.start(ready=2)
+        pids = H.serving_pids(srv.port, 6)
+        assert len(pids) == 2
+        assert os.sched_getscheduler(srv.proc.pid) == os.SCHED_BATCH
+        assert {os.sched_getscheduler(pid) for pid in pids} == {os.SCHED_OTHER}
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0
+    with H.Server(apps, backend.BACKEND, env={"PYFORK_PRIMARY_SCHED": "normal"}) as srv:
+        srv.start(ready=2)
+        assert os.sched_getscheduler(srv.proc.pid) == os.SCHED_OTHER
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0
+    with H.Server(apps, backend.BACKEND, env={"PYFORK_PRIMARY_SCHED": "fast"}) as srv:
+        assert srv.wait() == 2
+        assert "PYFORK_PRIMARY_SCHED must be batch or normal, not 'fast'" in srv.log()
+
+
 def test_sigkilled_worker_replaced_and_queued_connections_not_lost(apps, backend):
     with H.Server(apps, backend.BACKEND) as srv:
         srv.start(ready=2)
