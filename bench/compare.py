@@ -247,8 +247,8 @@ def main(argv=None) -> int:
                 print(f"{spec.name}: failed to start: {results[spec.name]['error']}", flush=True)
         live = [s for s in specs if s.name in servers]
 
-        def each(scen, fn, *extra):
-            for spec in live:
+        def each(scen, fn, *extra, reverse=False):
+            for spec in (live[::-1] if reverse else live):
                 if scen not in spec.scenarios:
                     continue
                 server = servers[spec.name]
@@ -264,19 +264,22 @@ def main(argv=None) -> int:
 
         per_round = {name: {"close": [], "keepalive": [], "tail": []} for name in servers}
         # Tail first: latency is the figure most easily disturbed by what ran before it.
+        # Every other round runs the servers in reverse order (A B, B A, ...), so that
+        # neither a trend over the run nor what ran just before favours a server.
         for r in range(args.rounds):
             print(f"tail round {r + 1}/{args.rounds}", flush=True)
             each("tail", lambda sp, sv: per_round[sp.name]["tail"].extend(
-                run_tail(sv, sp, args, heavy_n, r)))
+                run_tail(sv, sp, args, heavy_n, r)), reverse=r % 2 == 1)
         for spec in live:
             if per_round[spec.name]["tail"]:
                 results[spec.name]["tail"] = summarize_tail(per_round[spec.name]["tail"],
                                                             heavy_n[spec.impl])
         for r in range(args.rounds):
             print(f"throughput round {r + 1}/{args.rounds}", flush=True)
-            each("close", lambda sp, sv: per_round[sp.name]["close"].append(run_close(sv, args)))
+            each("close", lambda sp, sv: per_round[sp.name]["close"].append(run_close(sv, args)),
+                 reverse=r % 2 == 1)
             each("keepalive", lambda sp, sv: per_round[sp.name]["keepalive"].append(
-                run_keepalive(sv, args)))
+                run_keepalive(sv, args)), reverse=r % 2 == 1)
         for name, pr in per_round.items():
             for scen in ("close", "keepalive"):
                 if pr[scen]:
