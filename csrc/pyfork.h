@@ -93,6 +93,18 @@ typedef struct pf_slot {
     uint64_t reserved[2];
 } pf_slot;                  /* 64 bytes */
 
+/* Worker-side writers of the worker's own line (slot.c), as pyfork/scoreboard.py's
+ * SlotView methods of the same names: a request began; a request ended; n
+ * connections were closed, returning 1 when the primary asked for a CREDIT. */
+void pf_slot_request_started(pf_slot *s);
+void pf_slot_request_finished(pf_slot *s);
+int pf_slot_conn_closed(pf_slot *s, uint32_t n);
+
+/* ---- connected sockets (tcp.c) ------------------------------------------ */
+/* TCP_CORK on (on != 0) or off for a connected TCP socket. Returns 0 or -errno
+ * (-EBADF, -ENOTSOCK, -EOPNOTSUPP for a socket that is not TCP, ...). */
+int pf_tcp_cork(int fd, int on);
+
 /* ---- dispatcher -------------------------------------------------------- */
 #define PF_POLICY_RR    0
 #define PF_POLICY_LEAST 1

@@ -14,6 +14,7 @@ objects they return.
 """
 
 import errno
+import functools
 import math
 import operator
 import os
@@ -42,7 +43,8 @@ SLOT_SIZE = ffi.sizeof("pf_slot")
 
 __all__ = [
     "BACKEND", "MAX_FDS", "MAX_PAYLOAD", "SLOT_SIZE", "Message", "Event", "Dispatcher",
-    "send_msg", "recv_msg", "Receiver", "listen_tcp", "listen_unix", "adopt_listener",
+    "send_msg", "recv_msg", "Receiver", "SlotWriter", "tcp_cork",
+    "listen_tcp", "listen_unix", "adopt_listener",
     "MSG_CONN", "MSG_READY", "MSG_CREDIT", "MSG_DRAIN", "MSG_USER", "MSG_CTL",
     "STATE_FREE", "STATE_SPAWNING", "STATE_READY", "STATE_DRAINING", "STATE_GONE",
 ]
@@ -167,6 +169,26 @@ class Receiver:
 _NEG_EAGAIN = -errno.EAGAIN
 
 
+# ---- scoreboard line writers ------------------------------------------------
+
+class SlotWriter:
+    """The worker-side writers of one scoreboard line, in C (csrc/slot.c):
+    request_started(), request_finished() and conn_closed(n) (true when the
+    primary asked for a CREDIT), as scoreboard.SlotView's, one C call each --
+    a worker calls them per request. ``line`` is the line's 64 writable bytes
+    (SlotView.line), kept alive by this object."""
+
+    __slots__ = ("request_started", "request_finished", "conn_closed", "_ptr")
+
+    def __init__(self, line):
+        if memoryview(line).nbytes < SLOT_SIZE:
+            raise ValueError("a scoreboard line has %d bytes, got %d" % (SLOT_SIZE, memoryview(line).nbytes))
+        self._ptr = ptr = ffi.from_buffer("pf_slot *", line, require_writable=True)
+        self.request_started = functools.partial(lib.pf_slot_request_started, ptr)
+        self.request_finished = functools.partial(lib.pf_slot_request_finished, ptr)
+        self.conn_closed = functools.partial(lib.pf_slot_conn_closed, ptr)
+
+
 # ---- listeners --------------------------------------------------------------
 
 def _check_backlog(backlog):
@@ -199,6 +221,13 @@ def adopt_listener(fd):
     """Returns fd after checking it is a listening stream socket and making it
     non-blocking and CLOEXEC: ENOTSOCK, EINVAL otherwise."""
     return _check(lib.pf_listen_adopt(_index("fd", fd)))
+
+
+# ---- connected sockets -------------------------------------------------------
+
+def tcp_cork(fd, on):
+    """TCP_CORK on or off for the connected TCP socket ``fd`` (csrc/tcp.c)."""
+    _check(lib.pf_tcp_cork(_index("fd", fd), 1 if on else 0))
 
 
 # ---- dispatcher -------------------------------------------------------------

@@ -32,6 +32,7 @@ This module is only the public face (what pyfork.backend loads); the
 implementation is split as the C files are:
   _pure_channel.py        csrc/fdpass.c         messages: send_msg, recv_msg
   _pure_listen.py         csrc/listen.c         listen_tcp, listen_unix, adopt_listener
+  _pure_tcp.py            csrc/tcp.c            tcp_cork
   _pure_internal.py       csrc/pf_internal.h    states, Event, worker/listener records
   _pure_dispatch.py       csrc/dispatch.c       Dispatcher: lifetime and tables
   _pure_dispatch_send.py  csrc/dispatch_send.c  pending ring, rr/least, batched sends
@@ -47,12 +48,23 @@ from pyfork._pure_internal import (
     SLOT_SIZE, STATE_DRAINING, STATE_FREE, STATE_GONE, STATE_READY, STATE_SPAWNING, Event,
 )
 from pyfork._pure_listen import adopt_listener, listen_tcp, listen_unix
+from pyfork._pure_tcp import tcp_cork
+from pyfork.scoreboard import Scoreboard, SlotView
 
 BACKEND = "python"
 
+
+class SlotWriter(SlotView):
+    """The worker-side writers of one scoreboard line (mirrors _core.SlotWriter,
+    csrc/slot.c): a SlotView of the single line ``line`` (SlotView.line)."""
+
+    def __init__(self, line):
+        super().__init__(Scoreboard(line, 1), 0)
+
 __all__ = [
     "BACKEND", "MAX_FDS", "MAX_PAYLOAD", "SLOT_SIZE", "Message", "Event", "Dispatcher",
-    "send_msg", "recv_msg", "Receiver", "listen_tcp", "listen_unix", "adopt_listener",
+    "send_msg", "recv_msg", "Receiver", "SlotWriter", "tcp_cork",
+    "listen_tcp", "listen_unix", "adopt_listener",
     "MSG_CONN", "MSG_READY", "MSG_CREDIT", "MSG_DRAIN", "MSG_USER", "MSG_CTL",
     "STATE_FREE", "STATE_SPAWNING", "STATE_READY", "STATE_DRAINING", "STATE_GONE",
 ]

@@ -100,6 +100,11 @@ class SlotView:
         self._qhb, self._qbs = qb + _Q_HEARTBEAT, qb + _Q_BUSY_SINCE
         self._ia, self._iw = ib + _I_ACTIVE, ib + _I_WANT_CREDIT
 
+    @property
+    def line(self):
+        """This slot's 64 bytes (a writable memoryview), for a backend's SlotWriter."""
+        return self._q[self._qb:self._qb + SLOT_SIZE // 8]
+
     # -- readers -----------------------------------------------------------
     @property
     def closed(self):

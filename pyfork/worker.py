@@ -143,9 +143,9 @@ class Worker:
         self.slot = slot
         self.log = log
         self.draining = False
-        self.handled = 0
         self._chan = chan
         self._b = backend
+        self.backend = backend    # the loaded backend module (pyfork._core or pyfork._pure)
         self._board = board_slot
         self._policy = policy
         self._self_accept = policy in ("shared", "reuseport")
@@ -164,14 +164,21 @@ class Worker:
         # Connections handed over on the channel: with the family known (every listener
         # has the same one), a socket object is built from the fd without a syscall (the
         # dispatcher made it non-blocking and set TCP_NODELAY).
-        self._conn_family = conn_family
+        self.conn_family = conn_family    # of every connection fd, or None when listeners differ
         self._conn_cls = conn_class(conn_family) if conn_family is not None else None
         self._conn_proto = _conn_proto(conn_family) if conn_family is not None else 0
         self._wake_r = self._wake_w = -1
         self._ep = None
         os.set_blocking(chan, False)
-        # Per request: the scoreboard's own writer, without a Worker frame around it.
-        self.request_started = getattr(board_slot, "request_started", self.request_started)
+        # Per request: the backend's writers of our scoreboard line (one C call each with
+        # the C backend), without a Worker frame around them; request_finished needs
+        # one only to count towards max_requests.
+        line = getattr(board_slot, "line", None)
+        writer = backend.SlotWriter(line) if line is not None and hasattr(backend, "SlotWriter") else board_slot
+        self._writer = writer
+        self.request_started = getattr(writer, "request_started", self.request_started)
+        if not max_requests:
+            self.request_finished = getattr(writer, "request_finished", self.request_finished)
         # Per take(): a backend Receiver (set up once; None, not BlockingIOError, when empty).
         rx = getattr(backend, "Receiver", None)
         self._recv = rx(chan).recv if rx else functools.partial(_recv_or_none, backend, chan)
@@ -202,31 +209,65 @@ class Worker:
         return self._wake_r
 
     def take(self) -> List[socket.socket]:
+        if self._self_accept:
+            return self._take()               # sockets from our own accept()
+        return self._sockets(self._take())    # fds from the channel
+
+    def take_fds(self) -> List[int]:
+        """take(), with each connection as a bare fd that the caller now owns: for an
+        interface that builds its own connection object (ASGI on uvloop), so no socket
+        object is made and detached per connection. ``conn_family`` says what they are."""
+        if self._self_accept:
+            return [conn.detach() for conn in self._take()]
+        if not self._ready_sent:
+            self.ready()
+        out: List[int] = []       # _take() inlined: this runs per channel wake-up
+        self._read_channel(out)
+        return out
+
+    def _take(self) -> list:
+        """rr/least: the fds that arrived on the channel; shared/reuseport: sockets."""
         if not self._ready_sent:    # tested here: take() runs per channel wakeup
             self.ready()
-        out: List[socket.socket] = []
+        out: list = []
         self._read_channel(out)
         if self._self_accept and self._listening and not self.draining:
             self._accept(out)
         return out
 
+    def _sockets(self, fds: List[int]) -> List[socket.socket]:
+        cls = self._conn_cls
+        if cls is not None:
+            family, proto = self.conn_family, self._conn_proto
+            return [cls(family, _STREAM_NB, proto, fd) for fd in fds]
+        out = []
+        for fd in fds:           # family unknown (mixed listeners): ask the kernel
+            conn = socket.socket(fileno=fd)
+            conn.setblocking(False)
+            out.append(conn)
+        return out
+
     def closed(self, n: int = 1) -> None:
         self._open -= n
-        if self._board.conn_closed(n) and not self._self_accept:
+        if self._writer.conn_closed(n) and not self._self_accept:
             self._send(self._b.MSG_CREDIT, wait=0.0)
         if (self._self_accept and not self._listening and not self.draining and self._open < MAX_OPEN
                 and time.monotonic() >= self._accept_paused_until):
             self._set_listening(True)
 
-    def request_started(self) -> None:
-        self._board.request_started()
+    def request_started(self) -> None:     # replaced per instance in __init__
+        self._writer.request_started()
 
-    def request_finished(self) -> None:
-        self._board.request_finished()
-        self.handled += 1
+    def request_finished(self) -> None:    # replaced per instance in __init__ without max_requests
+        self._writer.request_finished()
         if self._max_requests and self.handled >= self._max_requests and not self._recycle_sent:
             self._recycle_sent = True
             self._ctl({"recycle": self.handled})
+
+    @property
+    def handled(self) -> int:
+        """Requests this worker has finished (its scoreboard line counts them)."""
+        return self._board.handled
 
     def tick(self) -> None:
         self.ready()
@@ -353,18 +394,9 @@ class Worker:
                     # The primary promised no CONN after DRAIN; account and close.
                     for fd in fds:
                         os.close(fd)
-                    self._board.conn_closed(len(fds))
+                    self._writer.conn_closed(len(fds))
                     continue
-                cls = self._conn_cls
-                if cls is not None:
-                    family, proto = self._conn_family, self._conn_proto
-                    for fd in fds:
-                        out.append(cls(family, _STREAM_NB, proto, fd))
-                else:            # family unknown (mixed listeners): ask the kernel
-                    for fd in fds:
-                        conn = socket.socket(fileno=fd)
-                        conn.setblocking(False)
-                        out.append(conn)
+                out += fds
                 self._open += len(fds)
                 continue
             for fd in fds:

@@ -125,6 +125,11 @@ async def nodelay(request):
     return JSONResponse({"nodelay": _own_socket_nodelay(client), "client_port": client[1], "pid": os.getpid()})
 
 
+async def addr(request):
+    scope = request.scope
+    return JSONResponse({"server": scope["server"], "client": scope["client"], "scheme": scope["scheme"]})
+
+
 async def hold(request):
     H.child_notify(b"H")
     await H.child_wait_release()
@@ -143,6 +148,7 @@ app = Starlette(routes=[
     Route("/boom", boom),
     Route("/nodelay", nodelay),
     Route("/hold", hold),
+    Route("/addr", addr),
 ], lifespan=lifespan)
 
 
@@ -278,6 +284,37 @@ def test_keepalive_and_tcp_nodelay(fds, env):
     assert all(r["nodelay"] for r in replies), replies
     assert len({r["client_port"] for r in replies}) == 1  # one kept-alive connection
     assert stats["taken"] == 1 and stats["started"] == 5
+    H.assert_balanced(stats)
+
+
+def _addr_reply(port: int) -> tuple[dict, list]:
+    """GET /addr on a fresh connection: the reply, and the client's own (host, port)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /addr HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        mine = list(sock.getsockname())
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return json.loads(body), mine
+
+
+@pytest.mark.parametrize("env", ALL_STACKS)
+def test_scope_addresses_as_under_uvicorn(fds, env):
+    # pyfork reads the addresses the transport saved instead of uvicorn's per-connection
+    # getsockname()/getpeername(): scope["server"]/["client"] must not change.
+    worker = start(env)
+    reference = UvicornChild()
+    try:
+        ours, our_client = _addr_reply(worker.port)
+        theirs, their_client = _addr_reply(reference.port)
+        stats = worker.stop()
+    finally:
+        worker.kill()
+        reference.stop()
+    assert ours == {"server": ["127.0.0.1", worker.port], "client": our_client, "scheme": "http"}
+    assert theirs == {"server": ["127.0.0.1", reference.port], "client": their_client, "scheme": "http"}
     H.assert_balanced(stats)
 
 

@@ -867,6 +867,35 @@ def test_scoreboard_layout_and_sharing(backend, procs):
         board.release()
 
 
+def test_slot_writer_matches_slotview(backend, procs):
+    # A worker writes its line through the backend's SlotWriter (C: csrc/slot.c);
+    # the primary reads it through SlotView: same fields, same meaning.
+    with backend.Dispatcher(4) as d:
+        board = Scoreboard(d.scoreboard, 4)
+        sv = board.slot(1)
+        writer = backend.SlotWriter(sv.line)
+
+        def child():
+            writer.request_started()
+            writer.request_started()
+            writer.request_finished()
+            assert not writer.conn_closed(3)
+
+        assert os.waitstatus_to_exitcode(procs.wait(procs.fork(child))) == 0
+        assert (sv.closed, sv.handled, sv.active) == (3, 1, 1)
+        assert sv.busy_since_ns > 0 and sv.heartbeat_ns >= sv.busy_since_ns
+        assert board.slot(0).closed == 0 and board.slot(2).closed == 0  # only its own line
+        sv.request_credit()
+        assert writer.conn_closed(2) and sv.want_credit == 0 and sv.closed == 5
+        assert not writer.conn_closed(1)
+        writer.request_finished()
+        assert sv.active == 0 and sv.busy_since_ns == 0 and sv.handled == 2
+        with pytest.raises(ValueError):
+            backend.SlotWriter(bytearray(8))
+        del writer
+        board.release()
+
+
 # ---- dispatching ------------------------------------------------------------
 
 def test_rr_order(rig):

@@ -109,15 +109,18 @@ def run(main_factory, rt) -> None:
 class LoopDriver:
     """Connects a worker runtime to the running loop (see the module docstring).
 
-    `on_socket(sock)` adopts each taken socket; `on_tick()` runs after every tick;
+    `on_socket(sock)` adopts each taken socket (each fd, when `take` is `rt.take_fds`);
+    `on_tick()` runs after every tick;
     `on_drain()` runs once, synchronously, in the very callback that saw `rt.draining`
     (so no request can slip in between); `drain_started` is an asyncio.Event set then.
     """
 
-    def __init__(self, rt, on_socket, on_tick=None, on_drain=None, wakeup_write_fd: int = -1):
+    def __init__(self, rt, on_socket, on_tick=None, on_drain=None, wakeup_write_fd: int = -1,
+                 take=None):
         self.rt = rt
         self.loop = asyncio.get_running_loop()
         self.on_socket = on_socket
+        self._take = take if take is not None else rt.take   # or rt.take_fds: on_socket(fd)
         self.on_tick = on_tick
         self.on_drain = on_drain
         self.draining = False
@@ -163,7 +166,7 @@ class LoopDriver:
     def _on_ready(self) -> None:
         rt = self.rt
         try:
-            socks = rt.take()
+            socks = self._take()
         except Exception:
             # A runtime that cannot take connections any more would make this fd spin:
             # stop taking, finish what is open, and let the supervisor replace us.
@@ -176,7 +179,7 @@ class LoopDriver:
             except Exception:
                 # Never leak the rest of the batch: close and account for this one.
                 rt.log.exception("worker %s: could not adopt a connection", getattr(rt, "id", "?"))
-                sock.close()
+                _discard(sock)
                 rt.closed()
         if rt.draining:
             self.begin_drain()
@@ -200,6 +203,49 @@ class LoopDriver:
         self._tick()
 
 
+class AcceptedFd:
+    """A connected stream fd, as uvloop's connect_accepted_socket reads a socket:
+    `family`, `type`, `fileno()`, and `close()` once the transport has closed it.
+
+    For fds from `rt.take_fds()`, on uvloop only (asyncio's transport needs a real
+    socket): it saves building a socket object per connection and detaching it when
+    the transport closes. The transport owns the fd from then on; libuv closes it and
+    uvloop then calls `close()`, which must only forget the number (closing it again
+    could hit an fd another thread just opened). `discard()` is for a connection no
+    transport took: it closes the fd unless that happened.
+    """
+
+    __slots__ = ("_fd", "family")
+    type = socket.SOCK_STREAM
+
+    def __init__(self, fd: int, family: int):
+        self._fd = fd
+        self.family = family
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        self._fd = -1
+
+    def discard(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _discard(conn) -> None:
+    """Closes a connection no transport took: a socket, an AcceptedFd or a bare fd."""
+    if isinstance(conn, int):
+        os.close(conn)
+    else:
+        getattr(conn, "discard", conn.close)()
+
+
+def is_uvloop(loop) -> bool:
+    return type(loop).__module__.startswith("uvloop")
+
+
 def needs_nodelay(rt) -> bool:
     """True unless the runtime says its sockets have TCP_NODELAY already (`rt.tcp_nodelay`:
     pyfork's Worker, whose dispatcher sets it, and StandaloneRuntime)."""
@@ -209,7 +255,7 @@ def needs_nodelay(rt) -> bool:
 def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure, nodelay: bool = True) -> None:
     """Hands `sock` to `protocol` on the loop; `on_failure(protocol)` if the loop refuses it.
 
-    connect_accepted_socket is a coroutine (it waits for connection_made); `_Connect`
+    connect_accepted_socket is a coroutine (it waits for connection_made); `Connect`
     runs it at once, without a Task. `tasks` holds it until it is done (drain waits
     for that set to empty).
     """
@@ -226,11 +272,12 @@ def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure, no
         except OSError:
             pass
 
-    _Connect(loop, loop.connect_accepted_socket(lambda: protocol, sock), sock, protocol, on_failure, tasks)
+    Connect(loop, loop.connect_accepted_socket(lambda: protocol, sock), sock, protocol, on_failure, tasks)
 
 
-class _Connect:
-    """One connect_accepted_socket() coroutine, driven the way a Task would drive it,
+class Connect:
+    """`Connect(loop, loop.connect_accepted_socket(lambda: protocol, sock), sock,
+    protocol, on_failure, pending)`: one connect_accepted_socket() coroutine, driven the way a Task would drive it,
     minus the Task: it runs at once, in the callback that took the socket, up to its
     wait for connection_made (the transport is open and reading by then), and is
     resumed by a done-callback on the future it waits for. A Task per connection
@@ -258,7 +305,7 @@ class _Connect:
             return
         except Exception:
             self.pending.discard(self)
-            self.sock.close()  # no-op when the transport already took (and closed/detached) the fd
+            _discard(self.sock)  # no-op when the transport already took (and closed/detached) the fd
             self.on_failure(self.protocol)
             return
         except BaseException:

@@ -14,7 +14,12 @@ What pyfork adds to uvicorn's protocol, in a subclass made once per worker:
     `rt.closed()` exactly once per socket;
   * the app a connection calls is wrapped to call `rt.request_started()` /
     `rt.request_finished()` around each request (one extra coroutine frame); the
-    lifespan still sees the bare app.
+    lifespan still sees the bare app;
+  * `connection_made` is uvicorn's own code with the helpers it calls for the
+    addresses resolved to cheaper equivalents (`_connection_made`): the transport's
+    saved sockname/peername instead of a socket object and two syscalls per connection.
+On uvloop, connections are taken as bare fds (`rt.take_fds()`, `aio.AcceptedFd`):
+no socket object is built and detached per connection.
 Every second the Date header is refreshed, as uvicorn's `Server.on_tick` does.
 
 Drain (the SPEC's contract, after uvicorn's `Server.shutdown`), decided per connection
@@ -48,7 +53,9 @@ import asyncio
 import logging
 import os
 import select
+import socket
 import time
+import types
 from email.utils import formatdate
 
 from . import aio
@@ -209,6 +216,94 @@ def _socket_readable(protocol) -> bool:
         return False
 
 
+def _connection_made(base):
+    """uvicorn's own `base.connection_made`, with the three helpers it calls resolved
+    to cheaper ones that give the same answers here. Its get_local_addr and
+    get_remote_addr ask `get_extra_info("socket")`, which on uvloop builds a pseudo
+    socket plus a socket object per call, for a getsockname() and a getpeername() the
+    transport already made; ours read the results the transport saved (uvloop and
+    asyncio both keep "sockname"/"peername") and leave anything but an (host, port,
+    ...) tuple, i.e. a Unix socket, to uvicorn's helper. `is_ssl` is False: pyfork
+    serves plain HTTP. Same code, same attributes set; None when the method does not
+    call these helpers (then the base's own is used)."""
+    func = base.connection_made
+    helpers = dict(func.__globals__)
+    uv_local, uv_remote = helpers.get("get_local_addr"), helpers.get("get_remote_addr")
+    if uv_local is None or uv_remote is None or "is_ssl" not in helpers:
+        return None
+
+    def get_local_addr(transport):
+        info = transport.get_extra_info("sockname")
+        return (str(info[0]), int(info[1])) if type(info) is tuple and len(info) >= 2 else uv_local(transport)
+
+    def get_remote_addr(transport):
+        info = transport.get_extra_info("peername")
+        return (str(info[0]), int(info[1])) if type(info) is tuple and len(info) >= 2 else uv_remote(transport)
+
+    def is_ssl(transport):
+        return False
+
+    helpers.update(get_local_addr=get_local_addr, get_remote_addr=get_remote_addr, is_ssl=is_ssl)
+    made = types.FunctionType(func.__code__, helpers, func.__name__, func.__defaults__, func.__closure__)
+    made.__qualname__, made.__doc__ = func.__qualname__, func.__doc__
+    return made
+
+
+def _corked_protocol(base, tcp_cork):
+    """`base` (HttpToolsProtocol's subclass) for connections that arrive corked.
+
+    Why: with `Connection: close` uvicorn writes the head, then the body, then closes:
+    three segments (head, body, FIN), each a send, a trip through the network stack
+    and a wake-up of the client. A socket that is corked (TCP_CORK, csrc/tcp.c) when
+    that happens sends one segment with all of it, FIN included: measured here, ~15 %
+    less worker CPU per request (bench/README.md). The cork is kept only while it can
+    hold nothing back that a client waits for; once the request head is parsed:
+      * a request that keeps the connection alive (the response is not followed by a
+        close), an `Expect: 100-continue` (the client waits for the interim
+        response), or an upgrade: uncorked at once, for the connection's life;
+      * otherwise kept; a streaming response (a body part with more_body) uncorks
+        before its first part goes out.
+    The kernel also sends corked data by itself after 200 ms. The fd is only touched
+    while the transport is open (it is closed by the transport, synchronously).
+    """
+    base_headers_complete = base.on_headers_complete
+
+    class CorkedHTTPProtocol(base):
+        _pf_cork_fd = -1     # the fd while corked
+
+        def on_headers_complete(self):
+            before = self.cycle
+            base_headers_complete(self)
+            fd = self._pf_cork_fd
+            if fd < 0:
+                return
+            cycle = self.cycle
+            if cycle is not before and not cycle.keep_alive and not self.expect_100_continue:
+                cycle.send = _uncork_when_streaming(cycle.send, self, tcp_cork)
+                return
+            self._pf_cork_fd = -1
+            if not self.transport.is_closing():
+                tcp_cork(fd, False)
+
+    CorkedHTTPProtocol.__name__ = CorkedHTTPProtocol.__qualname__ = "Corked" + base.__name__
+    return CorkedHTTPProtocol
+
+
+def _uncork_when_streaming(send, protocol, tcp_cork):
+    """uvicorn's `send` of one response on a corked connection: uncorks before the
+    first body part that has more to follow (a plain function: no extra coroutine)."""
+    def corked_send(message):
+        if message.get("more_body") and message["type"] == "http.response.body":
+            fd = protocol._pf_cork_fd
+            if fd >= 0:
+                protocol._pf_cork_fd = -1
+                if not protocol.transport.is_closing():
+                    tcp_cork(fd, False)
+        return send(message)
+
+    return corked_send
+
+
 class _Worker:
     """The per-worker state: config, ServerState, lifespan, live connections."""
 
@@ -230,22 +325,34 @@ class _Worker:
         self.live: set = set()            # HTTP protocols whose socket is not yet reported closed
         self.connect_tasks: set = set()
         self.nodelay = aio.needs_nodelay(rt)
+        # Connections as bare fds (no socket object each) where that is safe: uvloop,
+        # a runtime that offers them with a known family and has set TCP_NODELAY.
+        self.conn_family = getattr(rt, "conn_family", None)
+        self.takes_fds = (aio.is_uvloop(loop) and hasattr(rt, "take_fds")
+                          and self.conn_family is not None and not self.nodelay)
+        # TCP_CORK for responses that end with a close (_corked_protocol): TCP fds from
+        # take_fds, httptools' protocol, and a runtime backend that offers tcp_cork.
+        self.tcp_cork = None
+        if (self.takes_fds and self.conn_family in (socket.AF_INET, socket.AF_INET6)
+                and hasattr(self.config.http_protocol_class, "on_headers_complete")):
+            self.tcp_cork = getattr(getattr(rt, "backend", None), "tcp_cork", None)
         self.protocol_class = self._make_protocol_class(self.config.http_protocol_class)
+        if self.tcp_cork is not None:
+            self.protocol_class = _corked_protocol(self.protocol_class, self.tcp_cork)
 
     def _make_protocol_class(self, base):
         worker = self
-        base_init, base_lost = base.__init__, base.connection_lost
+        base_lost = base.connection_lost
         live, closed = self.live, self.rt.closed
+        made = _connection_made(base)
 
         class PyforkHTTPProtocol(base):
             _pf_reported = False
             _pf_shut = False
+            if made is not None:
+                connection_made = made
 
             # Runs per connection: the base is called directly, report_closed is inlined.
-            def __init__(self, config, server_state, app_state, _loop=None):
-                base_init(self, config, server_state, app_state, _loop)
-                self.app = worker.request_app
-
             def connection_lost(self, exc):
                 try:
                     base_lost(self, exc)
@@ -280,6 +387,29 @@ class _Worker:
             protocol.app = self.last_request_app
         self.live.add(protocol)
         aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay)
+
+    def adopt_fd(self, fd: int) -> None:
+        """adopt() for a bare fd from rt.take_fds() (uvloop only, see aio.AcceptedFd);
+        what adopt() and aio.adopt_socket() do, in one frame: it runs per connection."""
+        protocol = self.protocol_class(self.config, self.state, self.lifespan.state, self.loop)
+        if self.draining:
+            protocol.app = self.last_request_app
+        self.live.add(protocol)
+        if self.tcp_cork is not None:
+            try:
+                self.tcp_cork(fd, True)
+                protocol._pf_cork_fd = fd
+            except OSError:
+                pass    # not corked: served as usual
+        conn = aio.AcceptedFd(fd, self.conn_family)
+        aio.Connect(self.loop, self.loop.connect_accepted_socket(lambda: protocol, conn), conn, protocol,
+                    self.report_closed, self.connect_tasks)
+
+    def start_serving(self) -> None:
+        """After the lifespan startup: the app uvicorn's protocol gives each connection
+        (`config.loaded_app`, which its __init__ reads) becomes the counted one. The
+        lifespan task read the bare app when it started, so it keeps that one."""
+        self.config.loaded_app = self.request_app
 
     def report_closed(self, protocol) -> None:
         if protocol._pf_reported:
@@ -331,8 +461,13 @@ def serve(app, rt) -> None:
         await worker.lifespan.startup()
         if worker.lifespan.should_exit:
             raise RuntimeError("ASGI lifespan startup failed (see the uvicorn.error log above)")
-        driver = aio.LoopDriver(rt, worker.adopt, on_tick=worker.on_tick, on_drain=worker.begin_drain,
-                                wakeup_write_fd=wakeup_write_fd)
+        worker.start_serving()
+        if worker.takes_fds:
+            on_conn, take = worker.adopt_fd, rt.take_fds
+        else:
+            on_conn, take = worker.adopt, rt.take
+        driver = aio.LoopDriver(rt, on_conn, on_tick=worker.on_tick, on_drain=worker.begin_drain,
+                                wakeup_write_fd=wakeup_write_fd, take=take)
         driver.start()
         try:
             await driver.drain_started.wait()

@@ -1,0 +1,62 @@
+/* test_slot.c -- the worker-side scoreboard writers (slot.c): counters,
+ * busy_since_ns as "busy without progress since", and the want_credit
+ * handshake, as pyfork/scoreboard.py's SlotView does them. */
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pyfork.h"
+#include "pf_test.h"
+
+static void test_requests_and_heartbeat(void)
+{
+    pf_slot s;
+    uint64_t first;
+
+    memset(&s, 0, sizeof(s));
+    pf_slot_request_started(&s);
+    CHECK_EQ(s.active, 1);
+    CHECK(s.busy_since_ns > 0 && s.heartbeat_ns == s.busy_since_ns);
+    first = s.busy_since_ns;
+    pf_slot_request_started(&s);           /* already busy: busy_since stays */
+    CHECK_EQ(s.active, 2);
+    CHECK_EQ(s.busy_since_ns, first);
+    CHECK(s.heartbeat_ns >= first);
+    pf_slot_request_finished(&s);          /* progress with one still running: moves to now */
+    CHECK_EQ(s.active, 1);
+    CHECK_EQ(s.handled, 1);
+    CHECK(s.busy_since_ns >= first && s.busy_since_ns == s.heartbeat_ns);
+    pf_slot_request_finished(&s);          /* idle */
+    CHECK_EQ(s.active, 0);
+    CHECK_EQ(s.handled, 2);
+    CHECK_EQ(s.busy_since_ns, 0);
+    pf_slot_request_finished(&s);          /* an extra finish never wraps active */
+    CHECK_EQ(s.active, 0);
+    CHECK_EQ(s.handled, 3);
+    CHECK_EQ(s.closed, 0);
+    CHECK_EQ(s.pid, 0);
+}
+
+static void test_conn_closed_and_credit(void)
+{
+    pf_slot s;
+
+    memset(&s, 0, sizeof(s));
+    CHECK_EQ(pf_slot_conn_closed(&s, 3), 0);
+    CHECK_EQ(s.closed, 3);
+    s.want_credit = 1;                     /* the primary asked */
+    CHECK_EQ(pf_slot_conn_closed(&s, 2), 1);
+    CHECK_EQ(s.want_credit, 0);
+    CHECK_EQ(s.closed, 5);
+    CHECK_EQ(pf_slot_conn_closed(&s, 0), 0);
+    CHECK_EQ(s.closed, 5);
+    CHECK_EQ(s.active, 0);
+}
+
+int main(void)
+{
+    alarm(60);   /* liveness guard only */
+    PF_RUN(test_requests_and_heartbeat);
+    PF_RUN(test_conn_closed_and_credit);
+    return PF_DONE();
+}

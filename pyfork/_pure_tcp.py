@@ -1,0 +1,17 @@
+"""Options on a connected TCP socket (mirrors csrc/tcp.c): tcp_cork."""
+import errno
+import socket
+
+from pyfork._pure_channel import _index, _oserror
+
+
+def tcp_cork(fd, on):
+    """TCP_CORK on or off for the connected TCP socket ``fd`` (see csrc/tcp.c)."""
+    fd = _index("fd", fd)
+    if fd < 0:
+        raise _oserror(errno.EBADF)  # as setsockopt(-1, ...) in C
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=fd)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
+    finally:
+        sock.detach()

@@ -1,0 +1,176 @@
+"""TCP_CORK on ASGI connections served by `pyfork serve` (pyfork/serve/asgi.py).
+
+A connection whose response ends with a close is served corked, so the head, body
+and FIN leave together; everything a client waits for mid-exchange is not: keep-alive
+responses, the interim `100 Continue`, and the parts of a streaming response. The app
+below reads its own socket's TCP_CORK (found through /proc/self/fd by the client's
+address) while it serves, so each case is asserted on the option itself, never on
+timing. Runs the real supervisor and worker runtime, with each backend.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import net_harness as N
+
+pytestmark = pytest.mark.timeout(120)
+
+APP = textwrap.dedent('''
+    import json, os, socket
+
+    def cork_of(client):
+        """TCP_CORK of this worker's socket whose peer is `client`."""
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    continue
+                sock = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
+            except OSError:
+                continue
+            with sock:
+                try:
+                    if sock.getpeername() == tuple(client):
+                        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+                except OSError:
+                    continue
+        return None
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        head = {"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]}
+        if scope["path"] == "/stream":
+            await send(head)
+            await send({"type": "http.response.body", "body": b"first\\n", "more_body": True})
+            after = cork_of(scope["client"])
+            await send({"type": "http.response.body", "body": json.dumps({"cork": after}).encode()})
+            return
+        reply = json.dumps({"cork": cork_of(scope["client"]), "len": len(body)}).encode()
+        head["headers"].append((b"content-length", str(len(reply)).encode()))
+        await send(head)
+        await send({"type": "http.response.body", "body": reply})
+''')
+
+
+@pytest.fixture
+def server(backend, tmp_path):
+    (tmp_path / "cork_app.py").write_text(APP)
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pyfork", "serve", "cork_app:app", "--interface", "asgi",
+                             "-w", "1", "-b", f"127.0.0.1:{port}", "--backend", backend.BACKEND],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
+                            env={**os.environ, "PYFORK_UVLOOP": "1", "PYFORK_ASGI_HTTP": "httptools"})
+    try:
+        deadline = time.monotonic() + N.LIVENESS
+        while (tmp_path / "serve.log").read_text().count(" ready in ") < 1:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.05)
+        yield port
+        proc.terminate()
+        assert proc.wait(N.LIVENESS) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """Sends `request` on a new connection and reads until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=N.LIVENESS) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def _json_body(data: bytes) -> dict:
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1."), data[:200]
+    assert b" 200 " in head.split(b"\r\n")[0], head
+    return json.loads(body)
+
+
+@pytest.mark.usefixtures("fd_guard")
+def test_close_responses_are_corked_and_complete(server):
+    got = _json_body(_exchange(server, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
+    assert got == {"cork": 1, "len": 0}
+    # HTTP/1.0 without keep-alive also ends with a close.
+    got = _json_body(_exchange(server, b"GET / HTTP/1.0\r\nHost: t\r\n\r\n"))
+    assert got == {"cork": 1, "len": 0}
+    body = b"x" * 5000
+    got = _json_body(_exchange(server, b"POST / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                                       b"Content-Length: 5000\r\n\r\n" + body))
+    assert got == {"cork": 1, "len": 5000}
+
+
+@pytest.mark.usefixtures("fd_guard")
+def test_keepalive_is_not_corked(server):
+    with socket.create_connection(("127.0.0.1", server), timeout=N.LIVENESS) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, headers, body = N.read_response(sock)
+            assert status == 200 and json.loads(body) == {"cork": 0, "len": 0}
+        # The last request of a kept-alive connection may ask for the close.
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        status, headers, body = N.read_response(sock)
+        assert status == 200 and json.loads(body) == {"cork": 0, "len": 0}
+        assert sock.recv(1) == b""
+
+
+@pytest.mark.usefixtures("fd_guard")
+def test_expect_continue_is_not_corked(server):
+    with socket.create_connection(("127.0.0.1", server), timeout=N.LIVENESS) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 3\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            chunk = sock.recv(1024)
+            assert chunk, interim
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        sock.sendall(b"abc")
+        data = interim.partition(b"\r\n\r\n")[2]
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert _json_body(data) == {"cork": 0, "len": 3}
+
+
+@pytest.mark.usefixtures("fd_guard")
+def test_streaming_uncorks_at_its_first_part(server):
+    data = _exchange(server, b"GET /stream HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    parts = []
+    while body:
+        size, _, rest = body.partition(b"\r\n")
+        n = int(size, 16)
+        parts.append(rest[:n])
+        body = rest[n + 2:]
+        if n == 0:
+            break
+    assert parts[0] == b"first\n"
+    assert json.loads(parts[1]) == {"cork": 0}
