@@ -291,12 +291,16 @@ def _corked_protocol(base, tcp_cork):
 
 def _uncork_when_streaming(send, protocol, tcp_cork):
     """uvicorn's `send` of one response on a corked connection: uncorks before the
-    first body part that has more to follow (a plain function: no extra coroutine)."""
+    first body part that has more to follow (a plain function: no extra coroutine).
+    It is stored on the cycle as `cycle.send`, and it refers to the cycle: that
+    reference cycle is undone at the last body part, so the connection's objects are
+    freed by reference counting, as under uvicorn, not by the cyclic GC."""
     def corked_send(message):
-        if message.get("more_body") and message["type"] == "http.response.body":
-            fd = protocol._pf_cork_fd
-            if fd >= 0:
-                protocol._pf_cork_fd = -1
+        if message["type"] == "http.response.body":
+            if not message.get("more_body"):
+                vars(send.__self__).pop("send", None)
+            elif protocol._pf_cork_fd >= 0:
+                fd, protocol._pf_cork_fd = protocol._pf_cork_fd, -1
                 if not protocol.transport.is_closing():
                     tcp_cork(fd, False)
         return send(message)
