@@ -19,11 +19,12 @@ runs once per request: take() reads every queued channel message in one call
 syscall when the listeners' family is known (the dispatcher already made it
 non-blocking and set TCP_NODELAY, SPEC.md), and of a class whose ``family``/
 ``type`` are plain class attributes, so interfaces and the event loop read
-them without an enum conversion; closed() and request_* write the scoreboard
-line through precomputed indexes.
+them without an enum conversion. take_fds() skips even that, for an interface
+that builds its own connection objects (ASGI on uvloop). closed() and
+request_* are the backend's SlotWriter (one C call each with the C backend).
 
-``StandaloneRuntime`` is the same contract without a primary, for testing an
-interface on its own.
+``pyfork.standalone.StandaloneRuntime`` is the same contract without a primary,
+for testing an interface on its own.
 """
 
 from __future__ import annotations
@@ -442,93 +443,6 @@ class Worker:
         log.warning("worker %d (pid %d): %s; exiting", self.id, self.pid, why)
         _flush()
         os._exit(EXIT_ORPHANED)
-
-
-class StandaloneRuntime:
-    """A Runtime without a primary, for testing an interface on its own:
-    take() accepts from ``listen_sock``; closed()/request_* are counters; stop()
-    sets draining (and wakes the loop through wakeup_fd())."""
-
-    tick_interval = 1.0
-    tcp_nodelay = True    # take() sets TCP_NODELAY on TCP sockets, as the dispatcher does
-
-    def __init__(self, listen_sock: socket.socket, id: int = 0):
-        self.id = id
-        self.pid = os.getpid()
-        self.log = logging.getLogger("pyfork.worker")
-        self.draining = False
-        self.taken = self.closed_count = self.started = self.finished = 0
-        self.ticks = 0
-        self.sent: list = []
-        self._callbacks: List[Callable] = []
-        self._sock = listen_sock
-        listen_sock.setblocking(False)
-        self._acceptor = _Acceptor(listen_sock)
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def ready(self) -> None:
-        pass
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def wakeup_fd(self) -> int:
-        return self._r
-
-    def take(self) -> List[socket.socket]:
-        out: List[socket.socket] = []
-        if self.draining:
-            return out
-        take = self._acceptor.take
-        for _ in range(64):
-            try:
-                out.append(take())
-            except (BlockingIOError, InterruptedError):
-                break
-        self.taken += len(out)
-        return out
-
-    def closed(self, n: int = 1) -> None:
-        self.closed_count += n
-
-    def request_started(self) -> None:
-        self.started += 1
-
-    def request_finished(self) -> None:
-        self.finished += 1
-
-    def tick(self) -> None:
-        self.ticks += 1
-        try:
-            while os.read(self._r, 512):
-                pass
-        except BlockingIOError:
-            pass
-
-    def stop(self) -> None:
-        self.draining = True
-        try:
-            os.write(self._w, b"\0")
-        except OSError:
-            pass
-
-    def send(self, obj) -> None:
-        self.sent.append(json.loads(json.dumps(obj)))
-
-    def on_message(self, callback: Callable) -> None:
-        self._callbacks.append(callback)
-
-    def close(self) -> None:
-        for fd in (self._r, self._w):
-            if fd >= 0:
-                os.close(fd)
-        self._r = self._w = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _flush() -> None:

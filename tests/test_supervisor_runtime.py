@@ -6,6 +6,7 @@ import socket
 import pytest
 
 import pyfork.worker as W
+from pyfork.standalone import StandaloneRuntime
 
 pytestmark = pytest.mark.usefixtures("fd_guard")
 
@@ -18,7 +19,7 @@ def test_standalone_runtime_takes_counts_and_stops():
     with socket.socket() as ls:
         ls.bind(("127.0.0.1", 0))
         ls.listen(8)
-        with W.StandaloneRuntime(ls) as rt:
+        with StandaloneRuntime(ls) as rt:
             assert rt.take() == []
             c1 = socket.create_connection(ls.getsockname())
             c2 = socket.create_connection(ls.getsockname())

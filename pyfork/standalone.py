@@ -1,0 +1,103 @@
+"""StandaloneRuntime: the worker Runtime contract without a primary.
+
+For testing an interface on its own (and for embedding one in a process that does
+its own accepting): take() accepts from a listening socket with the same lean
+per-connection path as pyfork's Worker in shared/reuseport mode, and the counters
+stand in for the scoreboard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from typing import Callable, List
+
+from pyfork.worker import _Acceptor
+
+
+class StandaloneRuntime:
+    """A Runtime without a primary, for testing an interface on its own:
+    take() accepts from ``listen_sock``; closed()/request_* are counters; stop()
+    sets draining (and wakes the loop through wakeup_fd())."""
+
+    tick_interval = 1.0
+    tcp_nodelay = True    # take() sets TCP_NODELAY on TCP sockets, as the dispatcher does
+
+    def __init__(self, listen_sock: socket.socket, id: int = 0):
+        self.id = id
+        self.pid = os.getpid()
+        self.log = logging.getLogger("pyfork.worker")
+        self.draining = False
+        self.taken = self.closed_count = self.started = self.finished = 0
+        self.ticks = 0
+        self.sent: list = []
+        self._callbacks: List[Callable] = []
+        self._sock = listen_sock
+        listen_sock.setblocking(False)
+        self._acceptor = _Acceptor(listen_sock)
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def ready(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def wakeup_fd(self) -> int:
+        return self._r
+
+    def take(self) -> List[socket.socket]:
+        out: List[socket.socket] = []
+        if self.draining:
+            return out
+        take = self._acceptor.take
+        for _ in range(64):
+            try:
+                out.append(take())
+            except (BlockingIOError, InterruptedError):
+                break
+        self.taken += len(out)
+        return out
+
+    def closed(self, n: int = 1) -> None:
+        self.closed_count += n
+
+    def request_started(self) -> None:
+        self.started += 1
+
+    def request_finished(self) -> None:
+        self.finished += 1
+
+    def tick(self) -> None:
+        self.ticks += 1
+        try:
+            while os.read(self._r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def stop(self) -> None:
+        self.draining = True
+        try:
+            os.write(self._w, b"\0")
+        except OSError:
+            pass
+
+    def send(self, obj) -> None:
+        self.sent.append(json.loads(json.dumps(obj)))
+
+    def on_message(self, callback: Callable) -> None:
+        self._callbacks.append(callback)
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            if fd >= 0:
+                os.close(fd)
+        self._r = self._w = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
