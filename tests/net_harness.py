@@ -30,6 +30,25 @@ def listener(family=socket.AF_INET, backlog=128, blocking=True):
     return sock
 
 
+def own_socket_option(peer, option, level=socket.IPPROTO_TCP):
+    """`option` of this process's TCP socket whose peer is `peer` (found via /proc/self/fd),
+    or None: lets an app under test report what its server did to its connection."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        with sock:
+            try:
+                if sock.getpeername() == tuple(peer):
+                    return sock.getsockopt(level, option)
+            except OSError:
+                continue
+    return None
+
+
 CHILD = {}   # in the child only: pipe ends for the harnesses' notify/wait-release helpers
 
 

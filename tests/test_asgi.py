@@ -27,6 +27,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 import asgi_harness as H
+import net_harness as N
 
 # (PYFORK_UVLOOP, PYFORK_ASGI_HTTP): the default pair and the fallback pair.
 STACKS = [
@@ -102,27 +103,10 @@ async def boom(request):
     raise RuntimeError("app bug (expected by the test)")
 
 
-def _own_socket_nodelay(client) -> int | None:
-    """TCP_NODELAY of this worker's socket whose peer is `client` (found via /proc/self/fd)."""
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                continue
-            sock = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
-        except OSError:
-            continue
-        with sock:
-            try:
-                if sock.getpeername() == tuple(client):
-                    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-            except OSError:
-                continue
-    return None
-
-
 async def nodelay(request):
     client = request.scope["client"]
-    return JSONResponse({"nodelay": _own_socket_nodelay(client), "client_port": client[1], "pid": os.getpid()})
+    return JSONResponse({"nodelay": N.own_socket_option(client, socket.TCP_NODELAY), "client_port": client[1],
+                         "pid": os.getpid()})
 
 
 async def addr(request):

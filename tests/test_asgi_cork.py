@@ -23,25 +23,15 @@ import net_harness as N
 
 pytestmark = pytest.mark.timeout(120)
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))   # the app imports net_harness from here
+
 APP = textwrap.dedent('''
-    import gc, json, os, socket
+    import gc, json, socket
+
+    from net_harness import own_socket_option  # tests/ is on PYTHONPATH
 
     def cork_of(client):
-        """TCP_CORK of this worker's socket whose peer is `client`."""
-        for name in os.listdir("/proc/self/fd"):
-            try:
-                if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                    continue
-                sock = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
-            except OSError:
-                continue
-            with sock:
-                try:
-                    if sock.getpeername() == tuple(client):
-                        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
-                except OSError:
-                    continue
-        return None
+        return own_socket_option(client, socket.TCP_CORK)
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
@@ -84,7 +74,8 @@ def server(backend, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pyfork", "serve", "cork_app:app", "--interface", "asgi",
                              "-w", "1", "-b", f"127.0.0.1:{port}", "--backend", backend.BACKEND],
                             stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
-                            env={**os.environ, "PYFORK_UVLOOP": "1", "PYFORK_ASGI_HTTP": "httptools"})
+                            env={**os.environ, "PYFORK_UVLOOP": "1", "PYFORK_ASGI_HTTP": "httptools",
+                                 "PYTHONPATH": TESTS_DIR})
     try:
         deadline = time.monotonic() + N.LIVENESS
         while (tmp_path / "serve.log").read_text().count(" ready in ") < 1:
