@@ -22,7 +22,7 @@
 
 #include "pyfork.h"
 
-/* The header is a wire format shared with pyfork/_pure.py: catch drift. */
+/* The header is a wire format shared with pyfork/_pure/fdpass.py: catch drift. */
 _Static_assert(sizeof(pf_msg_hdr) == 16, "pf_msg_hdr must be 16 bytes");
 
 /* Room for one SCM_RIGHTS cmsg with PF_MAX_FDS ints; the union gives the

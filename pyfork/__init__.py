@@ -11,8 +11,8 @@ import importlib
 __version__ = "0.1.0"
 __all__ = ["Cluster", "__version__"]
 
-_SUBMODULES = frozenset(("worker", "backend", "scoreboard", "cluster", "policy", "arbiter",
-                         "control", "config", "cli", "serve", "demo", "applib"))
+_SUBMODULES = frozenset(("worker", "primary", "backend", "scoreboard", "cluster", "config", "cli",
+                         "serve", "demo", "applib"))
 
 
 def __getattr__(name):

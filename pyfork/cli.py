@@ -135,7 +135,7 @@ def cmd_status(args) -> int:
     path = args.control or os.environ.get(config.ENV_PREFIX + "CONTROL")
     if not path:
         return _fail("status needs --control PATH (or PYFORK_CONTROL)")
-    from pyfork import control
+    from pyfork.primary import control
     try:
         reply = control.request(path, {"cmd": "status"})
     except (OSError, ValueError) as e:

@@ -1,7 +1,7 @@
 """pyfork.Cluster: Node's cluster API, the Python way.
 
 Theory of operation: a Cluster is a validated Settings plus event callbacks;
-``run()`` builds an ``Arbiter`` (pyfork/arbiter.py), which binds, forks and
+``run()`` builds an ``Arbiter`` (pyfork/primary/arbiter.py), which binds, forks and
 loops until stopped, and returns the exit code (0 stopped, 2 startup error,
 3 every worker slot gave up). Callbacks run in the primary, inside the
 arbiter's loop, one at a time; an exception in one is logged and ignored.
@@ -23,9 +23,10 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, List, Optional
 
-from pyfork import config, policy as P
-from pyfork.arbiter import Arbiter, StartupError  # noqa: F401 - re-exported
-from pyfork.messages import WorkerHandle  # noqa: F401 - re-exported
+from pyfork import config
+from pyfork.primary import lifecycle as P
+from pyfork.primary.arbiter import Arbiter, StartupError  # noqa: F401 - re-exported
+from pyfork.primary.messages import WorkerHandle  # noqa: F401 - re-exported
 
 EVENTS = ("fork", "online", "ready", "message", "disconnect", "exit")
 

@@ -1,11 +1,11 @@
 """Test support for the asyncio/ASGI/demo tests: a runtime and a forked worker.
 
 Theory of operation: `FakeRuntime` implements SPEC.md's worker runtime contract on a
-plain listening socket (what pyfork.standalone.StandaloneRuntime does): take() accepts
+plain listening socket (what pyfork.worker.standalone.StandaloneRuntime does): take() accepts
 until EAGAIN, closed()/request_*() count, tick() drains the signal wakeup pipe and
 turns a SIGTERM into `draining`. `ForkedWorker` forks a child that builds one, runs
 `pyfork.serve.<interface>.serve(app, rt)` on a listening socket the parent made (or,
-with runtime="standalone", pyfork.standalone.StandaloneRuntime: then there is no b"D"), and
+with runtime="standalone", pyfork.worker.standalone.StandaloneRuntime: then there is no b"D"), and
 when serve() returns writes the runtime's counters as JSON on a pipe and `_exit`s.
 The parent talks HTTP to the socket, sends SIGTERM to drain, reaps the child within
 a generous bound and checks the counters (every socket taken was reported closed,
@@ -149,7 +149,7 @@ class ForkedWorker(ForkedChild):
             from pyfork.serve import load
             module = load(interface)
             if runtime == "standalone":  # the supervisor's, as shipped
-                from pyfork.standalone import StandaloneRuntime
+                from pyfork.worker.standalone import StandaloneRuntime
                 rt = StandaloneRuntime(listen_sock, id=worker_id)
                 signal.signal(signal.SIGTERM, lambda signum, frame: rt.stop())
             else:

@@ -179,7 +179,7 @@ def test_detect():
 
 
 def test_with_the_shipped_standalone_runtime(fds):
-    pytest.importorskip("pyfork.standalone").StandaloneRuntime  # noqa: B018 (supervisor's helper)
+    pytest.importorskip("pyfork.worker.standalone").StandaloneRuntime  # noqa: B018 (supervisor's helper)
     with running_worker(echo, runtime="standalone") as worker:
         with connect(worker.port) as sock:
             sock.sendall(b"ping")

@@ -513,7 +513,7 @@ def test_resolve_errors_and_explicit_names():
 
 
 def test_with_the_shipped_standalone_runtime(fds):
-    pytest.importorskip("pyfork.standalone").StandaloneRuntime  # noqa: B018 (supervisor's helper)
+    pytest.importorskip("pyfork.worker.standalone").StandaloneRuntime  # noqa: B018 (supervisor's helper)
     lsock = H.listener()
     worker = H.ForkedWorker(lsock, app, "asgi", runtime="standalone", report=report)
     lsock.close()

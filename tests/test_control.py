@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from pyfork import control
+from pyfork.primary import control
 
 import supervisor_harness as H
 

@@ -36,7 +36,7 @@ def test_serves_on_every_worker_and_stops_with_0(apps, backend):
 
 
 def test_primary_runs_sched_batch_and_workers_as_started(apps, backend):
-    # pyfork.sched: the primary never preempts a busy worker to accept; the workers
+    # pyfork.primary.sched: the primary never preempts a busy worker to accept; the workers
     # (the app's code) get the scheduling class the primary was started with.
     with H.Server(apps, backend.BACKEND) as srv:
         srv.start(ready=2)

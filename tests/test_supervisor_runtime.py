@@ -6,7 +6,7 @@ import socket
 import pytest
 
 import pyfork.worker as W
-from pyfork.standalone import StandaloneRuntime
+from pyfork.worker.standalone import StandaloneRuntime
 
 pytestmark = pytest.mark.usefixtures("fd_guard")
 

@@ -1,7 +1,7 @@
 """Test support for the wsgi/raw/conformance/fuzz tests: a forked worker and a raw client.
 
 Theory of operation: `Worker` forks a child that runs `pyfork.serve.<wsgi|raw>.serve(app, rt)`
-on a listening socket the parent made, with rt = pyfork.standalone.StandaloneRuntime (the
+on a listening socket the parent made, with rt = pyfork.worker.standalone.StandaloneRuntime (the
 supervisor's runtime for standalone use) or, if that is missing, the local `_FakeRuntime` with
 the same methods. SIGTERM in the child only records (rt.stop(): draining = True plus a byte on
 the runtime's wakeup pipe); serve() then drains and returns, and the child writes the
@@ -91,7 +91,7 @@ class _FakeRuntime:
 
 def make_runtime(listen_sock):
     try:
-        from pyfork.standalone import StandaloneRuntime
+        from pyfork.worker.standalone import StandaloneRuntime
     except ImportError:
         return _FakeRuntime(listen_sock)
     return StandaloneRuntime(listen_sock)

@@ -17,7 +17,7 @@ primary-side atexit/finalizer runs twice. ``main``:
 2. signals (``_install_signals``): SIGTERM asks the primary to drain us,
    SIGQUIT exits at once, SIGINT/SIGHUP/SIGTTIN/SIGTTOU are ignored (Ctrl-C and
    job control hit the whole process group; the primary orchestrates); the
-   scheduling class the primary started with (it runs SCHED_BATCH, pyfork.sched);
+   scheduling class the primary started with (it runs SCHED_BATCH, pyfork.primary.sched);
 3. the user's ``post_fork(worker)`` hook, then the app import (a failure is
    logged with its traceback and exits with code 4 before READY, which the
    primary counts as a rapid crash), then the interface lookup;
@@ -39,9 +39,9 @@ import socket
 import traceback
 from typing import List, Optional
 
-from pyfork import sched
-from pyfork import worker as _worker
-from pyfork.worker import EXIT_LOAD_ERROR, EXIT_ORPHANED, Worker, _flush
+from pyfork.primary import sched
+from pyfork.worker import runtime as _worker
+from pyfork.worker.runtime import EXIT_LOAD_ERROR, EXIT_ORPHANED, Worker, _flush
 
 log = logging.getLogger("pyfork.worker")
 
@@ -91,7 +91,7 @@ def _hygiene(spec) -> Optional[int]:
         pass
     for sig in spec.primary_signals:
         signal.signal(sig, signal.SIG_DFL)
-    # The primary runs SCHED_BATCH (pyfork.sched); the app runs as the user started it.
+    # The primary runs SCHED_BATCH (pyfork.primary.sched); the app runs as the user started it.
     sched.restore_after_fork()
     # Every connection this worker gets was accepted on one of these (rr/least: the
     # primary's; shared/reuseport: ours): read their family while they are open.

@@ -18,7 +18,7 @@ sent - scoreboard.closed < max_inflight.
 sendmsg errno triage: EAGAIN = that worker is busy, arm EPOLLOUT and try
 the next; EPIPE & co = the worker is gone, HANGUP it and the same fds go to
 the next; anything else = transient, retry on the recheck timer. _Send is a
-mixin of Dispatcher (_pure_dispatch.py), whose __init__ sets the state used.
+mixin of Dispatcher (dispatch.py), whose __init__ sets the state used.
 """
 
 import errno
@@ -26,8 +26,8 @@ import itertools
 import select
 import time
 
-from pyfork._pure_channel import MAX_FDS, MSG_CONN, _close_all, _send
-from pyfork._pure_internal import (
+from pyfork._pure.fdpass import MAX_FDS, MSG_CONN, _close_all, _send
+from pyfork._pure.internal import (
     _BLK_NONE, _BLK_OUT, _BLK_RETRY, _CHAN_EVENTS, _LEAST_AGE_NS, _RECHECK_S, STATE_FREE, STATE_GONE,
     STATE_READY,
 )

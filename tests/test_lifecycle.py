@@ -1,6 +1,6 @@
 """Policy table tests: the lifecycle state machine with an injected clock (no fork, no sleep).
 
-Each test drives pyfork.policy.Lifecycle with events the arbiter would feed and checks the
+Each test drives pyfork.primary.lifecycle.Lifecycle with events the arbiter would feed and checks the
 actions it returns: backoff sequence, reset after stable uptime, giving up, exit 3, hung
 worker kill, recycling order, rolling restart success and abort, graceful stop.
 """
@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from pyfork import policy as P
+from pyfork.primary import lifecycle as P
 
 
 def kinds(actions, cls):
@@ -40,8 +40,8 @@ def boot(n=2, **kw):
 def test_transitions_are_data_and_bad_moves_raise():
     assert P.WORKER_MOVES[(P.SPAWNING, "ready")] == P.READY
     assert (P.EXITED, "ready") not in P.WORKER_MOVES
-    with pytest.raises(P.PolicyError):
-        P._move(P.WORKER_MOVES, P.EXITED, "ready", "worker 1")
+    with pytest.raises(P.LifecycleError):
+        P.move(P.WORKER_MOVES, P.EXITED, "ready", "worker 1")
 
 
 def test_backoff_formula():

@@ -29,7 +29,7 @@ import stat
 import struct
 import time
 
-from pyfork import policy as P
+from pyfork.primary import lifecycle as P
 
 log = logging.getLogger("pyfork.control")
 

@@ -7,10 +7,10 @@ loop with the GIL released, or its pure-Python twin -- is the only blocking
 call. When it returns the loop handles, in order: dispatcher events (worker
 messages, the control socket, "drained"), recorded signals, reaping, and a
 ``Tick`` for timers. Every decision (respawn, backoff, drain, kill, exit) comes
-from ``pyfork.policy.Lifecycle`` as actions; this module only carries them out:
+from ``pyfork.primary.lifecycle.Lifecycle`` as actions; this module only carries them out:
 ``spawn_worker``, ``reap_workers``, ``kill_worker``, and the ``handle_<signal>``
-methods. Around it: pyfork.listeners binds the addresses, pyfork.wakeup is the
-signal inbox, pyfork.messages carries worker messages and Cluster events.
+methods. Around it: pyfork.primary.listeners binds the addresses, pyfork.primary.wakeup is the
+signal inbox, pyfork.primary.messages carries worker messages and Cluster events.
 
 Ownership: listeners, the wakeup pipe and the control socket belong to the
 arbiter; worker channels (both ends) belong to the dispatcher from
@@ -18,7 +18,7 @@ arbiter; worker channels (both ends) belong to the dispatcher from
 connections can be recovered by ``remove_worker`` if it dies.
 
 Policies ``shared`` and ``reuseport`` have no accept loop in the primary: the
-workers accept (on the sockets pyfork.listeners gives each slot), the dispatcher
+workers accept (on the sockets pyfork.primary.listeners gives each slot), the dispatcher
 still carries channels and watched fds.
 """
 
@@ -33,14 +33,14 @@ import time
 from collections import deque
 from typing import Callable, Dict, List, Optional
 
-from pyfork import policy as P
-from pyfork import sched
-from pyfork import worker as W
-from pyfork import worker_boot
+from pyfork.primary import lifecycle as P
+from pyfork.primary import sched
+from pyfork.worker import runtime as W
+from pyfork.worker import boot as worker_boot
 from pyfork.config import Settings
-from pyfork.listeners import BindError, Listeners
-from pyfork.messages import WorkerHandle, WorkerMessages  # noqa: F401 - re-exported
-from pyfork.wakeup import Wakeup
+from pyfork.primary.listeners import BindError, Listeners
+from pyfork.primary.messages import WorkerHandle, WorkerMessages  # noqa: F401 - re-exported
+from pyfork.primary.wakeup import Wakeup
 
 log = logging.getLogger("pyfork.arbiter")
 
@@ -110,7 +110,7 @@ class Arbiter(WorkerMessages):
             self._bind()
             self._make_dispatcher()
             if cfg.control:
-                from pyfork.control import ControlServer
+                from pyfork.primary.control import ControlServer
                 try:
                     self.control = ControlServer(cfg.control, self)
                 except OSError as e:

@@ -1,7 +1,7 @@
 """HTTP/1.1 request heads: the conformance rules llhttp lacks, and what the fields mean.
 
 Theory of operation. pyfork.serve.http1.RequestReader cuts a head out of the byte stream
-and feeds it to llhttp (httptools) through ``_Head``, whose callbacks collect the target
+and feeds it to llhttp (httptools) through ``RequestHead``, whose callbacks collect the target
 and the fields and enforce the field count/size limits as fields complete. What llhttp
 accepts but the conformance corpus (gunicorn's parser vectors) refuses is checked here,
 after llhttp: the request-target form allowed for the method (``check_target``), our own
@@ -52,7 +52,7 @@ class Request:
 
 # RFC 9110 5.6.2 token; methods additionally exclude lower case (gunicorn: `-bl` is rejected,
 # `-BLARGH` accepted) since every registered method is upper case.
-_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
+TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 _METHOD = re.compile(rb"[!$%&'*+\-.^_`|~0-9A-Z]+").fullmatch
 _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]").fullmatch
 # visible ASCII and obs-text: what our own request-line grammar accepts in a target
@@ -71,7 +71,7 @@ _SPECIAL = {b"host": 1, b"expect": 2, b"connection": 3, b"content-length": 4,
 _SPECIAL_LENS = frozenset(len(k) for k in _SPECIAL)
 
 
-class _Head:
+class RequestHead:
     """llhttp callbacks for one head; field limits are enforced as fields complete."""
 
     __slots__ = ("url", "headers", "done", "complete", "status", "max_fields", "max_field")

@@ -1,6 +1,6 @@
 """The child side: the Runtime a forked worker's interface serves with.
 
-Theory of operation. pyfork.worker_boot takes a child from the fork to
+Theory of operation. pyfork.worker.boot takes a child from the fork to
 ``interface.serve(app, worker)`` (fork hygiene, signals, app import); this
 module is what the interface talks to from then on. The ``Worker`` object is
 both the Runtime of SPEC.md (take/closed/request_started/request_finished/
@@ -23,7 +23,7 @@ them without an enum conversion. take_fds() skips even that, for an interface
 that builds its own connection objects (ASGI on uvloop). closed() and
 request_* are the backend's SlotWriter (one C call each with the C backend).
 
-``pyfork.standalone.StandaloneRuntime`` is the same contract without a primary,
+``pyfork.worker.standalone.StandaloneRuntime`` is the same contract without a primary,
 for testing an interface on its own.
 """
 

@@ -1,12 +1,12 @@
 """Worker and slot states, their moves as data, the records the policy keeps, the timing math.
 
 Theory of operation (h11's ``_state.py``, s6-supervise): every state change of a worker
-or a slot goes through ``_move(table, state, what, label)``; the tables below list every
-allowed move, so an undefined one raises ``PolicyError`` instead of being silently
+or a slot goes through ``move(table, state, what, label)``; the tables below list every
+allowed move, so an undefined one raises ``LifecycleError`` instead of being silently
 ignored. ``WorkerRec`` and ``SlotRec`` are the policy's records of one forked process and
 of one of the N positions the primary keeps filled. ``backoff_delay`` is the respawn
-delay after a rapid crash; ``_secs``/``_ms``/``_dur`` print durations the way the
-policy's log lines show them. pyfork.policy.Lifecycle drives all of this; pyfork.policy
+delay after a rapid crash; ``fmt_secs``/``fmt_ms``/``fmt_dur`` print durations the way the
+policy's log lines show them. pyfork.primary.lifecycle.Lifecycle drives all of this; pyfork.primary.lifecycle
 re-exports every name.
 """
 
@@ -54,7 +54,7 @@ BACKOFF_CAP = 10.0
 IMMEDIATE_GRACE = 2.0
 
 
-class PolicyError(RuntimeError):
+class LifecycleError(RuntimeError):
     """An event that makes no sense in the current state (a bug in the caller)."""
 
 
@@ -98,21 +98,21 @@ class SlotRec:
     recycle_due: Optional[float] = None
 
 
-def _move(table, state: str, what: str, label: str) -> str:
+def move(table, state: str, what: str, label: str) -> str:
     try:
         return table[(state, what)]
     except KeyError:
-        raise PolicyError(f"{label}: no move for {what!r} in state {state!r}") from None
+        raise LifecycleError(f"{label}: no move for {what!r} in state {state!r}") from None
 
 
 # ---- how log lines show durations ---------------------------------------------
-def _secs(x: float) -> str:
+def fmt_secs(x: float) -> str:
     return f"{x:.1f} s"
 
 
-def _dur(x: float) -> str:
-    return _ms(x) if x < 1.0 else _secs(x)
+def fmt_dur(x: float) -> str:
+    return fmt_ms(x) if x < 1.0 else fmt_secs(x)
 
 
-def _ms(x: float) -> str:
+def fmt_ms(x: float) -> str:
     return f"{int(round(x * 1000))} ms"

@@ -13,7 +13,7 @@ import os
 import socket
 from typing import Callable, List
 
-from pyfork.worker import _Acceptor
+from pyfork.worker.runtime import _Acceptor
 
 
 class StandaloneRuntime:

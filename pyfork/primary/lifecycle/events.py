@@ -1,10 +1,10 @@
 """The words between the arbiter and the policy: events in, actions out (sans-IO).
 
 Theory of operation (h11's ``_events.py``): the arbiter feeds the events below to
-``pyfork.policy.Lifecycle.handle(event, now)`` and carries out the actions it gets back,
+``pyfork.primary.lifecycle.Lifecycle.handle(event, now)`` and carries out the actions it gets back,
 in order. Both are frozen dataclasses -- plain data, compared by value, so a policy test
 is a list of events and the exact list of actions expected. Nothing here does anything.
-pyfork.policy re-exports every name (``P.Start``, ``P.Spawn`` ...).
+pyfork.primary.lifecycle re-exports every name (``P.Start``, ``P.Spawn`` ...).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ keeps it atomic. Its 0..MAX_FDS fds ride in ONE SCM_RIGHTS cmsg. The
 receiver trusts nothing: EOF, size, magic, type, length, cmsg level/type/len,
 MSG_CTRUNC (which socket.recv_fds does not check) and MSG_TRUNC are checked,
 and every fd that arrived is closed on any error. The fd helpers at the top
-(_wrap, _borrow, _close_all, ...) are shared by the other _pure_* files.
+(_wrap, _borrow, _close_all, ...) are shared by the other _pure modules.
 """
 
 import errno

@@ -2,7 +2,7 @@
 import errno
 import socket
 
-from pyfork._pure_channel import _index, _oserror
+from pyfork._pure.fdpass import _index, _oserror
 
 
 def tcp_cork(fd, on):

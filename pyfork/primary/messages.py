@@ -14,7 +14,7 @@ Cluster events (fork, online, ready, message, disconnect, exit) go to the callba
 to the Arbiter, one at a time on the loop's thread; an exception in one is logged and
 ignored, so a user callback cannot take the primary down.
 
-``WorkerMessages`` is mixed into pyfork.arbiter.Arbiter and uses its ``backend``,
+``WorkerMessages`` is mixed into pyfork.primary.arbiter.Arbiter and uses its ``backend``,
 ``procs``, ``by_phys``, ``wake``, ``_feed`` and ``_emit_cb``.
 """
 
@@ -26,7 +26,7 @@ import os
 import time
 from typing import Optional
 
-from pyfork import policy as P
+from pyfork.primary import lifecycle as P
 
 log = logging.getLogger("pyfork.arbiter")   # the primary's log, wherever the line comes from
 

@@ -20,11 +20,11 @@ Two kinds of things have state:
   on reload). A replaced worker becomes *retiring*: it drains and its exit
   respawns nothing.
 
-An undefined move raises ``PolicyError`` instead of being silently ignored.
+An undefined move raises ``LifecycleError`` instead of being silently ignored.
 
-Layout: the events and actions are in pyfork.policy_events, the states, move tables,
-records and backoff math in pyfork.policy_states; this module holds the state machine
-(``Lifecycle``) and re-exports both, so ``pyfork.policy`` is the one name callers use.
+Layout: the events and actions are in events.py, the states, move tables, records and
+backoff math in states.py; this module holds the state machine (``Lifecycle``); the package
+re-exports all three, so ``pyfork.primary.lifecycle`` is the one name callers use.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from __future__ import annotations
 import signal
 from typing import Dict, List, Optional
 
-from pyfork.policy_events import (  # noqa: F401 - re-exported: callers use pyfork.policy.*
+from pyfork.primary.lifecycle.events import (
     Activate, Drain, Drained, Exit, Exited, Forked, Kill, Leaving, Log, RecycleRequested, Ready,
     ReleaseSlot, Reload, Scale, Spawn, Start, Stop, StopAccepting, Tick,
 )
-from pyfork.policy_states import (  # noqa: F401 - re-exported: callers use pyfork.policy.*
-    BACKOFF, BACKOFF_BASE, BACKOFF_CAP, DRAINING, EXITED, GAVE_UP, IMMEDIATE_GRACE, READY, RUNNING,
-    SLOT_MOVES, SPAWNING, WORKER_MOVES, PolicyError, SlotRec, WorkerRec, _dur, _move, _ms, _secs,
-    backoff_delay,
+from pyfork.primary.lifecycle.states import (
+    BACKOFF, BACKOFF_BASE, BACKOFF_CAP, DRAINING, GAVE_UP, IMMEDIATE_GRACE, READY, RUNNING,
+    SLOT_MOVES, SPAWNING, WORKER_MOVES, SlotRec, WorkerRec, backoff_delay, fmt_dur, fmt_ms,
+    fmt_secs, move,
 )
 
 
@@ -112,7 +112,7 @@ class Lifecycle:
     def _drain(self, w: WorkerRec, now: float) -> None:
         if w.state == DRAINING:
             return
-        w.state = _move(WORKER_MOVES, w.state, "drain", w.label())
+        w.state = move(WORKER_MOVES, w.state, "drain", w.label())
         w.drain_at = now
         self._out.append(Drain(w.wid))
 
@@ -164,12 +164,12 @@ class Lifecycle:
         w = self.workers.get(ev.wid)
         if w is None:
             return
-        w.state = _move(WORKER_MOVES, w.state, "ready", w.label())
+        w.state = move(WORKER_MOVES, w.state, "ready", w.label())
         w.ready_at = now
         if w.state != READY:       # told to drain meanwhile: never gets connections
             return
         self._out.append(Activate(w.wid))
-        self._log("info", f"{w.label()} ready in {_dur(now - w.started)}")
+        self._log("info", f"{w.label()} ready in {fmt_dur(now - w.started)}")
         slot = self.slots.get(w.slot)
         if slot is not None and slot.candidate == w.wid:
             old = self.workers.get(slot.worker) if slot.worker is not None else None
@@ -191,12 +191,12 @@ class Lifecycle:
         w = self.workers.pop(ev.wid, None)
         if w is None:
             return
-        w.state = _move(WORKER_MOVES, w.state, "exit", w.label())
+        w.state = move(WORKER_MOVES, w.state, "exit", w.label())
         uptime = now - w.started
         if ev.code is None and ev.signal is None:
             head = f"worker {w.wid} could not be forked"
         else:
-            head = f"{w.label()} exited code={ev.code} signal={ev.signal} after {_secs(uptime)}"
+            head = f"{w.label()} exited code={ev.code} signal={ev.signal} after {fmt_secs(uptime)}"
         slot = self.slots.get(w.slot)
         if slot is None or (slot.worker != w.wid and slot.candidate != w.wid):
             # retiring (replaced, scaled down) or the slot is gone
@@ -224,7 +224,7 @@ class Lifecycle:
             return
         rapid = w.ready_at is None or uptime < self.min_uptime
         if not rapid:
-            slot.state = _move(SLOT_MOVES, slot.state, "stable_exit", f"slot {slot.index}")
+            slot.state = move(SLOT_MOVES, slot.state, "stable_exit", f"slot {slot.index}")
             slot.crashes = 0
             slot.restarts += 1
             self._log("warning", f"{head}; respawning now")
@@ -233,7 +233,7 @@ class Lifecycle:
         slot.crashes += 1
         k = slot.crashes
         if k >= self.max_restarts:
-            slot.state = _move(SLOT_MOVES, slot.state, "give_up", f"slot {slot.index}")
+            slot.state = move(SLOT_MOVES, slot.state, "give_up", f"slot {slot.index}")
             self._out.append(ReleaseSlot(slot.index))
             self._log("error", f"{head}; rapid crash #{k}: slot {slot.index} GIVES UP after {k} rapid "
                       f"crashes in a row (max_restarts {self.max_restarts}); fix the app, then HUP or restart")
@@ -242,9 +242,9 @@ class Lifecycle:
                 self._begin_stop(now, graceful=True, code=3)
             return
         delay = backoff_delay(k, self.backoff_base, self.backoff_cap)
-        slot.state = _move(SLOT_MOVES, slot.state, "rapid_crash", f"slot {slot.index}")
+        slot.state = move(SLOT_MOVES, slot.state, "rapid_crash", f"slot {slot.index}")
         slot.due = now + delay
-        self._log("warning", f"{head}; rapid crash #{k}, respawning in {_ms(delay)}")
+        self._log("warning", f"{head}; rapid crash #{k}, respawning in {fmt_ms(delay)}")
 
     def _candidate_failed(self, slot: SlotRec, w: WorkerRec, head: str, now: float) -> None:
         why = "before READY" if w.ready_at is None else "while starting"
@@ -271,7 +271,7 @@ class Lifecycle:
         delay = backoff_delay(n, self.backoff_base, self.backoff_cap)
         slot.recycle_due = now + delay
         self._log("warning", f"{head}; recycle replacement failed (#{n}); old worker keeps serving, "
-                  f"retrying in {_ms(delay)}")
+                  f"retrying in {fmt_ms(delay)}")
 
     def _on_RecycleRequested(self, ev: RecycleRequested, now: float) -> None:
         w = self.workers.get(ev.wid)
@@ -311,7 +311,7 @@ class Lifecycle:
         if not self.stopping:
             for slot in list(self.slots.values()):
                 if slot.state == BACKOFF and now >= slot.due:
-                    slot.state = _move(SLOT_MOVES, slot.state, "due", f"slot {slot.index}")
+                    slot.state = move(SLOT_MOVES, slot.state, "due", f"slot {slot.index}")
                     slot.restarts += 1
                     self._spawn(slot, now)
                 if (slot.recycle_due is not None and now >= slot.recycle_due and slot.candidate is None
@@ -326,8 +326,8 @@ class Lifecycle:
             if w.killed:
                 continue
             if w.state == SPAWNING and now - w.started >= self.ready_timeout:
-                self._log("error", f"{w.label()} not READY after {_secs(now - w.started)} "
-                          f"(ready timeout {_secs(self.ready_timeout)}); killing it")
+                self._log("error", f"{w.label()} not READY after {fmt_secs(now - w.started)} "
+                          f"(ready timeout {fmt_secs(self.ready_timeout)}); killing it")
                 self._kill(w, signal.SIGKILL)
                 if self.reloading and self.reload_wait == w.wid:
                     self.reloading = False
@@ -338,13 +338,13 @@ class Lifecycle:
             if self.timeout > 0 and w.state in (READY, DRAINING):
                 beat = max(ev.beats.get(w.wid) or 0.0, w.ready_at or 0.0)
                 if now - beat >= self.timeout:
-                    self._log("error", f"{w.label()} hung: no heartbeat for {_secs(now - beat)} "
-                              f"(timeout {_secs(self.timeout)}); killing it")
+                    self._log("error", f"{w.label()} hung: no heartbeat for {fmt_secs(now - beat)} "
+                              f"(timeout {fmt_secs(self.timeout)}); killing it")
                     self._kill(w, signal.SIGKILL)
                     continue
             if (w.state == DRAINING and not self.stopping and w.drain_at is not None
                     and now - w.drain_at >= self.graceful_timeout):
-                self._log("warning", f"{w.label()} still draining after {_secs(now - w.drain_at)}; killing it")
+                self._log("warning", f"{w.label()} still draining after {fmt_secs(now - w.drain_at)}; killing it")
                 self._kill(w, signal.SIGKILL)
         # stop deadline
         if self.stopping and not self.killed_all and self.stop_deadline is not None and now >= self.stop_deadline:
@@ -364,7 +364,7 @@ class Lifecycle:
         self.generation += 1
         for slot in self.slots.values():
             if slot.state == GAVE_UP:
-                slot.state = _move(SLOT_MOVES, slot.state, "revive", f"slot {slot.index}")
+                slot.state = move(SLOT_MOVES, slot.state, "revive", f"slot {slot.index}")
                 slot.crashes = 0
                 self._log("info", f"reload: slot {slot.index} had given up; trying it again")
                 self._spawn(slot, now)
@@ -459,7 +459,7 @@ class Lifecycle:
         n = len(self.workers)
         if graceful:
             self.stop_deadline = now + self.graceful_timeout
-            self._log("info", f"graceful stop: no new connections; waiting up to {_secs(self.graceful_timeout)} "
+            self._log("info", f"graceful stop: no new connections; waiting up to {fmt_secs(self.graceful_timeout)} "
                       f"for {n} worker(s) to finish")
             self._out.append(StopAccepting())
         else:

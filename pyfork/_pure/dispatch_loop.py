@@ -13,7 +13,7 @@ stalled. Readiness is handled per kind:
              other message is left unread and reported; EOF = HANGUP;
   watch      reported with the caller's tag.
 Everything is level-triggered, so anything left comes back next turn. _Loop
-is a mixin of Dispatcher (_pure_dispatch.py), whose __init__ sets the state used.
+is a mixin of Dispatcher (dispatch.py), whose __init__ sets the state used.
 """
 
 import errno
@@ -22,10 +22,10 @@ import select
 import socket
 import time
 
-from pyfork._pure_channel import (
+from pyfork._pure.fdpass import (
     _HDR, HDR_SIZE, MAX_FDS, MSG_CREDIT, MSG_MAGIC, _close_all, _recv, _wrap,
 )
-from pyfork._pure_internal import _BLK_NONE, _BLK_OUT, _EPOLLIN, _RECHECK_S
+from pyfork._pure.internal import _BLK_NONE, _BLK_OUT, _EPOLLIN, _RECHECK_S
 
 # accept() errors that concern one connection, not the listener: the Linux
 # accept(2) man page says to treat "already-pending network errors" like

@@ -30,25 +30,25 @@ ValueError in both).
 
 This module is only the public face (what pyfork.backend loads); the
 implementation is split as the C files are:
-  _pure_channel.py        csrc/fdpass.c         messages: send_msg, recv_msg
-  _pure_listen.py         csrc/listen.c         listen_tcp, listen_unix, adopt_listener
-  _pure_tcp.py            csrc/tcp.c            tcp_cork
-  _pure_internal.py       csrc/pf_internal.h    states, Event, worker/listener records
-  _pure_dispatch.py       csrc/dispatch.c       Dispatcher: lifetime and tables
-  _pure_dispatch_send.py  csrc/dispatch_send.c  pending ring, rr/least, batched sends
-  _pure_dispatch_loop.py  csrc/dispatch_loop.c  run(): accept triage, EMFILE, credits, drain
+  fdpass.py         csrc/fdpass.c         messages: send_msg, recv_msg
+  listen.py         csrc/listen.c         listen_tcp, listen_unix, adopt_listener
+  tcp.py            csrc/tcp.c            tcp_cork
+  internal.py       csrc/pf_internal.h    states, Event, worker/listener records
+  dispatch.py       csrc/dispatch.c       Dispatcher: lifetime and tables
+  dispatch_send.py  csrc/dispatch_send.c  pending ring, rr/least, batched sends
+  dispatch_loop.py  csrc/dispatch_loop.c  run(): accept triage, EMFILE, credits, drain
 """
 
-from pyfork._pure_channel import (  # HDR_SIZE, MSG_MAGIC: wire facts, kept for callers
+from pyfork._pure.fdpass import (  # HDR_SIZE, MSG_MAGIC: wire facts, kept for callers
     HDR_SIZE, MAX_FDS, MAX_PAYLOAD, MSG_CONN, MSG_CREDIT, MSG_CTL, MSG_DRAIN, MSG_MAGIC,
     MSG_READY, MSG_USER, Message, Receiver, recv_msg, send_msg,
 )
-from pyfork._pure_dispatch import Dispatcher
-from pyfork._pure_internal import (
+from pyfork._pure.dispatch import Dispatcher
+from pyfork._pure.internal import (
     SLOT_SIZE, STATE_DRAINING, STATE_FREE, STATE_GONE, STATE_READY, STATE_SPAWNING, Event,
 )
-from pyfork._pure_listen import adopt_listener, listen_tcp, listen_unix
-from pyfork._pure_tcp import tcp_cork
+from pyfork._pure.listen import adopt_listener, listen_tcp, listen_unix
+from pyfork._pure.tcp import tcp_cork
 from pyfork.scoreboard import Scoreboard, SlotView
 
 BACKEND = "python"

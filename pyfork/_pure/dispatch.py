@@ -8,8 +8,8 @@ arbiter) calls between runs: add/remove listeners and watched fds, add a
 worker's channel before forking it, mark it READY or DRAINING, remove it
 after it died -- recovering connections still queued in its channel through
 the peer end we kept (Node loses those) -- stop accepting, read counters,
-close. Sending comes from _Send (_pure_dispatch_send.py) and run() from
-_Loop (_pure_dispatch_loop.py); the structure follows csrc/dispatch*.c
+close. Sending comes from _Send (dispatch_send.py) and run() from
+_Loop (dispatch_loop.py); the structure follows csrc/dispatch*.c
 function by function (pf__tick, pf__flush, pf__pick_rr, ...), so a
 behaviour found in one is easy to find in the other.
 """
@@ -22,12 +22,12 @@ import socket
 import sys
 from collections import deque
 
-from pyfork._pure_channel import (
+from pyfork._pure.fdpass import (
     _U32, MAX_FDS, MSG_CONN, _borrow, _close_all, _index, _oserror, _recv, _wrap,
 )
-from pyfork._pure_dispatch_loop import _Loop
-from pyfork._pure_dispatch_send import _Send
-from pyfork._pure_internal import (
+from pyfork._pure.dispatch_loop import _Loop
+from pyfork._pure.dispatch_send import _Send
+from pyfork._pure.internal import (
     _CHAN_EVENTS, _EPOLLIN, SLOT_SIZE, STATE_DRAINING, STATE_FREE, STATE_GONE, STATE_READY,
     STATE_SPAWNING, Event, _Listener, _Worker,
 )

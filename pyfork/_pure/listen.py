@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 
-from pyfork._pure_channel import _borrow, _index, _oserror
+from pyfork._pure.fdpass import _borrow, _index, _oserror
 
 _SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, NUL included
 

@@ -26,8 +26,8 @@ and closes. Response side: render_head() validates the application's status and 
 (no CR/LF injection) and decides the body framing (Content-Length, chunked, or close).
 
 Layout: this module holds Limits and the reader (finding heads, feeding llhttp, Content-Length
-and chunked bodies); the head checks and field semantics are in http1_head, the response side
-in http1_response. Every public name is importable from here.
+and chunked bodies); the head checks and field semantics are in head.py, the response side
+in response.py (see the package docstring).
 """
 
 import os
@@ -40,20 +40,11 @@ from httptools.parser.errors import (
     HttpParserUpgrade,
 )
 
-from .http1_head import (  # noqa: F401 - the public names are re-exported
-    _TCHAR, HttpError, Request, _Head, check_request_line, check_target, decode_path, framing,
-    new_parser, split_target,
-)
-from .http1_response import (  # noqa: F401 - the public names are re-exported
-    CONTINUE_100, MODE_CHUNKED, MODE_CLOSE, MODE_LENGTH, MODE_NONE, SERVER_LINE, chunk, date_line,
-    error_response, render_head,
+from .head import (
+    TCHAR, HttpError, Request, RequestHead, check_request_line, check_target, framing, new_parser,
 )
 
-__all__ = [
-    "Limits", "HttpError", "Request", "RequestReader", "NEED_DATA", "HEAD", "COMPLETE",
-    "split_target", "render_head", "error_response", "CONTINUE_100",
-    "MODE_NONE", "MODE_LENGTH", "MODE_CHUNKED", "MODE_CLOSE",
-]
+__all__ = ["Limits", "RequestReader", "NEED_DATA", "HEAD", "COMPLETE"]
 
 
 class Limits:
@@ -111,15 +102,15 @@ _S_HEAD, _S_LENGTH, _S_CHUNKED, _S_ERROR = range(4)
 _CH_SIZE, _CH_DATA, _CH_DATA_END, _CH_TRAILER = range(4)
 
 # incremental checks of an incomplete head: it must start with `token SP`
-_METHOD_PREFIX = re.compile(rb"[" + _TCHAR + rb"]*").match
+_METHOD_PREFIX = re.compile(rb"[" + TCHAR + rb"]*").match
 _METHOD_MAX = 64   # longest registered method is 17 bytes; a longer token is not HTTP
 
 # RFC 9112 7.1: chunk-size [ chunk-ext ], chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
 _QSTRING = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
 _CHUNK_LINE = re.compile(
-    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*[" + _TCHAR + rb"]+(?:[ \t]*=[ \t]*(?:[" + _TCHAR +
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*[" + TCHAR + rb"]+(?:[ \t]*=[ \t]*(?:[" + TCHAR +
     rb"]+|" + _QSTRING + rb"))?)*").fullmatch
-_FIELD_LINE = re.compile(rb"([" + _TCHAR + rb"]+):[ \t]*([\t\x20-\x7e\x80-\xff]*)").fullmatch
+_FIELD_LINE = re.compile(rb"([" + TCHAR + rb"]+):[ \t]*([\t\x20-\x7e\x80-\xff]*)").fullmatch
 _BARE_LF = re.compile(rb"(?<!\r)\n").search
 _MAX_CHUNK_LINE = 4096   # size line incl. extensions; nginx/gunicorn use a few KiB
 
@@ -144,7 +135,7 @@ class RequestReader:
         self.line_seen = False      # the current head's request line has its CRLF
         self.state = _S_HEAD
         self.request = None
-        self.head = _Head(limits)
+        self.head = RequestHead(limits)
         self.parser = new_parser(self.head)
         self.parts = None
 

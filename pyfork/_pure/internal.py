@@ -1,10 +1,10 @@
 """The dispatcher's shared state for the pure backend (csrc/pf_internal.h).
 
-Theory of operation: the Dispatcher (_pure_dispatch.py) is one object whose
+Theory of operation: the Dispatcher (dispatch.py) is one object whose
 tables are sized at creation, and its methods are split by job over three
-files, as csrc/dispatch*.c are: _pure_dispatch.py (lifetime and the table
-API), _pure_dispatch_send.py (pending ring, worker choice, batched sends) and
-_pure_dispatch_loop.py (run: epoll, accept triage, EMFILE, credits, drain).
+files, as csrc/dispatch*.c are: dispatch.py (lifetime and the table
+API), dispatch_send.py (pending ring, worker choice, batched sends) and
+dispatch_loop.py (run: epoll, accept triage, EMFILE, credits, drain).
 What more than one of them needs lives here: the worker states, the Event
 tuple, the per-worker and per-listener records and the shared constants.
 """
