@@ -9,6 +9,7 @@
  * it READY or DRAINING, remove it after it died -- recovering connections
  * still queued in its channel through the peer end we kept (Node loses
  * those) -- and read counters. Every function returns >= 0 or -errno.
+ * Pure twin: pyfork/_pure/dispatch.py.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -27,8 +28,14 @@
 _Static_assert(sizeof(pf_slot) == 64, "pf_slot is one cache line");
 _Static_assert(sizeof(pf_event) == 16, "pf_event layout is shared with Python");
 
-/* Limits from pyfork.h; emfile_pause_ms >= 1 so an EMFILE can never turn
- * into a spin, <= 60 s because a longer pause is an outage, not a pause. */
+/* The ranges pyfork.h documents for pf_config. They are sanity bounds, not
+ * tuning: a value outside one is a caller's bug. capacity <= 4096 keeps the
+ * scoreboard (64 bytes a slot) at 256 KiB and the O(capacity) scans short;
+ * max_listeners and max_watch <= 64 because those tables are searched
+ * linearly on every wakeup; max_inflight <= 2^20 and max_pending <= 65536
+ * bound what a typo can mean or allocate (the ring is 8 bytes an entry, so
+ * 512 KiB at most). emfile_pause_ms >= 1 so an EMFILE can never turn into a
+ * spin, <= 60 s because a longer pause is an outage, not a pause. */
 static int pf__config_ok(const pf_config *c)
 {
     return c->capacity >= 1 && c->capacity <= 4096 &&
@@ -93,7 +100,8 @@ fail:
     return rc;
 }
 
-/* Closes every fd the dispatcher owns and unmaps the scoreboard. */
+/* Returns nothing; closes every fd the dispatcher owns, unmaps the
+ * scoreboard and frees d (NULL is fine). */
 void pf_dispatcher_free(pf_dispatcher *d)
 {
     if (d == NULL)
@@ -123,9 +131,23 @@ void pf_dispatcher_free(pf_dispatcher *d)
     free(d);
 }
 
+/* ---- the poll set ------------------------------------------------------------ */
+
+/* Returns 0 after epoll_ctl(op) of fd with events, tagged with kind and id
+ * (PF__EV_DATA; pf__on_event in dispatch_loop.c decodes it), or -errno. */
+int pf__poll_ctl(pf_dispatcher *d, int op, int fd, uint32_t events, uint32_t kind, int id)
+{
+    struct epoll_event ev;
+
+    ev.events = events;
+    ev.data.u64 = PF__EV_DATA(kind, id);
+    return epoll_ctl(d->epfd, op, fd, &ev) < 0 ? -errno : 0;
+}
+
 /* ---- listeners --------------------------------------------------------------- */
 
-static int pf__listener_index(const pf_dispatcher *d, int fd)
+/* Returns the listener table index of fd, or -1. */
+int pf__listener_index(const pf_dispatcher *d, int fd)
 {
     for (int i = 0; i < d->nlisteners; i++)
         if (d->listeners[i].fd == fd)
@@ -133,7 +155,6 @@ static int pf__listener_index(const pf_dispatcher *d, int fd)
     return -1;
 }
 
-/* Returns 0; -ENOSPC when the table is full, -EEXIST if present, -errno. */
 /* Linux copies TCP_NODELAY from a listening socket to the sockets accept()
  * makes from it (the child is a clone of the listener), so setting it here
  * once saves a setsockopt per connection. Returns 1 when accepted fds will
@@ -153,12 +174,13 @@ static int pf__listener_nodelay(int fd)
 #endif
 }
 
+/* Returns 0; -ENOSPC when the table is full, -EEXIST if present, -errno. */
 int pf_dispatcher_add_listener(pf_dispatcher *d, int fd)
 {
     struct sockaddr_storage ss;
     socklen_t len = sizeof(ss);
-    struct epoll_event ev;
     pf__listener *l;
+    int rc;
 
     if (d == NULL || fd < 0)
         return -EINVAL;
@@ -175,10 +197,9 @@ int pf_dispatcher_add_listener(pf_dispatcher *d, int fd)
     if (ss.ss_family == AF_INET || ss.ss_family == AF_INET6)
         l->nodelay_each = !pf__listener_nodelay(fd);
     if (d->accepting) {
-        ev.events = EPOLLIN;
-        ev.data.u64 = PF__EV_DATA(PF__K_LISTENER, fd);
-        if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
-            return -errno;
+        rc = pf__poll_ctl(d, EPOLL_CTL_ADD, fd, EPOLLIN, PF__K_LISTENER, fd);
+        if (rc < 0)
+            return rc;
         l->in_poll = 1;
     }
     d->nlisteners++;
@@ -201,7 +222,8 @@ int pf_dispatcher_remove_listener(pf_dispatcher *d, int fd)
 
 /* ---- watched fds ---------------------------------------------------------------- */
 
-static int pf__watch_index(const pf_dispatcher *d, int fd)
+/* Returns the watch table index of fd, or -1. */
+int pf__watch_index(const pf_dispatcher *d, int fd)
 {
     for (int i = 0; i < d->nwatch; i++)
         if (d->watches[i].fd == fd)
@@ -212,7 +234,7 @@ static int pf__watch_index(const pf_dispatcher *d, int fd)
 /* Returns 0; readable fd -> PF_EV_WATCH with tag. -ENOSPC, -EEXIST, -errno. */
 int pf_dispatcher_watch(pf_dispatcher *d, int fd, uint32_t tag)
 {
-    struct epoll_event ev;
+    int rc;
 
     if (d == NULL || fd < 0)
         return -EINVAL;
@@ -220,10 +242,9 @@ int pf_dispatcher_watch(pf_dispatcher *d, int fd, uint32_t tag)
         return -EEXIST;
     if (d->nwatch >= d->cfg.max_watch)
         return -ENOSPC;
-    ev.events = EPOLLIN;
-    ev.data.u64 = PF__EV_DATA(PF__K_WATCH, fd);
-    if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
-        return -errno;
+    rc = pf__poll_ctl(d, EPOLL_CTL_ADD, fd, EPOLLIN, PF__K_WATCH, fd);
+    if (rc < 0)
+        return rc;
     d->watches[d->nwatch].fd = fd;
     d->watches[d->nwatch].tag = tag;
     d->nwatch++;
@@ -259,9 +280,8 @@ static int pf__is_seqpacket(int fd)
  * use, -errno of fcntl/epoll. On error nothing is owned. */
 int pf_dispatcher_add_worker(pf_dispatcher *d, int slot, int chan, int peer)
 {
-    struct epoll_event ev;
     pf__worker *w;
-    int fl;
+    int fl, rc;
 
     if (d == NULL || slot < 0 || slot >= d->cfg.capacity || chan < 0 ||
         peer < -1 || chan == peer)
@@ -274,12 +294,10 @@ int pf_dispatcher_add_worker(pf_dispatcher *d, int slot, int chan, int peer)
     fl = fcntl(chan, F_GETFL);
     if (fl < 0 || fcntl(chan, F_SETFL, fl | O_NONBLOCK) < 0)
         return -errno;
-    ev.events = EPOLLIN | EPOLLRDHUP;
-    ev.data.u64 = PF__EV_DATA(PF__K_WORKER, slot);
-    if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, chan, &ev) < 0) {
-        int err = errno;
+    rc = pf__poll_ctl(d, EPOLL_CTL_ADD, chan, PF__CHAN_EVENTS, PF__K_WORKER, slot);
+    if (rc < 0) {
         fcntl(chan, F_SETFL, fl);   /* "nothing is owned": give it back as it was */
-        return -err;
+        return rc;
     }
     memset(&d->board[slot], 0, sizeof(pf_slot));
     memset(w, 0, sizeof(*w));

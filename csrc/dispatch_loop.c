@@ -17,6 +17,7 @@
  * Back-pressure: listeners are in the poll set only while nothing is stalled
  * in the ring, so at most accept_batch (<= max_pending) fds are ever held
  * and the kernel backlog carries the rest.
+ * Pure twin: pyfork/_pure/dispatch_loop.py.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -27,12 +28,9 @@
 #include <stdint.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "pf_internal.h"
-
-#define PF__NS_PER_MS 1000000u
 
 /* Bound on CREDIT messages eaten per channel wakeup, so a chatty worker
  * cannot starve the others (level-triggered: the rest come next turn). A
@@ -41,14 +39,6 @@
 #define PF__CREDITS_PER_WAKEUP 64
 
 enum { PF__ACC_AGAIN, PF__ACC_MORE, PF__ACC_PAUSE, PF__ACC_DEAD };
-
-uint64_t pf__now_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 /* Queue an event for the caller; 0 when the array is full (the condition
  * is level-triggered or remembered, so it is reported next run). */
@@ -70,7 +60,7 @@ static int pf__emit(pf_dispatcher *d, int type, int slot, uint32_t tag)
 
 static void pf__pause(pf_dispatcher *d)
 {
-    d->pause_until_ns = pf__now_ns() + (uint64_t)d->cfg.emfile_pause_ms * PF__NS_PER_MS;
+    d->pause_until_ns = pf__now_ns() + pf__ms_to_ns((uint64_t)d->cfg.emfile_pause_ms);
 }
 
 static int pf__accept_fd(int lfd)
@@ -169,17 +159,10 @@ static int pf__accept_some(pf_dispatcher *d, pf__listener *l, int budget)
     return PF__ACC_MORE;
 }
 
-static pf__listener *pf__find_listener(pf_dispatcher *d, int fd)
-{
-    for (int i = 0; i < d->nlisteners; i++)
-        if (d->listeners[i].fd == fd)
-            return &d->listeners[i];
-    return NULL;
-}
-
 static void pf__on_listener(pf_dispatcher *d, int fd)
 {
-    pf__listener *l = pf__find_listener(d, fd);
+    int i = pf__listener_index(d, fd);
+    pf__listener *l = i < 0 ? NULL : &d->listeners[i];
 
     /* Left the poll set earlier in this batch (pause, stall): not now. */
     if (l == NULL || !l->in_poll || !d->accepting)
@@ -196,13 +179,9 @@ static void pf__on_listener(pf_dispatcher *d, int fd)
 
 static void pf__listener_poll(pf_dispatcher *d, pf__listener *l, int on)
 {
-    struct epoll_event ev;
-
     if (on && !l->in_poll && !l->dead) {
-        ev.events = EPOLLIN;
-        ev.data.u64 = PF__EV_DATA(PF__K_LISTENER, l->fd);
         /* Fails only if the caller closed the fd without removing it. */
-        if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, l->fd, &ev) == 0)
+        if (pf__poll_ctl(d, EPOLL_CTL_ADD, l->fd, EPOLLIN, PF__K_LISTENER, l->fd) == 0)
             l->in_poll = 1;
     } else if ((!on || l->dead) && l->in_poll) {
         epoll_ctl(d->epfd, EPOLL_CTL_DEL, l->fd, NULL);
@@ -316,11 +295,10 @@ static void pf__on_chan(pf_dispatcher *d, int slot, uint32_t events)
 
 static void pf__on_watch(pf_dispatcher *d, int fd)
 {
-    for (int i = 0; i < d->nwatch; i++)
-        if (d->watches[i].fd == fd) {
-            pf__emit(d, PF_EV_WATCH, -1, d->watches[i].tag);
-            return;
-        }
+    int i = pf__watch_index(d, fd);
+
+    if (i >= 0)
+        pf__emit(d, PF_EV_WATCH, -1, d->watches[i].tag);
 }
 
 static void pf__on_event(pf_dispatcher *d, const struct epoll_event *ev)
@@ -403,7 +381,7 @@ int pf_dispatcher_run(pf_dispatcher *d, int timeout_ms, pf_event *ev, int max_ev
 
     if (d == NULL || ev == NULL || max_ev < 1 || timeout_ms < -1)
         return -EINVAL;
-    deadline = timeout_ms < 0 ? UINT64_MAX : now + (uint64_t)timeout_ms * PF__NS_PER_MS;
+    deadline = timeout_ms < 0 ? UINT64_MAX : now + pf__ms_to_ns((uint64_t)timeout_ms);
     d->out = ev;
     d->nout = 0;
     d->maxout = max_ev;

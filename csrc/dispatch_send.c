@@ -14,14 +14,15 @@
  *          running (round robin balances connections, not work: a worker stuck
  *          on one long request has 1 in flight but should not get the next
  *          one, Node issue #39815); ties go to an idle one, then to the one
- *          whose request started most recently (it looks least stuck,
- *          DESIGN.md), then to the next after the last one chosen; it gets
- *          enough fds to catch up with the runner-up.
- * sendmsg errno triage (DESIGN.md): EAGAIN = that worker is busy, arm
+ *          whose request started most recently (it looks least stuck), then
+ *          to the next after the last one chosen; it gets enough fds to catch
+ *          up with the runner-up.
+ * sendmsg errno triage: EAGAIN = that worker is busy, arm
  * EPOLLOUT and try the next; EPIPE & co = the worker is gone, HANGUP it and
  * the same fds go to the next; anything else = transient, retry on the
  * recheck timer. The loop ends when the ring is empty or nobody can take:
  * then the caller leaves the listeners out of the poll set (back-pressure).
+ * Pure twin: pyfork/_pure/dispatch_send.py.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -72,22 +73,22 @@ static int pf__pend_consume(pf_dispatcher *d, int n)
 
 /* ---- worker bookkeeping ---------------------------------------------------- */
 
-/* Returns 0 after setting the channel's epoll mask (EPOLLIN|EPOLLRDHUP, plus
+/* Returns 0 after setting the channel's epoll mask (PF__CHAN_EVENTS plus
  * `events`), or -errno. */
 int pf__chan_events(pf_dispatcher *d, int slot, uint32_t events)
 {
-    struct epoll_event ev;
+    int rc = pf__poll_ctl(d, EPOLL_CTL_MOD, d->workers[slot].chan,
+                          PF__CHAN_EVENTS | events, PF__K_WORKER, slot);
 
-    ev.events = EPOLLIN | EPOLLRDHUP | events;
-    ev.data.u64 = PF__EV_DATA(PF__K_WORKER, slot);
-    if (epoll_ctl(d->epfd, EPOLL_CTL_MOD, d->workers[slot].chan, &ev) < 0)
-        return -errno;
+    if (rc < 0)
+        return rc;
     d->workers[slot].out_armed = (events & EPOLLOUT) != 0;
     return 0;
 }
 
-/* The channel is dead: no more sends, no more polling, and the caller is
- * owed exactly one HANGUP (emitted by the loop when there is room). */
+/* Returns nothing; the channel is dead: no more sends, no more polling, and
+ * the caller is owed exactly one HANGUP (emitted by the loop when there is
+ * room). */
 void pf__mark_gone(pf_dispatcher *d, int slot)
 {
     pf__worker *w = &d->workers[slot];
@@ -107,7 +108,8 @@ void pf__mark_gone(pf_dispatcher *d, int slot)
     d->n_hup++;
 }
 
-/* Recheck timer fired: transient send failures get another try. */
+/* Returns nothing; the recheck timer fired: transient send failures get
+ * another try. */
 void pf__clear_retry(pf_dispatcher *d)
 {
     for (int s = 0; s < d->hi; s++)
@@ -199,7 +201,7 @@ static int64_t pf__age_units(const pf_dispatcher *d, int s, uint64_t now)
 
     if (since == 0 || since >= now)
         return 0;
-    return (int64_t)((now - since) / ((uint64_t)PF__LEAST_AGE_MS * 1000000u));
+    return (int64_t)((now - since) / pf__ms_to_ns(PF__LEAST_AGE_MS));
 }
 
 /* least: the lowest-scoring candidate; *n brings it level with the runner-up.
@@ -275,10 +277,11 @@ static void pf__send_batch(pf_dispatcher *d, int s, int n)
         w->blocked = PF__BLK_RETRY;
     }
     if (w->blocked == PF__BLK_RETRY && d->recheck_ns == 0)
-        d->recheck_ns = pf__now_ns() + (uint64_t)PF__RECHECK_MS * 1000000u;
+        d->recheck_ns = pf__now_ns() + pf__ms_to_ns(PF__RECHECK_MS);
 }
 
-/* Sends pending fds until the ring is empty or no worker can take more.
+/* Returns nothing; sends pending fds until the ring is empty or no worker
+ * can take more.
  * Terminates: every iteration either shrinks the ring or takes one worker
  * out of the candidates (blocked or gone). */
 void pf__flush(pf_dispatcher *d)

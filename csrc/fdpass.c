@@ -12,6 +12,7 @@
  *
  * Control buffers live on the stack, sized for PF_MAX_FDS; no globals, no
  * allocation. Both functions retry EINTR and return >= 0 or -errno.
+ * Pure twin: pyfork/_pure/fdpass.py.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -20,6 +21,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "pf_cmsg.h"
 #include "pyfork.h"
 
 /* The header is a wire format shared with pyfork/_pure/fdpass.py: catch drift. */
@@ -45,7 +47,6 @@ int pf_send_msg(int chan, uint32_t type, uint32_t arg,
     pf__cmsgbuf cbuf;
     struct iovec iov[2];
     struct msghdr msg;
-    struct cmsghdr *c;
     ssize_t n;
 
     if (!pf__valid_type(type) || nfds < 0)
@@ -70,17 +71,7 @@ int pf_send_msg(int chan, uint32_t type, uint32_t arg,
     memset(&msg, 0, sizeof(msg));
     msg.msg_iov = iov;
     msg.msg_iovlen = len > 0 ? 2 : 1;
-    if (nfds > 0) {
-        /* Exactly CMSG_SPACE(nfds) so the receiver sees one cmsg, no slack. */
-        memset(&cbuf, 0, sizeof(cbuf));
-        msg.msg_control = cbuf.buf;
-        msg.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
-        c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
-        memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
-    }
+    pf__put_rights(&msg, cbuf.buf, fds, nfds);
 
     /* MSG_NOSIGNAL: a dead worker must cost us -EPIPE, not the primary's
      * life by SIGPIPE (skalibs ancil_send_fd does the same). Linux raises

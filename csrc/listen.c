@@ -8,6 +8,7 @@
  * pf_listen_adopt accepts an fd someone else created (fd://N, systemd) after
  * checking it really is a listening stream socket. Setup-time code: it may
  * allocate (getaddrinfo), unlike the accept path.
+ * Pure twin: pyfork/_pure/listen.py.
  */
 #define _GNU_SOURCE
 #include <errno.h>

@@ -9,7 +9,10 @@
  *                    and the sendmsg errno triage;
  *   dispatch_loop.c  pf_dispatcher_run: epoll, accept triage, EMFILE, credit,
  *                    channel events, draining.
- * Nothing here is public API; names are pf__.
+ * A function one of them defines and another calls is declared here, once,
+ * under the file that defines it; no .c file declares another's functions.
+ * The clock is pf_clock.h. Nothing here is public API; names are pf__.
+ * Pure twin: pyfork/_pure/internal.py (the shared state and constants).
  */
 #ifndef PF_INTERNAL_H
 #define PF_INTERNAL_H
@@ -17,6 +20,7 @@
 #include <stdint.h>
 #include <sys/epoll.h>
 
+#include "pf_clock.h"
 #include "pyfork.h"
 
 /* epoll_event.data.u64 = kind << 32 | id, where id is the fd for listeners
@@ -25,6 +29,10 @@
 #define PF__K_WORKER   2u
 #define PF__K_WATCH    3u
 #define PF__EV_DATA(kind, id) (((uint64_t)(kind) << 32) | (uint32_t)(id))
+
+/* A worker channel's poll mask: data and EOF (EPOLLRDHUP: the worker shut
+ * its end); pf__chan_events adds EPOLLOUT while the channel is full. */
+#define PF__CHAN_EVENTS (EPOLLIN | EPOLLRDHUP)
 
 /* Why a worker is skipped even though it is READY and has room. */
 #define PF__BLK_NONE  0
@@ -116,8 +124,10 @@ struct pf_dispatcher {
     pf_stats st;
 };
 
-/* Monotonic clock in ns (the scoreboard's clock too: CLOCK_MONOTONIC). */
-uint64_t pf__now_ns(void);
+/* dispatch.c */
+int pf__listener_index(const pf_dispatcher *d, int fd);
+int pf__watch_index(const pf_dispatcher *d, int fd);
+int pf__poll_ctl(pf_dispatcher *d, int op, int fd, uint32_t events, uint32_t kind, int id);
 
 /* dispatch_send.c */
 int pf__pend_push(pf_dispatcher *d, int fd, int recovered);

@@ -30,6 +30,12 @@
 #define PF_MSG_MAGIC 0x31464b50u   /* "PKF1" little-endian */
 #define PF_MAX_FDS 32               /* fds per message (batching limit) */
 #define PF_MAX_PAYLOAD 65536        /* bytes after the header */
+/* Why these limits: Linux takes up to 253 fds per SCM_RIGHTS message
+ * (SCM_MAX_FD, unix(7)); 32 keeps every cmsg buffer a small stack array
+ * (CMSG_SPACE of 32 ints: 144 bytes on x86-64). Payloads are short JSON
+ * control messages, and a SEQPACKET datagram must fit the sender's socket
+ * buffer whole (net.core.wmem_default is 212992 bytes on Linux): 64 KiB
+ * fits with room to spare. */
 
 #define PF_MSG_CONN   1  /* primary -> worker: nfds connected sockets, no payload */
 #define PF_MSG_READY  2  /* worker -> primary: app imported, handlers installed */

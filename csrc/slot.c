@@ -1,29 +1,25 @@
 /* slot.c -- the worker-side writers of one scoreboard line (pf_slot).
  *
- * A worker writes its own line several times per request (request started,
- * request finished, connection closed). pyfork/scoreboard.py does the same in
- * Python through memoryviews, for either backend; with the C backend a worker
+ * Theory of operation: a worker writes its own line several times per
+ * request (request started, request finished, connection closed).
+ * pyfork/scoreboard.py does the same in Python through memoryviews; it serves
+ * both backends, so this file has no pure twin. With the C backend a worker
  * calls these instead (pyfork/_core.py SlotWriter), one cffi call each.
  * Semantics are scoreboard.py's, field by field: the primary reads these
  * fields with no lock, so each store is a single aligned store, and the one
  * handshake (closed vs want_credit) has the fence dispatch_send.c expects.
+ * Times are pf_clock.h's, the clock the primary reads them with.
  */
 #include <stdint.h>
-#include <time.h>
 
+#include "pf_clock.h"
 #include "pyfork.h"
 
-static uint64_t pf__slot_now_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
+/* Returns nothing; a request began: active + 1, busy since now if it was
+ * idle, heartbeat now. */
 void pf_slot_request_started(pf_slot *s)
 {
-    uint64_t now = pf__slot_now_ns();
+    uint64_t now = pf__now_ns();
     uint32_t active = s->active;
 
     if (active == 0)
@@ -32,12 +28,13 @@ void pf_slot_request_started(pf_slot *s)
     __atomic_store_n(&s->heartbeat_ns, now, __ATOMIC_RELAXED);
 }
 
-/* busy_since_ns means "busy without progress since": a finished request is
+/* Returns nothing; a request ended: active - 1, handled + 1, heartbeat now.
+ * busy_since_ns means "busy without progress since": a finished request is
  * progress, so with requests still in progress it moves to now (a steadily
  * loaded async worker must not look stuck to the least policy). */
 void pf_slot_request_finished(pf_slot *s)
 {
-    uint64_t now = pf__slot_now_ns();
+    uint64_t now = pf__now_ns();
     uint32_t active = s->active;
 
     if (active)
@@ -47,10 +44,11 @@ void pf_slot_request_finished(pf_slot *s)
     __atomic_store_n(&s->heartbeat_ns, now, __ATOMIC_RELAXED);
 }
 
-/* Store closed, fence, load want_credit: the mirror of the primary's store
- * want_credit, fence, load closed (dispatch_send.c), so one side always sees
- * the other. Returns 1 when want_credit was set (it is cleared here): the
- * caller then sends PF_MSG_CREDIT. */
+/* Returns 1 when the primary asked for a CREDIT (want_credit was set; it is
+ * cleared here, and the caller then sends PF_MSG_CREDIT), else 0, after
+ * adding n to closed. Store closed, fence, load want_credit: the mirror of
+ * the primary's store want_credit, fence, load closed (dispatch_send.c), so
+ * one side always sees the other. */
 int pf_slot_conn_closed(pf_slot *s, uint32_t n)
 {
     __atomic_store_n(&s->closed, s->closed + n, __ATOMIC_RELEASE);
