@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "pf_clock.h"
 #include "pf_test.h"
 #include "pyfork.h"
 
@@ -37,11 +38,10 @@ static inline int max_fd(void)
     return hi;
 }
 
+/* The core's clock (pf_clock.h), in ms. */
 static inline uint64_t now_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+    return pf__now_ns() / PF__NS_PER_MS;
 }
 
 static inline void set_nonblock(int fd)
@@ -368,30 +368,6 @@ static inline int clients_roundtrip(int port, int n, char *tags)
         close(cl[i]);
     }
     return served;
-}
-
-/* Real worker processes end to end; DRAIN makes them exit; HANGUP follows. */
-/* Runs the tests whose name contains argv[1] (all without one): a debugging
- * aid, ctest runs them all. */
-struct pf_test_case {
-    const char *name;
-    void (*fn)(void);
-};
-#define PF_CASE(fn) { #fn, fn }
-
-static inline int run_cases(const struct pf_test_case *t, size_t n, int argc, char **argv)
-{
-    signal(SIGPIPE, SIG_IGN);   /* clients of dead workers; MSG_NOSIGNAL covers us */
-    for (size_t i = 0; i < n; i++) {
-        if (argc > 1 && strstr(t[i].name, argv[1]) == NULL)
-            continue;
-        fprintf(stdout, "RUN  %s\n", t[i].name);
-        fflush(stdout);
-        t[i].fn();
-        fprintf(stdout, "PASS %s\n", t[i].name);
-        fflush(stdout);
-    }
-    return PF_DONE();
 }
 
 #endif

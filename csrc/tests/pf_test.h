@@ -1,12 +1,25 @@
 /* pf_test.h -- the tiny assertion kit shared by the C unit tests.
  *
  * Theory of operation: every csrc/tests/test_*.c is its own executable,
- * registered with ctest by CMakeLists.txt (one ctest test per file). A test
- * file defines functions `static void test_xxx(void)` and a main() that calls
- * PF_RUN(test_xxx) for each and returns PF_DONE(). A failing CHECK prints
- * file:line and the expression and exits 1 at once (no unwinding: the process
- * is thrown away, which also keeps forked children from reporting success).
- * ctest shows the "PASS name" / "FAIL ..." lines with --output-on-failure or -V.
+ * registered with ctest by CMakeLists.txt (one ctest test per file). Every
+ * test file follows one convention:
+ *
+ *     static void test_xxx(void) { ... CHECK(...); ... }
+ *     static const struct pf_test_case tests[] = {
+ *         PF_CASE(test_xxx), PF_CASE(test_yyy),
+ *     };
+ *     int main(int argc, char **argv)
+ *     {
+ *         return pf_run_cases(tests, PF_NCASES(tests), argc, argv);
+ *     }
+ *
+ * The table runs in order; `./test_xxx NAME` runs only the cases whose name
+ * contains NAME (a debugging aid; ctest runs them all). main() may set up
+ * what the whole file needs first (an alarm() liveness guard, SIGPIPE
+ * ignored). A failing CHECK prints file:line and the expression and exits 1
+ * at once (no unwinding: the process is thrown away, which also keeps forked
+ * children from reporting success). ctest shows the "RUN name" / "PASS name"
+ * / "FAIL ..." lines with --output-on-failure or -V.
  *
  * Header-only, no globals shared across files (each test is one translation
  * unit plus the pyfork_core static library).
@@ -86,17 +99,32 @@ static inline int count_fds(void)
     return pf_scan_fds(NULL);
 }
 
-/* Run one test function and print a line ctest's log can show. */
-#define PF_RUN(fn)                                                           \
-    do {                                                                     \
-        fprintf(stdout, "RUN  %s\n", #fn);                                   \
-        fflush(stdout);                                                      \
-        fn();                                                                \
-        fprintf(stdout, "PASS %s\n", #fn);                                   \
-        fflush(stdout);                                                      \
-    } while (0)
+/* One entry of a test file's table: the test function and its name. */
+struct pf_test_case {
+    const char *name;
+    void (*fn)(void);
+};
+#define PF_CASE(fn) { #fn, fn }
+/* The number of entries in a table (an array, not a pointer). */
+#define PF_NCASES(table) (sizeof(table) / sizeof((table)[0]))
 
-/* End of main(): reaching it means every CHECK held. */
-#define PF_DONE() (fprintf(stdout, "PASS all (%s)\n", __FILE__), fflush(stdout), 0)
+/* Returns 0 (main's exit status) after running, in order, the n cases whose
+ * name contains argv[1] (all of them without one), each between a RUN and a
+ * PASS line. A failing case never returns: its CHECK exits 1. */
+static inline int pf_run_cases(const struct pf_test_case *t, size_t n, int argc, char **argv)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (argc > 1 && strstr(t[i].name, argv[1]) == NULL)
+            continue;
+        fprintf(stdout, "RUN  %s\n", t[i].name);
+        fflush(stdout);
+        t[i].fn();
+        fprintf(stdout, "PASS %s\n", t[i].name);
+        fflush(stdout);
+    }
+    fprintf(stdout, "PASS all (%s)\n", argv[0]);
+    fflush(stdout);
+    return 0;
+}
 
 #endif

@@ -19,6 +19,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "pf_cmsg.h"
 #include "pf_test.h"
 #include "pyfork.h"
 
@@ -72,22 +73,12 @@ static void raw_send(int chan, const void *buf, size_t len, const int *fds, int 
     } cbuf;
     struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
     struct msghdr msg;
-    struct cmsghdr *c;
 
     CHECK(nfds >= 0 && nfds <= 64);
     memset(&msg, 0, sizeof(msg));
-    memset(&cbuf, 0, sizeof(cbuf));
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    if (nfds > 0) {
-        msg.msg_control = cbuf.buf;
-        msg.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
-        c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
-        memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
-    }
+    pf__put_rights(&msg, cbuf.buf, fds, nfds);
     CHECK_EQ(sendmsg(chan, &msg, MSG_NOSIGNAL), (ssize_t)len);
 }
 
@@ -556,24 +547,17 @@ static void test_eintr_retried(void)
     CHECK_EQ(count_fds(), before);
 }
 
-int main(void)
+static const struct pf_test_case tests[] = {
+    PF_CASE(test_payload_roundtrip), PF_CASE(test_max_payload),
+    PF_CASE(test_send_validation), PF_CASE(test_recv_validation), PF_CASE(test_pass_one_fd),
+    PF_CASE(test_pass_several_fds), PF_CASE(test_cap_too_small),
+    PF_CASE(test_maxfds_too_small), PF_CASE(test_short_and_garbage),
+    PF_CASE(test_bad_header_fields), PF_CASE(test_oversize_datagram), PF_CASE(test_ctrunc),
+    PF_CASE(test_foreign_cmsg), PF_CASE(test_eof), PF_CASE(test_send_to_closed_peer),
+    PF_CASE(test_nonblocking), PF_CASE(test_eintr_retried),
+};
+
+int main(int argc, char **argv)
 {
-    PF_RUN(test_payload_roundtrip);
-    PF_RUN(test_max_payload);
-    PF_RUN(test_send_validation);
-    PF_RUN(test_recv_validation);
-    PF_RUN(test_pass_one_fd);
-    PF_RUN(test_pass_several_fds);
-    PF_RUN(test_cap_too_small);
-    PF_RUN(test_maxfds_too_small);
-    PF_RUN(test_short_and_garbage);
-    PF_RUN(test_bad_header_fields);
-    PF_RUN(test_oversize_datagram);
-    PF_RUN(test_ctrunc);
-    PF_RUN(test_foreign_cmsg);
-    PF_RUN(test_eof);
-    PF_RUN(test_send_to_closed_peer);
-    PF_RUN(test_nonblocking);
-    PF_RUN(test_eintr_retried);
-    return PF_DONE();
+    return pf_run_cases(tests, PF_NCASES(tests), argc, argv);
 }

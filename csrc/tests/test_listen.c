@@ -463,21 +463,17 @@ static void test_adopt_rejects(void)
     CHECK_EQ(count_fds(), before);
 }
 
-int main(void)
+static const struct pf_test_case tests[] = {
+    PF_CASE(test_tcp_ipv4_loopback), PF_CASE(test_tcp_ipv6_loopback),
+    PF_CASE(test_tcp_localhost_name), PF_CASE(test_tcp_wildcards),
+    PF_CASE(test_tcp_reuseport), PF_CASE(test_tcp_errors),
+    PF_CASE(test_unix_listen_and_mode), PF_CASE(test_unix_stale_replaced),
+    PF_CASE(test_unix_live_in_use), PF_CASE(test_unix_not_a_socket),
+    PF_CASE(test_unix_errors), PF_CASE(test_adopt_listener), PF_CASE(test_adopt_rejects),
+};
+
+int main(int argc, char **argv)
 {
     alarm(120);   /* liveness guard only: a hang becomes a failure */
-    PF_RUN(test_tcp_ipv4_loopback);
-    PF_RUN(test_tcp_ipv6_loopback);
-    PF_RUN(test_tcp_localhost_name);
-    PF_RUN(test_tcp_wildcards);
-    PF_RUN(test_tcp_reuseport);
-    PF_RUN(test_tcp_errors);
-    PF_RUN(test_unix_listen_and_mode);
-    PF_RUN(test_unix_stale_replaced);
-    PF_RUN(test_unix_live_in_use);
-    PF_RUN(test_unix_not_a_socket);
-    PF_RUN(test_unix_errors);
-    PF_RUN(test_adopt_listener);
-    PF_RUN(test_adopt_rejects);
-    return PF_DONE();
+    return pf_run_cases(tests, PF_NCASES(tests), argc, argv);
 }

@@ -1,6 +1,12 @@
 /* test_slot.c -- the worker-side scoreboard writers (slot.c): counters,
  * busy_since_ns as "busy without progress since", and the want_credit
- * handshake, as pyfork/scoreboard.py's SlotView does them. */
+ * handshake, as pyfork/scoreboard.py's SlotView does them.
+ *
+ * Theory of operation: each test zeroes a pf_slot on its own stack (the
+ * writers do not care whether the line is shared memory), calls the writers
+ * in the order a worker would, and reads every field back. Times are only
+ * compared with each other (CLOCK_MONOTONIC never goes back), never with a
+ * duration, so a slow machine cannot fail them. */
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -53,10 +59,12 @@ static void test_conn_closed_and_credit(void)
     CHECK_EQ(s.active, 0);
 }
 
-int main(void)
+static const struct pf_test_case tests[] = {
+    PF_CASE(test_requests_and_heartbeat), PF_CASE(test_conn_closed_and_credit),
+};
+
+int main(int argc, char **argv)
 {
     alarm(60);   /* liveness guard only */
-    PF_RUN(test_requests_and_heartbeat);
-    PF_RUN(test_conn_closed_and_credit);
-    return PF_DONE();
+    return pf_run_cases(tests, PF_NCASES(tests), argc, argv);
 }

@@ -1,6 +1,11 @@
 /* test_tcp.c -- pf_tcp_cork on real sockets: the option follows on/off, a
  * corked connection still delivers everything once it is closed, and
- * non-TCP or bad fds get -errno. */
+ * non-TCP or bad fds get -errno.
+ *
+ * Theory of operation: a real loopback TCP connection (pf_listen_tcp, then
+ * connect and accept); the option is read back with getsockopt, and what the
+ * corked side wrote is read to EOF on the other end. Every fd is closed and
+ * the error test checks the process's fd count is unchanged. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -79,10 +84,12 @@ static void test_cork_errors(void)
     CHECK_EQ(pf_scan_fds(NULL), before);
 }
 
-int main(void)
+static const struct pf_test_case tests[] = {
+    PF_CASE(test_cork_on_off_and_close_flushes), PF_CASE(test_cork_errors),
+};
+
+int main(int argc, char **argv)
 {
     alarm(60);   /* liveness guard only */
-    PF_RUN(test_cork_on_off_and_close_flushes);
-    PF_RUN(test_cork_errors);
-    return PF_DONE();
+    return pf_run_cases(tests, PF_NCASES(tests), argc, argv);
 }
