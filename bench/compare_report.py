@@ -88,8 +88,8 @@ def progress_line(name, row):
 
 
 def headline_values(results, meta):
-    """[(label, value, target, lower_is_better)]: the issue targets and the ratios
-    people ask about (value None when a side is missing)."""
+    """[(label, value, target, lower_is_better)]: the targets bench/README.md lists
+    and the ratios people ask about (value None when a side is missing)."""
     base = _baseline_name(results, meta)
     out = []
 

@@ -30,7 +30,7 @@ def floor_build():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Issue 2's figure, which pytest-benchmark's table cannot show: primary CPU per connection."""
+    """The figure pytest-benchmark's table cannot show: primary CPU per connection."""
     rows = benchlib.DISPATCH_SUMMARY
     if not rows:
         return
@@ -46,5 +46,5 @@ def pytest_terminal_summary(terminalreporter):
             xf = f"{v / floor:.2f}" if floor else "-"
             xp = f"{v / pure:.2f}" if pure else "-"
             tr.write_line(f"{conc:>18}  {target:>8}  {v:>8.2f}  {xf:>8}  {xp:>8}")
-    tr.write_line("targets (issue 2, under load): c <= 0.5 x python and c <= 1.25 x floor; "
+    tr.write_line("targets (under load, bench/README.md): c <= 0.5 x python and c <= 1.25 x floor; "
                   "see bench/primary_cpu.py for the wrk-load figure")

@@ -17,7 +17,7 @@ With --full (default when `pyfork serve` works) two more rows run the real
 CLI (`pyfork serve hello_app:raw --interface raw`, Python workers), whose
 primary is the whole supervisor.
 
-Issue 2's targets: C <= 0.5 x pure and C <= 1.25 x floor.
+The targets (bench/README.md): C <= 0.5 x pure and C <= 1.25 x floor.
 
 Usage: python bench/primary_cpu.py [--duration 4] [--rounds 3] [--conns 32]
        [--workers 2] [--no-node] [--no-full] [--out bench/results/primary_cpu]
@@ -181,10 +181,10 @@ def main() -> int:
     lines.append("")
     if c and pure:
         ok = "meets" if c <= 0.5 * pure else "misses"
-        lines.append(f"- C / pure = **{c / pure:.2f}** ({ok} issue 2's target <= 0.5)")
+        lines.append(f"- C / pure = **{c / pure:.2f}** ({ok} the target <= 0.5)")
     if c and floor:
         ok = "meets" if c <= 1.25 * floor else "misses"
-        lines.append(f"- C / floor = **{c / floor:.2f}** ({ok} issue 2's target <= 1.25)")
+        lines.append(f"- C / floor = **{c / floor:.2f}** ({ok} the target <= 1.25)")
     if c and med.get("floor+nodelay"):
         lines.append(f"- C / floor+nodelay (floor that also sets TCP_NODELAY like pyfork) = "
                      f"**{c / med['floor+nodelay']:.2f}**")

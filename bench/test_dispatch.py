@@ -7,7 +7,7 @@ Theory of operation:
   workers that receive each fd and close it. The benchmark round is a client
   loop opening N TCP connections and waiting for EOF on each, so one round
   covers accept -> choose -> sendmsg -> the worker receives -> close. The
-  timing is the client's wall time; the figure that matters for issue 2 is
+  timing is the client's wall time; the figure that matters for the primary is
   `primary_cpu_us_per_conn` in extra_info: the primary's CPU time
   (/proc/<pid>/schedstat, all threads) over the benchmark divided by the
   connections it dispatched (`primary_cpu_us_per_conn_ticks` is the same from
