@@ -483,34 +483,42 @@ def test_request_sent_while_app_holds_the_loop_is_not_dropped():
 
 
 # -- draining ------------------------------------------------------------------------------
-def test_drain_closes_idle_keep_alive(worker):
+def test_drain_closes_an_idle_keep_alive_connection_between_requests(worker):
     with H.connect(worker.addr) as sock:
         reader = H.Reader(sock)
         sock.sendall(get("/hello"))
         assert reader.next().status == 200
-        stats = worker.stop()
+        stats = worker.stop()                               # closed by its keep-alive timeout
         assert reader.next() is None                        # closed without a response
     assert stats["taken"] == stats["closed"] == 1
 
 
-def test_drain_finishes_in_flight_and_503s_new_requests(worker):
-    with H.connect(worker.addr) as kept, H.connect(worker.addr) as busy:
-        kept_reader = H.Reader(kept)
-        kept.sendall(get("/hello"))
-        assert kept_reader.next().status == 200             # `kept` is now a kept-alive connection
+def test_drain_answers_every_request_and_closes_after_the_last(worker):
+    """In flight, new on a kept-alive connection, pipelined: all answered by the app (never
+    503); the last response of each connection says `Connection: close`."""
+    with H.connect(worker.addr) as kept, H.connect(worker.addr) as busy, H.connect(worker.addr) as piped:
+        kept_reader, piped_reader = H.Reader(kept), H.Reader(piped)
+        for sock, reader in ((kept, kept_reader), (piped, piped_reader)):
+            sock.sendall(get("/hello"))
+            assert reader.next().status == 200              # now a kept-alive connection
         busy.sendall(get("/hold"))
         worker.wait_event(b"H")                             # the worker is inside the app
         os.kill(worker.pid, signal.SIGTERM)                  # drain starts while in flight
         kept.sendall(get("/hello"))                         # a new request on a kept-alive conn
+        piped.sendall(get("/hello") * 3)                    # pipelined
         worker.release()
         resp = H.Reader(busy).next()
         assert resp.status == 200 and resp.body == b"held"
         assert resp.header("connection") == "close"
         resp = kept_reader.next()
-        assert resp.status == 503 and resp.header("connection") == "close"
+        assert resp.status == 200 and resp.header("connection") == "close"
         assert kept_reader.next() is None
+        got = [piped_reader.next() for _ in range(3)]
+        assert [r.status for r in got] == [200, 200, 200]
+        assert [r.header("connection") for r in got] == [None, None, "close"]
+        assert piped_reader.next() is None
         stats = worker.join()
-    assert stats["started"] == 2                            # the 503 never reached the app
+    assert stats["started"] == 7                            # every request reached the app
 
 
 # -- a real framework ----------------------------------------------------------------------

@@ -24,20 +24,26 @@ On uvloop, connections are taken as bare fds (`rt.take_fds()`, `aio.AcceptedFd`)
 no socket object is built and detached per connection.
 Every second the Date header is refreshed, as uvicorn's `Server.on_tick` does.
 
-Drain (the SPEC's contract, after uvicorn's `Server.shutdown`), decided per connection
-in the very loop callback that sees `rt.draining`, then re-checked every 50 ms:
+Drain (the SPEC's contract): no request a client sent is failed, and no connection is
+cut while a request may be on its way. Decided in the very loop callback that sees
+`rt.draining`, then re-checked every 50 ms:
   * stop taking;
-  * a connection with a response in flight gets uvicorn's `shutdown()`: keep-alive
-    off, so the response ends with `Connection: close` and the socket closes;
-  * a kept-alive connection (one request already answered) that is idle is closed;
-    one with request bytes already there (parser mid-request, or unread data in the
-    socket) is kept and that request is answered `503` + `Connection: close` (the
-    app of every such connection is swapped): uvicorn would close it and turn that
-    request into a reset, leaving the client unsure whether it was processed;
+  * every request received is answered, by the app; a request that arrives on a
+    kept-alive connection during the drain too (never a 503). Every connection's app
+    is swapped for one (`_last_response_closes`) whose response says `Connection:
+    close` (uvicorn then closes the socket after it) unless more requests are already
+    behind it (queued in uvicorn's pipeline, partly parsed, or unread in the socket):
+    those are answered first, and the last of them closes. Requests already running
+    get the same decision when their response starts (`_LastResponseHeaders`); a
+    response that started before the drain stays keep-alive, and the connection lives on;
+  * a kept-alive connection is not closed at the drain: its client may be sending its
+    next request at that very moment. uvicorn's keep-alive timer closes it between
+    requests, exactly as in normal operation, so the drain adds no race a client does
+    not already face (an idle one with no timer armed is closed after the grace below);
   * a fresh connection (taken, no request yet: the primary accepted it before the
-    stop) is still served, once, with `Connection: close` added to the response;
-  * pending and fresh connections get `timeout_keep_alive` (5 s) to send their
-    request head, then are closed;
+    stop) is served like any other; one still silent after `timeout_keep_alive` (5 s)
+    is closed;
+  * a WebSocket gets uvicorn's shutdown() (close code 1012);
   * when no connection and no request task is left: lifespan shutdown, return.
 
 Knobs (environment, read once per worker): PYFORK_UVLOOP=0 (asyncio's loop),
@@ -64,20 +70,6 @@ from . import aio, asgi_protocol
 NAME = "asgi"
 
 DRAIN_POLL = aio.DRAIN_POLL
-
-_UNAVAILABLE_BODY = b"Service Unavailable: this worker is shutting down, retry the request\n"
-_UNAVAILABLE_START = {
-    "type": "http.response.start",
-    "status": 503,
-    "headers": [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(_UNAVAILABLE_BODY)).encode()),
-        (b"connection", b"close"),
-        (b"retry-after", b"0"),
-    ],
-}
-_UNAVAILABLE_BODY_MSG = {"type": "http.response.body", "body": _UNAVAILABLE_BODY, "more_body": False}
-
 
 # --------------------------------------------------------------------------- detection
 
@@ -143,49 +135,61 @@ def _counted(app, rt):
     return pyfork_request
 
 
-def _counted_h11(app, rt, worker):
-    """_counted, plus `Connection: close` on responses that start while draining.
-
-    HttpToolsProtocol writes that header itself once shutdown() turned keep-alive
-    off; H11Protocol just closes after the response, so the client cannot tell the
-    connection is going. Only the h11 fallback pays for this extra send layer.
-    """
-    started, finished = rt.request_started, rt.request_finished
+def _last_response_closes(app, protocol):
+    """`app`, for one connection of a draining worker: its response says `Connection:
+    close` unless more requests are already behind it on `protocol` (see the module
+    docstring). uvicorn's protocols close the socket after a response that says so."""
     close = (b"connection", b"close")
 
-    async def pyfork_request(scope, receive, send):
-        async def send_marking_close(message):
-            if worker.draining and message["type"] == "http.response.start":
+    async def pyfork_draining_request(scope, receive, send):
+        async def send_closing(message):
+            if message["type"] == "http.response.start" and not _more_requests(protocol, scope):
                 message = dict(message)
                 message["headers"] = [*message.get("headers", ()), close]
             await send(message)
 
-        started()
-        try:
-            await app(scope, receive, send_marking_close)
-        finally:
-            finished()
-
-    return pyfork_request
-
-
-def _closing(app):
-    """`app`, with `Connection: close` added to its response (uvicorn then closes the socket)."""
-    async def pyfork_last_request(scope, receive, send):
-        async def send_closing(message):
-            if message["type"] == "http.response.start":
-                message = dict(message)
-                message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
-            await send(message)
-
         await app(scope, receive, send_closing)
 
-    return pyfork_last_request
+    return pyfork_draining_request
 
 
-async def _service_unavailable(scope, receive, send) -> None:
-    await send(_UNAVAILABLE_START)
-    await send(_UNAVAILABLE_BODY_MSG)
+class _LastResponseHeaders(list):
+    """A cycle's `default_headers` for a request that was under way when the drain began
+    (its app is already running, so `_last_response_closes` cannot wrap it). uvicorn's
+    protocols read `default_headers + headers` exactly once, when the response starts:
+    that sum adds `Connection: close` unless more requests are behind this one then."""
+
+    __slots__ = ("protocol", "scope")
+
+    def __add__(self, other):
+        out = list(self) + list(other)
+        if not _more_requests(self.protocol, self.scope):
+            out.append((b"connection", b"close"))
+        return out
+
+
+def _close_after_running(protocol) -> None:
+    """Gives the requests already admitted on `protocol` whose responses have not started
+    (the one in flight, and those queued in httptools' pipeline) _LastResponseHeaders."""
+    cycles = [protocol.cycle] + [cycle for cycle, _app in getattr(protocol, "pipeline", ())]
+    for cycle in cycles:
+        if cycle is None or cycle.response_started or type(cycle.default_headers) is _LastResponseHeaders:
+            continue
+        headers = _LastResponseHeaders(cycle.default_headers)
+        headers.protocol, headers.scope = protocol, cycle.scope
+        cycle.default_headers = headers
+
+
+def _more_requests(protocol, scope) -> bool:
+    """True when `protocol` holds request bytes beyond the request of `scope`."""
+    if hasattr(protocol, "parser"):  # HttpToolsProtocol parses ahead and queues cycles
+        if protocol.pipeline or protocol.scope is not scope:
+            return True
+    else:
+        conn = getattr(protocol, "conn", None)  # H11Protocol keeps what follows unparsed
+        if conn is not None and conn.trailing_data[0]:
+            return True
+    return _socket_readable(protocol)
 
 
 def _request_pending(protocol) -> bool:
@@ -199,6 +203,17 @@ def _request_pending(protocol) -> bool:
         import h11
         return conn.their_state is h11.SEND_BODY or bool(conn.trailing_data[0])
     return False
+
+
+def _idle_untimed(protocol) -> bool:
+    """True when `protocol` is between requests with nothing received and no keep-alive
+    timer of uvicorn's armed to close it (a fresh connection, typically)."""
+    cycle = protocol.cycle
+    if cycle is not None and not cycle.response_complete:
+        return False
+    if getattr(protocol, "timeout_keep_alive_task", None) is not None or getattr(protocol, "pipeline", None):
+        return False
+    return not _request_pending(protocol) and not _socket_readable(protocol)
 
 
 def _socket_readable(protocol) -> bool:
@@ -230,11 +245,7 @@ class _Worker:
         _refresh_default_headers(self.config, self.state)
         self.lifespan = self.config.lifespan_class(self.config)
         self.draining = False
-        if self.config.http_protocol_class.__name__ == "H11Protocol":
-            self.request_app = _counted_h11(self.config.loaded_app, rt, self)
-        else:
-            self.request_app = _counted(self.config.loaded_app, rt)
-        self.last_request_app = _closing(self.request_app)
+        self.request_app = _counted(self.config.loaded_app, rt)
         self.live: set = set()            # HTTP protocols whose socket is not yet reported closed
         self.connect_tasks: set = set()
         self.nodelay = aio.needs_nodelay(rt)
@@ -297,7 +308,7 @@ class _Worker:
     def adopt(self, sock) -> None:
         protocol = self.protocol_class(self.config, self.state, self.lifespan.state, self.loop)
         if self.draining:
-            protocol.app = self.last_request_app
+            protocol.app = _last_response_closes(self.request_app, protocol)
         self.live.add(protocol)
         aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay)
 
@@ -306,7 +317,7 @@ class _Worker:
         what adopt() and aio.adopt_socket() do, in one frame: it runs per connection."""
         protocol = self.protocol_class(self.config, self.state, self.lifespan.state, self.loop)
         if self.draining:
-            protocol.app = self.last_request_app
+            protocol.app = _last_response_closes(self.request_app, protocol)
         self.live.add(protocol)
         if self.tcp_cork is not None:
             try:
@@ -337,8 +348,8 @@ class _Worker:
     def begin_drain(self) -> None:
         self.draining = True
         for protocol in self.live:
-            # cycle is None until a request head completed: the connection is fresh.
-            protocol.app = self.last_request_app if protocol.cycle is None else _service_unavailable
+            protocol.app = _last_response_closes(self.request_app, protocol)
+            _close_after_running(protocol)
         self.drain_deadline = self.loop.time() + self.config.timeout_keep_alive
         self.sweep()
 
@@ -352,15 +363,11 @@ class _Worker:
                 # A WebSocket after an upgrade: uvicorn's shutdown() sends close 1012.
                 protocol._pf_shut = True
                 protocol.shutdown()
-                continue
-            cycle = protocol.cycle
-            if cycle is not None and not cycle.response_complete:
+            elif late and _idle_untimed(protocol):
                 protocol._pf_shut = True
-                protocol.shutdown()  # in flight: finish with Connection: close
-            elif late or not (cycle is None or _request_pending(protocol) or _socket_readable(protocol)):
-                protocol._pf_shut = True
-                protocol.shutdown()  # idle kept-alive connection (or out of time): close now
-            # else: fresh, or request bytes are arriving: wait for them (see the docstring).
+                protocol.shutdown()  # between requests (shutdown() closes only then)
+            # else: a request is in progress or may come; uvicorn's keep-alive timer
+            # closes a kept-alive connection between requests.
 
     def idle(self) -> bool:
         return not self.live and not self.state.tasks and not self.connect_tasks

@@ -18,9 +18,16 @@ Timers: a connection has one deadline, swept a few times per second: keepalive_t
 idle between requests, request_timeout from the first byte of a request until its response
 is written (slow clients), linger_timeout while draining input after an error response.
 
-Draining (rt.draining): stop taking connections, close idle kept-alive ones, finish requests
-in progress with `Connection: close`, answer a new request on a kept-alive connection with
-503 + `Connection: close`, and return once no connection is left.
+Draining (rt.draining) never fails a request: stop taking connections; every request
+received is answered, including pipelined ones already read; the last response of a
+connection says `Connection: close` (a response with more pipelined bytes behind it keeps
+the connection); after it the connection is half-closed and lingers, so input the client
+sent meanwhile cannot turn our close into a reset that destroys that response. A kept-alive
+connection is never closed at the drain: a client may be sending its next request at that
+very moment, and a close then fails it. It is closed only between requests, when its
+keep-alive timeout expires, as in normal operation (so the drain adds no race a client does
+not already face); a request that arrives before then is served, with `Connection: close`.
+serve() returns once no connection is left.
 
 Expect: 100-continue: since the body is read before the application runs, `100 Continue` is
 sent as soon as the head is accepted (and not when the body is too large: 413 instead).
@@ -156,18 +163,12 @@ class Server:
             return
         self.draining = True
         self.sel.unregister(self.listen_fd)       # else a readable listener would spin us
-        now = time.monotonic()
+        # Kept-alive connections keep their keep-alive deadline (see the module docstring);
+        # one taken but silent yet gets the same short grace instead of request_timeout.
+        grace = time.monotonic() + self.limits.keepalive_timeout
         for conn in list(self.conns.values()):
-            if conn.resume is None and not conn.out and conn.reader.idle and not conn.linger:
-                if conn.nreq:
-                    # idle kept-alive connection: a request already in its socket gets the
-                    # 503 it is owed; otherwise close it now
-                    self.on_readable(conn)
-                    if (not conn.closed and conn.reader.idle and not conn.out
-                            and conn.resume is None and not conn.linger):
-                        self.close(conn)
-                else:                             # taken but silent yet: short grace
-                    conn.deadline = min(conn.deadline, now + self.limits.keepalive_timeout)
+            if not conn.nreq and conn.resume is None and not conn.out and conn.reader.idle:
+                conn.deadline = min(conn.deadline, grace)
 
     def sweep(self, now):
         for conn in [c for c in self.conns.values() if c.deadline <= now]:
@@ -238,9 +239,6 @@ class Server:
             req = reader.request
             if not req.admitted:
                 req.admitted = True
-                if conn.nreq and self.rt.draining:
-                    self.fail(conn, 503)        # a new request on a kept-alive connection
-                    return
                 conn.nreq += 1
                 if event is HEAD and req.expect_continue and not reader.pending:
                     self.send(conn, http1.CONTINUE_100)
@@ -262,7 +260,8 @@ class Server:
         if conn.out or conn.resume is not None:
             want = _W
         elif conn.closing:
-            if conn.linger or conn.reader.pending:
+            # Draining: always linger after the last response (see the module docstring).
+            if conn.linger or conn.reader.pending or self.draining:
                 self.start_linger(conn)
             else:
                 self.close(conn)
@@ -272,9 +271,7 @@ class Server:
             if conn.busy_since is None:          # a response just completed
                 now = time.monotonic()
                 if conn.reader.idle:
-                    if self.draining and conn.nreq:
-                        self.close(conn)
-                        return
+                    # Also while draining: the client may be sending its next request now.
                     conn.deadline = now + self.limits.keepalive_timeout
                 else:                            # part of the next request is here
                     conn.busy_since = now

@@ -93,7 +93,9 @@ class _Response:
         req = self.req
         head, self.mode, length, keep_alive, self.send_body = render_head(
             self.status, self.headers, req.version == "1.1",
-            self.keep_alive and not server.rt.draining, body_len, req.method == "HEAD")
+            # Draining: the last response closes; one with pipelined requests behind it does not.
+            self.keep_alive and (not server.rt.draining or self.conn.reader.pending > 0),
+            body_len, req.method == "HEAD")
         self.keep_alive = keep_alive
         self.remaining = length if length is not None else 0
         self.head_sent = True
