@@ -13,7 +13,6 @@ the inherited environment) with PYFORK_BACKEND set to the backend under test.
 """
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -217,11 +216,6 @@ class Server:
     def log(self):
         with self._cond:
             return "\n".join(l for l in self.lines if l is not None)
-
-    def count(self, pattern):
-        rx = re.compile(pattern)
-        with self._cond:
-            return sum(1 for l in self.lines if l is not None and rx.search(l))
 
     # ---- events (the public surface the tests observe) -----------------------------
     def wait_event(self, kind, n=1, timeout=30.0, **fields):
