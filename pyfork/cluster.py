@@ -9,26 +9,35 @@ arbiter's loop, one at a time; an exception in one is logged and ignored.
 wake it), so they are safe from callbacks, from another thread, and as the
 programmatic twins of HUP, TTIN/TTOU and TERM.
 
-Events (arguments):
+Node-style callbacks (``on``; arguments):
   fork(worker)                 the process exists
   online(worker)               it runs pyfork code (before the app import)
   ready(worker)                app imported, it gets connections (Node: listening)
   message(worker, obj)         it called pyfork.worker.current().send(obj)
   disconnect(worker)           it was told to drain, or it is gone
   exit(worker, code, signal)   it was reaped
+
+Every event as a record (``subscribe``): the same six plus the primary's own (start,
+reload, scale, backoff, gave_up, shutdown, ...), each a pyfork.Event with kind, worker,
+pid, slot and per-kind fields (README.md, "Events"). ``events="fd://N"`` or a path, or
+the environment variable PYFORK_EVENTS, also writes them as JSON lines for another
+process (pyfork.primary.eventstream).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Dict, List, Optional
 
 from pyfork import config
 from pyfork.primary import lifecycle as P
 from pyfork.primary.arbiter import Arbiter, StartupError  # noqa: F401 - re-exported
+from pyfork.primary.eventstream import Event, EventStream  # noqa: F401 - re-exported
 from pyfork.primary.messages import WorkerHandle  # noqa: F401 - re-exported
 
 EVENTS = ("fork", "online", "ready", "message", "disconnect", "exit")
+EVENTS_ENV = "PYFORK_EVENTS"     # default for ``events``: fd://N or a path
 
 log = logging.getLogger("pyfork.cluster")
 
@@ -38,10 +47,11 @@ class Cluster:
                  backend: str = "auto", interface: str = "auto", graceful_timeout: float = 30.0,
                  timeout: float = 30.0, min_uptime: float = 1.0, max_restarts: int = 5, max_requests: int = 0,
                  max_requests_jitter: int = 0, control: Optional[str] = None, post_fork: Optional[Callable] = None,
-                 ready_timeout: float = 30.0):
+                 ready_timeout: float = 30.0, events: Optional[str] = None):
         """``target`` is a "module:attr" string (re-imported by every new worker,
         so HUP runs new code) or the app object itself (inherited through fork).
-        Bad values raise ValueError (pyfork.config.ConfigError) here, before anything runs."""
+        ``events`` ("fd://N" or a file path; default: $PYFORK_EVENTS) gets every event as
+        a JSON line. Bad values raise ValueError (pyfork.config.ConfigError) here, before anything runs."""
         if bind is None or isinstance(bind, str):
             bind = [bind] if bind else None
         self.settings = config.validate(
@@ -52,11 +62,19 @@ class Cluster:
         if post_fork is not None and not callable(post_fork):
             raise config.ConfigError("post_fork must be callable")
         self.post_fork = post_fork
+        if events is None:
+            events = os.environ.get(EVENTS_ENV) or None
+        if events is not None and (not isinstance(events, str) or not events):
+            raise config.ConfigError(f"bad events target {events!r}: expected fd://N or a path")
+        self.events_target = events
         self._callbacks: Dict[str, List[Callable]] = {e: [] for e in EVENTS}
+        self._stream = EventStream()
+        self._stream.subscribe(self._to_callbacks)
         self._arbiter: Optional[Arbiter] = None
 
     # ---- events ------------------------------------------------------------
     def on(self, event: str, callback: Callable) -> "Cluster":
+        """Node-style: ``callback(worker, ...)`` for one of EVENTS (arguments above)."""
         if event not in self._callbacks:
             raise ValueError(f"unknown event {event!r}; expected one of {', '.join(EVENTS)}")
         if not callable(callback):
@@ -64,17 +82,35 @@ class Cluster:
         self._callbacks[event].append(callback)
         return self
 
-    def _emit(self, event: str, *args) -> None:
-        for cb in list(self._callbacks[event]):
+    def subscribe(self, callback: Callable[[Event], None]) -> "Cluster":
+        """``callback(event)`` for every event, as a pyfork.Event record, in order, on the
+        primary's loop (keep it short; an exception is logged and ignored)."""
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        self._stream.subscribe(callback)
+        return self
+
+    def _to_callbacks(self, ev: Event) -> None:
+        cbs = self._callbacks.get(ev.kind)
+        if not cbs or ev.handle is None:
+            return
+        if ev.kind == "message":
+            args = (ev.handle, ev.fields["message"])
+        elif ev.kind == "exit":
+            args = (ev.handle, ev.fields["code"], ev.fields["signal"])
+        else:
+            args = (ev.handle,)
+        for cb in list(cbs):
             try:
                 cb(*args)
             except Exception:
-                log.exception("%r callback %r failed", event, cb)
+                log.exception("%r callback %r failed", ev.kind, cb)
 
     # ---- running --------------------------------------------------------------
     def _arb(self) -> Arbiter:
         if self._arbiter is None:
-            self._arbiter = Arbiter(self.settings, emit=self._emit, post_fork=self.post_fork)
+            self._arbiter = Arbiter(self.settings, events=self._stream, events_target=self.events_target,
+                                    post_fork=self.post_fork)
         return self._arbiter
 
     def prepare(self) -> None:

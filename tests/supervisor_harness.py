@@ -1,12 +1,18 @@
 """Helpers (no tests here) for the supervisor integration tests: run `python -m pyfork serve` as a subprocess,
-follow its log, and talk to it with a tiny HTTP/1.0 client (Connection: close).
+follow its event stream, and talk to it with a tiny HTTP/1.0 client (Connection: close).
+
+Tests observe the primary through its public event stream (README "Events"): the
+subprocess gets PYFORK_EVENTS=fd://N, the write end of a pipe whose read end an
+`EventReader` thread parses (one JSON record per line); `wait_event(kind, n, **fields)`
+waits for records, never for log wording. Its stderr is kept too, for the failure
+report and the few tests whose feature is a log line.
 
 The subprocess runs in the test's tmp dir (so the test app module is importable and the repo
 root is not on sys.path: the pyfork under test is the one this interpreter imports, through
 the inherited environment) with PYFORK_BACKEND set to the backend under test.
 """
+import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -91,14 +97,89 @@ def write_apps(tmp_path):
     (tmp_path / "markapp.py").write_text(MARKER_APP)
 
 
+def matches(rec, fields):
+    """True when every field of `fields` equals rec's (a callable value is a predicate)."""
+    for k, want in fields.items():
+        got = rec.get(k)
+        if callable(want):
+            if not want(got):
+                return False
+        elif got != want:
+            return False
+    return True
+
+
+class EventReader:
+    """Reads JSON-lines event records from an fd (a thread); wait() blocks on a condition."""
+
+    def __init__(self, fd, describe=lambda: ""):
+        self.records = []
+        self.eof = False
+        self._describe = describe
+        self._cond = threading.Condition()
+        self._file = os.fdopen(fd, "rb")
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        for line in self._file:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = {"kind": "unparsable", "line": line.decode(errors="replace")}
+            with self._cond:
+                self.records.append(rec)
+                self._cond.notify_all()
+        with self._cond:
+            self.eof = True
+            self._cond.notify_all()
+
+    def events(self, kind=None, **fields):
+        with self._cond:
+            return [r for r in self.records if (kind is None or r["kind"] == kind) and matches(r, fields)]
+
+    def count(self, kind, **fields):
+        return len(self.events(kind, **fields))
+
+    def wait(self, kind, n=1, timeout=30.0, **fields):
+        """Waits until n records of `kind` match `fields`; returns the n-th."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                hits = [r for r in self.records if r["kind"] == kind and matches(r, fields)]
+                if len(hits) >= n:
+                    return hits[n - 1]
+                left = deadline - time.monotonic()
+                if left <= 0 or self.eof:
+                    kinds = [r["kind"] for r in self.records]
+                    raise AssertionError(f"no {n} x {kind} {fields} in events {kinds}\n{self._describe()}")
+                self._cond.wait(min(left, 0.5))
+
+    def wait_eof(self, timeout=10.0):
+        with self._cond:
+            self._cond.wait_for(lambda: self.eof, timeout)
+
+    def close(self):
+        self._thread.join(10)
+        self._file.close()
+
+
+def port_of(start_event):
+    """The TCP port of the first http:// address in a 'start' event."""
+    url = next(u for u in start_event["urls"] if u.startswith("http://"))
+    return int(url.rsplit(":", 1)[1])
+
+
 class Server:
-    """`python -m pyfork serve ...` in a subprocess with its stderr followed line by line."""
+    """`python -m pyfork serve ...` in a subprocess: its events and its stderr followed."""
 
     def __init__(self, tmp_path, backend_name, *args, app="app:app", env=None, workers=2, argv=None, pass_fds=()):
         self.tmp = tmp_path
         e = dict(os.environ)
         e["PYFORK_BACKEND"] = backend_name
         e.pop("PYFORK_WORKERS", None)
+        r, w = os.pipe()
+        e["PYFORK_EVENTS"] = f"fd://{w}"
         if env:
             e.update(env)
         if argv is None:
@@ -108,9 +189,16 @@ class Server:
             argv += ["-b", "127.0.0.1:0", "--interface", "raw", "-w", str(workers), *args]
         self.lines = []
         self._cond = threading.Condition()
-        self.proc = subprocess.Popen(argv, cwd=str(tmp_path), env=e, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     pass_fds=tuple(pass_fds), start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(argv, cwd=str(tmp_path), env=e, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         pass_fds=(w, *pass_fds), start_new_session=True)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)       # the child has its copy: EOF once the primary is gone
+        self.ev = EventReader(r, describe=lambda: "log:\n" + self.log())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.port = None
@@ -129,29 +217,21 @@ class Server:
         with self._cond:
             return "\n".join(l for l in self.lines if l is not None)
 
-    def count(self, pattern):
-        rx = re.compile(pattern)
-        with self._cond:
-            return sum(1 for l in self.lines if l is not None and rx.search(l))
+    # ---- events (the public surface the tests observe) -----------------------------
+    def wait_event(self, kind, n=1, timeout=30.0, **fields):
+        """Waits for the n-th event of `kind` whose fields match; returns it (a dict)."""
+        return self.ev.wait(kind, n, timeout, **fields)
 
-    def wait_log(self, pattern, n=1, timeout=30.0):
-        """Waits until `pattern` matched at least n lines; returns the last match."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                hits = [m for m in (rx.search(l) for l in self.lines if l is not None) if m]
-                if len(hits) >= n:
-                    return hits[-1]
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.lines and self.lines[-1] is None):
-                    raise AssertionError(f"no {n} x {pattern!r} in log:\n" + self.log())
-                self._cond.wait(min(left, 0.5))
+    def events(self, kind=None, **fields):
+        return self.ev.events(kind, **fields)
+
+    def count_events(self, kind, **fields):
+        return self.ev.count(kind, **fields)
 
     def start(self, ready=None, timeout=30.0):
-        m = self.wait_log(r"Listening at http://127\.0\.0\.1:(\d+)", timeout=timeout)
-        self.port = int(m.group(1))
-        self.wait_log(r"worker \d+ \(pid \d+\) ready", n=ready if ready is not None else 1, timeout=timeout)
+        self.started = self.wait_event("start", timeout=timeout)
+        self.port = port_of(self.started)
+        self.wait_event("ready", n=ready if ready is not None else 1, timeout=timeout)
         return self
 
     def signal(self, sig):
@@ -160,6 +240,7 @@ class Server:
     def wait(self, timeout=60.0):
         code = self.proc.wait(timeout)
         self._reader.join(10)
+        self.ev.wait_eof(10)      # every record the primary wrote has been read
         return code
 
     def close(self):
@@ -168,6 +249,7 @@ class Server:
             self.proc.wait(30)
         self._reader.join(10)
         self.proc.stderr.close()
+        self.ev.close()
 
     def __enter__(self):
         return self

@@ -1,5 +1,5 @@
 """Control socket tests: mode 0600, peer uid check, line-oriented JSON, garbage refused
-without changing anything, reload/scale/stop commands."""
+without changing anything, reload/scale/stop commands, the events subscription."""
 import json
 import os
 import socket
@@ -90,10 +90,10 @@ def test_several_requests_on_one_connection(server):
 def test_reload_scale_stop_commands(server):
     before = set(pids(server))
     assert control.request(server.ctl, {"cmd": "reload"}) == {"ok": True}
-    server.wait_log("reload complete")
+    server.wait_event("reload_complete")
     H.wait_until(lambda: not (set(pids(server)) & before), what="old workers gone")
     assert control.request(server.ctl, {"cmd": "scale", "n": 3}) == {"ok": True}
-    server.wait_log("scaling from 2 to 3")
+    server.wait_event("scale", **{"from": 2, "to": 3})
     H.wait_until(lambda: len(pids(server)) == 3, what="3 workers")
     assert control.request(server.ctl, {"cmd": "stop"}) == {"ok": True}
     assert server.wait() == 0
@@ -134,7 +134,7 @@ def test_other_uid_is_refused(tmp_path, backend):
             reply = json.loads(data)
             assert reply.get("ok") is False and "permission denied" in reply["error"], reply
             assert len(pids(srv)) == 2           # nothing stopped
-            srv.wait_log("refused a client with uid 65534")
+            assert srv.events("stop") == []
             srv.signal(15)
             assert srv.wait() == 0
     finally:
@@ -153,8 +153,33 @@ def test_stale_socket_file_is_replaced_and_live_one_refused(tmp_path, backend):
         r = H.Server(tmp_path, backend.BACKEND, "--control", ctl)
         try:
             assert r.wait(60) == 2
-            assert "another primary" in r.log()
+            assert "another primary" in r.log()        # the one-line startup error
+            assert r.events() == []
         finally:
             r.close()
         srv.signal(15)
         assert srv.wait() == 0
+
+
+def test_events_subscription_streams_what_happens(server):
+    """{"cmd": "events"}: the status first, then one record per event, the same records
+    the PYFORK_EVENTS reader gets; the subscriber is never idled out."""
+    before = pids(server)
+    stream = control.follow_events(server.ctl)
+    first = next(stream)
+    assert first["ok"] and sorted(w["pid"] for w in first["workers"]) == before
+    assert control.request(server.ctl, {"cmd": "scale", "n": 3}) == {"ok": True}
+    got = []
+    for rec in stream:
+        got.append(rec)
+        if rec["kind"] == "ready":
+            break
+    kinds = [r["kind"] for r in got]
+    assert kinds[:2] == ["scale", "fork"] and kinds[-1] == "ready", kinds
+    assert got[0]["from"] == 2 and got[0]["to"] == 3
+    assert got[1]["worker"] == got[-1]["worker"] and got[1]["slot"] == 2
+    server.signal(15)
+    rest = [rec["kind"] for rec in stream]      # until the primary closes the connection
+    stream.close()
+    assert rest[-1] == "shutdown" and rest.count("exit") == 3, rest
+    assert server.wait() == 0

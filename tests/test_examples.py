@@ -2,11 +2,13 @@
 
 Theory of operation: `Example` starts `python examples/<x>.py --bind 127.0.0.1:0
 --workers N` in its own session (so leftovers can be found by process group), with
-stdout+stderr going to a file (a pipe could fill up and block the cluster), reads the
-port the kernel chose from the primary's `Listening at http://127.0.0.1:PORT` line (no
-free-port race with the other suites), waits for the primary to log every worker
-READY, and on exit sends SIGTERM to the primary only (the graceful path under test),
-then SIGKILLs whatever is left of its process group.
+stdout+stderr going to a file (a pipe could fill up and block the cluster) and the
+primary's event stream (README "Events") on a pipe (PYFORK_EVENTS=fd://N, which every
+pyfork.Cluster honours). It reads the port the kernel chose from the `start` event (no
+free-port race with the other suites), waits for a `ready` event per worker, and on
+exit sends SIGTERM to the primary only (the graceful path under test), then SIGKILLs
+whatever is left of its process group. The examples' own output is read only where
+it is what the example demonstrates (the primary logging worker messages).
 Clients are plain http.client connections, one per request, so round robin spreads
 them over the workers and no keep-alive socket outlives a request.
 
@@ -23,7 +25,6 @@ import gc
 import http.client
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -38,10 +39,8 @@ EXAMPLES = ROOT / "examples"
 
 
 import redis_server as _redis_helper
+import supervisor_harness as H
 redis_server = _redis_helper.redis_server   # module-scoped fixture: a private real redis-server
-
-READY_RE = re.compile(r"worker (\d+) \(pid (\d+)\) is (?:ready|healthy)")
-LISTENING_RE = re.compile(r"Listening at http://127\.0\.0\.1:(\d+)")
 
 
 # ---- fd accounting ------------------------------------------------------------------
@@ -79,22 +78,31 @@ class Example:
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.log_path = tmp_path / (Path(script).stem + ".log")
-        self.port: int | None = None   # known once the primary logs where it listens
+        self.port: int | None = None   # known once the primary says where it listens
         self.proc: subprocess.Popen | None = None
+        self.ev: H.EventReader | None = None
         self.wait_ready = wait_ready
 
     def __enter__(self) -> "Example":
-        with open(self.log_path, "wb") as log:
-            # The child gets its own copy of the log fd; ours closes right away (fd accounting).
-            self.proc = subprocess.Popen(
-                [sys.executable, str(self.script), "--bind", "127.0.0.1:0",
-                 "--workers", str(self.workers), *self.args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=ROOT, env=self.env, start_new_session=True)
+        r, w = os.pipe()
+        try:
+            with open(self.log_path, "wb") as log:
+                # The child gets its own copies of the log fd and the events pipe; ours close
+                # right away (fd accounting; EOF on the pipe once the primary is gone).
+                self.proc = subprocess.Popen(
+                    [sys.executable, str(self.script), "--bind", "127.0.0.1:0",
+                     "--workers", str(self.workers), *self.args],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, pass_fds=(w,),
+                    cwd=ROOT, env={**self.env, "PYFORK_EVENTS": f"fd://{w}"}, start_new_session=True)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        self.ev = H.EventReader(r, describe=lambda: f"output:\n{self.output()[-4000:]}")
         if self.wait_ready:
             try:
-                m = self.wait_for(LISTENING_RE.search, 60, "the primary's Listening line")
-                self.port = int(m[1])
+                self.port = H.port_of(self.ev.wait("start", timeout=60))
                 self.wait_for_ready(self.workers)
             except BaseException:
                 self.__exit__(None, None, None)
@@ -127,12 +135,13 @@ class Example:
                 raise AssertionError(f"timed out waiting for {what}:\n{out[-4000:]}")
             time.sleep(0.05)
 
-    def ready_workers(self, out: str | None = None) -> dict[int, int]:
-        return {int(m[1]): int(m[2]) for m in READY_RE.finditer(self.output() if out is None else out)}
+    def ready_workers(self) -> dict[int, int]:
+        """worker id -> pid of every worker that became READY so far."""
+        return {e["worker"]: e["pid"] for e in self.ev.events("ready")}
 
     def wait_for_ready(self, n: int, timeout: float = 60.0) -> dict[int, int]:
-        return self.wait_for(lambda out: len(self.ready_workers(out)) >= n and self.ready_workers(out),
-                             timeout, f"{n} workers READY")
+        self.ev.wait("ready", n=n, timeout=timeout)
+        return self.ready_workers()
 
     # -- lifecycle -----------------------------------------------------------------------
     def terminate(self) -> None:
@@ -156,6 +165,9 @@ class Example:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self.ev is not None:
+            self.ev.close()
+            self.ev = None
 
     def group_alive(self) -> bool:
         try:
@@ -207,7 +219,11 @@ def test_which_worker_reports_to_primary(tmp_path):
             assert set(data) >= {"workerPid", "workerId", "requestsHandled", "message"}
             seen.append((data["workerId"], data["workerPid"], data["requestsHandled"]))
         assert len({wid for wid, _, _ in seen}) == 2, f"round robin should use both workers: {seen}"
-        # Every request was reported over pyfork's channel and logged by the primary.
+        # Every request was reported over pyfork's channel (a 'message' event each) and
+        # logged by the primary (what this example demonstrates).
+        ex.ev.wait("message", n=6)
+        assert sorted((e["worker"], e["message"]["requestCount"]) for e in ex.ev.events("message")) == \
+            sorted((wid, k) for wid, _, k in seen)
         expected = [f"worker {wid} (pid {pid}) handled request #{k}" for wid, pid, k in seen]
         ex.wait_for(lambda out: all(line in out for line in expected), 30, "the primary's message log lines")
         # The per-worker counters never exceed what each worker really served.
@@ -243,8 +259,9 @@ def test_production_crash_route_respawns(tmp_path):
         with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
             request(ex.port, "/crash")
         # A new worker id (ids grow on every fork, as in Node) reaches READY again.
-        ex.wait_for(lambda out: len(ex.ready_workers(out)) >= 3, 30, "a replacement worker READY")
-        ex.wait_for(lambda out: re.search(r"exited code=1 ", out), 10, "the exit logged by the primary")
+        crashed = ex.ev.wait("exit", code=1, cause="crash", timeout=30)
+        assert crashed["worker"] in first
+        ex.wait_for_ready(3, 30)
         replacement = set(ex.ready_workers()) - set(first)
         assert replacement and min(replacement) > max(first)
         for _ in range(4):
@@ -261,10 +278,13 @@ def test_production_crash_loop_gives_up(tmp_path):
                  "--min-uptime", "1", wait_ready=False) as ex:
         code = ex.wait(60)
         out = ex.output()
-        boots = out.count("simulated boot failure")
         assert code == 3, f"every slot gave up -> exit code 3, got {code}:\n{out[-3000:]}"
-        assert 2 <= boots <= max_restarts + 1, f"{boots} boots: backoff must stop the loop\n{out[-3000:]}"
-        assert not ex.ready_workers(out), "a worker that dies in post_fork never becomes READY"
+        ex.ev.wait_eof(10)
+        boots = ex.ev.events("exit")
+        assert 2 <= len(boots) <= max_restarts + 1, f"{boots}: backoff must stop the loop\n{out[-3000:]}"
+        assert all(not e["ready"] and e["cause"] == "crash" for e in boots), boots
+        assert len(ex.ev.events("gave_up")) == 1
+        assert not ex.ready_workers(), "a worker that dies in post_fork never becomes READY"
 
 
 # ---- 3. shared_state (Flask + a real Redis) --------------------------------------------
@@ -434,7 +454,7 @@ def test_cpu_offload_pool_process_dies_with_its_worker(tmp_path):
         while not _gone(pool_pid):
             assert time.monotonic() < deadline, f"pool process {pool_pid} outlived worker {wid}"
             time.sleep(0.05)
-        ex.wait_for(lambda out: len(ex.ready_workers(out)) >= 2, 30, "the replacement worker READY")
+        ex.wait_for_ready(2, 30)   # the replacement
         assert request(ex.port, "/health").status == 200
         ex.terminate()
         assert ex.wait() == 0

@@ -1,6 +1,7 @@
 """Unit tests of the worker-side runtime pieces that need no primary: StandaloneRuntime
 (used by interface tests) and pyfork.worker.current() in the primary."""
 import os
+import select
 import socket
 
 import pytest
@@ -24,12 +25,10 @@ def test_standalone_runtime_takes_counts_and_stops():
             c1 = socket.create_connection(ls.getsockname())
             c2 = socket.create_connection(ls.getsockname())
             got = []
-            for _ in range(200):
+            while len(got) < 2:
+                # wait for the listener to be readable (a connection in its backlog), then take
+                assert select.select([ls], [], [], 30)[0], "connections never reached the backlog"
                 got += rt.take()
-                if len(got) == 2:
-                    break
-                import time
-                time.sleep(0.01)
             assert len(got) == 2
             for s in got:
                 assert s.getblocking() is False

@@ -10,7 +10,10 @@ messages, the control socket, "drained"), recorded signals, reaping, and a
 from ``pyfork.primary.lifecycle.Lifecycle`` as actions; this module only carries them out:
 ``spawn_worker``, ``reap_workers``, ``kill_worker``, and the ``handle_<signal>``
 methods. Around it: pyfork.primary.listeners binds the addresses, pyfork.primary.wakeup is the
-signal inbox, pyfork.primary.messages carries worker messages and Cluster events.
+signal inbox, pyfork.primary.messages reads and writes worker messages, and
+pyfork.primary.eventstream carries what happened (fork, ready, exit, reload, ...) to
+subscribers and JSON-lines readers. Each of them is given what it needs; none reaches
+into the arbiter.
 
 Ownership: listeners, the wakeup pipe and the control socket belong to the
 arbiter; worker channels (both ends) belong to the dispatcher from
@@ -35,17 +38,19 @@ from typing import Callable, Dict, List, Optional
 
 from pyfork.primary import lifecycle as P
 from pyfork.primary import sched
-from pyfork.worker import runtime as W
+from pyfork.primary.lifecycle.events import Note
 from pyfork.worker import boot as worker_boot
+from pyfork.worker.runtime import flush_output
 from pyfork.config import Settings
+from pyfork.primary.eventstream import EventStream, open_sink
 from pyfork.primary.listeners import BindError, Listeners
-from pyfork.primary.messages import WorkerHandle, WorkerMessages  # noqa: F401 - re-exported
+from pyfork.primary.messages import WorkerChannels, WorkerHandle
 from pyfork.primary.wakeup import Wakeup
 
 log = logging.getLogger("pyfork.arbiter")
 
 EXIT_OK, EXIT_INTERNAL, EXIT_STARTUP, EXIT_GAVE_UP = 0, 1, 2, 3
-TAG_WAKEUP, TAG_CONTROL = 0, 1          # control clients use tags >= 2
+TAG_WAKEUP = 0                           # the control socket uses tags >= 1 (pyfork.primary.control)
 TICK = 1.0                               # heartbeat check period (the worker ticks every 1 s)
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
@@ -57,19 +62,26 @@ class StartupError(Exception):
 
 
 class _Proc:
-    __slots__ = ("wid", "slot", "phys", "chan", "pid", "handle", "board")
+    __slots__ = ("wid", "slot", "phys", "chan", "pid", "handle", "board", "ready", "asked")
 
     def __init__(self, wid, slot, phys, chan, handle, board):
         self.wid, self.slot, self.phys, self.chan, self.handle, self.board = wid, slot, phys, chan, handle, board
         self.pid = None
+        self.ready = False          # it reached READY once
+        self.asked = None           # why the primary asked it to go: "drained", "hung", "stop", ...
 
 
-class Arbiter(WorkerMessages):
-    def __init__(self, settings: Settings, *, emit: Callable = None, post_fork: Callable = None):
+class Arbiter:
+    def __init__(self, settings: Settings, *, events: Optional[EventStream] = None,
+                 events_target: Optional[str] = None, post_fork: Callable = None):
+        """``events``: the stream to emit on (pyfork.Cluster passes its own); ``events_target``:
+        also write every event as a JSON line to ``fd://N`` or a file path."""
         self.cfg = settings
-        self._emit_cb = emit
+        self.events = events if events is not None else EventStream()
+        self.events_target = events_target
         self.post_fork = post_fork
         self.backend = None
+        self.channels: Optional[WorkerChannels] = None
         self.disp = None
         self.board = None
         self.policy: Optional[P.Lifecycle] = None
@@ -107,6 +119,11 @@ class Arbiter(WorkerMessages):
             raise StartupError(str(e).splitlines()[0]) from None
         self._check_app()
         try:
+            if self.events_target:
+                try:
+                    self.events.add_sink(open_sink(self.events_target))
+                except (OSError, ValueError) as e:
+                    raise StartupError(f"cannot open the events target {self.events_target}: {e}") from None
             self._bind()
             self._make_dispatcher()
             if cfg.control:
@@ -151,6 +168,7 @@ class Arbiter(WorkerMessages):
                 self.disp.add_listener(fd)
         self.wake = Wakeup()
         self.disp.watch(self.wake.r, TAG_WAKEUP)
+        self.channels = WorkerChannels(self.backend, self.events, self._feed)
 
     # ---- the loop --------------------------------------------------------------------
     def run(self) -> int:
@@ -182,19 +200,24 @@ class Arbiter(WorkerMessages):
                      cfg.policy, self.backend.BACKEND, cfg.workers)
             if self.control is not None:
                 log.info("control socket at %s", cfg.control)
+            self.events.emit("start", pid=os.getpid(), urls=self.listeners.url_list(), policy=cfg.policy,
+                             backend=self.backend.BACKEND, workers=cfg.workers, control=cfg.control)
             self._feed(P.Start(cfg.workers))
             while self._exit is None:
                 self._loop_once()
-            return self._exit
+            code = self._exit
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 log.error("interrupted; killing workers")
             else:
                 log.exception("internal error in the primary; killing workers")
             self._kill_all_now()
-            return EXIT_INTERNAL
+            code = EXIT_INTERNAL
+        try:
+            self.events.emit("shutdown", code=code, events_dropped=self.events.dropped)
         finally:
             self._teardown()
+        return code
 
     def _loop_once(self) -> None:
         now = time.monotonic()
@@ -213,7 +236,7 @@ class Arbiter(WorkerMessages):
                 elif self.control is not None:
                     self.control.on_readable(ev.tag)
             elif ev.kind == "message":
-                self._on_messages(ev.slot)
+                self._read_messages(ev.slot)
             elif ev.kind == "hangup":
                 wake.chld = True        # a worker closed its channel: it is exiting
             elif ev.kind == "drained":
@@ -231,6 +254,7 @@ class Arbiter(WorkerMessages):
             self._feed(P.Tick(self._beats()))
             if self.control is not None:
                 self.control.expire(now)
+        self.events.flush()          # what a slow events reader could not take before
 
     def _beats(self) -> Dict[int, float]:
         out = {}
@@ -254,6 +278,8 @@ class Arbiter(WorkerMessages):
     def _act(self, act):
         if isinstance(act, P.Log):
             getattr(log, act.level)("%s", act.message)
+        elif isinstance(act, Note):
+            self._announce(act)
         elif isinstance(act, P.Spawn):
             return self.spawn_worker(act.wid, act.slot, act.generation)
         elif isinstance(act, P.Activate):
@@ -261,7 +287,8 @@ class Arbiter(WorkerMessages):
             if p is not None:
                 self.disp.set_ready(p.phys)
                 p.handle.state = P.READY
-                self._emit("ready", p.handle)
+                p.ready = True
+                self.events.emit("ready", p.handle, after=round(time.monotonic() - p.handle.started, 6))
         elif isinstance(act, P.Drain):
             self._drain_worker(act.wid)
         elif isinstance(act, P.Kill):
@@ -278,22 +305,34 @@ class Arbiter(WorkerMessages):
             self._exit = act.code
         return None
 
+    def _announce(self, note: Note) -> None:
+        """A lifecycle decision goes out on the event stream; a kill or an immediate stop
+        is also remembered as the cause the worker's 'exit' event will carry."""
+        p = self.procs.get(note.wid) if note.wid is not None else None
+        if note.kind == "kill" and p is not None:
+            p.asked = note.data.get("reason")
+        elif note.kind == "stop" and not note.data.get("graceful", True):
+            for q in self.procs.values():
+                if q.asked is None or q.asked == "drained":
+                    q.asked = "stop"
+        self.events.emit(note.kind, p.handle if p is not None else None, **note.data)
+
     # ---- workers -----------------------------------------------------------------------
     def spawn_worker(self, wid: int, slot: int, generation: int):
         """Forks worker ``wid`` into logical ``slot``. Returns a policy event on failure."""
         if not self.free_phys:
             log.error("worker %d: no free dispatcher slot (capacity %d)", wid, self.capacity)
-            return P.Exited(wid)
+            return self._spawn_failed(wid, slot, f"no free dispatcher slot (capacity {self.capacity})")
         try:
             listeners = self.listeners.for_slot(slot)
         except OSError as e:
             log.error("worker %d: cannot create its SO_REUSEPORT listener: %s", wid, e)
-            return P.Exited(wid)
+            return self._spawn_failed(wid, slot, f"SO_REUSEPORT listener: {e}")
         try:
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as e:   # EMFILE & co: a failed spawn, counted like a crash before READY
             log.error("worker %d: cannot create its channel: %s", wid, e)
-            return P.Exited(wid)
+            return self._spawn_failed(wid, slot, f"channel: {e}")
         chan, peer = a.detach(), b.detach()
         phys = self.free_phys.pop()
         try:
@@ -303,8 +342,8 @@ class Arbiter(WorkerMessages):
             os.close(peer)
             self.free_phys.append(phys)
             log.error("worker %d: add_worker failed: %s", wid, e)
-            return P.Exited(wid)
-        handle = WorkerHandle(self, wid, slot)
+            return self._spawn_failed(wid, slot, f"add_worker: {e}")
+        handle = WorkerHandle(wid, slot, self.send_to)
         proc = _Proc(wid, slot, phys, chan, handle, self.board.slot(phys))
         cfg = self.cfg
         max_req = cfg.max_requests + self.rng.randint(0, cfg.max_requests_jitter) if cfg.max_requests else 0
@@ -312,16 +351,16 @@ class Arbiter(WorkerMessages):
             wid=wid, slot=slot, chan=peer, backend=self.backend, board_slot=proc.board, policy=cfg.policy,
             listeners=list(listeners), max_requests=max_req, primary_pid=os.getpid(),
             primary_signals=HANDLED_SIGNALS, baseline_fds=self.baseline_fds,
-            primary_fds=self.listeners.primary_fds(),
+            primary_fds=self.listeners.primary_fds() + self.events.primary_only_fds(),
             target=self.target, interface=cfg.interface, post_fork=self.post_fork)
-        W._flush()
+        flush_output()     # or the child would write the primary's buffered output again
         try:
             pid = os.fork()
         except OSError as e:
             log.error("worker %d: fork failed: %s", wid, e)
             self.disp.remove_worker(phys)
             self.free_phys.append(phys)
-            return P.Exited(wid)
+            return self._spawn_failed(wid, slot, f"fork: {e}")
         if pid == 0:  # pragma: no cover - child
             worker_boot.main(spec)
         proc.pid = handle.pid = pid
@@ -330,8 +369,12 @@ class Arbiter(WorkerMessages):
         self.by_phys[phys] = wid
         self.handles[wid] = handle
         self.policy.handle(P.Forked(wid, pid), time.monotonic())
-        self._emit("fork", handle)
+        self.events.emit("fork", handle)
         return None
+
+    def _spawn_failed(self, wid: int, slot: int, error: str):
+        self.events.emit("spawn_failed", worker=wid, slot=slot, error=error)
+        return P.Exited(wid)
 
     def reap_workers(self) -> None:
         """waitpid(WNOHANG) every worker until none is left to reap. Only our own
@@ -359,14 +402,28 @@ class Arbiter(WorkerMessages):
             log.error("worker %d: remove_worker failed: %s", wid, e)
             n = 0
         self.free_phys.append(p.phys)
+        h = self.handles.pop(wid, None)
         if n:
             log.warning("worker %d (pid %d): recovered %d queued connection(s) and re-dispatched them", wid, pid, n)
-        self._feed(P.Exited(wid, code, sig))
-        h = self.handles.pop(wid, None)
+            self.events.emit("recovered", h, count=n)
         if h is not None:
+            # Node's order: disconnect, then exit; then what the lifecycle decides about
+            # the slot (a fork, 'backoff', 'gave_up', ...).
             h.state = P.EXITED
             self._emit_disconnect(h)
-            self._emit("exit", h, code, sig)
+            self.events.emit("exit", h, code=code, signal=sig, cause=self._exit_cause(p, code, sig),
+                             uptime=round(time.monotonic() - h.started, 6), ready=p.ready)
+        self._feed(P.Exited(wid, code, sig))
+
+    @staticmethod
+    def _exit_cause(p: _Proc, code, sig) -> str:
+        """Why a worker ended: what the primary asked (a kill reason, "stop", "drained"),
+        else "exit" (code 0) or "crash" (any other code or a signal nobody here sent)."""
+        if p.asked is not None and p.asked != "drained":
+            return p.asked
+        if code == 0 and sig is None:
+            return "drained" if p.asked == "drained" else "exit"
+        return "crash"
 
     def kill_worker(self, wid: int, sig: int) -> None:
         p = self.procs.get(wid)
@@ -386,6 +443,8 @@ class Arbiter(WorkerMessages):
         except (OSError, ValueError):
             pass
         p.handle.state = P.DRAINING
+        if p.asked is None:
+            p.asked = "drained"
         try:
             self.backend.send_msg(p.chan, self.backend.MSG_DRAIN)
         except BlockingIOError:
@@ -419,6 +478,7 @@ class Arbiter(WorkerMessages):
             name = SIG_NAMES.get(sig, str(sig))
             handler = getattr(self, "handle_" + name[3:].lower(), None)
             if handler is not None:
+                self.events.emit("signal", name=name)
                 handler()
 
     def handle_term(self) -> None:
@@ -448,8 +508,29 @@ class Arbiter(WorkerMessages):
     def handle_ttou(self) -> None:
         self._feed(P.Scale(len(self.policy.slots) - 1))
 
-    def handle_chld(self) -> None:
-        self.reap_workers()
+    # ---- messages and the user's handles ----------------------------------------------------
+    def _read_messages(self, phys: int) -> None:
+        wid = self.by_phys.get(phys)
+        p = self.procs.get(wid) if wid is not None else None
+        if p is not None and self.channels.read(wid, p.chan, p.handle):
+            self.wake.chld = True       # its channel hung up: it is exiting
+
+    def send_to(self, wid: int, obj) -> bool:
+        p = self.procs.get(wid)
+        return self.channels.send(wid, p.chan if p is not None else None, obj)
+
+    def broadcast(self, obj) -> int:
+        n = 0
+        for wid, p in list(self.procs.items()):
+            if p.handle.state == P.READY and self.send_to(wid, obj):
+                n += 1
+        return n
+
+    def _emit_disconnect(self, handle: WorkerHandle) -> None:
+        """``disconnect`` once per worker: when it is told to drain or, at the latest, on exit."""
+        if not handle.disconnected:
+            handle.disconnected = True
+            self.events.emit("disconnect", handle)
 
     # ---- requests from the API / control socket (loop thread or another thread) -------------
     def request(self, event) -> None:
@@ -465,11 +546,16 @@ class Arbiter(WorkerMessages):
             p = self.procs[wid]
             rec = pol.workers.get(wid) if pol else None
             slot = pol.slots.get(p.slot) if pol else None
+            try:
+                ws = self.disp.worker_stats(p.phys)
+            except (OSError, ValueError):
+                ws = {"sent": 0, "inflight": 0}
             rows.append({
                 "id": wid, "pid": p.pid, "slot": p.slot,
                 "state": rec.state if rec else p.handle.state,
                 "uptime": round(now - p.handle.started, 3),
                 "handled": p.board.handled, "active": p.board.active,
+                "sent": ws["sent"], "inflight": ws["inflight"],    # connections dispatched to it / not yet closed
                 "restarts": slot.restarts if slot else 0,
                 "generation": rec.generation if rec else 0,
             })
@@ -480,7 +566,7 @@ class Arbiter(WorkerMessages):
         return {"pid": os.getpid(), "policy": self.cfg.policy, "backend": self.backend.BACKEND,
                 "workers_wanted": len(pol.slots) if pol else 0, "stopping": bool(pol and pol.stopping),
                 "reloading": bool(pol and pol.reloading), "uptime": round(now - self.started_at, 3),
-                "workers": rows, "slots": slots}
+                "events_dropped": self.events.dropped, "workers": rows, "slots": slots}
 
     # ---- teardown ----------------------------------------------------------------------
     def _teardown(self) -> None:
@@ -505,3 +591,4 @@ class Arbiter(WorkerMessages):
             self.listeners.close()
         if self.wake is not None:
             self.wake.close()
+        self.events.close()

@@ -15,7 +15,12 @@ Protocol: one JSON object per line, one JSON reply per line.
   {"cmd": "reload"}                -> {"ok": true}        (same as SIGHUP)
   {"cmd": "scale", "n": 3}         -> {"ok": true}        (1..max workers)
   {"cmd": "stop", "graceful": true}-> {"ok": true}        (same as SIGTERM)
+  {"cmd": "events"}                -> {"ok": true, <status>}, then one JSON line per event
+                                      (pyfork.primary.eventstream; README "Events") until
+                                      either side closes
 Anything else gets {"ok": false, "error": "..."} and changes nothing.
+An events subscriber is never waited for: its lines queue in a bounded buffer and
+what does not fit is dropped and counted (a {"kind": "dropped"} line says how many).
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import socket
 import stat
 import struct
 import time
+from typing import Iterator
 
 from pyfork.primary import lifecycle as P
+from pyfork.primary.eventstream import JsonLinesSink
 
 log = logging.getLogger("pyfork.control")
 
@@ -47,12 +54,13 @@ def peer_uid(sock: socket.socket) -> int:
 
 
 class _Client:
-    __slots__ = ("sock", "buf", "seen")
+    __slots__ = ("sock", "buf", "seen", "sink")
 
     def __init__(self, sock):
         self.sock = sock
         self.buf = b""
         self.seen = time.monotonic()
+        self.sink = None          # a JsonLinesSink once it asked for events
 
 
 class ControlServer:
@@ -159,8 +167,13 @@ class ControlServer:
             c.seen = time.monotonic()
             while b"\n" in c.buf:
                 line, c.buf = c.buf.split(b"\n", 1)
-                if not self._send(tag, c, self.execute(line)):
+                if c.sink is not None:
+                    continue          # a subscriber only listens
+                reply = self.execute(line)
+                if not self._send(tag, c, reply):
                     return
+                if reply.get("events"):
+                    self._subscribe(c)
             if len(c.buf) > MAX_LINE:
                 self._send(tag, c, {"ok": False, "error": f"request line longer than {MAX_LINE} bytes"})
                 self._drop(tag)
@@ -186,10 +199,18 @@ class ControlServer:
             pass
         s.close()
 
+    def _subscribe(self, c: _Client) -> None:
+        # The sink writes to its own copy of the fd, so closing either never closes the other.
+        c.sink = JsonLinesSink(os.dup(c.sock.fileno()))
+        self.arb.events.add_sink(c.sink)
+
     def _drop(self, tag: int) -> None:
         c = self.clients.pop(tag, None)
         if c is None:
             return
+        if c.sink is not None:
+            self.arb.events.remove_sink(c.sink)
+            c.sink.close()
         try:
             self.arb.disp.unwatch(c.sock.fileno())
         except (OSError, ValueError):
@@ -198,7 +219,9 @@ class ControlServer:
 
     def expire(self, now: float) -> None:
         for tag, c in list(self.clients.items()):
-            if now - c.seen > IDLE_TIMEOUT:
+            if c.sink is not None and c.sink.closed:
+                self._drop(tag)           # its reader went away
+            elif c.sink is None and now - c.seen > IDLE_TIMEOUT:
                 self._drop(tag)
 
     # ---- commands --------------------------------------------------------------
@@ -230,7 +253,9 @@ class ControlServer:
                 return {"ok": False, "error": "graceful must be true or false"}
             arb.request(P.Stop(graceful=graceful))
             return {"ok": True}
-        return {"ok": False, "error": f"unknown command {cmd[:40]!r}; expected status, reload, scale or stop"}
+        if cmd == "events":
+            return {"ok": True, "events": True, **arb.status()}
+        return {"ok": False, "error": f"unknown command {cmd[:40]!r}; expected status, reload, scale, stop or events"}
 
     # ---- teardown ------------------------------------------------------------
     def _close_listener(self) -> None:
@@ -269,3 +294,29 @@ def request(path: str, obj: dict, timeout: float = 5.0) -> dict:
     if not line:
         raise ValueError("no reply")
     return json.loads(line)
+
+
+def follow_events(path: str, timeout: float = 5.0) -> Iterator[dict]:
+    """Subscribes to a primary's events: yields the reply (its status), then each event
+    record until the primary closes the connection. ``timeout`` is for connecting and
+    the reply; after that it waits for events as long as the caller iterates."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(b'{"cmd": "events"}\n')
+        buf = b""
+        first = True
+        while True:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                rec = json.loads(line)
+                if first:
+                    first = False
+                    if not rec.get("ok"):
+                        raise ValueError(rec.get("error") or "events refused")
+                    s.settimeout(None)
+                yield rec
+            chunk = s.recv(65536)
+            if not chunk:
+                return
+            buf += chunk

@@ -90,8 +90,12 @@ class Listeners:
         """The sockets bound at startup (what rr/least dispatch from)."""
         return [fd for _, fd, _ in self.bound]
 
+    def url_list(self) -> List[str]:
+        """One URL per address bound at startup (http://HOST:PORT, http://[V6]:PORT, unix:PATH)."""
+        return [_url(a, fd) for a, fd, _ in self.bound]
+
     def urls(self) -> str:
-        return ", ".join(_url(a, fd) for a, fd, _ in self.bound)
+        return ", ".join(self.url_list())
 
     def primary_fds(self) -> List[int]:
         """Every listener the primary holds (a worker closes those it does not use)."""

@@ -1,21 +1,21 @@
-"""What the Cluster API sees of workers: handles, messages to and from them, events.
+"""Messages between the primary and its workers, and the user's handle on a worker.
 
-Theory of operation. A ``WorkerHandle`` is the user's object for one worker
-(``cluster.workers``, the event callbacks' argument). After fork a worker's channel
-carries, besides connections, small messages (pyfork.backend: MSG_READY, MSG_USER with a
-JSON payload, MSG_CTL with a JSON object). When the dispatcher reports a channel
-readable, ``_on_messages`` reads at most MAX_MSGS_PER_EVENT of them (fairness between
-workers) and turns each into a policy event (READY, recycle, drain request) or a Cluster
-event (``message``, ``online``). The other way, ``send_to``/``broadcast`` send JSON
-values to workers without ever blocking the loop: a full channel drops the message and
-says so.
+Theory of operation. After fork a worker's channel carries, besides connections, small
+messages (pyfork.backend: MSG_READY, MSG_USER with a JSON payload, MSG_CTL with a JSON
+object). When the dispatcher reports a channel readable, the arbiter hands the worker to
+``WorkerChannels.read``, which reads at most MAX_MSGS_PER_EVENT of them (fairness between
+workers) and turns each into a lifecycle event (READY, recycle, drain request), given to
+the ``feed`` callable, or a stream event (``message``, ``online``, ``bad_message``),
+given to the EventStream (pyfork.primary.eventstream). The other way, ``send`` puts a
+JSON value on a worker's channel without ever blocking the loop: a full channel drops
+the message and says so.
 
-Cluster events (fork, online, ready, message, disconnect, exit) go to the callback given
-to the Arbiter, one at a time on the loop's thread; an exception in one is logged and
-ignored, so a user callback cannot take the primary down.
+Everything this needs is given to it explicitly: the backend (message framing), the
+event stream and the lifecycle's ``feed``; the arbiter owns the worker table and passes
+the worker a message concerns.
 
-``WorkerMessages`` is mixed into pyfork.primary.arbiter.Arbiter and uses its ``backend``,
-``procs``, ``by_phys``, ``wake``, ``_feed`` and ``_emit_cb``.
+A ``WorkerHandle`` is the user's object for one worker (``cluster.workers``, the
+event callbacks' argument); ``send`` goes through the callable it was built with.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from pyfork.primary import lifecycle as P
 
@@ -36,117 +36,101 @@ MAX_MSGS_PER_EVENT = 256                 # fairness: messages read from one chan
 class WorkerHandle:
     """The primary's view of one worker (what cluster.workers holds)."""
 
-    def __init__(self, arbiter, wid: int, slot: int):
-        self._arb = arbiter
+    def __init__(self, wid: int, slot: int, send: Callable[[int, object], bool]):
         self.id = wid
         self.slot = slot
         self.pid: Optional[int] = None
         self.state = P.SPAWNING
         self.started = time.monotonic()
-        self._disconnected = False
+        self.disconnected = False        # the 'disconnect' event was emitted (once per worker)
+        self._send = send
 
     def send(self, obj) -> bool:
         """Sends a JSON value to the worker. Returns False (and logs) when it cannot
         be delivered now (channel full, worker gone); ValueError when not JSON or too large."""
-        return self._arb.send_to(self.id, obj)
+        return self._send(self.id, obj)
 
     def __repr__(self) -> str:
         return f"<WorkerHandle id={self.id} pid={self.pid} slot={self.slot} state={self.state}>"
 
 
-class WorkerMessages:
-    """Message and event plumbing of the Arbiter (a mixin: see the module docstring)."""
+class WorkerChannels:
+    """Reads and writes the message side of worker channels (see the module docstring)."""
 
-    def _on_messages(self, phys: int) -> None:
-        wid = self.by_phys.get(phys)
-        p = self.procs.get(wid) if wid is not None else None
-        if p is None:
-            return
+    def __init__(self, backend, events, feed: Callable[[object], None]):
+        self.backend = backend
+        self.events = events        # pyfork.primary.eventstream.EventStream
+        self.feed = feed            # gives a lifecycle event to the arbiter's Lifecycle
+
+    def read(self, wid: int, chan: int, handle: WorkerHandle) -> bool:
+        """Reads what worker ``wid`` sent on ``chan``. Returns True when the channel hung
+        up (the worker is exiting: reap soon)."""
         b = self.backend
         for _ in range(MAX_MSGS_PER_EVENT):
             try:
-                msg = b.recv_msg(p.chan, 0)
+                msg = b.recv_msg(chan, 0)
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except BrokenPipeError:
-                self.wake.chld = True
-                return
+                return True
             except OSError as e:
                 log.warning("worker %d: dropped a malformed message: %s", wid, e)
+                self.events.emit("bad_message", handle, reason="malformed", error=str(e))
                 continue
             for fd in msg.fds:
                 os.close(fd)
             try:
-                self._on_message(p, msg)
+                self._dispatch(wid, handle, msg)
             except Exception:
                 log.exception("worker %d: error handling a message of type %d", wid, msg.type)
-            if wid not in self.procs:
-                return
+        return False
 
-    def _on_message(self, p, msg) -> None:
+    def _bad(self, handle: WorkerHandle, reason: str, text: str) -> None:
+        log.warning("worker %d: %s", handle.id, text)
+        self.events.emit("bad_message", handle, reason=reason)
+
+    def _dispatch(self, wid: int, handle: WorkerHandle, msg) -> None:
         b = self.backend
         if msg.type == b.MSG_READY:
-            self._feed(P.Ready(p.wid))
+            self.feed(P.Ready(wid))
         elif msg.type == b.MSG_USER:
             try:
                 obj = json.loads(msg.payload)
             except ValueError:
-                log.warning("worker %d: dropped a message that is not JSON (%d bytes)", p.wid, len(msg.payload))
+                self._bad(handle, "not_json", f"dropped a message that is not JSON ({len(msg.payload)} bytes)")
                 return
-            self._emit("message", p.handle, obj)
+            self.events.emit("message", handle, message=obj)
         elif msg.type == b.MSG_CTL:
             try:
                 obj = json.loads(msg.payload)
             except ValueError:
                 obj = None
             if not isinstance(obj, dict):
-                log.warning("worker %d: dropped a malformed control message", p.wid)
+                self._bad(handle, "bad_control", "dropped a malformed control message")
             elif obj.get("online"):
-                self._emit("online", p.handle)
+                self.events.emit("online", handle)
             elif "recycle" in obj:
-                self._feed(P.RecycleRequested(p.wid))
+                self.feed(P.RecycleRequested(wid))
             elif obj.get("drain"):
-                self._feed(P.Leaving(p.wid))
+                self.feed(P.Leaving(wid))
             else:
-                log.warning("worker %d: unknown control message %.80r", p.wid, obj)
+                self._bad(handle, "unknown_control", f"unknown control message {obj!r:.80}")
         else:
-            log.warning("worker %d: dropped a message of unexpected type %d", p.wid, msg.type)
+            self._bad(handle, "unexpected_type", f"dropped a message of unexpected type {msg.type}")
 
-    def send_to(self, wid: int, obj) -> bool:
+    def send(self, wid: int, chan: Optional[int], obj) -> bool:
+        """Puts ``obj`` (JSON) on worker ``wid``'s channel (None: the worker is gone)."""
         payload = json.dumps(obj, separators=(",", ":")).encode()
         if len(payload) > self.backend.MAX_PAYLOAD:
             raise ValueError(f"message too large: {len(payload)} bytes > {self.backend.MAX_PAYLOAD}")
-        p = self.procs.get(wid)
-        if p is None:
+        if chan is None:
             log.warning("worker %d is gone; message dropped", wid)
             return False
         try:
-            self.backend.send_msg(p.chan, self.backend.MSG_USER, 0, payload)
+            self.backend.send_msg(chan, self.backend.MSG_USER, 0, payload)
             return True
         except BlockingIOError:
             log.warning("worker %d: channel full; message dropped", wid)
         except OSError as e:
             log.warning("worker %d: cannot send message: %s", wid, e)
         return False
-
-    def broadcast(self, obj) -> int:
-        n = 0
-        for wid, p in list(self.procs.items()):
-            if p.handle.state == P.READY and self.send_to(wid, obj):
-                n += 1
-        return n
-
-    # ---- events for the Cluster API ----------------------------------------------------
-    def _emit(self, name: str, *args) -> None:
-        if self._emit_cb is None:
-            return
-        try:
-            self._emit_cb(name, *args)
-        except Exception:
-            log.exception("cluster %r callback failed", name)
-
-    def _emit_disconnect(self, handle) -> None:
-        """``disconnect`` once per worker: when it is told to drain or, at the latest, on exit."""
-        if not handle._disconnected:
-            handle._disconnected = True
-            self._emit("disconnect", handle)

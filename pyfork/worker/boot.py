@@ -40,8 +40,7 @@ import traceback
 from typing import List, Optional
 
 from pyfork.primary import sched
-from pyfork.worker import runtime as _worker
-from pyfork.worker.runtime import EXIT_LOAD_ERROR, EXIT_ORPHANED, Worker, _flush
+from pyfork.worker.runtime import EXIT_LOAD_ERROR, EXIT_ORPHANED, Worker, flush_output, set_current
 
 log = logging.getLogger("pyfork.worker")
 
@@ -115,10 +114,10 @@ def _hygiene(spec) -> Optional[int]:
 
 def _install_signals(w: Worker) -> None:
     r, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    w._wake_r, w._wake_w = r, wfd
+    w.use_wakeup_pipe(r, wfd)
 
     def on_term(signum, frame):   # only records; tick() acts
-        w._sigterm = True
+        w.note_sigterm()
 
     def on_quit(signum, frame):
         os._exit(0)
@@ -145,10 +144,10 @@ def _boot(spec) -> int:
     w = Worker(wid=spec.wid, slot=spec.slot, chan=spec.chan, backend=spec.backend, board_slot=spec.board_slot,
                policy=spec.policy, listeners=spec.listeners, max_requests=spec.max_requests,
                primary_pid=spec.primary_pid, conn_family=family)
-    _worker._current = w
+    set_current(w)
     _install_signals(w)
     spec.board_slot.set_pid(w.pid)
-    w._ctl({"online": True})
+    w.say_online()
     where = f"worker {w.id} (pid {w.pid})"
     if spec.post_fork is not None:
         try:
@@ -192,5 +191,5 @@ def main(spec) -> None:
             pass
         code = 1
     finally:
-        _flush()
+        flush_output()
         os._exit(code)

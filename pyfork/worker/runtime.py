@@ -68,6 +68,12 @@ def current():
     return _current
 
 
+def set_current(worker) -> None:
+    """Makes ``worker`` what current() returns (pyfork.worker.boot, once, after fork)."""
+    global _current
+    _current = worker
+
+
 # ---- connection sockets ----------------------------------------------------------
 _STREAM_NB = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _INET = (socket.AF_INET, socket.AF_INET6)
@@ -441,11 +447,26 @@ class Worker:
 
     def _orphaned(self, why: str) -> None:
         log.warning("worker %d (pid %d): %s; exiting", self.id, self.pid, why)
-        _flush()
+        flush_output()
         os._exit(EXIT_ORPHANED)
 
+    # ---- for pyfork.worker.boot (set-up right after fork) ------------------------------
+    def use_wakeup_pipe(self, r: int, w: int) -> None:
+        """The pipe signal.set_wakeup_fd writes to: wakeup_fd() is its read end."""
+        self._wake_r, self._wake_w = r, w
 
-def _flush() -> None:
+    def note_sigterm(self) -> None:
+        """Called from the SIGTERM handler: only records; tick() asks the primary to drain us."""
+        self._sigterm = True
+
+    def say_online(self) -> None:
+        """Tells the primary this process runs pyfork code (its 'online' event)."""
+        self._ctl({"online": True})
+
+
+def flush_output() -> None:
+    """Flushes the logging handlers and stdout/stderr: before a fork (or the child writes
+    the parent's buffered output again) and before os._exit (or it is lost)."""
     for h in logging.getLogger().handlers + logging.getLogger("pyfork").handlers:
         try:
             h.flush()

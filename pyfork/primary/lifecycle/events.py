@@ -125,3 +125,13 @@ class Log:
 @dataclass(frozen=True)
 class Exit:
     code: int
+
+
+@dataclass(frozen=True)
+class Note:
+    """A decision worth telling the outside, as data (the arbiter emits it on its event
+    stream, pyfork.primary.eventstream): ``kind`` and its fields, about worker ``wid``
+    when there is one. Log actions say the same in words for people."""
+    kind: str
+    wid: Optional[int] = None
+    data: Mapping[str, object] = field(default_factory=dict)

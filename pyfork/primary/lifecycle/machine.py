@@ -41,6 +41,7 @@ from pyfork.primary.lifecycle.states import (
     SLOT_MOVES, SPAWNING, WORKER_MOVES, SlotRec, WorkerRec, backoff_delay, fmt_dur, fmt_ms,
     fmt_secs, move,
 )
+from pyfork.primary.lifecycle.events import Note   # what the arbiter's event stream reports
 
 
 class Lifecycle:
@@ -96,6 +97,9 @@ class Lifecycle:
     # ---- helpers ------------------------------------------------------------------
     def _log(self, level: str, msg: str) -> None:
         self._out.append(Log(level, msg))
+
+    def _note(self, kind: str, wid: Optional[int] = None, **data) -> None:
+        self._out.append(Note(kind, wid, data))
 
     def _spawn(self, slot: SlotRec, now: float, purpose: str = "serve") -> WorkerRec:
         wid = self.next_wid
@@ -180,6 +184,7 @@ class Lifecycle:
             if old is not None:
                 self._log("info", f"{w.label()} replaces {old.label()} in slot {slot.index} ({w.purpose}); "
                           f"draining worker {old.wid}")
+                self._note("replace", w.wid, old=old.wid, slot=slot.index, purpose=w.purpose)
                 self._drain(old, now)
         if self.reloading and (self.reload_wait == w.wid or self.reload_wait is None):
             # our candidate is up, or a recycle the reload was waiting for finished
@@ -237,6 +242,7 @@ class Lifecycle:
             self._out.append(ReleaseSlot(slot.index))
             self._log("error", f"{head}; rapid crash #{k}: slot {slot.index} GIVES UP after {k} rapid "
                       f"crashes in a row (max_restarts {self.max_restarts}); fix the app, then HUP or restart")
+            self._note("gave_up", w.wid, slot=slot.index, crashes=k)
             if self.slots and all(s.state == GAVE_UP for s in self.slots.values()):
                 self._log("error", "every worker slot has given up; stopping with exit code 3")
                 self._begin_stop(now, graceful=True, code=3)
@@ -245,6 +251,7 @@ class Lifecycle:
         slot.state = move(SLOT_MOVES, slot.state, "rapid_crash", f"slot {slot.index}")
         slot.due = now + delay
         self._log("warning", f"{head}; rapid crash #{k}, respawning in {fmt_ms(delay)}")
+        self._note("backoff", w.wid, slot=slot.index, crashes=k, delay=delay)
 
     def _candidate_failed(self, slot: SlotRec, w: WorkerRec, head: str, now: float) -> None:
         why = "before READY" if w.ready_at is None else "while starting"
@@ -255,6 +262,7 @@ class Lifecycle:
                 self.reload_deadline = None
                 self._log("error", f"{head}; reload ABORTED: replacement for slot {slot.index} exited {why}; "
                           "old workers keep serving")
+                self._note("reload_aborted", w.wid, slot=slot.index, reason="exited", generation=self.generation)
             else:
                 self._log("warning", head)
             return
@@ -285,6 +293,7 @@ class Lifecycle:
         if slot.recycle_failures >= self.max_restarts:
             return
         self._log("info", f"{w.label()} reached max_requests; starting its replacement first")
+        self._note("recycle", w.wid, slot=slot.index)
         self._spawn(slot, now, purpose="recycle")
 
     def _on_Leaving(self, ev: Leaving, now: float) -> None:
@@ -293,6 +302,7 @@ class Lifecycle:
             return
         slot = self.slots.get(w.slot)
         self._log("info", f"{w.label()} got SIGTERM; draining it")
+        self._note("leaving", w.wid)
         self._drain(w, now)
         if slot is None or self.stopping:
             return
@@ -328,23 +338,28 @@ class Lifecycle:
             if w.state == SPAWNING and now - w.started >= self.ready_timeout:
                 self._log("error", f"{w.label()} not READY after {fmt_secs(now - w.started)} "
                           f"(ready timeout {fmt_secs(self.ready_timeout)}); killing it")
+                self._note("kill", w.wid, reason="ready_timeout")
                 self._kill(w, signal.SIGKILL)
                 if self.reloading and self.reload_wait == w.wid:
                     self.reloading = False
                     self.reload_wait = None
                     self._log("error", f"reload ABORTED: replacement worker {w.wid} never became READY; "
                               "old workers keep serving")
+                    self._note("reload_aborted", w.wid, slot=w.slot, reason="ready_timeout",
+                               generation=self.generation)
                 continue
             if self.timeout > 0 and w.state in (READY, DRAINING):
                 beat = max(ev.beats.get(w.wid) or 0.0, w.ready_at or 0.0)
                 if now - beat >= self.timeout:
                     self._log("error", f"{w.label()} hung: no heartbeat for {fmt_secs(now - beat)} "
                               f"(timeout {fmt_secs(self.timeout)}); killing it")
+                    self._note("kill", w.wid, reason="hung", silence=round(now - beat, 3))
                     self._kill(w, signal.SIGKILL)
                     continue
             if (w.state == DRAINING and not self.stopping and w.drain_at is not None
                     and now - w.drain_at >= self.graceful_timeout):
                 self._log("warning", f"{w.label()} still draining after {fmt_secs(now - w.drain_at)}; killing it")
+                self._note("kill", w.wid, reason="drain_timeout")
                 self._kill(w, signal.SIGKILL)
         # stop deadline
         if self.stopping and not self.killed_all and self.stop_deadline is not None and now >= self.stop_deadline:
@@ -354,6 +369,8 @@ class Lifecycle:
                 what = "graceful timeout" if self.graceful else "immediate stop"
                 self._log("warning", f"{what}: killing {len(left)} worker(s) still running: "
                           + ", ".join(w.label() for w in left))
+                for w in left:
+                    self._note("kill", w.wid, reason="stop_timeout" if self.graceful else "stop")
                 for w in left:
                     self._kill(w, signal.SIGKILL)
 
@@ -367,6 +384,7 @@ class Lifecycle:
                 slot.state = move(SLOT_MOVES, slot.state, "revive", f"slot {slot.index}")
                 slot.crashes = 0
                 self._log("info", f"reload: slot {slot.index} had given up; trying it again")
+                self._note("revive", slot=slot.index)
                 self._spawn(slot, now)
             slot.recycle_failures = 0
         if self.reloading:
@@ -375,6 +393,7 @@ class Lifecycle:
             return
         self.reloading = True
         self._log("info", f"reload (generation {self.generation}): replacing workers one at a time, oldest first")
+        self._note("reload", generation=self.generation)
         self._reload_next(now)
 
     def _reload_next(self, now: float) -> None:
@@ -394,6 +413,7 @@ class Lifecycle:
                 return
             self.reloading = False
             self._log("info", f"reload complete (generation {self.generation})")
+            self._note("reload_complete", generation=self.generation)
             return
         todo.sort(key=lambda t: (t[0], t[1]))
         slot = todo[0][2]
@@ -412,6 +432,7 @@ class Lifecycle:
         if n == cur:
             return
         self._log("info", f"scaling from {cur} to {n} workers")
+        self._note("scale", **{"from": cur, "to": n})
         if n > cur:
             free = [i for i in range(n + cur) if i not in self.slots]
             for i in free[: n - cur]:
@@ -442,6 +463,7 @@ class Lifecycle:
         if self.stopping:
             if self.graceful and not ev.graceful:
                 self._log("warning", "stopping at once")
+                self._note("stop", graceful=False, workers=len(self.workers), code=self.exit_code)
                 self.graceful = False
                 self.stop_deadline = min(self.stop_deadline or now, now + IMMEDIATE_GRACE)
                 for w in self.workers.values():
@@ -461,10 +483,12 @@ class Lifecycle:
             self.stop_deadline = now + self.graceful_timeout
             self._log("info", f"graceful stop: no new connections; waiting up to {fmt_secs(self.graceful_timeout)} "
                       f"for {n} worker(s) to finish")
+            self._note("stop", graceful=True, workers=n, code=code)
             self._out.append(StopAccepting())
         else:
             self.stop_deadline = now + IMMEDIATE_GRACE
             self._log("info", f"immediate stop of {n} worker(s)")
+            self._note("stop", graceful=False, workers=n, code=code)
             for w in self.workers.values():
                 self._kill(w, signal.SIGQUIT)
 
