@@ -5,7 +5,9 @@ pyfork's wsgi interface and `asgi_app` through the asgi interface in forked work
 (tests/asgi_harness.py) and use requests. /good-counter is checked
 without Redis (503), with an unreachable Redis (503) and against a real private
 redis-server (tests/redis_server.py: skipped when absent, a failure under
-PYFORK_REQUIRE_REDIS=1), where two workers must count exactly.
+PYFORK_REQUIRE_REDIS=1), where two workers must count exactly. End to end, `python -m
+pyfork serve` runs each demo on the interpreter running the tests (CI runs the suite on the
+oldest and the newest Python the package claims).
 """
 from __future__ import annotations
 
@@ -224,13 +226,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_pyfork_serve_asgi_demo_end_to_end(fds, tmp_path):
-    """The real supervisor and worker runtime: round robin over 2 workers, then a graceful stop."""
+def start_pyfork_serve(app: str, workers: int, tmp_path) -> tuple[subprocess.Popen, int]:
+    """`python -m pyfork serve APP` on this interpreter; returns once every worker is READY.
+
+    Its log is tmp_path/serve.log. The caller stops it (and kills it on failure)."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     with open(tmp_path / "serve.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pyfork", "serve", "pyfork.demo:asgi_app",
-                                 "-w", "2", "-b", f"127.0.0.1:{port}"],
+        proc = subprocess.Popen([sys.executable, "-m", "pyfork", "serve", app,
+                                 "-w", str(workers), "-b", f"127.0.0.1:{port}"],
                                 stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=str(tmp_path))  # `-m` puts the cwd first on sys.path: never the repo root
     try:
@@ -242,10 +246,43 @@ def test_pyfork_serve_asgi_demo_end_to_end(fds, tmp_path):
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(0.05)
-        # The port answers as soon as it is bound; round robin needs both workers READY.
-        while (tmp_path / "serve.log").read_text().count(" ready in ") < 2:
+        # The port answers as soon as it is bound; requests need the workers READY.
+        while (tmp_path / "serve.log").read_text().count(" ready in ") < workers:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.05)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, port
+
+
+@pytest.mark.parametrize("app", ["pyfork.demo:app", "pyfork.demo:asgi_app"], ids=["wsgi", "asgi"])
+def test_pyfork_serve_demo_on_this_python(fds, tmp_path, app):
+    """Both demos served by `pyfork serve` from workers running this very interpreter (the
+    suite runs on the oldest and the newest Python the package claims: .ci/run and
+    .ci/python-versions)."""
+    proc, port = start_pyfork_serve(app, 1, tmp_path)
+    try:
+        with H.Client(headers={"connection": "close"}) as c:
+            root = c.get(f"http://127.0.0.1:{port}/").json()
+            assert c.get(f"http://127.0.0.1:{port}/health").json() == {"status": "healthy", "workerId": 1}
+            assert c.get(f"http://127.0.0.1:{port}/fibonacci", params={"n": 10}).json()["fibonacci"] == 55
+        assert root["workerId"] == 1 and root["workerPid"] != proc.pid
+        # The worker that answered is a process of this interpreter's binary.
+        assert os.path.realpath(f"/proc/{root['workerPid']}/exe") == os.path.realpath(sys.executable)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(H.LIVENESS) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_pyfork_serve_asgi_demo_end_to_end(fds, tmp_path):
+    """The real supervisor and worker runtime: round robin over 2 workers, then a graceful stop."""
+    proc, port = start_pyfork_serve("pyfork.demo:asgi_app", 2, tmp_path)
+    try:
         with H.Client(headers={"connection": "close"}) as c:
             ids = [c.get(f"http://127.0.0.1:{port}/").json()["workerId"] for _ in range(6)]
             assert c.get(f"http://127.0.0.1:{port}/good-counter").status_code == 503
