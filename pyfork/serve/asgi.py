@@ -15,10 +15,9 @@ What pyfork adds to uvicorn's protocol, in a subclass made once per worker:
   * the app a connection calls is wrapped to call `rt.request_started()` /
     `rt.request_finished()` around each request (one extra coroutine frame); the
     lifespan still sees the bare app;
-  * `connection_made` is uvicorn's own code with the helpers it calls for the
-    addresses resolved to cheaper equivalents (asgi_protocol.connection_made): the
-    transport's saved sockname/peername instead of a socket object and two syscalls
-    per connection; responses that end with a close go out corked
+  * `connection_made` does what uvicorn's does with the addresses the transport
+    saved instead of a socket object and two syscalls per connection
+    (asgi_protocol.connection_made); responses that end with a close go out corked
     (asgi_protocol.corked): head, body and FIN in one TCP segment.
 On uvloop, connections are taken as bare fds (`rt.take_fds()`, `aio.AcceptedFd`):
 no socket object is built and detached per connection.
