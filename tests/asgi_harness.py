@@ -1,7 +1,7 @@
 """Test support for the asyncio/ASGI/demo tests: a runtime and a forked worker.
 
-Theory of operation: `FakeRuntime` implements SPEC.md's worker runtime contract on a
-plain listening socket (what pyfork.worker.standalone.StandaloneRuntime does): take() accepts
+Theory of operation: `FakeRuntime` implements the worker-runtime contract (the `Runtime`
+protocol, pyfork/serve/runtime.py) on a plain listening socket (what pyfork.worker.standalone.StandaloneRuntime does): take() accepts
 until EAGAIN, closed()/request_*() count, tick() drains the signal wakeup pipe and
 turns a SIGTERM into `draining`. `ForkedWorker` forks a child that builds one, runs
 `pyfork.serve.<interface>.serve(app, rt)` on a listening socket the parent made (or,
@@ -35,9 +35,13 @@ from net_harness import listener as net_listener
 
 
 class FakeRuntime:
-    """SPEC.md's `rt` on a listening socket (accepts itself, like the shared policy)."""
+    """pyfork.serve.runtime.Runtime on a listening socket (accepts itself, like the shared
+    policy). With nodelay=False its sockets lack TCP_NODELAY and `tcp_nodelay` says so, so
+    the interface must set it. `conn_family` is None: interfaces then use take(), not
+    take_fds() (the shipped runtimes cover that path)."""
 
     tick_interval = 1.0
+    conn_family = None
 
     def __init__(self, listen_sock: socket.socket, worker_id: int = 1, nodelay: bool = True,
                  events_fd: int = -1):
@@ -45,7 +49,7 @@ class FakeRuntime:
         self.id = worker_id
         self.pid = os.getpid()
         self.log = logging.getLogger("pyfork.worker")
-        self.nodelay = nodelay
+        self.nodelay = self.tcp_nodelay = nodelay
         self.events_fd = events_fd
         self.draining = False
         self.taken = self.closed_count = self.started = self.finished = self.ticks = 0
@@ -60,6 +64,9 @@ class FakeRuntime:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True
+
+    def ready(self) -> None:
+        pass
 
     def fileno(self) -> int:
         return self.listen_sock.fileno()
@@ -82,6 +89,16 @@ class FakeRuntime:
             out.append(sock)
         self.taken += len(out)
         return out
+
+    def take_fds(self) -> list[int]:
+        return [sock.detach() for sock in self.take()]
+
+    def tcp_cork(self, fd: int, on: bool) -> None:
+        with socket.socket(fileno=fd) as sock:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
+            finally:
+                sock.detach()
 
     def closed(self, n: int = 1) -> None:
         self.closed_count += n

@@ -302,6 +302,27 @@ def test_scope_addresses_as_under_uvicorn(fds, env):
     H.assert_balanced(stats)
 
 
+@pytest.mark.parametrize("module, name", [("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"),
+                                          ("uvicorn.protocols.http.h11_impl", "H11Protocol")])
+def test_cheaper_connection_made_applies_to_this_uvicorn(module, name):
+    """Our connection_made stands in for uvicorn's only while uvicorn's does what it was
+    written against: with every uvicorn pyproject.toml allows (.ci/uvicorn-versions tests
+    both ends) it must apply, and a class whose connection_made does more keeps its own."""
+    import importlib
+
+    from pyfork.serve import asgi_protocol
+
+    base = getattr(importlib.import_module(module), name)
+    assert asgi_protocol.connection_made(base) is not None
+
+    class DoesMore(base):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.extra = True
+
+    assert asgi_protocol.connection_made(DoesMore) is None
+
+
 def test_lifespan_once_per_worker(fds):
     lsock = H.listener()
     workers = []

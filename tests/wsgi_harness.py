@@ -2,9 +2,8 @@
 
 Theory of operation: `Worker` forks a child that runs `pyfork.serve.<wsgi|raw>.serve(app, rt)`
 on a listening socket the parent made, with rt = pyfork.worker.standalone.StandaloneRuntime (the
-supervisor's runtime for standalone use) or, if that is missing, the local `_FakeRuntime` with
-the same methods. SIGTERM in the child only records (rt.stop(): draining = True plus a byte on
-the runtime's wakeup pipe); serve() then drains and returns, and the child writes the
+worker-runtime contract without a primary). SIGTERM in the child only records (rt.stop():
+draining = True plus a byte on the runtime's wakeup pipe); serve() then drains and returns, and the child writes the
 runtime's counters as JSON on a pipe and `_exit`s. The parent checks that every socket taken
 was reported closed and every request started also finished.
 
@@ -19,7 +18,6 @@ to EOF) so pipelined responses can be checked one by one.
 This file holds no tests; the pipes and fd counting are shared with asgi_harness (net_harness.py).
 """
 import json
-import logging
 import os
 import pathlib
 import random
@@ -30,71 +28,6 @@ import time
 
 from net_harness import CHILD, LIVENESS, ForkedChild, StopOnExit, fd_count as fd_count
 from net_harness import listener as net_listener
-
-
-class _FakeRuntime:
-    """SPEC.md's worker runtime on a listening socket, used only if pyfork.worker lacks
-    StandaloneRuntime."""
-
-    tick_interval = 1.0
-
-    def __init__(self, listen_sock):
-        self.id = 1
-        self.pid = os.getpid()
-        self.log = logging.getLogger("pyfork.worker")
-        self.draining = False
-        self.taken = self.closed_count = self.started = self.finished = self.ticks = 0
-        self._sock = listen_sock
-        listen_sock.setblocking(False)
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def fileno(self):
-        return self._sock.fileno()
-
-    def wakeup_fd(self):
-        return self._r
-
-    def take(self):
-        out = []
-        while not self.draining:
-            try:
-                conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            out.append(conn)
-        self.taken += len(out)
-        return out
-
-    def closed(self, n=1):
-        self.closed_count += n
-
-    def request_started(self):
-        self.started += 1
-
-    def request_finished(self):
-        self.finished += 1
-
-    def tick(self):
-        self.ticks += 1
-        try:
-            while os.read(self._r, 512):
-                pass
-        except BlockingIOError:
-            pass
-
-    def stop(self):
-        self.draining = True
-        os.write(self._w, b"\0")
-
-
-def make_runtime(listen_sock):
-    try:
-        from pyfork.worker.standalone import StandaloneRuntime
-    except ImportError:
-        return _FakeRuntime(listen_sock)
-    return StandaloneRuntime(listen_sock)
 
 
 def listener(family=socket.AF_INET):
@@ -123,7 +56,8 @@ class Worker(ForkedChild, StopOnExit):
             os.environ.update(env or {})
             import importlib
             module = importlib.import_module("pyfork.serve." + interface)
-            rt = make_runtime(listen)
+            from pyfork.worker.standalone import StandaloneRuntime
+            rt = StandaloneRuntime(listen)
 
             # stop() only records (draining = True) and writes its wakeup pipe, which is
             # what signal.set_wakeup_fd would do; the loop acts on it

@@ -1,9 +1,9 @@
 """Interfaces: how a worker serves an app on the sockets the primary hands it.
 
 Theory of operation: each interface is a module `pyfork.serve.<name>` exposing
-`NAME`, `detect(app) -> bool` and `serve(app, rt)` (the runtime contract is in
-SPEC.md: `rt.take()` gives connected sockets, `rt.closed()` is called once per
-socket, and so on). `resolve()` picks the module for an app: explicitly by name,
+`NAME`, `detect(app) -> bool` and `serve(app, rt)`; `rt` implements the runtime
+contract, the `Runtime` protocol in pyfork/serve/runtime.py (`rt.take()` gives
+connected sockets, `rt.closed()` is called once per socket, and so on). `resolve()` picks the module for an app: explicitly by name,
 from an `app.pyfork_interface` attribute, or by asking each auto-detectable
 interface in a fixed order. The order matters: an ASGI app is also a coroutine
 function (asyncio would take it if asked first) and a plain `def app(a, b)` could

@@ -24,11 +24,13 @@ bounds a handler that never ends), then return.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import signal
 import socket
 import threading
+
+from .detect import async_callable, positional_params
+from .runtime import Runtime
 
 NAME = "asyncio"
 
@@ -37,40 +39,10 @@ DRAIN_POLL = 0.05  # s; how often a draining worker checks whether it is done (o
 
 # --------------------------------------------------------------------------- detection
 
-def _positional_params(func) -> int | None:
-    """Number of parameters `func` can take positionally (None when unknown or *args)."""
-    try:
-        sig = inspect.signature(func)
-    except (TypeError, ValueError):
-        return None
-    n = 0
-    for p in sig.parameters.values():
-        if p.kind is p.VAR_POSITIONAL:
-            return None
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            n += 1
-    return n
-
-
-def async_callable(app):
-    """The coroutine function `app` stands for (itself or its async __call__), or None.
-
-    Classes are excluded: calling one builds an instance (an ASGI 2 app), not a coroutine.
-    """
-    if inspect.isclass(app):
-        return None
-    if inspect.iscoroutinefunction(app):  # also sees through functools.partial
-        return app
-    call = getattr(app, "__call__", None)
-    if call is not None and inspect.iscoroutinefunction(call):
-        return call
-    return None
-
-
 def detect(app) -> bool:
     """True for a coroutine function taking exactly two parameters (reader, writer)."""
     target = async_callable(app)
-    return target is not None and _positional_params(target) == 2
+    return target is not None and positional_params(target) == 2
 
 
 # --------------------------------------------------------------------------- loop plumbing
@@ -87,7 +59,7 @@ def loop_factory():
     return asyncio.new_event_loop
 
 
-def run(main_factory, rt) -> None:
+def run(main_factory, rt: Runtime) -> None:
     """Runs `main_factory()` (a coroutine) to completion on a fresh loop in this thread.
 
     The runtime's signal wakeup fd is read here, before the loop starts, because
@@ -115,7 +87,7 @@ class LoopDriver:
     (so no request can slip in between); `drain_started` is an asyncio.Event set then.
     """
 
-    def __init__(self, rt, on_socket, on_tick=None, on_drain=None, wakeup_write_fd: int = -1,
+    def __init__(self, rt: Runtime, on_socket, on_tick=None, on_drain=None, wakeup_write_fd: int = -1,
                  take=None):
         self.rt = rt
         self.loop = asyncio.get_running_loop()
@@ -126,15 +98,15 @@ class LoopDriver:
         self.draining = False
         self.drain_started = asyncio.Event()
         self._fileno = rt.fileno()
-        self._wakeup = rt.wakeup_fd() if hasattr(rt, "wakeup_fd") else None
+        self._wakeup = rt.wakeup_fd()
         self._wakeup_write_fd = wakeup_write_fd
-        self._interval = float(getattr(rt, "tick_interval", 1.0) or 1.0)
+        self._interval = float(rt.tick_interval)
         self._timer = None
 
     def start(self) -> None:
         if self._wakeup_write_fd != -1 and threading.current_thread() is threading.main_thread():
             signal.set_wakeup_fd(self._wakeup_write_fd, warn_on_full_buffer=False)
-        if self._wakeup is not None and self._wakeup >= 0:
+        if self._wakeup >= 0:
             self.loop.add_reader(self._wakeup, self._on_wakeup)
         self._timer = self.loop.call_later(self._interval, self._on_timer)
         if self.rt.draining:
@@ -146,7 +118,7 @@ class LoopDriver:
     def stop(self) -> None:
         if not self.draining:
             self.loop.remove_reader(self._fileno)
-        if self._wakeup is not None and self._wakeup >= 0:
+        if self._wakeup >= 0:
             self.loop.remove_reader(self._wakeup)
         if self._timer is not None:
             self._timer.cancel()
@@ -170,7 +142,7 @@ class LoopDriver:
         except Exception:
             # A runtime that cannot take connections any more would make this fd spin:
             # stop taking, finish what is open, and let the supervisor replace us.
-            rt.log.exception("worker %s: rt.take() failed; draining", getattr(rt, "id", "?"))
+            rt.log.exception("worker %s: rt.take() failed; draining", rt.id)
             self.begin_drain()
             return
         for sock in socks:
@@ -178,7 +150,7 @@ class LoopDriver:
                 self.on_socket(sock)
             except Exception:
                 # Never leak the rest of the batch: close and account for this one.
-                rt.log.exception("worker %s: could not adopt a connection", getattr(rt, "id", "?"))
+                rt.log.exception("worker %s: could not adopt a connection", rt.id)
                 _discard(sock)
                 rt.closed()
         if rt.draining:
@@ -246,10 +218,10 @@ def is_uvloop(loop) -> bool:
     return type(loop).__module__.startswith("uvloop")
 
 
-def needs_nodelay(rt) -> bool:
+def needs_nodelay(rt: Runtime) -> bool:
     """True unless the runtime says its sockets have TCP_NODELAY already (`rt.tcp_nodelay`:
     pyfork's Worker, whose dispatcher sets it, and StandaloneRuntime)."""
-    return not getattr(rt, "tcp_nodelay", False)
+    return not rt.tcp_nodelay
 
 
 def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure, nodelay: bool = True) -> None:
@@ -261,8 +233,8 @@ def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure, no
     """
     # Without TCP_NODELAY a response written in two parts (uvicorn: head, then body)
     # waits for the client's delayed ACK, ~40 ms per keep-alive request. pyfork's
-    # runtime hands sockets over with it set (the dispatcher does it on accept, SPEC.md),
-    # so `nodelay` is False then; a runtime that does not promise it gets it here.
+    # runtime hands sockets over with it set (the dispatcher does it on accept; the
+    # contract's `tcp_nodelay`, pyfork/serve/runtime.py), so `nodelay` is False then; a runtime that does not promise it gets it here.
     # asyncio's transport would not do it: its _set_nodelay skips sockets whose proto
     # is 0, which is what accept() returns. It fails (harmlessly) on Unix sockets. No
     # `sock.family` test first: that property builds an IntEnum, dearer than the syscall.
@@ -336,7 +308,7 @@ class _StreamProtocol(asyncio.StreamReaderProtocol):
 
 
 class _StreamServer:
-    def __init__(self, handler, rt, loop):
+    def __init__(self, handler, rt: Runtime, loop):
         self.handler = handler
         self.rt = rt
         self.loop = loop
@@ -379,7 +351,7 @@ class _StreamServer:
         return not self.live and not self.handler_tasks and not self.connect_tasks
 
 
-def serve(app, rt) -> None:
+def serve(app, rt: Runtime) -> None:
     """Serves `async def app(reader, writer)` until the worker drains and every handler ended."""
     async def main(wakeup_write_fd: int) -> None:
         loop = asyncio.get_running_loop()

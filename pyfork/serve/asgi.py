@@ -15,18 +15,17 @@ What pyfork adds to uvicorn's protocol, in a subclass made once per worker:
   * the app a connection calls is wrapped to call `rt.request_started()` /
     `rt.request_finished()` around each request (one extra coroutine frame); the
     lifespan still sees the bare app;
-  * `connection_made` is uvicorn's own code with the helpers it calls for the
-    addresses resolved to cheaper equivalents (asgi_protocol.connection_made): the
-    transport's saved sockname/peername instead of a socket object and two syscalls
-    per connection; responses that end with a close go out corked
+  * `connection_made` does what uvicorn's does with the addresses the transport
+    saved instead of a socket object and two syscalls per connection
+    (asgi_protocol.connection_made); responses that end with a close go out corked
     (asgi_protocol.corked): head, body and FIN in one TCP segment.
 On uvloop, connections are taken as bare fds (`rt.take_fds()`, `aio.AcceptedFd`):
 no socket object is built and detached per connection.
 Every second the Date header is refreshed, as uvicorn's `Server.on_tick` does.
 
-Drain (the SPEC's contract): no request a client sent is failed, and no connection is
-cut while a request may be on its way. Decided in the very loop callback that sees
-`rt.draining`, then re-checked every 50 ms:
+Drain (`rt.draining`, pyfork/serve/runtime.py): no request a client sent is failed, and no
+connection is cut while a request may be on its way. Decided in the very loop callback that
+sees `rt.draining`, then re-checked every 50 ms:
   * stop taking;
   * every request received is answered, by the app; a request that arrives on a
     kept-alive connection during the drain too (never a 503). Every connection's app
@@ -66,6 +65,8 @@ import time
 from email.utils import formatdate
 
 from . import aio, asgi_protocol
+from .detect import async_callable, positional_params
+from .runtime import Runtime
 
 NAME = "asgi"
 
@@ -75,8 +76,8 @@ DRAIN_POLL = aio.DRAIN_POLL
 
 def detect(app) -> bool:
     """True for an ASGI 3 app: async callable taking (scope, receive, send)."""
-    target = aio.async_callable(app)
-    return target is not None and aio._positional_params(target) == 3
+    target = async_callable(app)
+    return target is not None and positional_params(target) == 3
 
 
 # --------------------------------------------------------------------------- uvicorn setup
@@ -94,7 +95,7 @@ def _http_protocol_name() -> str:
     return "httptools"
 
 
-def make_config(app, rt):
+def make_config(app, rt: Runtime):
     """One uvicorn Config for this worker, loaded."""
     from uvicorn.config import Config
 
@@ -235,7 +236,7 @@ def _socket_readable(protocol) -> bool:
 class _Worker:
     """The per-worker state: config, ServerState, lifespan, live connections."""
 
-    def __init__(self, app, rt, loop):
+    def __init__(self, app, rt: Runtime, loop):
         from uvicorn.server import ServerState
 
         self.rt = rt
@@ -251,15 +252,14 @@ class _Worker:
         self.nodelay = aio.needs_nodelay(rt)
         # Connections as bare fds (no socket object each) where that is safe: uvloop,
         # a runtime that offers them with a known family and has set TCP_NODELAY.
-        self.conn_family = getattr(rt, "conn_family", None)
-        self.takes_fds = (aio.is_uvloop(loop) and hasattr(rt, "take_fds")
-                          and self.conn_family is not None and not self.nodelay)
+        self.conn_family = rt.conn_family
+        self.takes_fds = aio.is_uvloop(loop) and self.conn_family is not None and not self.nodelay
         # TCP_CORK for responses that end with a close (asgi_protocol.corked): TCP fds from
-        # take_fds, httptools' protocol, and a runtime backend that offers tcp_cork.
+        # take_fds, and httptools' protocol.
         self.tcp_cork = None
         if (self.takes_fds and self.conn_family in (socket.AF_INET, socket.AF_INET6)
                 and hasattr(self.config.http_protocol_class, "on_headers_complete")):
-            self.tcp_cork = getattr(getattr(rt, "backend", None), "tcp_cork", None)
+            self.tcp_cork = rt.tcp_cork
         self.protocol_class = self._make_protocol_class(self.config.http_protocol_class)
         if self.tcp_cork is not None:
             self.protocol_class = asgi_protocol.corked(self.protocol_class, self.tcp_cork)
@@ -373,7 +373,7 @@ class _Worker:
         return not self.live and not self.state.tasks and not self.connect_tasks
 
 
-def serve(app, rt) -> None:
+def serve(app, rt: Runtime) -> None:
     """Serves an ASGI 3 app with uvicorn's protocol until the worker has drained."""
     async def main(wakeup_write_fd: int) -> None:
         loop = asyncio.get_running_loop()

@@ -17,6 +17,8 @@ choose it with --interface raw, or mark the handler with `handler.pyfork_interfa
 import selectors
 import time
 
+from .runtime import Runtime
+
 NAME = "raw"
 
 
@@ -25,13 +27,13 @@ def detect(app):
     return getattr(app, "pyfork_interface", None) == "raw"
 
 
-def serve(app, rt):
+def serve(app, rt: Runtime):
     """Call `app(sock, addr)` for every connection until rt.draining."""
     sel = selectors.DefaultSelector()
     listen_fd = rt.fileno()
     sel.register(listen_fd, selectors.EVENT_READ, "take")
     sel.register(rt.wakeup_fd(), selectors.EVENT_READ, "wakeup")
-    tick_every = min(getattr(rt, "tick_interval", 1.0), 1.0) / 2
+    tick_every = min(rt.tick_interval, 1.0) / 2
     next_tick = time.monotonic() + tick_every
     listening = True
     try:
@@ -57,7 +59,7 @@ def serve(app, rt):
         sel.close()
 
 
-def _handle(app, rt, sock):
+def _handle(app, rt: Runtime, sock):
     rt.request_started()
     try:
         sock.setblocking(True)

@@ -44,6 +44,7 @@ import time
 
 from . import http1
 from .http1 import COMPLETE, HEAD, NEED_DATA, HttpError, Limits, RequestReader, error_response
+from .runtime import Runtime
 from .wsgi_adapter import FileWrapper, base_environ, conn_environ, respond  # noqa: F401 - re-exported
 
 NAME = "wsgi"
@@ -69,7 +70,7 @@ def detect(app):
     return True
 
 
-def serve(app, rt, limits=None):
+def serve(app, rt: Runtime, limits=None):
     """Serve `app` on the connections `rt` hands over until draining leaves none."""
     Server(app, rt, limits if limits is not None else Limits.from_env()).run()
 
@@ -87,7 +88,7 @@ class Conn:
         self.env = env              # per-connection part of the environ
         self.out = []               # queued output (bytes/memoryview), in order
         self.out_len = 0
-        self.resume = None          # a suspended Server._respond generator
+        self.resume = None          # a suspended wsgi_adapter.respond generator
         self.deadline = 0.0
         self.busy_since = None      # monotonic time the current request's first byte came
         self.nreq = 0               # requests admitted on this connection
@@ -102,7 +103,7 @@ class Conn:
 class Server:
     """The worker's loop; one per serve() call."""
 
-    def __init__(self, app, rt, limits):
+    def __init__(self, app, rt: Runtime, limits):
         self.app = app
         self.rt = rt
         self.limits = limits
@@ -115,7 +116,7 @@ class Server:
         self.sel.register(rt.wakeup_fd(), _R, _WAKEUP)
         shortest = min(limits.keepalive_timeout, limits.request_timeout, limits.linger_timeout)
         self.sweep_every = max(0.02, min(0.5, shortest / 4))
-        self.tick_every = min(getattr(rt, "tick_interval", 1.0), 1.0) / 2
+        self.tick_every = min(rt.tick_interval, 1.0) / 2
         self.base_env = base_environ()
 
     # -- loop -------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Theory of operation. pyfork.worker.boot takes a child from the fork to
 ``interface.serve(app, worker)`` (fork hygiene, signals, app import); this
 module is what the interface talks to from then on. The ``Worker`` object is
-both the Runtime of SPEC.md (take/closed/request_started/request_finished/
-tick/draining/fileno/wakeup_fd) and what ``pyfork.worker.current()`` returns
-(id, pid, send, on_message). READY goes over the channel when the interface
+both the runtime the interfaces serve with (the ``Runtime`` protocol of
+pyfork/serve/runtime.py: take/take_fds/closed/request_started/request_finished/
+tick/draining/fileno/wakeup_fd/tcp_cork...) and what ``pyfork.worker.current()``
+returns (id, pid, send, on_message). READY goes over the channel when the interface
 first asks for connections (fileno/take/tick), or when it calls ``ready()``.
 
 With ``rr``/``least`` connections arrive as MSG_CONN on the channel and
@@ -17,8 +18,8 @@ The per-connection path is kept lean because with ``Connection: close`` it
 runs once per request: take() reads every queued channel message in one call
 (bounded by READ_BATCH); a received fd becomes a socket object without a
 syscall when the listeners' family is known (the dispatcher already made it
-non-blocking and set TCP_NODELAY, SPEC.md), and of a class whose ``family``/
-``type`` are plain class attributes, so interfaces and the event loop read
+non-blocking and set TCP_NODELAY, which ``tcp_nodelay`` tells the interfaces),
+and of a class whose ``family``/``type`` are plain class attributes, so interfaces and the event loop read
 them without an enum conversion. take_fds() skips even that, for an interface
 that builds its own connection objects (ASGI on uvloop). closed() and
 request_* are the backend's SlotWriter (one C call each with the C backend).
@@ -140,7 +141,7 @@ class Worker:
     """Runtime for interfaces and handle for the app, in a forked worker."""
 
     tick_interval = 1.0
-    tcp_nodelay = True    # sockets from take() have TCP_NODELAY already (SPEC.md); interfaces need not set it
+    tcp_nodelay = True    # sockets from take() have TCP_NODELAY already (the dispatcher sets it); see Runtime
 
     def __init__(self, *, wid: int, slot: int, chan: int, backend, board_slot, policy: str = "rr",
                  listeners=(), max_requests: int = 0, primary_pid: Optional[int] = None,
@@ -152,7 +153,6 @@ class Worker:
         self.draining = False
         self._chan = chan
         self._b = backend
-        self.backend = backend    # the loaded backend module (pyfork._core or pyfork._pure)
         self._board = board_slot
         self._policy = policy
         self._self_accept = policy in ("shared", "reuseport")
@@ -196,7 +196,7 @@ class Worker:
                 ls.setblocking(False)
             self._set_listening(True)
 
-    # ---- runtime contract ------------------------------------------------------
+    # ---- runtime contract (pyfork.serve.runtime.Runtime documents each member) ------
     def ready(self) -> None:
         """Tells the primary this worker can take connections (idempotent). Interfaces
         need not call it: the first fileno(), take() or tick() call does, because an
@@ -253,6 +253,9 @@ class Worker:
             conn.setblocking(False)
             out.append(conn)
         return out
+
+    def tcp_cork(self, fd: int, on: bool) -> None:
+        self._b.tcp_cork(fd, on)
 
     def closed(self, n: int = 1) -> None:
         self._open -= n

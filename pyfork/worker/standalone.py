@@ -1,9 +1,10 @@
-"""StandaloneRuntime: the worker Runtime contract without a primary.
+"""StandaloneRuntime: the worker-runtime contract (pyfork/serve/runtime.py) without a primary.
 
 For testing an interface on its own (and for embedding one in a process that does
 its own accepting): take() accepts from a listening socket with the same lean
 per-connection path as pyfork's Worker in shared/reuseport mode, and the counters
-stand in for the scoreboard.
+stand in for the scoreboard. tcp_cork() is the backend's (PYFORK_BACKEND, or the
+``backend`` argument).
 """
 from __future__ import annotations
 
@@ -11,20 +12,22 @@ import json
 import logging
 import os
 import socket
-from typing import Callable, List
+from typing import Callable, List, Optional
 
+import pyfork.backend
 from pyfork.worker.runtime import _Acceptor
 
 
 class StandaloneRuntime:
     """A Runtime without a primary, for testing an interface on its own:
     take() accepts from ``listen_sock``; closed()/request_* are counters; stop()
-    sets draining (and wakes the loop through wakeup_fd())."""
+    sets draining (and wakes the loop through wakeup_fd()). ``backend`` is a
+    pyfork.backend name (None: PYFORK_BACKEND, default auto)."""
 
     tick_interval = 1.0
     tcp_nodelay = True    # take() sets TCP_NODELAY on TCP sockets, as the dispatcher does
 
-    def __init__(self, listen_sock: socket.socket, id: int = 0):
+    def __init__(self, listen_sock: socket.socket, id: int = 0, backend: Optional[str] = None):
         self.id = id
         self.pid = os.getpid()
         self.log = logging.getLogger("pyfork.worker")
@@ -36,6 +39,8 @@ class StandaloneRuntime:
         self._sock = listen_sock
         listen_sock.setblocking(False)
         self._acceptor = _Acceptor(listen_sock)
+        self.conn_family = int(listen_sock.family)   # every connection has the listener's family
+        self._backend = pyfork.backend.load(backend)
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def ready(self) -> None:
@@ -59,6 +64,12 @@ class StandaloneRuntime:
                 break
         self.taken += len(out)
         return out
+
+    def take_fds(self) -> List[int]:
+        return [conn.detach() for conn in self.take()]
+
+    def tcp_cork(self, fd: int, on: bool) -> None:
+        self._backend.tcp_cork(fd, on)
 
     def closed(self, n: int = 1) -> None:
         self.closed_count += n
