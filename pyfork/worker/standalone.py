@@ -13,7 +13,7 @@ import os
 import socket
 from typing import Callable, List
 
-from pyfork.worker.runtime import _Acceptor
+from pyfork.worker.runtime import Acceptor
 
 
 class StandaloneRuntime:
@@ -35,7 +35,7 @@ class StandaloneRuntime:
         self._callbacks: List[Callable] = []
         self._sock = listen_sock
         listen_sock.setblocking(False)
-        self._acceptor = _Acceptor(listen_sock)
+        self._acceptor = Acceptor(listen_sock)
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def ready(self) -> None:
