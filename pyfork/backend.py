@@ -1,6 +1,7 @@
 """Backend selection: the C core (pyfork._core) or its pure-Python twin (pyfork._pure).
 
-Both modules expose the same interface (see pyfork/_pure/__init__.py). ``auto`` picks C
+Both modules expose the same interface, the names of pyfork._api.PUBLIC_NAMES (what
+they share is defined there once). ``auto`` picks C
 when the extension was built and imports, else Python. Asking for ``c``
 explicitly never falls back: a silent fall-back to Python in CI is a defect,
 so it raises ImportError saying why.

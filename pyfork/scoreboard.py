@@ -18,7 +18,7 @@ for), so every read and write is one aligned machine load or store.
 import sys
 import time
 
-SLOT_SIZE = 64
+from pyfork._api import SLOT_SIZE
 
 # pf_slot offsets (bytes): closed 0, handled 8, heartbeat_ns 16,
 # busy_since_ns 24, active 32, pid 36, want_credit 40. As indexes into the

@@ -10,6 +10,9 @@
 - ``open_fds`` / ``free_port`` fixtures hand out the helper functions of the same
   names (fixtures work under --import-mode=importlib, where conftest is not
   importable as a module).
+- ``procs``, ``rig``, ``ends``: the backend suites' forked children, dispatcher
+  with forked workers, and dispatcher with test-held channel ends
+  (backend_harness.Procs, Rig, Ends), cleaned up after the test.
 - Session start: with PYFORK_BACKEND=c, a pyfork without its compiled module
   (typically imported from a source tree) stops the run with an explicit error.
 """
@@ -117,3 +120,41 @@ def fd_guard():
             except OSError:
                 pass
         pytest.fail("open fds changed %d -> %d: %s" % (before, after, ", ".join(targets)))
+
+
+@pytest.fixture
+def procs():
+    from backend_harness import Procs
+    p = Procs()
+    yield p
+    p.cleanup()
+
+
+@pytest.fixture
+def rig(backend, procs, tmp_path):
+    from backend_harness import Rig
+    made = []
+
+    def make(capacity, **kw):
+        r = Rig(backend, procs, capacity, tmp_path=tmp_path, **kw)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.fixture
+def ends(backend):
+    from backend_harness import Ends
+    made = []
+
+    def make(capacity, **cfg):
+        e = Ends(backend, capacity, **cfg)
+        made.append(e)
+        return e
+
+    yield make
+    for e in made:
+        e.close()

@@ -7,6 +7,7 @@ import socket
 import pytest
 
 import pyfork.worker as W
+from pyfork.scoreboard import Scoreboard
 from pyfork.worker.standalone import StandaloneRuntime
 
 pytestmark = pytest.mark.usefixtures("fd_guard")
@@ -49,27 +50,16 @@ def test_standalone_runtime_takes_counts_and_stops():
                 c.close()
 
 
-def test_worker_send_is_size_checked():
-    class FakeBackend:
-        MAX_PAYLOAD = 100
-        MSG_USER = 5
-        sent = []
-
-        @classmethod
-        def send_msg(cls, fd, t, arg=0, payload=b"", fds=()):
-            cls.sent.append((t, payload))
-
-    class Board:
-        def heartbeat(self):
-            pass
-
+def test_worker_send_is_size_checked(backend):
+    board = Scoreboard(bytearray(backend.SLOT_SIZE), 1).slot(0)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        w = W.Worker(wid=1, slot=0, chan=a.fileno(), backend=FakeBackend, board_slot=Board())
+        w = W.Worker(wid=1, slot=0, chan=a.fileno(), backend=backend, board_slot=board)
         w.send({"k": 1})
-        assert FakeBackend.sent == [(5, b'{"k":1}')]
+        msg = backend.recv_msg(b.fileno())
+        assert (msg.type, msg.payload, msg.fds) == (backend.MSG_USER, b'{"k":1}', [])
         with pytest.raises(ValueError):
-            w.send("x" * 200)
+            w.send("x" * backend.MAX_PAYLOAD)
         with pytest.raises(TypeError):
             w.send(object())
     finally:

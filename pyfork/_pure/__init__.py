@@ -28,43 +28,32 @@ Everything mirrors the C core: same checks, same states, same counters, and
 the same errors (rc < 0 there is OSError(errno) here; bad arguments are
 ValueError in both).
 
-This module is only the public face (what pyfork.backend loads); the
-implementation is split as the C files are:
-  fdpass.py         csrc/fdpass.c         messages: send_msg, recv_msg
+This module is only the public face (what pyfork.backend loads): its names
+are pyfork._api.PUBLIC_NAMES, no more. The implementation is split as the C
+files are, a state object and functions over it instead of methods on one
+class (see internal.py):
+  fdpass.py         csrc/fdpass.c         messages: send_msg, recv_msg, Receiver
   listen.py         csrc/listen.c         listen_tcp, listen_unix, adopt_listener
   tcp.py            csrc/tcp.c            tcp_cork
-  internal.py       csrc/pf_internal.h    states, Event, worker/listener records
+  slot.py           csrc/slot.c           SlotWriter
+  internal.py       csrc/pf_internal.h    the dispatcher's State, its records, fd helpers
   dispatch.py       csrc/dispatch.c       Dispatcher: lifetime and tables
   dispatch_send.py  csrc/dispatch_send.c  pending ring, rr/least, batched sends
   dispatch_loop.py  csrc/dispatch_loop.c  run(): accept triage, EMFILE, credits, drain
+Constants, Message, Event and the argument checks are pyfork._api's.
 """
 
-from pyfork._pure.fdpass import (  # HDR_SIZE, MSG_MAGIC: wire facts, kept for callers
-    HDR_SIZE, MAX_FDS, MAX_PAYLOAD, MSG_CONN, MSG_CREDIT, MSG_CTL, MSG_DRAIN, MSG_MAGIC,
-    MSG_READY, MSG_USER, Message, Receiver, recv_msg, send_msg,
+from pyfork._api import (
+    MAX_FDS, MAX_PAYLOAD, MSG_CONN, MSG_CREDIT, MSG_CTL, MSG_DRAIN, MSG_READY, MSG_USER,
+    PUBLIC_NAMES as _PUBLIC_NAMES, SLOT_SIZE, STATE_DRAINING, STATE_FREE, STATE_GONE,
+    STATE_READY, STATE_SPAWNING, Event, Message,
 )
 from pyfork._pure.dispatch import Dispatcher
-from pyfork._pure.internal import (
-    SLOT_SIZE, STATE_DRAINING, STATE_FREE, STATE_GONE, STATE_READY, STATE_SPAWNING, Event,
-)
+from pyfork._pure.fdpass import Receiver, recv_msg, send_msg
 from pyfork._pure.listen import adopt_listener, listen_tcp, listen_unix
+from pyfork._pure.slot import SlotWriter
 from pyfork._pure.tcp import tcp_cork
-from pyfork.scoreboard import Scoreboard, SlotView
 
 BACKEND = "python"
 
-
-class SlotWriter(SlotView):
-    """The worker-side writers of one scoreboard line (mirrors _core.SlotWriter,
-    csrc/slot.c): a SlotView of the single line ``line`` (SlotView.line)."""
-
-    def __init__(self, line):
-        super().__init__(Scoreboard(line, 1), 0)
-
-__all__ = [
-    "BACKEND", "MAX_FDS", "MAX_PAYLOAD", "SLOT_SIZE", "Message", "Event", "Dispatcher",
-    "send_msg", "recv_msg", "Receiver", "SlotWriter", "tcp_cork",
-    "listen_tcp", "listen_unix", "adopt_listener",
-    "MSG_CONN", "MSG_READY", "MSG_CREDIT", "MSG_DRAIN", "MSG_USER", "MSG_CTL",
-    "STATE_FREE", "STATE_SPAWNING", "STATE_READY", "STATE_DRAINING", "STATE_GONE",
-]
+__all__ = list(_PUBLIC_NAMES)

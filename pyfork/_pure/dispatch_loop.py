@@ -12,8 +12,9 @@ stalled. Readiness is handled per kind:
   channel    EPOLLOUT clears "busy"; CREDIT messages are eaten here; any
              other message is left unread and reported; EOF = HANGUP;
   watch      reported with the caller's tag.
-Everything is level-triggered, so anything left comes back next turn. _Loop
-is a mixin of Dispatcher (dispatch.py), whose __init__ sets the state used.
+Everything is level-triggered, so anything left comes back next turn. run(d,
+timeout) is the one function other modules call; all of them take the
+dispatcher's State (internal.py) as ``d``, as the C ones take pf_dispatcher.
 """
 
 import errno
@@ -22,271 +23,288 @@ import select
 import socket
 import time
 
-from pyfork._pure.fdpass import (
-    _HDR, HDR_SIZE, MAX_FDS, MSG_CREDIT, MSG_MAGIC, _close_all, _recv, _wrap,
+from pyfork._api import (
+    ACCEPT_CONTINUE, ACCEPT_DEAD, ACCEPT_FD_EXHAUSTED, MAX_FDS, MSG_CREDIT, Event,
 )
-from pyfork._pure.internal import _BLK_NONE, _BLK_OUT, _EPOLLIN, _RECHECK_S
-
-# accept() errors that concern one connection, not the listener: the Linux
-# accept(2) man page says to treat "already-pending network errors" like
-# EAGAIN and retry (the same list as dispatch_loop.c).
-_ACCEPT_SOFT = frozenset(e for e in (
-    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
-    errno.EHOSTDOWN, getattr(errno, "ENONET", None), errno.EHOSTUNREACH, errno.EOPNOTSUPP,
-    errno.ENETUNREACH, errno.ETIMEDOUT) if e is not None)
+from pyfork._pure.dispatch_send import chan_events, clear_retry, flush, mark_gone
+from pyfork._pure.fdpass import HDR, HDR_SIZE, MSG_MAGIC, recv_on
+from pyfork._pure.internal import (
+    BLK_NONE, BLK_OUT, EPOLLIN, RECHECK_S, close_all, find_listener, unregister, wrap_fd,
+)
 
 _ACC_AGAIN, _ACC_MORE, _ACC_PAUSE, _ACC_DEAD = range(4)
 _CREDITS_PER_WAKEUP = 64  # a chatty worker cannot starve the others
 _CHAN_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-_ACCEPT_DEAD = frozenset((errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAULT))
 
 
-class _Loop:
-    """Dispatcher methods that accept, read channels and run the loop."""
+def _emit(d, kind, slot, tag):
+    """Queues an event for the caller; False outside run (the condition is
+    level-triggered or remembered, so it is reported next run)."""
+    if d.out is None:
+        return False
+    d.out.append(Event(kind, slot, tag))
+    return True
 
-    # -- accepting ------------------------------------------------------------
-    def _pause(self):
-        self._pause_until = time.monotonic() + self._pause_s
 
-    def _took(self, lst, fd):
-        conn = _wrap(fd, socket.AF_INET if lst.tcp else socket.AF_UNIX, socket.SOCK_STREAM)
+# ---- accepting ------------------------------------------------------------
+
+def _pause(d):
+    d.pause_until = time.monotonic() + d.pause_s
+
+
+def _took(d, lst, fd):
+    conn = wrap_fd(fd, socket.AF_INET if lst.tcp else socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.setblocking(False)  # as accept4(SOCK_NONBLOCK) in C
+        if lst.nodelay_each:
+            # Nagle off: small responses would wait for the delayed ACK.
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # already reset by the peer: the worker will see it
+    finally:
+        conn.detach()
+    d.pend.append((fd, False))
+    d.st["accepted"] += 1
+
+
+def _reserve_open(d):
+    if d.reserve < 0 and d.reserve_wanted:
         try:
-            conn.setblocking(False)  # as accept4(SOCK_NONBLOCK) in C
-            if lst.nodelay_each:
-                # Nagle off: small responses would wait for the delayed ACK.
-                try:
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass  # already reset by the peer: the worker will see it
-        finally:
-            conn.detach()
-        self._pend.append((fd, False))
-        self._st["accepted"] += 1
-
-    def _reserve_open(self):
-        if self._reserve < 0 and self._reserve_wanted:
-            try:
-                self._reserve = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                pass  # still exhausted: retried next turn
-
-    def _on_emfile(self, lst):
-        # libuv's reserve-fd trick, serving rather than dropping: with nothing
-        # in hand to free, spend the reserve fd to accept ONE connection (the
-        # client at the head of the backlog gets served), then pause the
-        # listeners so a level-triggered listener cannot spin us.
-        self._st["fd_exhaustion"] += 1
-        if not self._pend and self._reserve >= 0:
-            os.close(self._reserve)
-            self._reserve = -1
-            try:
-                fd, _ = lst.sock._accept()
-            except OSError:
-                pass
-            else:
-                self._took(lst, fd)
-                self._flush()  # our copy closes once a worker has it
-            self._reserve_open()
-        self._pause()
-
-    def _accept_some(self, lst, budget):
-        """Accepts up to budget connections (fewer when the ring fills)."""
-        sock = lst.sock
-        for _ in range(budget):
-            if len(self._pend) >= self._max_pending:
-                return _ACC_MORE
-            try:
-                fd, _ = sock._accept()  # accept4(SOCK_CLOEXEC); EINTR retried
-            except BlockingIOError:
-                return _ACC_AGAIN
-            except OSError as exc:
-                code = exc.errno
-                if code in (errno.EMFILE, errno.ENFILE):
-                    self._on_emfile(lst)
-                    return _ACC_PAUSE
-                self._st["accept_errors"] += 1
-                if code in _ACCEPT_SOFT:
-                    continue
-                if code in _ACCEPT_DEAD:
-                    # Not a listening socket any more: polling it again would
-                    # report the same error forever.
-                    lst.dead = True
-                    return _ACC_DEAD
-                self._pause()  # ENOBUFS, ENOMEM: retrying at once would spin
-                return _ACC_PAUSE
-            self._took(lst, fd)
-        return _ACC_MORE
-
-    def _on_listener(self, fd):
-        lst = self._find_listener(fd)
-        if lst is None or not lst.in_poll or not self._accepting:
-            return
-        self._accept_some(lst, self._accept_batch)
-        self._flush()
-        # Stalled or paused: the other listeners in this batch wait too.
-        if self._pend or self._pause_until:
-            self._accepting = False
-
-    def _listener_poll(self, lst, on):
-        if on and not lst.in_poll and not lst.dead:
-            try:
-                self._ep.register(lst.fd, _EPOLLIN)
-                lst.in_poll = True
-            except OSError:
-                pass  # the caller closed it without removing it
-        elif (not on or lst.dead) and lst.in_poll:
-            self._unregister(lst.fd)
-            lst.in_poll = False
-
-    def _sync_listeners(self):
-        """Listeners are polled only while nothing waits for a worker
-        (back-pressure), outside an EMFILE pause, and never after
-        stop_accepting."""
-        self._accepting = not self._stopping and not self._pause_until and not self._pend
-        for lst in self._listeners:
-            self._listener_poll(lst, self._accepting)
-
-    def _drain_step(self):
-        if self._pause_until:
-            return
-        done = True
-        for lst in list(self._listeners):
-            if lst.at_eagain or lst.dead:
-                continue
-            r = self._accept_some(lst, self._max_pending)
-            self._flush()
-            if r in (_ACC_AGAIN, _ACC_DEAD):
-                lst.at_eagain = True
-            else:
-                done = False
-        if done and not self._pend:
-            self._drained = True
-            self._drained_unreported = True
-        elif not done and len(self._pend) < self._max_pending and not self._pause_until:
-            self._more = True  # backlog left and room for it: no sleep
-
-    # -- worker channels --------------------------------------------------------
-    def _eat_credit(self, sock):
-        # Closed counts live on the scoreboard: the message only wakes us.
-        try:
-            msg = _recv(sock, MAX_FDS)
+            d.reserve = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            return  # consumed either way; fds already closed
-        _close_all(msg.fds)
+            pass  # still exhausted: retried next turn
 
-    def _read_chan(self, s):
-        w = self._workers[s]
-        for _ in range(_CREDITS_PER_WAKEUP):
-            try:
-                head = w.sock.recv(HDR_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
+
+def _on_emfile(d, lst):
+    # libuv's reserve-fd trick, serving rather than dropping: with nothing
+    # in hand to free, spend the reserve fd to accept ONE connection (the
+    # client at the head of the backlog gets served), then pause the
+    # listeners so a level-triggered listener cannot spin us.
+    d.st["fd_exhaustion"] += 1
+    if not d.pend and d.reserve >= 0:
+        os.close(d.reserve)
+        d.reserve = -1
+        try:
+            fd, _ = lst.sock._accept()
+        except OSError:
+            pass
+        else:
+            _took(d, lst, fd)
+            flush(d)  # our copy closes once a worker has it
+        _reserve_open(d)
+    _pause(d)
+
+
+def _accept_some(d, lst, budget):
+    """Accepts up to budget connections (fewer when the ring fills); the
+    errno classes are pyfork._api's, as pf__accept_some switches on them."""
+    accept = lst.sock._accept   # accept4(SOCK_CLOEXEC); EINTR retried
+    pend = d.pend
+    max_pending = d.cfg.max_pending
+    for _ in range(budget):
+        if len(pend) >= max_pending:
+            return _ACC_MORE
+        try:
+            fd, _ = accept()
+        except BlockingIOError:
+            return _ACC_AGAIN
+        except OSError as exc:
+            code = exc.errno
+            if code in ACCEPT_FD_EXHAUSTED:
+                _on_emfile(d, lst)
+                return _ACC_PAUSE
+            d.st["accept_errors"] += 1
+            if code in ACCEPT_CONTINUE:
+                continue
+            if code in ACCEPT_DEAD:
+                lst.dead = True
+                return _ACC_DEAD
+            _pause(d)  # ENOBUFS, ENOMEM: retrying at once would spin
+            return _ACC_PAUSE
+        _took(d, lst, fd)
+    return _ACC_MORE
+
+
+def _on_listener(d, lst):
+    if not lst.in_poll or not d.accepting:
+        return
+    _accept_some(d, lst, d.cfg.accept_batch)
+    flush(d)
+    # Stalled or paused: the other listeners in this batch wait too.
+    if d.pend or d.pause_until:
+        d.accepting = False
+
+
+def _listener_poll(d, lst, on):
+    if on and not lst.in_poll and not lst.dead:
+        try:
+            d.ep.register(lst.fd, EPOLLIN)
+            lst.in_poll = True
+        except OSError:
+            pass  # the caller closed it without removing it
+    elif (not on or lst.dead) and lst.in_poll:
+        unregister(d, lst.fd)
+        lst.in_poll = False
+
+
+def _sync_listeners(d):
+    """Listeners are polled only while nothing waits for a worker
+    (back-pressure), outside an EMFILE pause, and never after
+    stop_accepting."""
+    d.accepting = on = not d.stopping and not d.pause_until and not d.pend
+    for lst in d.listeners:
+        _listener_poll(d, lst, on)
+
+
+def _drain_step(d):
+    if d.pause_until:
+        return
+    done = True
+    for lst in list(d.listeners):
+        if lst.at_eagain or lst.dead:
+            continue
+        r = _accept_some(d, lst, d.cfg.max_pending)
+        flush(d)
+        if r in (_ACC_AGAIN, _ACC_DEAD):
+            lst.at_eagain = True
+        else:
+            done = False
+    if done and not d.pend:
+        d.drained = True
+        d.drained_unreported = True
+    elif not done and len(d.pend) < d.cfg.max_pending and not d.pause_until:
+        d.more = True  # backlog left and room for it: no sleep
+
+
+# ---- worker channels --------------------------------------------------------
+
+def _eat_credit(sock):
+    # Closed counts live on the scoreboard: the message only wakes us.
+    try:
+        msg = recv_on(sock, MAX_FDS)
+    except OSError:
+        return  # consumed either way; fds already closed
+    close_all(msg.fds)
+
+
+def _read_chan(d, s):
+    w = d.workers[s]
+    for _ in range(_CREDITS_PER_WAKEUP):
+        try:
+            head = w.sock.recv(HDR_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOMEM, errno.ENOBUFS):
                 return
-            except OSError as exc:
-                if exc.errno in (errno.ENOMEM, errno.ENOBUFS):
-                    return
-                head = b""  # a socket error such as ECONNRESET: gone
-            if not head:
-                # EOF (no datagram is empty: the header is 16 bytes).
-                self._mark_gone(s)
-                return
-            if len(head) == HDR_SIZE:
-                magic, mtype = _HDR.unpack_from(head)[:2]
-                if magic == MSG_MAGIC and mtype == MSG_CREDIT:
-                    self._eat_credit(w.sock)
-                    continue
-            # Anything else is the caller's to recv_msg; left in the channel.
-            self._emit("message", s, 0)
+            head = b""  # a socket error such as ECONNRESET: gone
+        if not head:
+            # EOF (no datagram is empty: the header is 16 bytes).
+            mark_gone(d, s)
+            return
+        if len(head) == HDR_SIZE:
+            magic, mtype = HDR.unpack_from(head)[:2]
+            if magic == MSG_MAGIC and mtype == MSG_CREDIT:
+                _eat_credit(w.sock)
+                continue
+        # Anything else is the caller's to recv_msg; left in the channel.
+        _emit(d, "message", s, 0)
+        return
+
+
+def _on_chan(d, s, events):
+    w = d.workers[s]
+    if not w.in_epoll:
+        return  # went GONE earlier in this batch
+    if events & select.EPOLLOUT and w.out_armed:
+        if w.blocked == BLK_OUT:
+            w.blocked = BLK_NONE
+        chan_events(d, w, 0)
+    if events & _CHAN_READ:
+        _read_chan(d, s)
+
+
+def _on_watch(d, fd):
+    for wfd, tag in d.watches:
+        if wfd == fd:
+            _emit(d, "watch", -1, tag)
             return
 
-    def _on_chan(self, s, events):
-        w = self._workers[s]
-        if not w.in_epoll:
-            return  # went GONE earlier in this batch
-        if events & select.EPOLLOUT and w.out_armed:
-            if w.blocked == _BLK_OUT:
-                w.blocked = _BLK_NONE
-            self._chan_events(w, 0)
-        if events & _CHAN_READ:
-            self._read_chan(s)
 
-    def _on_watch(self, fd):
-        for wfd, tag in self._watches:
-            if wfd == fd:
-                self._emit("watch", -1, tag)
-                return
+# ---- the loop -------------------------------------------------------------------
 
-    # -- the loop ---------------------------------------------------------------
-    def _emit_owed(self):
-        """HANGUP and DRAINED are remembered, not level-triggered."""
-        if self._n_hup:
-            for s in range(self._hi):
-                w = self._workers[s]
-                if w.hup_pending and self._emit("hangup", s, 0):
-                    w.hup_pending = False
-                    self._n_hup -= 1
-        if self._drained_unreported and self._emit("drained", -1, 0):
-            self._drained_unreported = False
+def _emit_owed(d):
+    """HANGUP and DRAINED are remembered, not level-triggered."""
+    if d.n_hup:
+        for s in range(d.hi):
+            w = d.workers[s]
+            if w.hup_pending and _emit(d, "hangup", s, 0):
+                w.hup_pending = False
+                d.n_hup -= 1
+    if d.drained_unreported and _emit(d, "drained", -1, 0):
+        d.drained_unreported = False
 
-    def _tick(self, now):
-        self._more = False
-        if self._recheck_at and now >= self._recheck_at:
-            self._clear_retry()
-        if self._pause_until and now >= self._pause_until:
-            self._pause_until = 0.0
-        if self._pend:
-            self._flush()
-        self._reserve_open()  # after the flush freed what it could
-        if self._stopping and not self._drained:
-            self._drain_step()
-        self._sync_listeners()
-        self._emit_owed()
 
-    def _wait(self, now, deadline):
-        """Seconds epoll may sleep (-1 = no limit): until the earliest thing
-        that needs us without the kernel's help."""
-        if self._more:
-            return 0
-        w = -1 if deadline is None else max(0.0, deadline - now)
-        for t in (self._pause_until, self._recheck_at):
-            if t and (w < 0 or t - now < w):
-                w = max(0.0, t - now)
-        # Stalled with someone who could take: poll for freed room, not spin.
-        if self._pend and self._n_ready > 0 and (w < 0 or w > _RECHECK_S):
-            w = _RECHECK_S
-        return w
+def _tick(d, now):
+    d.more = False
+    if d.recheck_at and now >= d.recheck_at:
+        clear_retry(d)
+    if d.pause_until and now >= d.pause_until:
+        d.pause_until = 0.0
+    if d.pend:
+        flush(d)
+    _reserve_open(d)  # after the flush freed what it could
+    if d.stopping and not d.drained:
+        _drain_step(d)
+    _sync_listeners(d)
+    _emit_owed(d)
 
-    def run(self, timeout=None):
-        """Runs the loop until there are events or timeout seconds passed (None
-        = no limit). Returns a list of Event; [] on timeout."""
-        self._check()
-        if timeout is None:
-            deadline = None
-        else:
-            timeout = float(timeout)
-            if not timeout >= 0:  # NaN too
-                raise ValueError("timeout must be >= 0 or None, got %r" % timeout)
-        now = time.monotonic()
-        if timeout is not None:
-            deadline = now + timeout
-        out = self._out = []
-        polled = False
-        try:
-            while True:
-                self._tick(now)
-                if out or (polled and deadline is not None and now >= deadline):
-                    break
-                ready = self._ep.poll(self._wait(now, deadline))
-                polled = True
-                self._st["wakeups"] += 1
-                for fd, events in ready:
-                    s = self._by_chan.get(fd)
-                    if s is not None:
-                        self._on_chan(s, events)
-                    elif self._find_listener(fd) is not None:
-                        self._on_listener(fd)
-                    else:
-                        self._on_watch(fd)
-                now = time.monotonic()
-        finally:
-            self._out = None
-        return out
+
+def _wait(d, now, deadline):
+    """Seconds epoll may sleep (-1 = no limit): until the earliest thing
+    that needs us without the kernel's help."""
+    if d.more:
+        return 0
+    w = -1 if deadline is None else max(0.0, deadline - now)
+    for t in (d.pause_until, d.recheck_at):
+        if t and (w < 0 or t - now < w):
+            w = max(0.0, t - now)
+    # Stalled with someone who could take: poll for freed room, not spin.
+    if d.pend and d.n_ready > 0 and (w < 0 or w > RECHECK_S):
+        w = RECHECK_S
+    return w
+
+
+def run(d, timeout):
+    """Runs the loop until there are events or timeout seconds passed (None =
+    no limit; checked by the caller). Returns a list of Event; [] on timeout."""
+    now = time.monotonic()
+    deadline = None if timeout is None else now + timeout
+    out = d.out = []
+    polled = False
+    by_chan = d.by_chan
+    poll = d.ep.poll
+    st = d.st
+    try:
+        while True:
+            _tick(d, now)
+            if out or (polled and deadline is not None and now >= deadline):
+                break
+            ready = poll(_wait(d, now, deadline))
+            polled = True
+            st["wakeups"] += 1
+            for fd, events in ready:
+                s = by_chan.get(fd)
+                if s is not None:
+                    _on_chan(d, s, events)
+                    continue
+                lst = find_listener(d, fd)
+                if lst is not None:
+                    _on_listener(d, lst)
+                else:
+                    _on_watch(d, fd)
+            now = time.monotonic()
+    finally:
+        d.out = None
+    return out

@@ -1,7 +1,7 @@
 """From the pending ring to a worker's channel, pure backend (csrc/dispatch_send.c).
 
 Theory of operation: accepted (or recovered) fds wait in the pending ring
-(a deque of at most max_pending). _flush repeatedly picks a worker by
+(a deque of at most max_pending). flush(d) repeatedly picks a worker by
 policy, takes a batch of fds from the front of the ring and sends them in
 ONE sendmsg (up to MAX_FDS), then closes the primary's copies. A worker is
 a candidate when it is READY, not blocked, and has room:
@@ -17,8 +17,10 @@ sent - scoreboard.closed < max_inflight.
          enough fds to catch up with the runner-up.
 sendmsg errno triage: EAGAIN = that worker is busy, arm EPOLLOUT and try
 the next; EPIPE & co = the worker is gone, HANGUP it and the same fds go to
-the next; anything else = transient, retry on the recheck timer. _Send is a
-mixin of Dispatcher (dispatch.py), whose __init__ sets the state used.
+the next; anything else = transient, retry on the recheck timer. Every
+function takes the dispatcher's State (internal.py) as ``d``, as the C ones
+take pf_dispatcher; flush, mark_gone, clear_retry and chan_events are the
+ones the other modules call (pf_internal.h declares the same four).
 """
 
 import errno
@@ -26,165 +28,180 @@ import itertools
 import select
 import time
 
-from pyfork._pure.fdpass import MAX_FDS, MSG_CONN, _close_all, _send
+from pyfork._api import MAX_FDS, MSG_CONN, STATE_FREE, STATE_GONE, STATE_READY
+from pyfork._pure.fdpass import send_on
 from pyfork._pure.internal import (
-    _BLK_NONE, _BLK_OUT, _BLK_RETRY, _CHAN_EVENTS, _LEAST_AGE_NS, _RECHECK_S, STATE_FREE, STATE_GONE,
-    STATE_READY,
+    BLK_NONE, BLK_OUT, BLK_RETRY, CHAN_EVENTS, LEAST_AGE_NS, RECHECK_S, close_all, unregister,
 )
 
 _GONE_ERRNOS = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN))
 
 
-class _Send:
-    """Dispatcher methods that choose workers and send them fds."""
+def _load(d, s):
+    closed = d.slots[s].closed
+    sent = d.workers[s].sent
+    return 0 if closed >= sent else sent - closed
 
-    def _load(self, s):
-        closed = self._slots[s].closed
-        sent = self._workers[s].sent
-        return 0 if closed >= sent else sent - closed
 
-    def _room(self, s):
-        """How many more fds slot s may take now; 0 = full, a busy skip. When
-        full it asks for a CREDIT (want_credit), then looks again: a close that
-        raced the skip either shows up here or sends the CREDIT (and the 10 ms
-        recheck covers what Python cannot fence)."""
-        room = self._max_inflight - self._load(s)
-        if room > 0:
-            return room
-        self._slots[s].request_credit()
-        room = self._max_inflight - self._load(s)
-        if room > 0:
-            return room
-        self._st["busy_skips"] += 1
-        return 0
+def _room(d, s):
+    """How many more fds slot s may take now; 0 = full, a busy skip. When
+    full it asks for a CREDIT (want_credit), then looks again: a close that
+    raced the skip either shows up here or sends the CREDIT (and the 10 ms
+    recheck covers what Python cannot fence)."""
+    max_inflight = d.cfg.max_inflight
+    room = max_inflight - _load(d, s)
+    if room > 0:
+        return room
+    d.slots[s].request_credit()
+    room = max_inflight - _load(d, s)
+    if room > 0:
+        return room
+    d.st["busy_skips"] += 1
+    return 0
 
-    def _candidate(self, s):
-        w = self._workers[s]
-        return w.state == STATE_READY and w.blocked == _BLK_NONE
 
-    def _pick_rr(self, share):
-        hi = self._hi
-        for i in range(hi):
-            s = (self._rr_next + i) % hi
-            if not self._candidate(s):
-                continue
-            room = self._room(s)
-            if room == 0:
-                continue
-            self._rr_next = s + 1
-            return s, min(share, room, MAX_FDS)
+def _candidate(d, s):
+    w = d.workers[s]
+    return w.state == STATE_READY and w.blocked == BLK_NONE
+
+
+def _pick_rr(d, share):
+    hi = d.hi
+    for i in range(hi):
+        s = (d.rr_next + i) % hi
+        if not _candidate(d, s):
+            continue
+        room = _room(d, s)
+        if room == 0:
+            continue
+        d.rr_next = s + 1
+        return s, min(share, room, MAX_FDS)
+    return -1, 0
+
+
+def _better(d, a, la, b, lb):
+    if la != lb:
+        return la < lb
+    ba = d.slots[a].busy_since_ns
+    bb = d.slots[b].busy_since_ns
+    if (ba == 0) != (bb == 0):
+        return ba == 0      # idle beats busy
+    return ba > bb          # busy since later = less likely stuck
+
+
+def _pick_least(d):
+    """The emptiest candidate, with enough fds to catch up with the
+    runner-up."""
+    best = -1
+    bload = broom = 0
+    second = None
+    now = time.monotonic_ns()
+    hi = d.hi
+    max_inflight = d.cfg.max_inflight
+    for i in range(hi):
+        # From after the last slot chosen: full ties take turns.
+        s = (d.rr_next + i) % hi
+        if not _candidate(d, s):
+            continue
+        room = _room(d, s)
+        if room == 0:
+            continue
+        since = d.slots[s].busy_since_ns
+        age = (now - since) // LEAST_AGE_NS if 0 < since < now else 0
+        load = max_inflight - room + age
+        if best < 0 or _better(d, s, load, best, bload):
+            if best >= 0:
+                second = bload if second is None else min(second, bload)
+            best, bload, broom = s, load, room
+        else:
+            second = load if second is None else min(second, load)
+    if best < 0:
         return -1, 0
+    d.rr_next = best + 1
+    n = min(broom, MAX_FDS)
+    if second is not None and second - bload < n:
+        n = max(second - bload, 1)
+    return best, n
 
-    def _better(self, a, la, b, lb):
-        if la != lb:
-            return la < lb
-        ba = self._slots[a].busy_since_ns
-        bb = self._slots[b].busy_since_ns
-        if (ba == 0) != (bb == 0):
-            return ba == 0      # idle beats busy
-        return ba > bb          # busy since later = less likely stuck
 
-    def _pick_least(self):
-        """The emptiest candidate, with enough fds to catch up with the
-        runner-up."""
-        best = -1
-        bload = broom = 0
-        second = None
-        now = time.monotonic_ns()
-        hi = self._hi
-        for i in range(hi):
-            # From after the last slot chosen: full ties take turns.
-            s = (self._rr_next + i) % hi
-            if not self._candidate(s):
-                continue
-            room = self._room(s)
-            if room == 0:
-                continue
-            since = self._slots[s].busy_since_ns
-            age = (now - since) // _LEAST_AGE_NS if 0 < since < now else 0
-            load = self._max_inflight - room + age
-            if best < 0 or self._better(s, load, best, bload):
-                if best >= 0:
-                    second = bload if second is None else min(second, bload)
-                best, bload, broom = s, load, room
-            else:
-                second = load if second is None else min(second, load)
-        if best < 0:
-            return -1, 0
-        self._rr_next = best + 1
-        n = min(broom, MAX_FDS)
-        if second is not None and second - bload < n:
-            n = max(second - bload, 1)
-        return best, n
+def chan_events(d, w, extra):
+    """Sets worker w's channel poll mask to CHAN_EVENTS | extra (EPOLLOUT or 0)."""
+    d.ep.modify(w.chan, CHAN_EVENTS | extra)
+    w.out_armed = bool(extra & select.EPOLLOUT)
 
-    def _chan_events(self, w, extra):
-        self._ep.modify(w.chan, _CHAN_EVENTS | extra)
-        w.out_armed = bool(extra & select.EPOLLOUT)
 
-    def _mark_gone(self, s):
-        """The channel is dead: no more sends, no more polling, and the caller
-        is owed exactly one HANGUP (emitted by the loop)."""
-        w = self._workers[s]
-        if w.state in (STATE_GONE, STATE_FREE):
-            return
-        if w.state == STATE_READY:
-            self._n_ready -= 1
-        w.state = STATE_GONE
-        w.blocked = _BLK_NONE
-        if w.in_epoll:
-            self._unregister(w.chan)
-            w.in_epoll = w.out_armed = False
-        w.hup_pending = True
-        self._n_hup += 1
+def mark_gone(d, s):
+    """The channel is dead: no more sends, no more polling, and the caller
+    is owed exactly one HANGUP (emitted by the loop)."""
+    w = d.workers[s]
+    if w.state in (STATE_GONE, STATE_FREE):
+        return
+    if w.state == STATE_READY:
+        d.n_ready -= 1
+    w.state = STATE_GONE
+    w.blocked = BLK_NONE
+    if w.in_epoll:
+        unregister(d, w.chan)
+        w.in_epoll = w.out_armed = False
+    w.hup_pending = True
+    d.n_hup += 1
 
-    def _clear_retry(self):
-        for w in self._workers[:self._hi]:
-            if w.blocked == _BLK_RETRY:
-                w.blocked = _BLK_NONE
-        self._recheck_at = 0.0
 
-    def _send_batch(self, s, n):
-        w = self._workers[s]
-        batch = list(itertools.islice(self._pend, min(n, len(self._pend))))
-        fds = [fd for fd, _ in batch]
-        try:
-            _send(w.sock, MSG_CONN, 0, b"", fds)
-        except OSError as exc:
-            code = exc.errno
+def clear_retry(d):
+    """The recheck timer is due: workers skipped for a transient send error
+    are candidates again."""
+    for w in d.workers[:d.hi]:
+        if w.blocked == BLK_RETRY:
+            w.blocked = BLK_NONE
+    d.recheck_at = 0.0
+
+
+def _send_batch(d, s, n):
+    w = d.workers[s]
+    pend = d.pend
+    batch = list(itertools.islice(pend, min(n, len(pend))))
+    fds = [fd for fd, _ in batch]
+    try:
+        send_on(w.sock, MSG_CONN, 0, b"", fds)
+    except OSError as exc:
+        code = exc.errno
+    else:
+        for _ in batch:
+            pend.popleft()
+        close_all(fds)  # the worker holds its own copies now
+        st = d.st
+        st["redispatched"] += sum(1 for _, r in batch if r)
+        st["dispatched"] += len(batch)
+        w.sent += len(batch)
+        return
+    d.st["busy_skips"] += 1
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+        # The worker's queue is full: it is busy. EPOLLOUT fires once it
+        # has read enough.
+        w.blocked = BLK_OUT
+        if not w.out_armed:
+            try:
+                chan_events(d, w, select.EPOLLOUT)
+            except OSError:
+                w.blocked = BLK_RETRY
+    elif code in _GONE_ERRNOS:
+        mark_gone(d, s)
+    else:
+        w.blocked = BLK_RETRY  # ENOBUFS, ETOOMANYREFS: try again later
+    if w.blocked == BLK_RETRY and not d.recheck_at:
+        d.recheck_at = time.monotonic() + RECHECK_S
+
+
+def flush(d):
+    """Sends pending fds until none is left or no worker can take more.
+    rr share, fixed for this flush: floor(pending / ready), at least 1."""
+    pend = d.pend
+    share = max(len(pend) // d.n_ready, 1) if d.n_ready > 0 else 1
+    while pend:
+        if d.least:
+            s, n = _pick_least(d)
         else:
-            for _ in batch:
-                self._pend.popleft()
-            _close_all(fds)  # the worker holds its own copies now
-            self._st["redispatched"] += sum(1 for _, r in batch if r)
-            self._st["dispatched"] += len(batch)
-            w.sent += len(batch)
+            s, n = _pick_rr(d, share)
+        if s < 0:
             return
-        self._st["busy_skips"] += 1
-        if code in (errno.EAGAIN, errno.EWOULDBLOCK):
-            # The worker's queue is full: it is busy. EPOLLOUT fires once it
-            # has read enough.
-            w.blocked = _BLK_OUT
-            if not w.out_armed:
-                try:
-                    self._chan_events(w, select.EPOLLOUT)
-                except OSError:
-                    w.blocked = _BLK_RETRY
-        elif code in _GONE_ERRNOS:
-            self._mark_gone(s)
-        else:
-            w.blocked = _BLK_RETRY  # ENOBUFS, ETOOMANYREFS: try again later
-        if w.blocked == _BLK_RETRY and not self._recheck_at:
-            self._recheck_at = time.monotonic() + _RECHECK_S
-
-    def _flush(self):
-        """Sends pending fds until none is left or no worker can take more.
-        rr share, fixed for this flush: floor(pending / ready), at least 1."""
-        share = max(len(self._pend) // self._n_ready, 1) if self._n_ready > 0 else 1
-        while self._pend:
-            if self._least:
-                s, n = self._pick_least()
-            else:
-                s, n = self._pick_rr(share)
-            if s < 0:
-                return
-            self._send_batch(s, n)
+        _send_batch(d, s, n)

@@ -15,7 +15,8 @@ import os
 import socket
 import stat
 
-from pyfork._pure.fdpass import _borrow, _index, _oserror
+from pyfork._api import check_backlog, index_arg, ranged_arg
+from pyfork._pure.internal import borrow_fd, oserror
 
 _SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, NUL included
 
@@ -24,13 +25,6 @@ def _finish_listener(sock, backlog):
     sock.listen(backlog)
     sock.setblocking(False)  # O_NONBLOCK; Python sockets are CLOEXEC already
     return sock.detach()
-
-
-def _check_backlog(backlog):
-    backlog = _index("backlog", backlog)
-    if backlog < 1:
-        raise ValueError("backlog must be >= 1, got %d" % backlog)
-    return backlog
 
 
 # getaddrinfo speaks EAI_*, the API speaks errno (as listen.c maps them): an
@@ -69,10 +63,8 @@ def listen_tcp(host, port, backlog=2048, reuseport=False):
     """Returns a listening TCP fd (non-blocking, CLOEXEC, SO_REUSEADDR) bound to
     host:port; host None or "" means any address ("::" dual-stack first, as
     Node's server.listen(port), then 0.0.0.0)."""
-    port = _index("port", port)
-    if not 0 <= port <= 65535:
-        raise ValueError("port must be 0..65535, got %d" % port)
-    backlog = _check_backlog(backlog)
+    port = ranged_arg("port", port, 0, 65535)
+    backlog = check_backlog(backlog)
     anyhost = not host
     try:
         infos = socket.getaddrinfo(None if anyhost else host, port, socket.AF_UNSPEC,
@@ -86,7 +78,7 @@ def listen_tcp(host, port, backlog=2048, reuseport=False):
     if anyhost:
         infos = ([i for i in infos if i[0] == socket.AF_INET6]
                  + [i for i in infos if i[0] != socket.AF_INET6])
-    last = _oserror(errno.EADDRNOTAVAIL)
+    last = oserror(errno.EADDRNOTAVAIL)
     for family, stype, proto, _, addr in infos:
         try:
             return _listen_ai(family, stype, proto, addr, backlog, reuseport)
@@ -122,11 +114,11 @@ def listen_unix(path, backlog=2048, mode=0o666):
     mode. A socket file left by a dead server is replaced; a live one, or any
     other file, is EADDRINUSE."""
     path = os.fspath(path)
-    backlog = _check_backlog(backlog)
-    mode = _index("mode", mode)
+    backlog = check_backlog(backlog)
+    mode = index_arg("mode", mode)
     bpath = os.fsencode(path)
     if not bpath or not 0 <= mode <= 0o7777:
-        raise _oserror(errno.EINVAL)
+        raise oserror(errno.EINVAL)
     if len(bpath) >= _SUN_PATH_MAX:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -157,18 +149,18 @@ def listen_unix(path, backlog=2048, mode=0o666):
 def adopt_listener(fd):
     """Returns fd after checking it is a listening stream socket and making it
     non-blocking and CLOEXEC: EBADF, ENOTSOCK, EINVAL otherwise."""
-    fd = _index("fd", fd)
+    fd = index_arg("fd", fd)
     if fd < 0:
-        raise _oserror(errno.EBADF)
+        raise oserror(errno.EBADF)
     os.fstat(fd)  # EBADF before a socket object is made over it
-    sock = _borrow(fd)
+    sock = borrow_fd(fd)
     try:
         # SO_ACCEPTCONN: ENOTSOCK for a pipe or file, 0 if nobody listened.
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise _oserror(errno.EINVAL)
+            raise oserror(errno.EINVAL)
         # SEQPACKET also listens, but the dispatcher hands out byte streams.
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM:
-            raise _oserror(errno.EINVAL)
+            raise oserror(errno.EINVAL)
         os.set_blocking(fd, False)
         os.set_inheritable(fd, False)
     finally:

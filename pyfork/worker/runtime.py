@@ -30,8 +30,6 @@ for testing an interface on its own.
 
 from __future__ import annotations
 
-import errno
-import functools
 import json
 import logging
 import os
@@ -40,6 +38,8 @@ import socket
 import sys
 import time
 from typing import Callable, List, Optional
+
+from pyfork import _api
 
 log = logging.getLogger("pyfork.worker")
 
@@ -103,19 +103,28 @@ def _conn_proto(family: int) -> int:
 _raw_family = socket.SocketType.family.__get__   # the C getter (_socket.socket): a plain int
 
 
-def _recv_or_none(backend, chan):
-    try:
-        return backend.recv_msg(chan)
-    except BlockingIOError:
-        return None
+class Acceptor:
+    """A listening socket a worker accepts from itself (shared/reuseport), what a
+    connection accepted on it is built with, and the accept(2) errno triage of the
+    C core's loop (csrc/dispatch_loop.c, errno classes from pyfork._api):
+      the backlog is empty (EAGAIN)            -> AGAIN
+      one connection's error (ECONNABORTED...) -> skip it, accept the next
+      out of fds (EMFILE, ENFILE)              -> spend the reserve fd to accept and
+                                                  serve the client at the head of the
+                                                  backlog, then PAUSE
+      not a listener any more (EBADF, EINVAL)  -> DEAD: never poll it again
+      anything else (ENOBUFS, ENOMEM)          -> PAUSE (retrying at once would spin)
+    After PAUSE the caller leaves the listener out of its poll set for ``pause_s``
+    (emfile_pause_ms, as the dispatcher's). The reserve fd (/dev/null, opened with
+    ``reserve=True``) is this acceptor's; close() closes it, never the listener."""
 
+    AGAIN, MORE, PAUSE, DEAD = range(4)
 
-class _Acceptor:
-    """A listening socket plus what a connection accepted on it is built with."""
+    __slots__ = ("accept", "cls", "family", "nodelay", "proto", "sock", "pause_s",
+                 "reserve", "_reserve_wanted")
 
-    __slots__ = ("accept", "cls", "family", "nodelay", "proto", "sock")
-
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, emfile_pause_ms: int = _api.EMFILE_PAUSE_MS,
+                 reserve: bool = False):
         self.sock = sock
         self.accept = sock._accept           # (fd, addr); socket.accept() adds two enum conversions
         family = _raw_family(sock)
@@ -123,10 +132,17 @@ class _Acceptor:
         self.family = family
         self.proto = _conn_proto(family)
         self.nodelay = family in _INET
+        self.pause_s = _api.check_pause_ms(emfile_pause_ms) / 1000.0
+        self.reserve = -1
+        self._reserve_wanted = reserve
+        self._reserve_open()
 
     def take(self) -> socket.socket:
-        """One accepted connection, non-blocking, TCP_NODELAY for TCP (BlockingIOError when none)."""
-        fd, _addr = self.accept()
+        """One accepted connection, non-blocking, TCP_NODELAY for TCP (BlockingIOError
+        when none; any other accept error is raised as it is)."""
+        return self._build(self.accept()[0])
+
+    def _build(self, fd: int) -> socket.socket:
         conn = self.cls(self.family, socket.SOCK_STREAM, self.proto, fd)
         conn.setblocking(False)
         if self.nodelay:
@@ -135,6 +151,59 @@ class _Acceptor:
             except OSError:
                 pass
         return conn
+
+    def accept_some(self, out: list, budget: int) -> int:
+        """Accepts up to ``budget`` connections into ``out`` with the triage above;
+        returns AGAIN, MORE (budget spent), PAUSE or DEAD."""
+        if self.reserve < 0 and self._reserve_wanted:
+            self._reserve_open()    # spent on an EMFILE: fds may be free again
+        accept = self.accept
+        for _ in range(budget):
+            try:
+                fd = accept()[0]
+            except (BlockingIOError, InterruptedError):
+                return self.AGAIN
+            except OSError as e:
+                code = e.errno
+                if code in _api.ACCEPT_CONTINUE:
+                    continue
+                if code in _api.ACCEPT_FD_EXHAUSTED:
+                    self._on_emfile(out)
+                    return self.PAUSE
+                if code in _api.ACCEPT_DEAD:
+                    return self.DEAD
+                return self.PAUSE
+            out.append(self._build(fd))
+        return self.MORE
+
+    def _on_emfile(self, out: list) -> None:
+        # libuv's reserve-fd trick: free one fd, accept the client at the head of
+        # the backlog (this worker serves it), take the fd back when one is free.
+        if self.reserve < 0:
+            return
+        os.close(self.reserve)
+        self.reserve = -1
+        try:
+            fd = self.accept()[0]
+        except OSError:
+            pass
+        else:
+            out.append(self._build(fd))
+        self._reserve_open()
+
+    def _reserve_open(self) -> None:
+        if self.reserve < 0 and self._reserve_wanted:
+            try:
+                self.reserve = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass    # still out of fds: retried by the next accept_some
+
+    def close(self) -> None:
+        """Closes the reserve fd (the listener stays the caller's)."""
+        if self.reserve >= 0:
+            os.close(self.reserve)
+            self.reserve = -1
+        self._reserve_wanted = False
 
 
 class Worker:
@@ -145,7 +214,7 @@ class Worker:
 
     def __init__(self, *, wid: int, slot: int, chan: int, backend, board_slot, policy: str = "rr",
                  listeners=(), max_requests: int = 0, primary_pid: Optional[int] = None,
-                 conn_family: Optional[int] = None):
+                 conn_family: Optional[int] = None, emfile_pause_ms: int = _api.EMFILE_PAUSE_MS):
         self.id = wid
         self.pid = os.getpid()
         self.slot = slot
@@ -167,7 +236,7 @@ class Worker:
         self._accept_paused_until = 0.0
         self._listening = False
         self._listeners = [socket.socket(fileno=fd) for fd in listeners]
-        self._acceptors = [_Acceptor(ls) for ls in self._listeners]
+        self._acceptors = [Acceptor(ls, emfile_pause_ms, reserve=True) for ls in self._listeners]
         # Connections handed over on the channel: with the family known (every listener
         # has the same one), a socket object is built from the fd without a syscall (the
         # dispatcher made it non-blocking and set TCP_NODELAY).
@@ -180,15 +249,12 @@ class Worker:
         # Per request: the backend's writers of our scoreboard line (one C call each with
         # the C backend), without a Worker frame around them; request_finished needs
         # one only to count towards max_requests.
-        line = getattr(board_slot, "line", None)
-        writer = backend.SlotWriter(line) if line is not None and hasattr(backend, "SlotWriter") else board_slot
-        self._writer = writer
-        self.request_started = getattr(writer, "request_started", self.request_started)
+        writer = self._writer = backend.SlotWriter(board_slot.line)
+        self.request_started = writer.request_started
         if not max_requests:
-            self.request_finished = getattr(writer, "request_finished", self.request_finished)
+            self.request_finished = writer.request_finished
         # Per take(): a backend Receiver (set up once; None, not BlockingIOError, when empty).
-        rx = getattr(backend, "Receiver", None)
-        self._recv = rx(chan).recv if rx else functools.partial(_recv_or_none, backend, chan)
+        self._recv = backend.Receiver(chan).recv
         if self._self_accept:
             self._ep = select.epoll()
             self._ep.register(chan, select.EPOLLIN)
@@ -331,27 +397,35 @@ class Worker:
         self._listening = on
 
     def _accept(self, out: list) -> None:
-        for acc in self._acceptors:
-            for _ in range(ACCEPT_BATCH):
-                if self._open >= MAX_OPEN:
-                    self._set_listening(False)
-                    return
-                try:
-                    conn = acc.take()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as e:
-                    if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                        continue
-                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        # never spin on fd exhaustion: stop polling the listeners for a bit
-                        log.warning("worker %d: accept: %s; pausing accepts for 100 ms", self.id, e)
-                        self._accept_paused_until = time.monotonic() + 0.1
-                        self._set_listening(False)
-                        return
-                    raise
-                self._open += 1
-                out.append(conn)
+        for acc in list(self._acceptors):
+            room = MAX_OPEN - self._open
+            if room <= 0:
+                self._set_listening(False)
+                return
+            n = len(out)
+            r = acc.accept_some(out, min(ACCEPT_BATCH, room))
+            self._open += len(out) - n
+            if r == Acceptor.PAUSE:
+                # never spin on fd exhaustion: stop polling the listeners for a bit
+                log.warning("worker %d: accept failed (out of fds or memory); pausing accepts "
+                            "for %.0f ms", self.id, acc.pause_s * 1000)
+                self._accept_paused_until = time.monotonic() + acc.pause_s
+                self._set_listening(False)
+                return
+            if r == Acceptor.DEAD:
+                log.warning("worker %d: listener fd %d is no longer listening; dropped",
+                            self.id, acc.sock.fileno())
+                self._drop_acceptor(acc)
+        if self._open >= MAX_OPEN:
+            self._set_listening(False)
+
+    def _drop_acceptor(self, acc: Acceptor) -> None:
+        if self._listening:
+            self._ep.unregister(acc.sock.fileno())
+        self._acceptors.remove(acc)
+        self._listeners.remove(acc.sock)
+        acc.close()
+        acc.sock.close()
 
     def _final_sweep(self, out: list) -> None:
         """On DRAIN in shared/reuseport mode: take what the kernel already queued
@@ -359,18 +433,13 @@ class Worker:
         if not self._self_accept:
             return
         for acc in self._acceptors:
-            while True:
-                try:
-                    conn = acc.take()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as e:
-                    if e.errno in (errno.ECONNABORTED, errno.EPROTO):
-                        continue
-                    break
-                self._open += 1
-                out.append(conn)
+            n = len(out)
+            while acc.accept_some(out, ACCEPT_BATCH) == Acceptor.MORE:
+                pass
+            self._open += len(out) - n
         self._set_listening(False)
+        for acc in self._acceptors:
+            acc.close()
         for ls in self._listeners:
             ls.close()
         self._listeners = []

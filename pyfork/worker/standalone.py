@@ -15,7 +15,7 @@ import socket
 from typing import Callable, List, Optional
 
 import pyfork.backend
-from pyfork.worker.runtime import _Acceptor
+from pyfork.worker.runtime import Acceptor
 
 
 class StandaloneRuntime:
@@ -38,7 +38,7 @@ class StandaloneRuntime:
         self._callbacks: List[Callable] = []
         self._sock = listen_sock
         listen_sock.setblocking(False)
-        self._acceptor = _Acceptor(listen_sock)
+        self._acceptor = Acceptor(listen_sock)
         self.conn_family = int(listen_sock.family)   # every connection has the listener's family
         self._backend = pyfork.backend.load(backend)
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
