@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(rolling restart) runs the code now on disk. Signals: TERM/INT graceful "
                                    "stop, QUIT immediate stop, HUP rolling restart, TTIN/TTOU one worker "
                                    "more/less. Exit codes: 0 stopped, 2 usage or startup error, 3 every "
-                                   "worker slot gave up.")
+                                   "worker slot gave up (failed to boot --max-restarts times in a row).")
     for opt in config.OPTIONS:
         env = f" [env {opt.env}]"
         if not opt.flags:
@@ -113,8 +113,8 @@ def cmd_serve(args) -> int:
     from pyfork.cluster import Cluster, StartupError
     cluster = Cluster(s.app, bind=s.bind, workers=s.workers, policy=s.policy, backend=s.backend,
                       interface=s.interface, graceful_timeout=s.graceful_timeout, timeout=s.timeout,
-                      min_uptime=s.min_uptime, max_restarts=s.max_restarts, max_requests=s.max_requests,
-                      max_requests_jitter=s.max_requests_jitter, control=s.control)
+                      min_uptime=s.min_uptime, max_restarts=s.max_restarts, give_up_cooldown=s.give_up_cooldown,
+                      max_requests=s.max_requests, max_requests_jitter=s.max_requests_jitter, control=s.control)
     try:
         cluster.prepare()
     except StartupError as e:

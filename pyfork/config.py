@@ -97,9 +97,11 @@ OPTIONS: List[Option] = [
     Option("timeout", ("--timeout",), _float, 30.0,
            "seconds without a heartbeat before a worker is killed as hung (30; 0 = off)", metavar="S"),
     Option("min_uptime", ("--min-uptime",), _float, 1.0,
-           "an exit before READY or sooner than this is a rapid crash (1)", metavar="S"),
+           "a READY worker that dies sooner than this is respawned after a backoff (1)", metavar="S"),
     Option("max_restarts", ("--max-restarts",), _int, 5,
-           "rapid crashes in a row before a worker slot gives up (5)", metavar="N"),
+           "boot failures (exits before READY) in a row before a worker slot gives up (5)", metavar="N"),
+    Option("give_up_cooldown", ("--give-up-cooldown",), _float, 60.0,
+           "seconds before a slot that gave up tries again while others serve (60; 0 = never)", metavar="S"),
     Option("max_requests", ("--max-requests",), _int, 0,
            "recycle a worker after this many requests (0 = off)", metavar="N"),
     Option("max_requests_jitter", ("--max-requests-jitter",), _int, 0,
@@ -122,6 +124,7 @@ class Settings:
     timeout: float = 30.0
     min_uptime: float = 1.0
     max_restarts: int = 5
+    give_up_cooldown: float = 60.0
     max_requests: int = 0
     max_requests_jitter: int = 0
     control: Optional[str] = None
@@ -181,8 +184,8 @@ def _nonneg(name, value, integer=False):
 
 
 def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="auto", interface="auto",
-             graceful_timeout=30.0, timeout=30.0, min_uptime=1.0, max_restarts=5, max_requests=0,
-             max_requests_jitter=0, control=None, ready_timeout=30.0) -> Settings:
+             graceful_timeout=30.0, timeout=30.0, min_uptime=1.0, max_restarts=5, give_up_cooldown=60.0,
+             max_requests=0, max_requests_jitter=0, control=None, ready_timeout=30.0) -> Settings:
     """Checks every value; returns Settings or raises ConfigError (one line)."""
     if isinstance(app, str):
         if not app.strip():
@@ -211,7 +214,8 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
             raise ConfigError(f"--policy reuseport needs HOST:PORT binds (one SO_REUSEPORT listener per worker); "
                               f"got {', '.join(bad)}")
     for name, val in (("graceful_timeout", graceful_timeout), ("timeout", timeout),
-                      ("min_uptime", min_uptime), ("ready_timeout", ready_timeout)):
+                      ("min_uptime", min_uptime), ("give_up_cooldown", give_up_cooldown),
+                      ("ready_timeout", ready_timeout)):
         _nonneg(name, val)
     for name, val in (("max_restarts", max_restarts), ("max_requests", max_requests),
                       ("max_requests_jitter", max_requests_jitter)):
@@ -225,8 +229,8 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
             raise ConfigError(f"bad --control {control!r}: unix socket path longer than 107 bytes")
     return Settings(app=app, bind=addrs, workers=workers, policy=policy, backend=backend, interface=interface,
                     graceful_timeout=float(graceful_timeout), timeout=float(timeout), min_uptime=float(min_uptime),
-                    max_restarts=max_restarts, max_requests=max_requests, max_requests_jitter=max_requests_jitter,
-                    control=control, ready_timeout=float(ready_timeout))
+                    max_restarts=max_restarts, give_up_cooldown=float(give_up_cooldown), max_requests=max_requests,
+                    max_requests_jitter=max_requests_jitter, control=control, ready_timeout=float(ready_timeout))
 
 
 def from_env(environ=None) -> dict:

@@ -194,7 +194,7 @@ class Arbiter:
             self.wake.install(HANDLED_SIGNALS)
             self.policy = P.Lifecycle(min_uptime=cfg.min_uptime, max_restarts=cfg.max_restarts,
                                       timeout=cfg.timeout, graceful_timeout=cfg.graceful_timeout,
-                                      ready_timeout=cfg.ready_timeout,
+                                      ready_timeout=cfg.ready_timeout, give_up_cooldown=cfg.give_up_cooldown,
                                       max_workers=max(1, (self.capacity - 8) // 2))
             log.info("Listening at %s (policy %s, backend %s, %d workers)", self.listeners.urls(),
                      cfg.policy, self.backend.BACKEND, cfg.workers)
@@ -562,7 +562,8 @@ class Arbiter:
         slots = []
         if pol:
             for s in sorted(pol.slots.values(), key=lambda s: s.index):
-                slots.append({"slot": s.index, "state": s.state, "crashes": s.crashes, "restarts": s.restarts})
+                slots.append({"slot": s.index, "state": s.state, "crashes": s.crashes, "restarts": s.restarts,
+                              "boot_failures": s.boot_failures})
         return {"pid": os.getpid(), "policy": self.cfg.policy, "backend": self.backend.BACKEND,
                 "workers_wanted": len(pol.slots) if pol else 0, "stopping": bool(pol and pol.stopping),
                 "reloading": bool(pol and pol.reloading), "uptime": round(now - self.started_at, 3),

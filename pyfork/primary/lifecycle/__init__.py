@@ -2,6 +2,7 @@
 
   events.py   the events the arbiter feeds in and the actions it gets back
   states.py   worker and slot states, the move tables, records, backoff math
+  causes.py   what an exit code or a signal most likely means, for the log
   machine.py  ``Lifecycle.handle(event, now) -> [actions]``
 
 Every public name is importable from ``pyfork.primary.lifecycle``.
@@ -11,16 +12,17 @@ from pyfork.primary.lifecycle.events import (
     Activate, Drain, Drained, Exit, Exited, Forked, Kill, Leaving, Log, RecycleRequested, Ready,
     ReleaseSlot, Reload, Scale, Spawn, Start, Stop, StopAccepting, Tick,
 )
+from pyfork.primary.lifecycle.causes import describe_exit
 from pyfork.primary.lifecycle.machine import Lifecycle
 from pyfork.primary.lifecycle.states import (
-    BACKOFF, BACKOFF_BASE, BACKOFF_CAP, DRAINING, EXITED, GAVE_UP, IMMEDIATE_GRACE, READY, RUNNING,
-    SLOT_MOVES, SPAWNING, WORKER_MOVES, LifecycleError, SlotRec, WorkerRec, backoff_delay, move,
+    BACKOFF, BACKOFF_BASE, BACKOFF_CAP, DRAINING, EXITED, GAVE_UP, GIVE_UP_COOLDOWN, IMMEDIATE_GRACE, READY,
+    RUNNING, SLOT_MOVES, SPAWNING, WORKER_MOVES, LifecycleError, SlotRec, WorkerRec, backoff_delay, move,
 )
 
 __all__ = [
     "Lifecycle", "Activate", "Drain", "Drained", "Exit", "Exited", "Forked", "Kill", "Leaving",
     "Log", "RecycleRequested", "Ready", "ReleaseSlot", "Reload", "Scale", "Spawn", "Start", "Stop",
     "StopAccepting", "Tick", "BACKOFF", "BACKOFF_BASE", "BACKOFF_CAP", "DRAINING", "EXITED",
-    "GAVE_UP", "IMMEDIATE_GRACE", "READY", "RUNNING", "SLOT_MOVES", "SPAWNING", "WORKER_MOVES",
-    "LifecycleError", "SlotRec", "WorkerRec", "backoff_delay", "move",
+    "GAVE_UP", "GIVE_UP_COOLDOWN", "IMMEDIATE_GRACE", "READY", "RUNNING", "SLOT_MOVES", "SPAWNING",
+    "WORKER_MOVES", "LifecycleError", "SlotRec", "WorkerRec", "backoff_delay", "describe_exit", "move",
 ]

@@ -13,9 +13,12 @@ Two kinds of things have state:
   on every fork as in Node): SPAWNING -> READY -> DRAINING -> EXITED, moves
   listed as data in ``WORKER_MOVES``;
 * a **slot** (one of the N positions the primary keeps filled): RUNNING,
-  BACKOFF (waiting to respawn after a rapid crash) or GAVE_UP, moves listed in
-  ``SLOT_MOVES``. A slot holds its serving worker and at most one *candidate*
-  (a replacement started by a rolling restart or by max_requests recycling;
+  BACKOFF (waiting to respawn after a rapid exit) or GAVE_UP, moves listed in
+  ``SLOT_MOVES``. Only boot failures (exits before READY) make a slot give up;
+  a worker that died after READY is always respawned (states.py says why); a
+  slot that gave up retries after ``give_up_cooldown`` while another slot
+  serves. A slot holds its serving worker and at most one *candidate* (a
+  replacement started by a rolling restart or by max_requests recycling;
   the old worker is drained only once the candidate is READY, as nginx does
   on reload). A replaced worker becomes *retiring*: it drains and its exit
   respawns nothing.
@@ -23,8 +26,9 @@ Two kinds of things have state:
 An undefined move raises ``LifecycleError`` instead of being silently ignored.
 
 Layout: the events and actions are in events.py, the states, move tables, records and
-backoff math in states.py; this module holds the state machine (``Lifecycle``); the package
-re-exports all three, so ``pyfork.primary.lifecycle`` is the one name callers use.
+backoff math in states.py, the words for exit causes in causes.py; this module holds the
+state machine (``Lifecycle``); the package re-exports them all, so
+``pyfork.primary.lifecycle`` is the one name callers use.
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ from pyfork.primary.lifecycle.events import (
     ReleaseSlot, Reload, Scale, Spawn, Start, Stop, StopAccepting, Tick,
 )
 from pyfork.primary.lifecycle.states import (
-    BACKOFF, BACKOFF_BASE, BACKOFF_CAP, DRAINING, GAVE_UP, IMMEDIATE_GRACE, READY, RUNNING,
-    SLOT_MOVES, SPAWNING, WORKER_MOVES, SlotRec, WorkerRec, backoff_delay, fmt_dur, fmt_ms,
+    BACKOFF, BACKOFF_BASE, BACKOFF_CAP, DRAINING, GAVE_UP, GIVE_UP_COOLDOWN, IMMEDIATE_GRACE, READY,
+    RUNNING, SLOT_MOVES, SPAWNING, WORKER_MOVES, SlotRec, WorkerRec, backoff_delay, fmt_dur, fmt_ms,
     fmt_secs, move,
 )
+from pyfork.primary.lifecycle.causes import describe_exit
 from pyfork.primary.lifecycle.events import Note   # what the arbiter's event stream reports
 
 
@@ -49,13 +54,22 @@ class Lifecycle:
 
     Limits and their precedent:
 
-    * ``min_uptime`` (1 s): an exit before READY or within this uptime is a
-      rapid crash (the article's CRASH_LOOP_THRESHOLD_MS = 1000; PM2's
-      min_uptime; systemd's StartLimitIntervalSec serves the same purpose).
-    * ``max_restarts`` (5): rapid crashes in a row before a slot gives up (the
-      article's MAX_RESTART_ATTEMPTS = 5; PM2's max_restarts). 0 behaves as 1.
-      When every slot has given up the primary exits with code 3 (gunicorn's
-      HaltServer on a worker boot error uses 3 too).
+    * ``min_uptime`` (1 s): a READY worker that dies sooner than this after its
+      fork is respawned after ``min(base*2^k, cap)`` (base 0.1 s, cap 10 s) instead
+      of at once; k counts such rapid exits in a row and resets when a worker
+      lives longer (the article's CRASH_LOOP_THRESHOLD_MS = 1000; PM2's
+      min_uptime with exp_backoff_restart_delay). It never makes a slot give up:
+      the worker had booted, so a respawn can work (gunicorn respawns any worker
+      that dies after booting, for ever).
+    * ``max_restarts`` (5): boot failures (exits before READY) in a row before
+      a slot gives up (the article's MAX_RESTART_ATTEMPTS = 5; PM2's
+      max_restarts; gunicorn halts on the first boot error). 0 behaves as 1.
+      A worker reaching READY resets the count. When every slot has given up the
+      primary exits with code 3 (gunicorn's HaltServer on a worker boot error
+      uses 3 too).
+    * ``give_up_cooldown`` (60 s, 0 = never): a slot that gave up tries again,
+      from scratch, once this long has passed and another slot serves (a
+      READY worker); HUP revives it at once. states.GIVE_UP_COOLDOWN cites why.
     * ``timeout`` (30 s, 0 = off): no heartbeat for that long -> SIGKILL and
       replace (gunicorn's --timeout, same default).
     * ``ready_timeout`` (30 s): a worker not READY that long after fork is
@@ -69,9 +83,10 @@ class Lifecycle:
     def __init__(self, *, min_uptime: float = 1.0, max_restarts: int = 5, timeout: float = 30.0,
                  graceful_timeout: float = 30.0, ready_timeout: float = 30.0,
                  backoff_base: float = BACKOFF_BASE, backoff_cap: float = BACKOFF_CAP,
-                 max_workers: int = 1024):
+                 give_up_cooldown: float = GIVE_UP_COOLDOWN, max_workers: int = 1024):
         self.min_uptime = min_uptime
         self.max_restarts = max(1, max_restarts)
+        self.give_up_cooldown = give_up_cooldown
         self.timeout = timeout
         self.graceful_timeout = graceful_timeout
         self.ready_timeout = ready_timeout
@@ -135,6 +150,10 @@ class Lifecycle:
         """Workers that are READY (get connections)."""
         return sum(1 for w in self.workers.values() if w.state == READY)
 
+    def _slot_serves(self, slot: SlotRec) -> bool:
+        w = self.workers.get(slot.worker) if slot.worker is not None else None
+        return w is not None and w.state == READY
+
     # ---- entry point ----------------------------------------------------------------
     def handle(self, event, now: float) -> list:
         self._out = []
@@ -175,6 +194,8 @@ class Lifecycle:
         self._out.append(Activate(w.wid))
         self._log("info", f"{w.label()} ready in {fmt_dur(now - w.started)}")
         slot = self.slots.get(w.slot)
+        if slot is not None:
+            slot.boot_failures = 0      # it booted: the app imports again
         if slot is not None and slot.candidate == w.wid:
             old = self.workers.get(slot.worker) if slot.worker is not None else None
             slot.worker, slot.candidate = w.wid, None
@@ -191,6 +212,7 @@ class Lifecycle:
             self.reload_wait = None
             self.reload_deadline = None
             self._reload_next(now)
+        self._retry_given_up(now)       # a slot may have waited for someone to serve
 
     def _on_Exited(self, ev: Exited, now: float) -> None:
         w = self.workers.pop(ev.wid, None)
@@ -201,7 +223,8 @@ class Lifecycle:
         if ev.code is None and ev.signal is None:
             head = f"worker {w.wid} could not be forked"
         else:
-            head = f"{w.label()} exited code={ev.code} signal={ev.signal} after {fmt_secs(uptime)}"
+            head = (f"{w.label()} exited code={ev.code} signal={ev.signal} after {fmt_secs(uptime)}: "
+                    + describe_exit(ev.code, ev.signal, killed_by_pyfork=w.killed))
         slot = self.slots.get(w.slot)
         if slot is None or (slot.worker != w.wid and slot.candidate != w.wid):
             # retiring (replaced, scaled down) or the slot is gone
@@ -227,31 +250,70 @@ class Lifecycle:
             cand.purpose = "serve" if not (self.reloading and self.reload_wait == cand.wid) else cand.purpose
             self._log("warning", f"{head}; its replacement worker {cand.wid} is starting")
             return
-        rapid = w.ready_at is None or uptime < self.min_uptime
-        if not rapid:
+        if w.ready_at is None:
+            self._boot_failed(slot, w, head, now)
+        elif uptime >= self.min_uptime:
             slot.state = move(SLOT_MOVES, slot.state, "stable_exit", f"slot {slot.index}")
             slot.crashes = 0
             slot.restarts += 1
             self._log("warning", f"{head}; respawning now")
             self._spawn(slot, now)
-            return
+        else:
+            # died after READY but soon after its fork: always respawned, after a backoff
+            slot.crashes += 1
+            delay = backoff_delay(slot.crashes, self.backoff_base, self.backoff_cap)
+            slot.state = move(SLOT_MOVES, slot.state, "rapid_exit", f"slot {slot.index}")
+            slot.due = now + delay
+            self._log("warning", f"{head}; up less than min_uptime {fmt_secs(self.min_uptime)} "
+                      f"(#{slot.crashes} in a row): respawning in {fmt_ms(delay)}")
+            self._note("backoff", w.wid, slot=slot.index, crashes=slot.crashes, delay=delay)
+
+    def _boot_failed(self, slot: SlotRec, w: WorkerRec, head: str, now: float) -> None:
+        """An exit before READY: backoff, and after max_restarts in a row the slot gives up."""
         slot.crashes += 1
-        k = slot.crashes
-        if k >= self.max_restarts:
-            slot.state = move(SLOT_MOVES, slot.state, "give_up", f"slot {slot.index}")
-            self._out.append(ReleaseSlot(slot.index))
-            self._log("error", f"{head}; rapid crash #{k}: slot {slot.index} GIVES UP after {k} rapid "
-                      f"crashes in a row (max_restarts {self.max_restarts}); fix the app, then HUP or restart")
-            self._note("gave_up", w.wid, slot=slot.index, crashes=k)
-            if self.slots and all(s.state == GAVE_UP for s in self.slots.values()):
-                self._log("error", "every worker slot has given up; stopping with exit code 3")
-                self._begin_stop(now, graceful=True, code=3)
+        slot.boot_failures += 1
+        n = slot.boot_failures
+        if n < self.max_restarts:
+            delay = backoff_delay(slot.crashes, self.backoff_base, self.backoff_cap)
+            slot.state = move(SLOT_MOVES, slot.state, "boot_failure", f"slot {slot.index}")
+            slot.due = now + delay
+            self._log("warning", f"{head}; boot failure #{n} (exit before READY), respawning in {fmt_ms(delay)}")
+            self._note("backoff", w.wid, slot=slot.index, crashes=slot.crashes, delay=delay)
             return
-        delay = backoff_delay(k, self.backoff_base, self.backoff_cap)
-        slot.state = move(SLOT_MOVES, slot.state, "rapid_crash", f"slot {slot.index}")
-        slot.due = now + delay
-        self._log("warning", f"{head}; rapid crash #{k}, respawning in {fmt_ms(delay)}")
-        self._note("backoff", w.wid, slot=slot.index, crashes=k, delay=delay)
+        slot.state = move(SLOT_MOVES, slot.state, "give_up", f"slot {slot.index}")
+        self._out.append(ReleaseSlot(slot.index))
+        if self.give_up_cooldown > 0:
+            slot.retry_at = now + self.give_up_cooldown
+            then = f"it tries again in {fmt_secs(self.give_up_cooldown)} if another slot serves"
+        else:
+            slot.retry_at = None
+            then = "it stays down (give_up_cooldown 0)"
+        self._log("error", f"{head}; boot failure #{n}: slot {slot.index} GIVES UP after {n} boot failures "
+                  f"in a row (max_restarts {self.max_restarts}); {then}; fix the app, then HUP")
+        self._note("gave_up", w.wid, slot=slot.index, crashes=n)
+        if self.slots and all(s.state == GAVE_UP for s in self.slots.values()):
+            self._log("error", "every worker slot has given up; stopping with exit code 3")
+            self._begin_stop(now, graceful=True, code=3)
+
+    def _retry_given_up(self, now: float) -> None:
+        """Given-up slots whose cool-down is over start again, from scratch, while another slot
+        serves. When none serves the app is broken everywhere: they stay down, so that the last
+        slot to give up stops the primary with exit code 3 instead of slots taking turns."""
+        if self.stopping:
+            return
+        due = [s for s in self.slots.values() if s.state == GAVE_UP and s.retry_at is not None
+               and now >= s.retry_at]
+        if not due or not any(self._slot_serves(s) for s in self.slots.values()):
+            return
+        for slot in due:
+            slot.state = move(SLOT_MOVES, slot.state, "cooled_down", f"slot {slot.index}")
+            slot.retry_at = None
+            slot.crashes = slot.boot_failures = 0
+            slot.restarts += 1
+            self._log("warning", f"slot {slot.index} gave up {fmt_secs(self.give_up_cooldown)} ago; "
+                      "trying it again")
+            self._note("revive", slot=slot.index)
+            self._spawn(slot, now)
 
     def _candidate_failed(self, slot: SlotRec, w: WorkerRec, head: str, now: float) -> None:
         why = "before READY" if w.ready_at is None else "while starting"
@@ -331,6 +393,7 @@ class Lifecycle:
                     if w.state == READY:
                         self._log("info", f"retrying recycle of {w.label()}")
                         self._spawn(slot, now, purpose="recycle")
+            self._retry_given_up(now)
         # per-worker timers
         for w in list(self.workers.values()):
             if w.killed:
@@ -382,7 +445,8 @@ class Lifecycle:
         for slot in self.slots.values():
             if slot.state == GAVE_UP:
                 slot.state = move(SLOT_MOVES, slot.state, "revive", f"slot {slot.index}")
-                slot.crashes = 0
+                slot.crashes = slot.boot_failures = 0
+                slot.retry_at = None
                 self._log("info", f"reload: slot {slot.index} had given up; trying it again")
                 self._note("revive", slot=slot.index)
                 self._spawn(slot, now)
@@ -509,6 +573,9 @@ class Lifecycle:
         for slot in self.slots.values():
             if slot.state == BACKOFF and not self.stopping:
                 times.append(slot.due)
+            # a cool-down already over waits for a READY worker (Ready retries it), not a timer
+            if slot.state == GAVE_UP and slot.retry_at is not None and slot.retry_at > now and not self.stopping:
+                times.append(slot.retry_at)
             if slot.recycle_due is not None:
                 times.append(slot.recycle_due)
         for w in self.workers.values():

@@ -5,7 +5,7 @@ or a slot goes through ``move(table, state, what, label)``; the tables below lis
 allowed move, so an undefined one raises ``LifecycleError`` instead of being silently
 ignored. ``WorkerRec`` and ``SlotRec`` are the policy's records of one forked process and
 of one of the N positions the primary keeps filled. ``backoff_delay`` is the respawn
-delay after a rapid crash; ``fmt_secs``/``fmt_ms``/``fmt_dur`` print durations the way the
+delay after a rapid exit; ``fmt_secs``/``fmt_ms``/``fmt_dur`` print durations the way the
 policy's log lines show them. pyfork.primary.lifecycle.Lifecycle drives all of this; pyfork.primary.lifecycle
 re-exports every name.
 """
@@ -23,21 +23,34 @@ RUNNING, BACKOFF, GAVE_UP = "running", "backoff", "gave_up"
 WORKER_MOVES = {
     (SPAWNING, "ready"): READY,
     (SPAWNING, "drain"): DRAINING,   # stop or scale-down while still importing
-    (SPAWNING, "exit"): EXITED,      # crash before READY: always a rapid crash
+    (SPAWNING, "exit"): EXITED,      # a boot failure: counts toward max_restarts
     (READY, "drain"): DRAINING,
-    (READY, "exit"): EXITED,
+    (READY, "exit"): EXITED,         # died while serving: always respawned, never a give-up
     (DRAINING, "ready"): DRAINING,   # told to drain before it said READY
     (DRAINING, "drain"): DRAINING,
     (DRAINING, "exit"): EXITED,
 }
 
 # Slot moves: (state, what happened) -> new state.
+#
+# Only a *boot failure* (an exit before READY: the app does not import, a hook
+# raises, it hangs past ready_timeout) can make a slot give up: that is a bug a
+# respawn cannot fix, and gunicorn also halts on worker boot errors. A worker
+# that reached READY and then died (the OOM killer, an operator's kill -9, a
+# request of death) is always respawned, as gunicorn, Node's cluster docs and
+# systemd's Restart=always do: giving up there turns outside kills into an
+# outage (issue 11: 16 SIGKILLs in 10 s under load made pyfork exit 3). Its
+# only brake is the backoff when it lived less than min_uptime (PM2's
+# min_uptime + exp_backoff_restart_delay), so a request of death that kills
+# every new worker at once still cannot become a fork bomb.
 SLOT_MOVES = {
-    (RUNNING, "stable_exit"): RUNNING,   # respawn at once, crash count reset
-    (RUNNING, "rapid_crash"): BACKOFF,   # respawn after min(base*2^k, cap)
-    (RUNNING, "give_up"): GAVE_UP,       # max_restarts rapid crashes in a row
+    (RUNNING, "stable_exit"): RUNNING,   # READY worker lived >= min_uptime: respawn now, k = 0
+    (RUNNING, "rapid_exit"): BACKOFF,    # READY worker lived < min_uptime: respawn after min(base*2^k, cap)
+    (RUNNING, "boot_failure"): BACKOFF,  # exit before READY: the same backoff, counted toward max_restarts
+    (RUNNING, "give_up"): GAVE_UP,       # max_restarts boot failures in a row
     (BACKOFF, "due"): RUNNING,
-    (GAVE_UP, "revive"): RUNNING,        # HUP gives a given-up slot another chance
+    (GAVE_UP, "cooled_down"): RUNNING,   # give_up_cooldown passed while another slot serves: retry
+    (GAVE_UP, "revive"): RUNNING,        # HUP gives a given-up slot another chance at once
     (BACKOFF, "revive"): BACKOFF,
     (RUNNING, "revive"): RUNNING,
 }
@@ -49,6 +62,13 @@ SLOT_MOVES = {
 # cap keeps a slot that crashes for a while from waiting minutes once fixed.
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 10.0
+# A slot that gave up while other slots serve tries again after this many
+# seconds, from scratch (systemd refuses starts past StartLimitBurst= only until
+# StartLimitIntervalSec= has passed; supervisord's FATAL, which stays dead, is
+# what issue 11 saw as an outage). A minute keeps a broken app to a few forks
+# and tracebacks per minute. When every slot has given up the primary exits
+# with code 3 instead (nothing serves; a supervisor such as systemd takes over).
+GIVE_UP_COOLDOWN = 60.0
 # After QUIT (immediate stop) workers get SIGQUIT; stragglers get SIGKILL after
 # this many seconds (gunicorn escalates the same way, after its own timeout).
 IMMEDIATE_GRACE = 2.0
@@ -59,7 +79,7 @@ class LifecycleError(RuntimeError):
 
 
 def backoff_delay(k: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
-    """Delay before respawning after rapid crash number ``k`` (1-based): min(base*2^k, cap)."""
+    """Delay before respawning after rapid exit number ``k`` (1-based): min(base*2^k, cap)."""
     if k <= 0:
         return 0.0
     if k > 64:  # 2**k overflows floats long after the cap is reached
@@ -91,8 +111,10 @@ class SlotRec:
     state: str = RUNNING
     worker: Optional[int] = None     # wid serving this slot
     candidate: Optional[int] = None  # wid of its replacement, not READY yet
-    crashes: int = 0                 # rapid crashes in a row (k)
+    crashes: int = 0                 # rapid exits in a row, boot failures included (k of the backoff)
+    boot_failures: int = 0           # exits before READY in a row (toward max_restarts)
     due: float = 0.0                 # BACKOFF: when to respawn
+    retry_at: Optional[float] = None  # GAVE_UP: when to try again (None: only on HUP)
     restarts: int = 0                # respawns so far (for status)
     recycle_failures: int = 0
     recycle_due: Optional[float] = None
