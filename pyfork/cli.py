@@ -22,6 +22,7 @@ import pyfork
 from pyfork import config
 
 PROG = "pyfork"
+CLI_ONLY = ("config", "check_config", "print_config")   # options of the command, not of the Cluster
 LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 
 
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif opt.repeat:
             s.add_argument(*opt.flags, dest=opt.name, action="append", default=None, metavar=opt.metavar,
                            help=opt.help + env)
+        elif opt.flag:
+            s.add_argument(*opt.flags, dest=opt.name, action="store_const", const=True, default=None,
+                           help=opt.help + env)
         else:
             s.add_argument(*opt.flags, dest=opt.name, default=None, metavar=opt.metavar, help=opt.help + env)
     st = sub.add_parser("status", help="show the workers of a running primary",
@@ -79,19 +83,80 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def settings_from(args, environ=None) -> config.Settings:
-    """Command line > environment > default -> validated Settings (ConfigError)."""
-    values = config.from_env(environ)
+def gather(args, environ=None):
+    """Command line > environment > config file (-c) > default: (values, ConfigFile or None).
+    ConfigError on a bad value anywhere."""
+    from pyfork import configfile
+    env_values = config.from_env(environ)
+    cli_values = {}
     for opt in config.OPTIONS:
         raw = getattr(args, opt.name, None)
         if raw is None:
             continue
         try:
-            values[opt.name] = [opt.kind(r) for r in raw] if opt.repeat else opt.kind(raw)
+            cli_values[opt.name] = [opt.kind(r) for r in raw] if opt.repeat else opt.kind(raw)
         except config.ConfigError as e:
             flag = opt.flags[-1] if opt.flags else "APP"
             raise config.ConfigError(f"bad {flag}: {e}") from None
-    return config.validate(**values)
+    values, cf = {}, None
+    path = cli_values.get("config") or env_values.get("config")
+    if path:
+        cf = configfile.load(path)
+        for name, value in cf.values.items():
+            try:
+                values[name] = configfile.parse_value(name, value)
+            except config.ConfigError as e:
+                raise config.ConfigError(f"config file {path}: {e}") from None
+    values.update(env_values)
+    values.update(cli_values)
+    return values, cf
+
+
+def _settings(values: dict) -> config.Settings:
+    values = {k: v for k, v in values.items() if k not in CLI_ONLY}
+    try:
+        return config.validate(**values)
+    except config.ConfigError:
+        raise
+    except (TypeError, ValueError) as e:     # a config file value of the wrong type
+        raise config.ConfigError(str(e).splitlines()[0]) from None
+
+
+def settings_from(args, environ=None) -> config.Settings:
+    """Command line > environment > config file > default -> validated Settings (ConfigError)."""
+    values, _ = gather(args, environ)
+    return _settings(values)
+
+
+def print_config(s: config.Settings, cf) -> None:
+    """The effective settings as a config file would write them (it can be pasted into one)."""
+    for opt in config.OPTIONS:
+        if opt.name in CLI_ONLY:
+            continue
+        value = getattr(s, opt.name, None)
+        if opt.name == "bind":
+            value = [b.text for b in value]
+        text = f"0o{value:03o}" if opt.name == "umask" and value is not None else repr(value)
+        print(f"{opt.name} = {text}")
+    if cf is not None:
+        print(f"# config file: {cf.path}")
+        from pyfork.configfile import HOOKS
+        print(f"# hooks: {', '.join(n for n in HOOKS if n in cf.hooks) or 'none'}")
+
+
+def check_config(s: config.Settings, cf) -> int:
+    """--check-config: the backend loads and the app imports; nothing bound or forked."""
+    from pyfork import applib
+    try:
+        import pyfork.backend
+        pyfork.backend.load(s.backend)
+        applib.check_app(s.app, s.interface)
+    except (ImportError, ValueError, applib.AppImportError) as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    where = f" from {cf.path}" if cf is not None else ""
+    print(f"{PROG}: config OK{where}: app {s.app}, {s.workers} workers, bind "
+          f"{', '.join(b.text for b in s.bind)}")
+    return 0
 
 
 def setup_logging() -> None:
@@ -105,16 +170,34 @@ def setup_logging() -> None:
 
 
 def cmd_serve(args) -> int:
+    from pyfork.primary import systemd
     try:
-        s = settings_from(args)
-    except config.ConfigError as e:
+        values, cf = gather(args)
+        activated = [] if values.get("check_config") else systemd.listen_fds()
+        if activated:
+            # socket activation: serve on systemd's sockets instead of the default address
+            values["bind"] = [f"fd://{fd}" for fd, _ in activated] + list(values.get("bind") or [])
+        s = _settings(values)
+    except (config.ConfigError, ValueError) as e:
         return _fail(str(e))
+    if values.get("print_config"):
+        print_config(s, cf)
+        return 0
+    if values.get("check_config"):
+        return check_config(s, cf)
     setup_logging()
+    if activated:
+        logging.getLogger("pyfork.systemd").info(
+            "socket activation: %s", ", ".join(f"fd {fd} ({name})" for fd, name in activated))
     from pyfork.cluster import Cluster, StartupError
     cluster = Cluster(s.app, bind=s.bind, workers=s.workers, policy=s.policy, backend=s.backend,
                       interface=s.interface, graceful_timeout=s.graceful_timeout, timeout=s.timeout,
                       min_uptime=s.min_uptime, max_restarts=s.max_restarts, give_up_cooldown=s.give_up_cooldown,
-                      max_requests=s.max_requests, max_requests_jitter=s.max_requests_jitter, control=s.control)
+                      max_requests=s.max_requests, max_requests_jitter=s.max_requests_jitter, control=s.control,
+                      max_worker_memory=s.max_worker_memory, max_worker_lifetime=s.max_worker_lifetime,
+                      max_worker_lifetime_jitter=s.max_worker_lifetime_jitter, pid_file=s.pid_file,
+                      user=s.user, group=s.group, umask=s.umask, chdir=s.chdir,
+                      hooks=cf.hooks if cf is not None else None)
     try:
         cluster.prepare()
     except StartupError as e:

@@ -48,18 +48,33 @@ class Cluster:
                  timeout: float = 30.0, min_uptime: float = 1.0, max_restarts: int = 5, max_requests: int = 0,
                  max_requests_jitter: int = 0, control: Optional[str] = None, post_fork: Optional[Callable] = None,
                  ready_timeout: float = 30.0, give_up_cooldown: float = 60.0,
-                 events: Optional[str] = None):
+                 events: Optional[str] = None,
+                 max_worker_memory: int = 0, max_worker_lifetime: float = 0.0,
+                 max_worker_lifetime_jitter: Optional[float] = None, pid_file: Optional[str] = None,
+                 user=None, group=None, umask: Optional[int] = None, chdir: Optional[str] = None,
+                 hooks: Optional[Dict[str, Callable]] = None):
         """``target`` is a "module:attr" string (re-imported by every new worker,
         so HUP runs new code) or the app object itself (inherited through fork).
         ``events`` ("fd://N" or a file path; default: $PYFORK_EVENTS) gets every event as
-        a JSON line. Bad values raise ValueError (pyfork.config.ConfigError) here, before anything runs."""
+        a JSON line. ``hooks``: server hooks by name (README "Config file and hooks"; what
+        ``-c FILE.py`` defines). Bad values raise ValueError (pyfork.config.ConfigError) here,
+        before anything runs."""
         if bind is None or isinstance(bind, str):
             bind = [bind] if bind else None
         self.settings = config.validate(
             app=target, bind=list(bind) if bind else None, workers=workers, policy=policy, backend=backend,
             interface=interface, graceful_timeout=graceful_timeout, timeout=timeout, min_uptime=min_uptime,
             max_restarts=max_restarts, max_requests=max_requests, max_requests_jitter=max_requests_jitter,
-            control=control, ready_timeout=ready_timeout, give_up_cooldown=give_up_cooldown)
+            control=control, ready_timeout=ready_timeout, give_up_cooldown=give_up_cooldown,
+            max_worker_memory=max_worker_memory, max_worker_lifetime=max_worker_lifetime,
+            max_worker_lifetime_jitter=max_worker_lifetime_jitter, pid_file=pid_file, user=user, group=group,
+            umask=umask, chdir=chdir)
+        from pyfork.configfile import HOOKS
+        hooks = dict(hooks or {})
+        for name, fn in hooks.items():
+            if name not in HOOKS or not callable(fn):
+                raise config.ConfigError(f"bad hook {name!r}: expected a callable named one of {', '.join(HOOKS)}")
+        self.hooks = hooks
         if post_fork is not None and not callable(post_fork):
             raise config.ConfigError("post_fork must be callable")
         self.post_fork = post_fork
@@ -111,7 +126,7 @@ class Cluster:
     def _arb(self) -> Arbiter:
         if self._arbiter is None:
             self._arbiter = Arbiter(self.settings, events=self._stream, events_target=self.events_target,
-                                    post_fork=self.post_fork)
+                                    post_fork=self.post_fork, hooks=self.hooks)
         return self._arbiter
 
     def prepare(self) -> None:

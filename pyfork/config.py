@@ -54,6 +54,7 @@ class Option:
     help: str
     metavar: Optional[str] = None
     repeat: bool = False
+    flag: bool = False                 # takes no value on the command line (env: 1/0, true/false)
 
     @property
     def env(self) -> str:
@@ -79,6 +80,26 @@ def _float(text) -> float:
 
 def _str(text) -> str:
     return str(text)
+
+
+def _bool(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"expected 1/0, true/false, got {text!r}")
+
+
+def _octal(text) -> int:
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    try:
+        return int(str(text).strip(), 8)
+    except ValueError:
+        raise ConfigError(f"expected an octal mode such as 022, got {text!r}") from None
 
 
 OPTIONS: List[Option] = [
@@ -108,6 +129,30 @@ OPTIONS: List[Option] = [
            "add 0..N at random to --max-requests per worker (0)", metavar="N"),
     Option("control", ("--control",), _str, None,
            "Unix socket for status and commands (mode 0600, peer uid checked)", metavar="PATH"),
+    # ---- process management (issue 13) ----
+    Option("max_worker_memory", ("--max-worker-memory",), _int, 0,
+           "replace a worker whose RSS stays above this many MiB, replacement READY first (0 = off)",
+           metavar="MB"),
+    Option("max_worker_lifetime", ("--max-worker-lifetime",), _float, 0.0,
+           "replace a worker after it has lived this many seconds, replacement READY first (0 = off)",
+           metavar="S"),
+    Option("max_worker_lifetime_jitter", ("--max-worker-lifetime-jitter",), _float, None,
+           "add 0..S seconds at random to --max-worker-lifetime per worker (default: a tenth of it)",
+           metavar="S"),
+    Option("config", ("-c", "--config"), _str, None,
+           "Python config file: option names as globals, server hooks as functions", metavar="FILE.py"),
+    Option("check_config", ("--check-config",), _bool, False,
+           "load the config and the app, report, exit 0 or 2 (no bind, no fork)", flag=True),
+    Option("print_config", ("--print-config",), _bool, False,
+           "print the effective settings and exit", flag=True),
+    Option("pid_file", ("--pid-file",), _str, None,
+           "write the primary's pid here after binding; removed at exit", metavar="PATH"),
+    Option("user", ("--user",), _str, None,
+           "after binding, run as this user (name or uid; root only)", metavar="USER"),
+    Option("group", ("--group",), _str, None,
+           "after binding, run as this group (name or gid; root only; default: the user's)", metavar="GROUP"),
+    Option("umask", ("--umask",), _octal, None, "file mode creation mask, octal (e.g. 027)", metavar="MODE"),
+    Option("chdir", ("--chdir",), _str, None, "change to this directory before loading the app", metavar="DIR"),
 ]
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -129,6 +174,17 @@ class Settings:
     max_requests_jitter: int = 0
     control: Optional[str] = None
     ready_timeout: float = 30.0
+    # process management (issue 13)
+    max_worker_memory: int = 0
+    max_worker_lifetime: float = 0.0
+    max_worker_lifetime_jitter: float = 0.0
+    pid_file: Optional[str] = None
+    user: Optional[str] = None          # the name or uid as given
+    group: Optional[str] = None
+    uid: Optional[int] = None           # resolved by validate()
+    gid: Optional[int] = None
+    umask: Optional[int] = None
+    chdir: Optional[str] = None
 
 
 _HOSTPORT = re.compile(r"^(?P<host>[^:\[\]]*):(?P<port>[0-9]+)$")
@@ -185,7 +241,8 @@ def _nonneg(name, value, integer=False):
 
 def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="auto", interface="auto",
              graceful_timeout=30.0, timeout=30.0, min_uptime=1.0, max_restarts=5, give_up_cooldown=60.0,
-             max_requests=0, max_requests_jitter=0, control=None, ready_timeout=30.0) -> Settings:
+             max_requests=0, max_requests_jitter=0, control=None, ready_timeout=30.0,
+             **procmgmt) -> Settings:
     """Checks every value; returns Settings or raises ConfigError (one line)."""
     if isinstance(app, str):
         if not app.strip():
@@ -230,7 +287,8 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
     return Settings(app=app, bind=addrs, workers=workers, policy=policy, backend=backend, interface=interface,
                     graceful_timeout=float(graceful_timeout), timeout=float(timeout), min_uptime=float(min_uptime),
                     max_restarts=max_restarts, give_up_cooldown=float(give_up_cooldown), max_requests=max_requests,
-                    max_requests_jitter=max_requests_jitter, control=control, ready_timeout=float(ready_timeout))
+                    max_requests_jitter=max_requests_jitter, control=control, ready_timeout=float(ready_timeout),
+                    **validate_procmgmt(**procmgmt))
 
 
 def from_env(environ=None) -> dict:
@@ -250,3 +308,30 @@ def from_env(environ=None) -> dict:
         except ConfigError as e:
             raise ConfigError(f"bad {opt.env}: {e}") from None
     return out
+
+
+def validate_procmgmt(*, max_worker_memory=0, max_worker_lifetime=0.0, max_worker_lifetime_jitter=None,
+                      pid_file=None, user=None, group=None, umask=None, chdir=None) -> dict:
+    """The process-management options (recycling, pid file, privileges): checked values
+    as Settings fields, or ConfigError. A user or group is resolved here, before any fork."""
+    _nonneg("max_worker_memory", max_worker_memory, integer=True)
+    _nonneg("max_worker_lifetime", max_worker_lifetime)
+    if max_worker_lifetime_jitter is None:
+        max_worker_lifetime_jitter = max_worker_lifetime / 10
+    _nonneg("max_worker_lifetime_jitter", max_worker_lifetime_jitter)
+    for name, val in (("pid_file", pid_file), ("chdir", chdir)):
+        if val is not None and (not isinstance(val, str) or not val):
+            raise ConfigError(f"bad --{name.replace('_', '-')} {val!r}: expected a path")
+    if chdir is not None and not os.path.isdir(chdir):
+        raise ConfigError(f"bad --chdir {chdir!r}: not a directory")
+    if umask is not None:
+        if isinstance(umask, bool) or not isinstance(umask, int) or not 0 <= umask <= 0o777:
+            raise ConfigError(f"bad --umask {umask!r}: expected an octal mode 000..777")
+    uid = gid = None
+    if user is not None or group is not None:
+        from pyfork.primary import hygiene
+        uid, gid = hygiene.resolve_ids(user, group)
+    return dict(max_worker_memory=max_worker_memory, max_worker_lifetime=float(max_worker_lifetime),
+                max_worker_lifetime_jitter=float(max_worker_lifetime_jitter), pid_file=pid_file,
+                user=None if user is None else str(user), group=None if group is None else str(group),
+                uid=uid, gid=gid, umask=umask, chdir=chdir)

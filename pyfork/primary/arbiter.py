@@ -45,6 +45,10 @@ from pyfork.config import Settings
 from pyfork.primary.eventstream import EventStream, open_sink
 from pyfork.primary.listeners import BindError, Listeners
 from pyfork.primary.messages import WorkerChannels, WorkerHandle
+from pyfork.primary.recycling import Recycler
+from pyfork.primary import hygiene
+from pyfork.primary.hooks import Server, ServerHooks
+from pyfork.primary.systemd import Notifier
 from pyfork.primary.wakeup import Wakeup
 
 log = logging.getLogger("pyfork.arbiter")
@@ -62,20 +66,24 @@ class StartupError(Exception):
 
 
 class _Proc:
-    __slots__ = ("wid", "slot", "phys", "chan", "pid", "handle", "board", "ready", "asked")
+    __slots__ = ("wid", "slot", "phys", "chan", "pid", "handle", "board", "ready", "asked", "recycling", "recycled")
 
     def __init__(self, wid, slot, phys, chan, handle, board):
         self.wid, self.slot, self.phys, self.chan, self.handle, self.board = wid, slot, phys, chan, handle, board
         self.pid = None
         self.ready = False          # it reached READY once
         self.asked = None           # why the primary asked it to go: "drained", "hung", "stop", ...
+        self.recycling = None       # a replacement is starting because of: "max_requests", "memory", "lifetime"
+        self.recycled = None        # ... and it is READY: this worker drains for that cause
 
 
 class Arbiter:
     def __init__(self, settings: Settings, *, events: Optional[EventStream] = None,
-                 events_target: Optional[str] = None, post_fork: Callable = None):
+                 events_target: Optional[str] = None, post_fork: Callable = None,
+                 hooks: Optional[Dict[str, Callable]] = None):
         """``events``: the stream to emit on (pyfork.Cluster passes its own); ``events_target``:
-        also write every event as a JSON line to ``fd://N`` or a file path."""
+        also write every event as a JSON line to ``fd://N`` or a file path; ``hooks``: server
+        hooks by name (pyfork.configfile.HOOKS, run by pyfork.primary.hooks)."""
         self.cfg = settings
         self.events = events if events is not None else EventStream()
         self.events_target = events_target
@@ -104,6 +112,17 @@ class Arbiter:
         self.started_at = time.monotonic()
         self.target = settings.app
         self.rng = random.Random()
+        self.pid_file: Optional[hygiene.PidFile] = None
+        self.notifier: Optional[Notifier] = None
+        hooks = dict(hooks or {})
+        if post_fork is None:
+            self.post_fork = hooks.get("post_fork")
+        self.worker_abort = hooks.get("worker_abort")
+        self.hooks = ServerHooks(hooks, Server(settings, self.status, self._urls))
+        self.events.subscribe(self.hooks.on_event)
+        self.recycler = Recycler(max_memory_mb=settings.max_worker_memory,
+                                 max_lifetime=settings.max_worker_lifetime,
+                                 lifetime_jitter=settings.max_worker_lifetime_jitter, rng=self.rng)
 
     # ---- setup (before any fork) ---------------------------------------------------
     def prepare(self) -> None:
@@ -111,6 +130,18 @@ class Arbiter:
         if self.prepared:
             return
         cfg = self.cfg
+        try:
+            if cfg.chdir is not None:
+                os.chdir(cfg.chdir)
+        except OSError as e:
+            raise StartupError(f"cannot change to directory {cfg.chdir}: {e.strerror}") from None
+        hygiene.set_umask(cfg.umask)
+        try:
+            self.hooks.starting()
+        except Exception as e:
+            import traceback
+            log.error("on_starting hook failed:\n%s", traceback.format_exc().rstrip())
+            raise StartupError(f"on_starting hook failed: {type(e).__name__}: {e}") from None
         self.baseline_fds = [int(x) for x in os.listdir("/proc/self/fd")]
         import pyfork.backend
         try:
@@ -132,10 +163,26 @@ class Arbiter:
                     self.control = ControlServer(cfg.control, self)
                 except OSError as e:
                     raise StartupError(f"cannot create control socket {cfg.control}: {e}") from None
+            if cfg.pid_file:
+                self.pid_file = hygiene.PidFile(cfg.pid_file)
+                try:
+                    self.pid_file.create()
+                except hygiene.PidFileError as e:
+                    self.pid_file = None
+                    raise StartupError(str(e)) from None
+            self.notifier = Notifier(self.status)
+            self.events.subscribe(self.notifier.on_event)
         except BaseException:
             self._teardown()
             raise
         self.prepared = True
+
+    def _urls(self) -> List[str]:
+        return self.listeners.url_list() if self.listeners is not None and not self.closed else []
+
+    def _app_name(self) -> str:
+        app = self.cfg.app
+        return app if isinstance(app, str) else getattr(app, "__qualname__", type(app).__name__)
 
     def _check_app(self) -> None:
         from pyfork import applib
@@ -192,6 +239,7 @@ class Arbiter:
             return EXIT_STARTUP
         try:
             self.wake.install(HANDLED_SIGNALS)
+            hygiene.set_title(f"pyfork: primary {self._app_name()}")
             self.policy = P.Lifecycle(min_uptime=cfg.min_uptime, max_restarts=cfg.max_restarts,
                                       timeout=cfg.timeout, graceful_timeout=cfg.graceful_timeout,
                                       ready_timeout=cfg.ready_timeout, give_up_cooldown=cfg.give_up_cooldown,
@@ -225,6 +273,9 @@ class Arbiter:
         dl = self.policy.next_deadline(now)
         if dl is not None:
             timeout = min(timeout, max(0.0, dl - now))
+        ping = self.notifier.next_due() if self.notifier is not None else None
+        if ping is not None:
+            timeout = min(timeout, max(0.0, ping - now))
         wake = self.wake
         if wake.signals or wake.chld or self._requests:
             timeout = 0.0
@@ -252,9 +303,25 @@ class Arbiter:
             self._next_tick = now + TICK
             self.reap_workers()      # belt and braces: a lost SIGCHLD never strands a slot
             self._feed(P.Tick(self._beats()))
+            self._check_recycling(now)
             if self.control is not None:
                 self.control.expire(now)
+        if self.notifier is not None:
+            self.notifier.tick(now)  # WATCHDOG=1: only a loop that gets here pings
         self.events.flush()          # what a slow events reader could not take before
+
+    def _check_recycling(self, now: float) -> None:
+        """--max-worker-memory / --max-worker-lifetime: pyfork.primary.recycling picks the
+        workers, the lifecycle replaces them (replacement READY first, then drain)."""
+        if not self.recycler.enabled:
+            return
+        serving = []
+        for wid, p in self.procs.items():
+            slot = self.policy.slots.get(p.slot)
+            if p.handle.state == P.READY and slot is not None and slot.worker == wid:
+                serving.append((wid, p.pid, p.slot))
+        for wid, cause, info in self.recycler.check(serving, now):
+            self._feed(P.RecycleRequested(wid, cause, info))
 
     def _beats(self) -> Dict[int, float]:
         out = {}
@@ -311,6 +378,15 @@ class Arbiter:
         p = self.procs.get(note.wid) if note.wid is not None else None
         if note.kind == "kill" and p is not None:
             p.asked = note.data.get("reason")
+        elif note.kind == "recycle":
+            cause = note.data.get("cause", "max_requests")
+            self.recycler.recycled(cause)
+            if p is not None:
+                p.recycling = cause
+        elif note.kind == "replace" and note.data.get("purpose") == "recycle":
+            old = self.procs.get(note.data.get("old"))
+            if old is not None:
+                old.recycled = old.recycling
         elif note.kind == "stop" and not note.data.get("graceful", True):
             for q in self.procs.values():
                 if q.asked is None or q.asked == "drained":
@@ -345,6 +421,7 @@ class Arbiter:
             return self._spawn_failed(wid, slot, f"add_worker: {e}")
         handle = WorkerHandle(wid, slot, self.send_to)
         proc = _Proc(wid, slot, phys, chan, handle, self.board.slot(phys))
+        self.hooks.pre_fork(handle)
         cfg = self.cfg
         max_req = cfg.max_requests + self.rng.randint(0, cfg.max_requests_jitter) if cfg.max_requests else 0
         spec = worker_boot.WorkerSpec(
@@ -352,7 +429,9 @@ class Arbiter:
             listeners=list(listeners), max_requests=max_req, primary_pid=os.getpid(),
             primary_signals=HANDLED_SIGNALS, baseline_fds=self.baseline_fds,
             primary_fds=self.listeners.primary_fds() + self.events.primary_only_fds(),
-            target=self.target, interface=cfg.interface, post_fork=self.post_fork)
+            target=self.target, interface=cfg.interface, post_fork=self.post_fork,
+            worker_abort=self.worker_abort, title=f"pyfork: worker {wid} {self._app_name()}",
+            run_as=(cfg.uid, cfg.gid) if cfg.uid is not None or cfg.gid is not None else None)
         flush_output()     # or the child would write the primary's buffered output again
         try:
             pid = os.fork()
@@ -369,6 +448,7 @@ class Arbiter:
         self.by_phys[phys] = wid
         self.handles[wid] = handle
         self.policy.handle(P.Forked(wid, pid), time.monotonic())
+        self.recycler.worker_started(wid, time.monotonic())
         self.events.emit("fork", handle)
         return None
 
@@ -402,6 +482,7 @@ class Arbiter:
             log.error("worker %d: remove_worker failed: %s", wid, e)
             n = 0
         self.free_phys.append(p.phys)
+        self.recycler.worker_gone(wid)
         h = self.handles.pop(wid, None)
         if n:
             log.warning("worker %d (pid %d): recovered %d queued connection(s) and re-dispatched them", wid, pid, n)
@@ -417,12 +498,16 @@ class Arbiter:
 
     @staticmethod
     def _exit_cause(p: _Proc, code, sig) -> str:
-        """Why a worker ended: what the primary asked (a kill reason, "stop", "drained"),
-        else "exit" (code 0) or "crash" (any other code or a signal nobody here sent)."""
+        """Why a worker ended: what the primary asked (a kill reason, "stop", "drained",
+        or the recycle cause of a drained worker that was replaced: "max_requests",
+        "memory", "lifetime"), else "exit" (code 0) or "crash" (any other code or a
+        signal nobody here sent)."""
         if p.asked is not None and p.asked != "drained":
             return p.asked
         if code == 0 and sig is None:
-            return "drained" if p.asked == "drained" else "exit"
+            if p.asked == "drained":
+                return p.recycled or "drained"
+            return "exit"
         return "crash"
 
     def kill_worker(self, wid: int, sig: int) -> None:
@@ -567,7 +652,8 @@ class Arbiter:
         return {"pid": os.getpid(), "policy": self.cfg.policy, "backend": self.backend.BACKEND,
                 "workers_wanted": len(pol.slots) if pol else 0, "stopping": bool(pol and pol.stopping),
                 "reloading": bool(pol and pol.reloading), "uptime": round(now - self.started_at, 3),
-                "events_dropped": self.events.dropped, "workers": rows, "slots": slots}
+                "events_dropped": self.events.dropped, "workers": rows, "slots": slots,
+                "recycles": dict(self.recycler.counts)}
 
     # ---- teardown ----------------------------------------------------------------------
     def _teardown(self) -> None:
@@ -580,6 +666,11 @@ class Arbiter:
         if self.control is not None:
             self.control.close()
             self.control = None
+        if self.pid_file is not None:
+            self.pid_file.remove()
+            self.pid_file = None
+        if self.notifier is not None:
+            self.notifier.close()
         if self.board is not None:
             self.board.release()
             self.board = None

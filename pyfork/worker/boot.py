@@ -39,7 +39,8 @@ import socket
 import traceback
 from typing import List, Optional
 
-from pyfork.primary import sched
+from pyfork.primary import hygiene, sched
+from pyfork.worker import hooks as worker_hooks
 from pyfork.worker.runtime import EXIT_LOAD_ERROR, EXIT_ORPHANED, Worker, flush_output, set_current
 
 log = logging.getLogger("pyfork.worker")
@@ -103,6 +104,12 @@ def _hygiene(spec) -> Optional[int]:
             os.close(fd)
         except OSError:
             pass
+    # --user/--group: before any user code, and before PR_SET_PDEATHSIG, which a
+    # change of credentials clears (pyfork.primary.hygiene).
+    if getattr(spec, "run_as", None) is not None:
+        hygiene.drop_privileges(*spec.run_as)
+    if getattr(spec, "title", None):
+        hygiene.set_title(spec.title)
     # 3. die with the primary: PR_SET_PDEATHSIG, then close the race where it
     # died between fork() and prctl() (we would already be reparented).
     if _libc is not None:
@@ -149,6 +156,7 @@ def _boot(spec) -> int:
     spec.board_slot.set_pid(w.pid)
     w.say_online()
     where = f"worker {w.id} (pid {w.pid})"
+    worker_hooks.set_worker_abort(getattr(spec, "worker_abort", None))
     if spec.post_fork is not None:
         try:
             spec.post_fork(w)

@@ -43,8 +43,13 @@ class Exited:
 
 @dataclass(frozen=True)
 class RecycleRequested:
-    """Worker reached its max_requests (+ jitter)."""
+    """Replace worker ``wid`` gracefully: it reached its max_requests (+ jitter), or the
+    primary's recycler (pyfork.primary.recycling) found it over --max-worker-memory or past
+    --max-worker-lifetime. ``cause`` is "max_requests", "memory" or "lifetime"; ``info``
+    goes into the "recycle" note as is (e.g. rss_mb, age)."""
     wid: int
+    cause: str = "max_requests"
+    info: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

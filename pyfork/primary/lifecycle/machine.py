@@ -48,6 +48,10 @@ from pyfork.primary.lifecycle.states import (
 from pyfork.primary.lifecycle.causes import describe_exit
 from pyfork.primary.lifecycle.events import Note   # what the arbiter's event stream reports
 
+# RecycleRequested.cause -> the log's words
+RECYCLE_WHY = {"max_requests": "reached max_requests", "memory": "is over max_worker_memory",
+               "lifetime": "reached max_worker_lifetime"}
+
 
 class Lifecycle:
     """The whole lifecycle of a primary's workers. ``handle(event, now)`` -> actions.
@@ -354,8 +358,9 @@ class Lifecycle:
             return
         if slot.recycle_failures >= self.max_restarts:
             return
-        self._log("info", f"{w.label()} reached max_requests; starting its replacement first")
-        self._note("recycle", w.wid, slot=slot.index)
+        detail = "".join(f", {k} {v}" for k, v in ev.info.items())
+        self._log("info", f"{w.label()} {RECYCLE_WHY.get(ev.cause, ev.cause)}{detail}; starting its replacement first")
+        self._note("recycle", w.wid, slot=slot.index, cause=ev.cause, **ev.info)
         self._spawn(slot, now, purpose="recycle")
 
     def _on_Leaving(self, ev: Leaving, now: float) -> None:
