@@ -22,7 +22,7 @@ import pyfork
 from pyfork import config
 
 PROG = "pyfork"
-LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+from pyfork.logfmt import TEXT_FORMAT as LOG_FORMAT  # noqa: E402,F401 - kept for importers
 
 
 class UsageError(Exception):
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "before any fork); every worker imports it again after fork, so SIGHUP "
                                    "(rolling restart) runs the code now on disk. Signals: TERM/INT graceful "
                                    "stop, QUIT immediate stop, HUP rolling restart, TTIN/TTOU one worker "
-                                   "more/less. Exit codes: 0 stopped, 2 usage or startup error, 3 every "
+                                   "more/less, USR1 reopen log files. Exit codes: 0 stopped, 2 usage or startup error, 3 every "
                                    "worker slot gave up (failed to boot --max-restarts times in a row).")
     for opt in config.OPTIONS:
         env = f" [env {opt.env}]"
@@ -94,14 +94,9 @@ def settings_from(args, environ=None) -> config.Settings:
     return config.validate(**values)
 
 
-def setup_logging() -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(h)
-    level = os.environ.get("PYFORK_LOG_LEVEL", "INFO").upper()
-    root.setLevel(getattr(logging, level, logging.INFO))
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    from pyfork.logfmt import setup_logging as setup
+    setup(level, fmt)
 
 
 def cmd_serve(args) -> int:
@@ -109,12 +104,13 @@ def cmd_serve(args) -> int:
         s = settings_from(args)
     except config.ConfigError as e:
         return _fail(str(e))
-    setup_logging()
+    setup_logging(s.log_level, s.log_format)
     from pyfork.cluster import Cluster, StartupError
     cluster = Cluster(s.app, bind=s.bind, workers=s.workers, policy=s.policy, backend=s.backend,
                       interface=s.interface, graceful_timeout=s.graceful_timeout, timeout=s.timeout,
                       min_uptime=s.min_uptime, max_restarts=s.max_restarts, give_up_cooldown=s.give_up_cooldown,
-                      max_requests=s.max_requests, max_requests_jitter=s.max_requests_jitter, control=s.control)
+                      max_requests=s.max_requests, max_requests_jitter=s.max_requests_jitter, control=s.control,
+                      metrics=s.metrics, access_log=s.access_log, access_log_format=s.access_log_format)
     try:
         cluster.prepare()
     except StartupError as e:

@@ -48,18 +48,22 @@ class Cluster:
                  timeout: float = 30.0, min_uptime: float = 1.0, max_restarts: int = 5, max_requests: int = 0,
                  max_requests_jitter: int = 0, control: Optional[str] = None, post_fork: Optional[Callable] = None,
                  ready_timeout: float = 30.0, give_up_cooldown: float = 60.0,
-                 events: Optional[str] = None):
+                 events: Optional[str] = None, metrics: Optional[str] = None, access_log: Optional[str] = None,
+                 access_log_format: Optional[str] = None):
         """``target`` is a "module:attr" string (re-imported by every new worker,
         so HUP runs new code) or the app object itself (inherited through fork).
         ``events`` ("fd://N" or a file path; default: $PYFORK_EVENTS) gets every event as
-        a JSON line. Bad values raise ValueError (pyfork.config.ConfigError) here, before anything runs."""
+        a JSON line. ``metrics`` ("HOST:PORT" or "unix:PATH") serves Prometheus text at GET /metrics
+        from the primary; ``access_log`` (a path or "-") and ``access_log_format`` (gunicorn's
+        atoms) turn on the access log. Bad values raise ValueError (pyfork.config.ConfigError) here, before anything runs."""
         if bind is None or isinstance(bind, str):
             bind = [bind] if bind else None
         self.settings = config.validate(
             app=target, bind=list(bind) if bind else None, workers=workers, policy=policy, backend=backend,
             interface=interface, graceful_timeout=graceful_timeout, timeout=timeout, min_uptime=min_uptime,
             max_restarts=max_restarts, max_requests=max_requests, max_requests_jitter=max_requests_jitter,
-            control=control, ready_timeout=ready_timeout, give_up_cooldown=give_up_cooldown)
+            control=control, ready_timeout=ready_timeout, give_up_cooldown=give_up_cooldown,
+            metrics=metrics, access_log=access_log, access_log_format=access_log_format)
         if post_fork is not None and not callable(post_fork):
             raise config.ConfigError("post_fork must be callable")
         self.post_fork = post_fork
