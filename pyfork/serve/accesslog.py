@@ -188,6 +188,10 @@ class AccessLog:
         self.generation = logfiles.generation()
         self.errors = 0
         logfiles.register(self)
+        try:
+            self._open()      # now, not at the first flush: a rename before then must not win
+        except OSError:
+            self.fd = -1      # the first flush tries again and reports
 
     def log(self, r: Record) -> None:
         values = {k: g(r) for k, g in self.getters}

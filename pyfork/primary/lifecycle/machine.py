@@ -395,7 +395,8 @@ class Lifecycle:
                         self._log("info", f"retrying recycle of {w.label()}")
                         self._spawn(slot, now, purpose="recycle")
             self._retry_given_up(now)
-        # per-worker timers
+        # per-worker timers (a stop whose deadline passed kills everyone below: no SIGABRT first)
+        stop_due = self.stopping and self.stop_deadline is not None and now >= self.stop_deadline
         for w in list(self.workers.values()):
             if w.killed:
                 continue
@@ -416,7 +417,7 @@ class Lifecycle:
                 if now - w.abort_at >= ABORT_GRACE:
                     self._kill(w, signal.SIGKILL)       # its tracebacks are in the log by now
                 continue
-            if self.timeout > 0 and w.state in (READY, DRAINING):
+            if self.timeout > 0 and w.state in (READY, DRAINING) and not stop_due:
                 beat = max(ev.beats.get(w.wid) or 0.0, w.ready_at or 0.0)
                 if now - beat >= self.timeout:
                     self._log("error", f"{w.label()} hung: no heartbeat for {fmt_secs(now - beat)} "
