@@ -23,7 +23,7 @@ from pyfork import config
 
 PROG = "pyfork"
 CLI_ONLY = ("config", "check_config", "print_config")   # options of the command, not of the Cluster
-LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+from pyfork.logfmt import TEXT_FORMAT as LOG_FORMAT  # noqa: E402,F401 - kept for importers
 
 
 class UsageError(Exception):
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "before any fork); every worker imports it again after fork, so SIGHUP "
                                    "(rolling restart) runs the code now on disk. Signals: TERM/INT graceful "
                                    "stop, QUIT immediate stop, HUP rolling restart, TTIN/TTOU one worker "
-                                   "more/less. Exit codes: 0 stopped, 2 usage or startup error, 3 every "
+                                   "more/less, USR1 reopen log files. Exit codes: 0 stopped, 2 usage or startup error, 3 every "
                                    "worker slot gave up (failed to boot --max-restarts times in a row).")
     for opt in config.OPTIONS:
         env = f" [env {opt.env}]"
@@ -159,14 +159,9 @@ def check_config(s: config.Settings, cf) -> int:
     return 0
 
 
-def setup_logging() -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(h)
-    level = os.environ.get("PYFORK_LOG_LEVEL", "INFO").upper()
-    root.setLevel(getattr(logging, level, logging.INFO))
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    from pyfork.logfmt import setup_logging as setup
+    setup(level, fmt)
 
 
 def cmd_serve(args) -> int:
@@ -185,7 +180,7 @@ def cmd_serve(args) -> int:
         return 0
     if values.get("check_config"):
         return check_config(s, cf)
-    setup_logging()
+    setup_logging(s.log_level, s.log_format)
     if activated:
         logging.getLogger("pyfork.systemd").info(
             "socket activation: %s", ", ".join(f"fd {fd} ({name})" for fd, name in activated))
@@ -197,7 +192,8 @@ def cmd_serve(args) -> int:
                       max_worker_memory=s.max_worker_memory, max_worker_lifetime=s.max_worker_lifetime,
                       max_worker_lifetime_jitter=s.max_worker_lifetime_jitter, pid_file=s.pid_file,
                       user=s.user, group=s.group, umask=s.umask, chdir=s.chdir,
-                      hooks=cf.hooks if cf is not None else None)
+                      hooks=cf.hooks if cf is not None else None,
+                      metrics=s.metrics, access_log=s.access_log, access_log_format=s.access_log_format)
     try:
         cluster.prepare()
     except StartupError as e:

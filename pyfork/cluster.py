@@ -48,7 +48,8 @@ class Cluster:
                  timeout: float = 30.0, min_uptime: float = 1.0, max_restarts: int = 5, max_requests: int = 0,
                  max_requests_jitter: int = 0, control: Optional[str] = None, post_fork: Optional[Callable] = None,
                  ready_timeout: float = 30.0, give_up_cooldown: float = 60.0,
-                 events: Optional[str] = None,
+                 events: Optional[str] = None, metrics: Optional[str] = None,
+                 access_log: Optional[str] = None, access_log_format: Optional[str] = None,
                  max_worker_memory: int = 0, max_worker_lifetime: float = 0.0,
                  max_worker_lifetime_jitter: Optional[float] = None, pid_file: Optional[str] = None,
                  user=None, group=None, umask: Optional[int] = None, chdir: Optional[str] = None,
@@ -56,9 +57,11 @@ class Cluster:
         """``target`` is a "module:attr" string (re-imported by every new worker,
         so HUP runs new code) or the app object itself (inherited through fork).
         ``events`` ("fd://N" or a file path; default: $PYFORK_EVENTS) gets every event as
-        a JSON line. ``hooks``: server hooks by name (README "Config file and hooks"; what
-        ``-c FILE.py`` defines). Bad values raise ValueError (pyfork.config.ConfigError) here,
-        before anything runs."""
+        a JSON line. ``metrics`` ("HOST:PORT" or "unix:PATH") serves Prometheus text at GET
+        /metrics from the primary; ``access_log`` (a path or "-") and ``access_log_format``
+        (gunicorn's atoms) turn on the access log. ``hooks``: server hooks by name (README
+        "Config file and hooks"; what ``-c FILE.py`` defines). Bad values raise ValueError
+        (pyfork.config.ConfigError) here, before anything runs."""
         if bind is None or isinstance(bind, str):
             bind = [bind] if bind else None
         self.settings = config.validate(
@@ -68,7 +71,8 @@ class Cluster:
             control=control, ready_timeout=ready_timeout, give_up_cooldown=give_up_cooldown,
             max_worker_memory=max_worker_memory, max_worker_lifetime=max_worker_lifetime,
             max_worker_lifetime_jitter=max_worker_lifetime_jitter, pid_file=pid_file, user=user, group=group,
-            umask=umask, chdir=chdir)
+            umask=umask, chdir=chdir,
+            metrics=metrics, access_log=access_log, access_log_format=access_log_format)
         from pyfork.configfile import HOOKS
         hooks = dict(hooks or {})
         for name, fn in hooks.items():

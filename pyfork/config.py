@@ -153,6 +153,16 @@ OPTIONS: List[Option] = [
            "after binding, run as this group (name or gid; root only; default: the user's)", metavar="GROUP"),
     Option("umask", ("--umask",), _octal, None, "file mode creation mask, octal (e.g. 027)", metavar="MODE"),
     Option("chdir", ("--chdir",), _str, None, "change to this directory before loading the app", metavar="DIR"),
+    # observability (issue 12)
+    Option("metrics", ("--metrics",), _str, None,
+           "HOST:PORT or unix:PATH: Prometheus text at GET /metrics, served by the primary "
+           "(needs pyfork[metrics])", metavar="ADDR"),
+    Option("access_log", ("--access-log",), _str, None,
+           "PATH or - (stdout): one line per request (off by default); USR1 reopens it", metavar="PATH"),
+    Option("access_log_format", ("--access-log-format",), _str, None,
+           "gunicorn's access log format (default: gunicorn's)", metavar="FMT"),
+    Option("log_level", ("--log-level",), _str, "info", "debug | info | warning | error | critical (info)"),
+    Option("log_format", ("--log-format",), _str, "text", "text | json: pyfork's own log lines (text)"),
 ]
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -185,6 +195,11 @@ class Settings:
     gid: Optional[int] = None
     umask: Optional[int] = None
     chdir: Optional[str] = None
+    metrics: Optional[BindAddr] = None
+    access_log: Optional[str] = None
+    access_log_format: Optional[str] = None
+    log_level: str = "info"
+    log_format: str = "text"
 
 
 _HOSTPORT = re.compile(r"^(?P<host>[^:\[\]]*):(?P<port>[0-9]+)$")
@@ -242,7 +257,8 @@ def _nonneg(name, value, integer=False):
 def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="auto", interface="auto",
              graceful_timeout=30.0, timeout=30.0, min_uptime=1.0, max_restarts=5, give_up_cooldown=60.0,
              max_requests=0, max_requests_jitter=0, control=None, ready_timeout=30.0,
-             **procmgmt) -> Settings:
+             metrics=None, access_log=None, access_log_format=None, log_level="info",
+             log_format="text", **procmgmt) -> Settings:
     """Checks every value; returns Settings or raises ConfigError (one line)."""
     if isinstance(app, str):
         if not app.strip():
@@ -284,11 +300,45 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
             raise ConfigError(f"bad --control {control!r}: expected a path")
         if len(os.fsencode(control)) >= 108:
             raise ConfigError(f"bad --control {control!r}: unix socket path longer than 107 bytes")
-    return Settings(app=app, bind=addrs, workers=workers, policy=policy, backend=backend, interface=interface,
+    obs = validate_observability(metrics=metrics, access_log=access_log, access_log_format=access_log_format,
+                                 log_level=log_level, log_format=log_format)
+    return Settings(**obs, app=app, bind=addrs, workers=workers, policy=policy, backend=backend, interface=interface,
                     graceful_timeout=float(graceful_timeout), timeout=float(timeout), min_uptime=float(min_uptime),
                     max_restarts=max_restarts, give_up_cooldown=float(give_up_cooldown), max_requests=max_requests,
                     max_requests_jitter=max_requests_jitter, control=control, ready_timeout=float(ready_timeout),
                     **validate_procmgmt(**procmgmt))
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+
+
+def validate_observability(*, metrics=None, access_log=None, access_log_format=None, log_level="info",
+                           log_format="text") -> dict:
+    """The observability options (issue 12), checked; a dict of Settings fields."""
+    if metrics is not None and not isinstance(metrics, BindAddr):
+        if not isinstance(metrics, str) or not metrics.strip():
+            raise ConfigError(f"bad --metrics {metrics!r}: expected HOST:PORT or unix:PATH")
+        try:
+            metrics = parse_bind(metrics)
+        except ConfigError:
+            raise ConfigError(f"bad --metrics {metrics!r}: expected HOST:PORT or unix:PATH") from None
+    if metrics is not None and metrics.kind not in ("tcp", "unix"):
+        raise ConfigError(f"bad --metrics {metrics.text!r}: expected HOST:PORT or unix:PATH")
+    if access_log is not None and (not isinstance(access_log, str) or not access_log):
+        raise ConfigError(f"bad --access-log {access_log!r}: expected a path or - (stdout)")
+    if access_log_format is not None:
+        from pyfork.serve.accesslog import compile_format
+        try:
+            compile_format(access_log_format)
+        except ValueError as e:
+            raise ConfigError(f"bad --access-log-format: {e}") from None
+    if not isinstance(log_level, str):
+        raise ConfigError(f"bad --log-level {log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
+    log_level = _choice("log_level", log_level.lower(), LOG_LEVELS)
+    log_format = _choice("log_format", log_format, LOG_FORMATS)
+    return {"metrics": metrics, "access_log": access_log, "access_log_format": access_log_format,
+            "log_level": log_level, "log_format": log_format}
 
 
 def from_env(environ=None) -> dict:

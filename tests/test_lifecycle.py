@@ -135,8 +135,9 @@ def test_exit_cause_in_words(code, sig, killed, words):
 
 def test_cause_says_pyfork_killed_a_hung_worker():
     lc, (w1, w2) = boot(2, timeout=5.0)
-    assert kinds(lc.handle(P.Tick({w1: 1000.0, w2: 1009.0}), 1010.0), P.Kill) == [P.Kill(w1, signal.SIGKILL)]
-    acts = lc.handle(P.Exited(w1, signal=signal.SIGKILL), 1010.1)
+    assert kinds(lc.handle(P.Tick({w1: 1000.0, w2: 1009.0}), 1010.0), P.Kill) == [P.Kill(w1, signal.SIGABRT)]
+    assert kinds(lc.handle(P.Tick({w2: 1011.0}), 1010.0 + P.ABORT_GRACE), P.Kill) == [P.Kill(w1, signal.SIGKILL)]
+    acts = lc.handle(P.Exited(w1, signal=signal.SIGKILL), 1012.1)
     assert "killed by SIGKILL (sent by pyfork, reason above)" in messages(acts)[0]
 
 
@@ -338,11 +339,15 @@ def test_hung_worker_is_killed_and_replaced():
     assert not kinds(lc.handle(P.Tick({w1: 1002.0, w2: 1002.5}), now), P.Kill)
     now = 1008.0
     acts = lc.handle(P.Tick({w1: 1002.0, w2: 1007.5}), now)
-    assert kinds(acts, P.Kill) == [P.Kill(w1, signal.SIGKILL)]
+    # first SIGABRT (it logs its tracebacks), SIGKILL once ABORT_GRACE has passed
+    assert kinds(acts, P.Kill) == [P.Kill(w1, signal.SIGABRT)]
     assert "hung" in messages(acts)[0]
+    assert lc.next_deadline(now) == now + P.ABORT_GRACE
+    assert not kinds(lc.handle(P.Tick({w1: 1002.0, w2: 1008.0}), now + P.ABORT_GRACE / 2), P.Kill)
+    assert kinds(lc.handle(P.Tick({w2: 1009.0}), now + P.ABORT_GRACE), P.Kill) == [P.Kill(w1, signal.SIGKILL)]
     # not killed twice
-    assert not kinds(lc.handle(P.Tick({w1: 1002.0, w2: 1008.0}), now + 1), P.Kill)
-    acts = lc.handle(P.Exited(w1, signal=signal.SIGKILL), now + 1.1)
+    assert not kinds(lc.handle(P.Tick({w1: 1002.0, w2: 1010.0}), now + P.ABORT_GRACE + 1), P.Kill)
+    acts = lc.handle(P.Exited(w1, signal=signal.SIGKILL), now + P.ABORT_GRACE + 1.1)
     assert len(kinds(acts, P.Spawn)) == 1                  # stable before: respawn now
 
 

@@ -49,6 +49,8 @@ from pyfork.primary.recycling import Recycler
 from pyfork.primary import hygiene
 from pyfork.primary.hooks import Server, ServerHooks
 from pyfork.primary.systemd import Notifier
+from pyfork.primary.procstat import cpu_and_rss
+from pyfork.primary.tally import Tally
 from pyfork.primary.wakeup import Wakeup
 
 log = logging.getLogger("pyfork.arbiter")
@@ -57,7 +59,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_STARTUP, EXIT_GAVE_UP = 0, 1, 2, 3
 TAG_WAKEUP = 0                           # the control socket uses tags >= 1 (pyfork.primary.control)
 TICK = 1.0                               # heartbeat check period (the worker ticks every 1 s)
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1)
 SIG_NAMES = {s: signal.Signals(s).name for s in HANDLED_SIGNALS}
 
 
@@ -101,6 +103,9 @@ class Arbiter:
         self.free_phys: List[int] = []
         self.capacity = 0
         self.control = None
+        self.metrics = None                      # pyfork.primary.metrics.MetricsServer (--metrics)
+        self.tally = Tally()                     # counters that outlive workers (status, metrics)
+        self.events.subscribe(self.tally.on_event)
         self.wake: Optional[Wakeup] = None
         self._got_int = False
         self._requests: deque = deque()          # policy events queued from API calls / control
@@ -150,6 +155,7 @@ class Arbiter:
             raise StartupError(str(e).splitlines()[0]) from None
         self._check_app()
         try:
+            self._configure_access_log()
             if self.events_target:
                 try:
                     self.events.add_sink(open_sink(self.events_target))
@@ -172,6 +178,15 @@ class Arbiter:
                     raise StartupError(str(e)) from None
             self.notifier = Notifier(self.status)
             self.events.subscribe(self.notifier.on_event)
+            if getattr(cfg, "metrics", None):
+                from pyfork.primary.metrics import MetricsServer
+                try:
+                    self.metrics = MetricsServer(cfg.metrics, self.disp, self.status)
+                except ImportError as e:
+                    raise StartupError(str(e)) from None
+                except OSError as e:
+                    raise StartupError(f"cannot listen for --metrics at {cfg.metrics}: "
+                                       f"{e.strerror or e}") from None
         except BaseException:
             self._teardown()
             raise
@@ -183,6 +198,19 @@ class Arbiter:
     def _app_name(self) -> str:
         app = self.cfg.app
         return app if isinstance(app, str) else getattr(app, "__qualname__", type(app).__name__)
+
+    def _configure_access_log(self) -> None:
+        """--access-log: checked here, opened by each worker (pyfork.serve.accesslog)."""
+        from pyfork.serve import accesslog
+        target = getattr(self.cfg, "access_log", None)
+        try:
+            if target:
+                accesslog.check_target(target)
+            accesslog.configure(target, getattr(self.cfg, "access_log_format", None))
+        except OSError as e:
+            raise StartupError(f"cannot open the access log {target}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise StartupError(f"bad --access-log-format: {e}") from None
 
     def _check_app(self) -> None:
         from pyfork import applib
@@ -248,8 +276,11 @@ class Arbiter:
                      cfg.policy, self.backend.BACKEND, cfg.workers)
             if self.control is not None:
                 log.info("control socket at %s", cfg.control)
+            if self.metrics is not None:
+                log.info("metrics at %s", self.metrics.url())
             self.events.emit("start", pid=os.getpid(), urls=self.listeners.url_list(), policy=cfg.policy,
-                             backend=self.backend.BACKEND, workers=cfg.workers, control=cfg.control)
+                             backend=self.backend.BACKEND, workers=cfg.workers, control=cfg.control,
+                             metrics=self.metrics.url() if self.metrics is not None else None)
             self._feed(P.Start(cfg.workers))
             while self._exit is None:
                 self._loop_once()
@@ -284,6 +315,8 @@ class Arbiter:
             if ev.kind == "watch":
                 if ev.tag == TAG_WAKEUP:
                     wake.drain()
+                elif self.metrics is not None and self.metrics.owns(ev.tag):
+                    self.metrics.on_readable(ev.tag)
                 elif self.control is not None:
                     self.control.on_readable(ev.tag)
             elif ev.kind == "message":
@@ -306,6 +339,8 @@ class Arbiter:
             self._check_recycling(now)
             if self.control is not None:
                 self.control.expire(now)
+            if self.metrics is not None:
+                self.metrics.expire(now)
         if self.notifier is not None:
             self.notifier.tick(now)  # WATCHDOG=1: only a loop that gets here pings
         self.events.flush()          # what a slow events reader could not take before
@@ -461,18 +496,20 @@ class Arbiter:
         children are waited for, so the app's subprocesses keep their statuses."""
         for pid in list(self.by_pid):
             try:
-                got, status = os.waitpid(pid, os.WNOHANG)
+                # wait4: the rusage gives the CPU time the worker used (folded into its slot)
+                got, status, usage = os.wait4(pid, os.WNOHANG)
             except ChildProcessError:
-                got, status = pid, 0
+                got, status, usage = pid, 0, None
             except InterruptedError:
                 continue
             if got == 0:
                 continue
             code = os.waitstatus_to_exitcode(status)
             sig = -code if code < 0 else None
-            self._worker_exited(pid, None if sig else code, sig)
+            cpu = usage.ru_utime + usage.ru_stime if usage is not None else 0.0
+            self._worker_exited(pid, None if sig else code, sig, cpu=cpu)
 
-    def _worker_exited(self, pid: int, code, sig) -> None:
+    def _worker_exited(self, pid: int, code, sig, cpu: float = 0.0) -> None:
         wid = self.by_pid.pop(pid)
         p = self.procs.pop(wid)
         self.by_phys.pop(p.phys, None)
@@ -493,7 +530,8 @@ class Arbiter:
             h.state = P.EXITED
             self._emit_disconnect(h)
             self.events.emit("exit", h, code=code, signal=sig, cause=self._exit_cause(p, code, sig),
-                             uptime=round(time.monotonic() - h.started, 6), ready=p.ready)
+                             uptime=round(time.monotonic() - h.started, 6), ready=p.ready,
+                             handled=p.board.handled if p.board is not None else 0, cpu=round(cpu, 6))
         self._feed(P.Exited(wid, code, sig))
 
     @staticmethod
@@ -514,6 +552,11 @@ class Arbiter:
         p = self.procs.get(wid)
         if p is None or p.pid is None:
             return
+        if sig == signal.SIGABRT and p.board is not None:
+            busy = p.board.busy_since_ns       # hung: how long its current request has run
+            if busy:
+                log.error("worker %d (pid %d): busy on a request for %.1f s (scoreboard); "
+                          "asking it for its tracebacks", wid, p.pid, (time.monotonic_ns() - busy) / 1e9)
         try:
             os.kill(p.pid, sig)
         except ProcessLookupError:
@@ -593,6 +636,18 @@ class Arbiter:
     def handle_ttou(self) -> None:
         self._feed(P.Scale(len(self.policy.slots) - 1))
 
+    def handle_usr1(self) -> None:
+        """Reopen log files (logrotate's postrotate): here, and in every worker that has its
+        handler installed (READY or draining; a booting one opens its files afterwards)."""
+        from pyfork import logfiles
+        logfiles.reopen_all()
+        n = 0
+        for p in list(self.procs.values()):
+            if p.handle.state in (P.READY, P.DRAINING):
+                self.kill_worker(p.wid, signal.SIGUSR1)
+                n += 1
+        log.info("SIGUSR1: reopening log files (and in %d worker(s))", n)
+
     # ---- messages and the user's handles ----------------------------------------------------
     def _read_messages(self, phys: int) -> None:
         wid = self.by_phys.get(phys)
@@ -635,6 +690,7 @@ class Arbiter:
                 ws = self.disp.worker_stats(p.phys)
             except (OSError, ValueError):
                 ws = {"sent": 0, "inflight": 0}
+            proc = cpu_and_rss(p.pid) if p.pid else None
             rows.append({
                 "id": wid, "pid": p.pid, "slot": p.slot,
                 "state": rec.state if rec else p.handle.state,
@@ -643,6 +699,8 @@ class Arbiter:
                 "sent": ws["sent"], "inflight": ws["inflight"],    # connections dispatched to it / not yet closed
                 "restarts": slot.restarts if slot else 0,
                 "generation": rec.generation if rec else 0,
+                "cpu": round(proc[0], 3) if proc else 0.0, "rss": proc[1] if proc else 0,
+                "busy_since_ns": p.board.busy_since_ns,
             })
         slots = []
         if pol:
@@ -653,7 +711,14 @@ class Arbiter:
                 "workers_wanted": len(pol.slots) if pol else 0, "stopping": bool(pol and pol.stopping),
                 "reloading": bool(pol and pol.reloading), "uptime": round(now - self.started_at, 3),
                 "events_dropped": self.events.dropped, "workers": rows, "slots": slots,
-                "recycles": dict(self.recycler.counts)}
+                "recycles": dict(self.recycler.counts),
+                "totals": self.tally.totals(rows), "dispatch": self._dispatch_stats()}
+
+    def _dispatch_stats(self) -> dict:
+        try:
+            return dict(self.disp.stats()) if self.disp is not None else {}
+        except (OSError, ValueError):
+            return {}
 
     # ---- teardown ----------------------------------------------------------------------
     def _teardown(self) -> None:
@@ -671,6 +736,9 @@ class Arbiter:
             self.pid_file = None
         if self.notifier is not None:
             self.notifier.close()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.board is not None:
             self.board.release()
             self.board = None

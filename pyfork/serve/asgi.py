@@ -48,7 +48,8 @@ sees `rt.draining`, then re-checked every 50 ms:
 Knobs (environment, read once per worker): PYFORK_UVLOOP=0 (asyncio's loop),
 PYFORK_ASGI_HTTP=httptools|h11 (protocol class; default httptools when importable).
 Proxy headers are off (pyfork is not a proxy-aware server by default) and uvicorn's
-access log is off: it costs a log record per request. TCP_NODELAY: the primary sets
+access log is off: it costs a log record per request; pyfork's own (--access-log,
+pyfork.serve.accesslog) watches `send` for the status and size and buffers its lines. TCP_NODELAY: the primary sets
 it on accepted sockets (pyfork's runtime says so with `rt.tcp_nodelay`); for a runtime
 that does not, `aio.adopt_socket` sets it (asyncio's transport skips accepted sockets,
 see there), so uvicorn's two writes per response (head, then body) never wait for the
@@ -64,7 +65,7 @@ import socket
 import time
 from email.utils import formatdate
 
-from . import aio, asgi_protocol
+from . import accesslog, aio, asgi_protocol, inflight
 from .detect import async_callable, positional_params
 from .runtime import Runtime
 
@@ -123,17 +124,72 @@ def _refresh_default_headers(config, state) -> None:
     state.default_headers = date + config.encoded_headers
 
 
-def _counted(app, rt):
+def _counted(app, rt, access=None):
     started, finished = rt.request_started, rt.request_finished
+    current = inflight.current
+    if access is not None:
+        return _logged(app, started, finished, access)
 
     async def pyfork_request(scope, receive, send):
         started()
+        current[0] = scope              # for the hung-worker report (SIGABRT)
         try:
             await app(scope, receive, send)
         finally:
             finished()
 
     return pyfork_request
+
+
+def _logged(app, started, finished, access):
+    """_counted's app with the access log on: `send` is watched for the status, the
+    response headers and the body size; the line is logged once the app returns (its
+    response is with the transport by then)."""
+    current = inflight.current
+
+    async def pyfork_logged_request(scope, receive, send):
+        started()
+        current[0] = scope
+        t0 = time.time()
+        seen = [500, None, 0]           # status, headers, body bytes (500: nothing was sent)
+
+        async def watched_send(message):
+            kind = message["type"]
+            if kind == "http.response.body":
+                seen[2] += len(message.get("body", b""))
+            elif kind == "http.response.start":
+                seen[0] = message["status"]
+                seen[1] = message.get("headers")
+            await send(message)
+
+        try:
+            await app(scope, receive, watched_send)
+        finally:
+            finished()
+            if scope["type"] == "http":
+                _log_access(access, scope, seen, t0)
+
+    return pyfork_logged_request
+
+
+def _log_access(access, scope, seen, t0) -> None:
+    try:
+        r = accesslog.Record()
+        client = scope.get("client")
+        r.remote = client[0] if client else "-"
+        r.method = scope["method"]
+        raw = scope.get("raw_path")
+        r.path = raw.decode("latin-1") if raw else scope.get("path", "")
+        r.query = (scope.get("query_string") or b"").decode("latin-1")
+        r.protocol = "HTTP/" + scope.get("http_version", "1.1")
+        r.status, r.resp_headers, r.length = seen
+        r.req_headers = scope.get("headers")
+        r.start = t0
+        r.duration = time.time() - t0
+        r.environ = None
+        access.log(r)
+    except Exception:
+        logging.getLogger("pyfork.access").exception("access log line failed")
 
 
 def _last_response_closes(app, protocol):
@@ -246,7 +302,8 @@ class _Worker:
         _refresh_default_headers(self.config, self.state)
         self.lifespan = self.config.lifespan_class(self.config)
         self.draining = False
-        self.request_app = _counted(self.config.loaded_app, rt)
+        self.access = accesslog.for_worker()      # None when --access-log is off
+        self.request_app = _counted(self.config.loaded_app, rt, self.access)
         self.live: set = set()            # HTTP protocols whose socket is not yet reported closed
         self.connect_tasks: set = set()
         self.nodelay = aio.needs_nodelay(rt)
@@ -344,6 +401,8 @@ class _Worker:
 
     def on_tick(self) -> None:
         _refresh_default_headers(self.config, self.state)
+        if self.access is not None:
+            self.access.tick(time.monotonic())
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -396,6 +455,8 @@ def serve(app, rt: Runtime) -> None:
                 worker.sweep()
         finally:
             driver.stop()
+            if worker.access is not None:
+                worker.access.close()      # a graceful stop loses no line
         await worker.lifespan.shutdown()
 
     aio.run(main, rt)

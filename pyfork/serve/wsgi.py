@@ -42,7 +42,7 @@ import selectors
 import socket
 import time
 
-from . import http1
+from . import accesslog, http1
 from .http1 import COMPLETE, HEAD, NEED_DATA, HttpError, Limits, RequestReader, error_response
 from .runtime import Runtime
 from .wsgi_adapter import FileWrapper, base_environ, conn_environ, respond  # noqa: F401 - re-exported
@@ -118,6 +118,7 @@ class Server:
         self.sweep_every = max(0.02, min(0.5, shortest / 4))
         self.tick_every = min(rt.tick_interval, 1.0) / 2
         self.base_env = base_environ()
+        self.access = accesslog.for_worker()     # None when --access-log is off
 
     # -- loop -------------------------------------------------------------------------------
     def run(self):
@@ -137,6 +138,8 @@ class Server:
                         self.accept()
                     elif conn is _WAKEUP:
                         rt.tick()
+                        if self.access is not None:
+                            self.access.tick(monotonic())    # a USR1 reopens at once
                         self.check_drain()
                     elif conn.closed:
                         # closed earlier in this batch; its fd may already be a new conn's
@@ -148,6 +151,8 @@ class Server:
                 now = monotonic()
                 if now >= next_tick:
                     rt.tick()
+                    if self.access is not None:
+                        self.access.tick(now)
                     self.check_drain()
                     now = monotonic()
                     next_tick = now + self.tick_every
@@ -158,6 +163,8 @@ class Server:
             for conn in list(self.conns.values()):
                 self.close(conn)
             sel.close()
+            if self.access is not None:
+                self.access.close()          # a graceful stop loses no line
 
     def check_drain(self):
         if self.draining or not self.rt.draining:

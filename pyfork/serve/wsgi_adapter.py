@@ -24,6 +24,7 @@ import stat
 import sys
 import time
 
+from . import accesslog, inflight
 from .http1 import (MODE_CHUNKED, MODE_LENGTH, chunk, decode_path, error_response, render_head,
                     split_target)
 
@@ -54,7 +55,7 @@ class _Response:
     """start_response()/write() state of one request."""
 
     __slots__ = ("server", "conn", "req", "status", "headers", "head_sent", "mode", "remaining",
-                 "keep_alive", "send_body")
+                 "keep_alive", "send_body", "sent")
 
     def __init__(self, server, conn, req):
         self.server = server
@@ -67,6 +68,7 @@ class _Response:
         self.remaining = 0
         self.keep_alive = req.keep_alive
         self.send_body = True
+        self.sent = 0                   # body bytes sent (the access log's B/b)
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -112,7 +114,10 @@ class _Response:
                 data = data[:self.remaining]
             self.remaining -= len(data)
         elif mode == MODE_CHUNKED:
+            self.sent += len(data)
             data = chunk(data)
+            return prefix + data if prefix else data
+        self.sent += len(data)
         return prefix + data if prefix else data
 
     def write(self, data):
@@ -214,6 +219,9 @@ def respond(server, conn, req):
     cannot take more output. `server` is the wsgi.Server that owns `conn`."""
     rt = server.rt
     rt.request_started()
+    inflight.current[0] = req                   # for the hung-worker report (SIGABRT)
+    access = server.access
+    t0 = time.time() if access is not None else 0.0
     resp = _Response(server, conn, req)
     result = None
     try:
@@ -228,6 +236,7 @@ def respond(server, conn, req):
                         if len(body) > resp.remaining:
                             body = body[:resp.remaining]
                         resp.remaining -= len(body)
+                        resp.sent = len(body)
                         server.send(conn, head + body)
                     else:
                         server.send(conn, head)
@@ -257,6 +266,8 @@ def respond(server, conn, req):
             if not resp.head_sent and not conn.dead:
                 server.send(conn, error_response(500))
                 conn.closing = True
+                resp.status = "500 Internal Server Error"
+                resp.headers = None
             else:
                 conn.dead = True               # mid-body: only closing can tell the client
         finally:
@@ -268,6 +279,31 @@ def respond(server, conn, req):
                     server.log.exception("error closing the WSGI response iterable")
     finally:
         rt.request_finished()
+        if access is not None:
+            _log_access(server, access, conn, req, resp, t0)
+
+
+def _log_access(server, access, conn, req, resp, t0):
+    """One access-log line for a request whose response has been queued (never raises)."""
+    try:
+        r = accesslog.Record()
+        r.remote = conn.env.get("REMOTE_ADDR") or "-"
+        r.method = req.method
+        path, query, _ = split_target(req.target)
+        r.path = path.decode("latin-1")
+        r.query = query.decode("latin-1")
+        r.protocol = "HTTP/1.1" if req.version == "1.1" else "HTTP/1.0"
+        status = resp.status
+        r.status = int(status[:3]) if status else 500
+        r.length = resp.sent
+        r.req_headers = req.headers
+        r.resp_headers = resp.headers
+        r.start = t0
+        r.duration = time.time() - t0
+        r.environ = conn.env if access.wants_environ else None
+        access.log(r)
+    except Exception:
+        server.log.exception("access log line failed")
 
 
 def _sendfile(server, conn, resp, filelike):
@@ -301,6 +337,7 @@ def _sendfile(server, conn, resp, filelike):
         offset += sent
         count -= sent
         resp.remaining -= sent
+        resp.sent += sent
         conn.deadline = time.monotonic() + server.limits.request_timeout
     try:
         filelike.seek(offset)

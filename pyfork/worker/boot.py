@@ -40,6 +40,7 @@ import traceback
 from typing import List, Optional
 
 from pyfork.primary import hygiene, sched
+from pyfork.worker import hangreport
 from pyfork.worker import hooks as worker_hooks
 from pyfork.worker.runtime import EXIT_LOAD_ERROR, EXIT_ORPHANED, Worker, flush_output, set_current
 
@@ -153,6 +154,7 @@ def _boot(spec) -> int:
                primary_pid=spec.primary_pid, conn_family=family)
     set_current(w)
     _install_signals(w)
+    hangreport.install(w.id, w.pid, spec.board_slot)     # SIGABRT report, SIGUSR1 reopen
     spec.board_slot.set_pid(w.pid)
     w.say_online()
     where = f"worker {w.id} (pid {w.pid})"

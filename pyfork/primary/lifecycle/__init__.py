@@ -15,14 +15,14 @@ from pyfork.primary.lifecycle.events import (
 from pyfork.primary.lifecycle.causes import describe_exit
 from pyfork.primary.lifecycle.machine import Lifecycle
 from pyfork.primary.lifecycle.states import (
-    BACKOFF, BACKOFF_BASE, BACKOFF_CAP, DRAINING, EXITED, GAVE_UP, GIVE_UP_COOLDOWN, IMMEDIATE_GRACE, READY,
+    ABORT_GRACE, BACKOFF, BACKOFF_BASE, BACKOFF_CAP, DRAINING, EXITED, GAVE_UP, GIVE_UP_COOLDOWN, IMMEDIATE_GRACE, READY,
     RUNNING, SLOT_MOVES, SPAWNING, WORKER_MOVES, LifecycleError, SlotRec, WorkerRec, backoff_delay, move,
 )
 
 __all__ = [
     "Lifecycle", "Activate", "Drain", "Drained", "Exit", "Exited", "Forked", "Kill", "Leaving",
     "Log", "RecycleRequested", "Ready", "ReleaseSlot", "Reload", "Scale", "Spawn", "Start", "Stop",
-    "StopAccepting", "Tick", "BACKOFF", "BACKOFF_BASE", "BACKOFF_CAP", "DRAINING", "EXITED",
+    "StopAccepting", "Tick", "ABORT_GRACE", "BACKOFF", "BACKOFF_BASE", "BACKOFF_CAP", "DRAINING", "EXITED",
     "GAVE_UP", "GIVE_UP_COOLDOWN", "IMMEDIATE_GRACE", "READY", "RUNNING", "SLOT_MOVES", "SPAWNING",
     "WORKER_MOVES", "LifecycleError", "SlotRec", "WorkerRec", "backoff_delay", "describe_exit", "move",
 ]

@@ -41,7 +41,7 @@ from pyfork.primary.lifecycle.events import (
     ReleaseSlot, Reload, Scale, Spawn, Start, Stop, StopAccepting, Tick,
 )
 from pyfork.primary.lifecycle.states import (
-    BACKOFF, BACKOFF_BASE, BACKOFF_CAP, DRAINING, GAVE_UP, GIVE_UP_COOLDOWN, IMMEDIATE_GRACE, READY,
+    ABORT_GRACE, BACKOFF, BACKOFF_BASE, BACKOFF_CAP, DRAINING, GAVE_UP, GIVE_UP_COOLDOWN, IMMEDIATE_GRACE, READY,
     RUNNING, SLOT_MOVES, SPAWNING, WORKER_MOVES, SlotRec, WorkerRec, backoff_delay, fmt_dur, fmt_ms,
     fmt_secs, move,
 )
@@ -74,8 +74,9 @@ class Lifecycle:
     * ``give_up_cooldown`` (60 s, 0 = never): a slot that gave up tries again,
       from scratch, once this long has passed and another slot serves (a
       READY worker); HUP revives it at once. states.GIVE_UP_COOLDOWN cites why.
-    * ``timeout`` (30 s, 0 = off): no heartbeat for that long -> SIGKILL and
-      replace (gunicorn's --timeout, same default).
+    * ``timeout`` (30 s, 0 = off): no heartbeat for that long -> SIGABRT (the worker
+      logs its tracebacks), SIGKILL ``ABORT_GRACE`` (2 s) later, and replace
+      (gunicorn's --timeout, same default, and its SIGABRT).
     * ``ready_timeout`` (30 s): a worker not READY that long after fork is
       killed; a rolling restart whose replacement is not READY in time aborts
       and the old workers keep serving (nginx keeps old workers until new ones
@@ -399,7 +400,8 @@ class Lifecycle:
                         self._log("info", f"retrying recycle of {w.label()}")
                         self._spawn(slot, now, purpose="recycle")
             self._retry_given_up(now)
-        # per-worker timers
+        # per-worker timers (a stop whose deadline passed kills everyone below: no SIGABRT first)
+        stop_due = self.stopping and self.stop_deadline is not None and now >= self.stop_deadline
         for w in list(self.workers.values()):
             if w.killed:
                 continue
@@ -416,13 +418,19 @@ class Lifecycle:
                     self._note("reload_aborted", w.wid, slot=w.slot, reason="ready_timeout",
                                generation=self.generation)
                 continue
-            if self.timeout > 0 and w.state in (READY, DRAINING):
+            if w.abort_at is not None:
+                if now - w.abort_at >= ABORT_GRACE:
+                    self._kill(w, signal.SIGKILL)       # its tracebacks are in the log by now
+                continue
+            if self.timeout > 0 and w.state in (READY, DRAINING) and not stop_due:
                 beat = max(ev.beats.get(w.wid) or 0.0, w.ready_at or 0.0)
                 if now - beat >= self.timeout:
                     self._log("error", f"{w.label()} hung: no heartbeat for {fmt_secs(now - beat)} "
-                              f"(timeout {fmt_secs(self.timeout)}); killing it")
+                              f"(timeout {fmt_secs(self.timeout)}); SIGABRT for its tracebacks, "
+                              f"SIGKILL in {fmt_secs(ABORT_GRACE)}")
                     self._note("kill", w.wid, reason="hung", silence=round(now - beat, 3))
-                    self._kill(w, signal.SIGKILL)
+                    self._kill(w, signal.SIGABRT)
+                    w.abort_at = now
                     continue
             if (w.state == DRAINING and not self.stopping and w.drain_at is not None
                     and now - w.drain_at >= self.graceful_timeout):
@@ -586,6 +594,8 @@ class Lifecycle:
         for w in self.workers.values():
             if w.state == SPAWNING and not w.killed:
                 times.append(w.started + self.ready_timeout)
+            if w.abort_at is not None and not w.killed:
+                times.append(w.abort_at + ABORT_GRACE)
         if self.stopping and self.stop_deadline is not None and not self.killed_all:
             times.append(self.stop_deadline)
         return min(times) if times else None

@@ -73,6 +73,12 @@ GIVE_UP_COOLDOWN = 60.0
 # this many seconds (gunicorn escalates the same way, after its own timeout).
 IMMEDIATE_GRACE = 2.0
 
+# A hung worker gets SIGABRT first (it writes every thread's traceback: pyfork.worker.hangreport)
+# and SIGKILL this many seconds later. faulthandler writes at once, from C; the rest lets
+# the Python handler name the stuck request (gunicorn's sync worker also gets SIGABRT on
+# timeout, then SIGKILL from its arbiter's next murder pass).
+ABORT_GRACE = 2.0
+
 
 class LifecycleError(RuntimeError):
     """An event that makes no sense in the current state (a bug in the caller)."""
@@ -100,6 +106,7 @@ class WorkerRec:
     drain_at: Optional[float] = None
     purpose: str = "serve"          # serve | reload | recycle
     killed: bool = False
+    abort_at: Optional[float] = None  # hung: when it got SIGABRT (SIGKILL follows ABORT_GRACE later)
 
     def label(self) -> str:
         return f"worker {self.wid} (pid {self.pid})"

@@ -1,0 +1,94 @@
+"""Cluster-wide counters that outlive the workers they count: the primary's tally.
+
+Theory of operation. A worker's own numbers live in its scoreboard line (requests
+handled) and in the kernel (CPU time, memory); both vanish with the process. A counter
+that a monitoring system reads must never go back, so when a worker is reaped the
+primary folds what it had into its *slot* (the exit event carries ``handled`` from the
+scoreboard and ``cpu`` from wait4's rusage). ``Tally`` subscribes to the primary's event
+stream (pyfork.primary.eventstream) and keeps:
+
+* ``requests[slot]`` / ``cpu[slot]``: what reaped workers of that slot handled / used;
+* ``restarts[cause]``: workers replaced, by why they went (README "Metrics"):
+  ``crash`` (exited, code != 0 or an unasked exit), ``signal`` (a signal pyfork did not
+  send, or an outside SIGTERM), ``timeout`` (hung or never READY), ``max_requests``,
+  ``memory``, ``lifetime`` (recycling), ``reload`` (HUP), ``scale`` (TTOU / scale down).
+  Exits during a stop are not restarts.
+
+The cause is learned from the notes that come before the exit (``recycle``, ``replace``,
+``kill``, ``leaving``, ``scale``), so the arbiter only reports what happened and this
+module decides what to call it. Live workers are added at read time (``totals``).
+Everything runs on the primary's loop thread, only when an event happens: nothing here
+is on the per-connection path.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Mapping
+
+RESTART_CAUSES = ("crash", "signal", "timeout", "max_requests", "memory", "lifetime", "reload", "scale")
+_RECYCLE_CAUSES = ("max_requests", "memory", "lifetime")
+_TIMEOUT_KILLS = ("hung", "ready_timeout")
+
+
+class Tally:
+    def __init__(self):
+        self.requests: Dict[int, int] = {}
+        self.cpu: Dict[int, float] = {}
+        self.restarts: Dict[str, int] = {c: 0 for c in RESTART_CAUSES}
+        self._why: Dict[int, str] = {}          # wid -> the cause its exit will count as
+        self._stopping = False
+        self._scaling_down = False
+
+    # ---- fed by the event stream --------------------------------------------------
+    def on_event(self, ev) -> None:
+        kind, f, wid = ev.kind, ev.fields, ev.worker
+        if kind == "exit":
+            self._on_exit(wid, ev.slot, f)
+        elif kind == "recycle" and wid is not None:
+            cause = f.get("cause") or f.get("reason")
+            self._why.setdefault(wid, cause if cause in _RECYCLE_CAUSES else "max_requests")
+        elif kind == "replace" and f.get("purpose") == "reload" and f.get("old") is not None:
+            self._why.setdefault(f["old"], "reload")
+        elif kind == "kill" and wid is not None and f.get("reason") in _TIMEOUT_KILLS:
+            self._why[wid] = "timeout"
+        elif kind == "leaving" and wid is not None:
+            self._why.setdefault(wid, "signal")
+        elif kind == "scale":
+            self._scaling_down = f.get("to", 0) < f.get("from", 0)
+        elif kind == "disconnect" and wid is not None and self._scaling_down:
+            self._why.setdefault(wid, "scale")
+        elif kind == "stop":
+            self._stopping = True
+        if kind not in ("scale", "disconnect"):
+            self._scaling_down = False     # a scale-down's drains follow its note at once
+
+    def _on_exit(self, wid, slot, f: Mapping) -> None:
+        if slot is not None:
+            self.requests[slot] = self.requests.get(slot, 0) + int(f.get("handled") or 0)
+            self.cpu[slot] = self.cpu.get(slot, 0.0) + float(f.get("cpu") or 0.0)
+        why = self._why.pop(wid, None)
+        cause = f.get("cause")
+        if self._stopping or cause in ("stop", "stop_timeout"):
+            return
+        if why is None:
+            if cause == "crash":
+                why = "signal" if f.get("signal") is not None else "crash"
+            elif cause == "exit":
+                why = "crash"               # it stopped by itself: nobody asked it to
+            else:
+                return                      # drained for a reason already counted elsewhere
+        self.restarts[why] = self.restarts.get(why, 0) + 1
+
+    # ---- read ---------------------------------------------------------------------
+    def totals(self, live: Iterable[Mapping]) -> dict:
+        """Folded counts plus the live workers' (rows of Arbiter.status: slot, handled,
+        cpu): requests and CPU seconds per slot, restarts per cause."""
+        requests = dict(self.requests)
+        cpu = dict(self.cpu)
+        for row in live:
+            s = row["slot"]
+            requests[s] = requests.get(s, 0) + int(row.get("handled") or 0)
+            cpu[s] = cpu.get(s, 0.0) + float(row.get("cpu") or 0.0)
+        return {"requests": {str(k): v for k, v in sorted(requests.items())},
+                "cpu_seconds": {str(k): round(v, 6) for k, v in sorted(cpu.items())},
+                "restarts": dict(self.restarts)}
