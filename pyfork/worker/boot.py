@@ -154,11 +154,12 @@ def _boot(spec) -> int:
                primary_pid=spec.primary_pid, conn_family=family)
     set_current(w)
     _install_signals(w)
-    hangreport.install(w.id, w.pid, spec.board_slot)     # SIGABRT report, SIGUSR1 reopen
+    worker_hooks.set_worker_abort(getattr(spec, "worker_abort", None))
+    # SIGABRT report (then the worker_abort hook), SIGUSR1 reopen
+    hangreport.install(w.id, w.pid, spec.board_slot, abort_hook=lambda: worker_hooks.run_worker_abort(w))
     spec.board_slot.set_pid(w.pid)
     w.say_online()
     where = f"worker {w.id} (pid {w.pid})"
-    worker_hooks.set_worker_abort(getattr(spec, "worker_abort", None))
     if spec.post_fork is not None:
         try:
             spec.post_fork(w)

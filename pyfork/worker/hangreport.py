@@ -11,7 +11,8 @@ it at the next bytecode) and writes to the error log:
    per request, nothing else) and its age from this worker's scoreboard line
    (busy_since_ns);
 2. every thread's Python traceback, by faulthandler (it formats them without allocating);
-3. the access log lines still buffered (pyfork.logfiles), which the SIGKILL would lose.
+3. the access log lines still buffered (pyfork.logfiles), which the SIGKILL would lose;
+4. the config file's ``worker_abort`` hook, if there is one.
 
 faulthandler cannot *register* SIGABRT (it reserves it for its fatal-signal handler,
 which would end the process before step 1), hence a Python handler. A worker stuck in C
@@ -36,7 +37,9 @@ from pyfork.serve import inflight
 log = logging.getLogger("pyfork.worker")
 
 
-def install(wid: int, pid: int, board) -> None:
+def install(wid: int, pid: int, board, abort_hook=None) -> None:
+    """``abort_hook()`` (the config file's worker_abort, pyfork.worker.hooks) runs last."""
+
     def on_abort(signum, frame):
         busy = board.busy_since_ns
         what = inflight.describe()
@@ -58,6 +61,8 @@ def install(wid: int, pid: int, board) -> None:
         except (ValueError, OSError, AttributeError, RuntimeError):
             pass       # no usable stderr
         logfiles.flush_all()
+        if abort_hook is not None:
+            abort_hook()
 
     def on_usr1(signum, frame):
         logfiles.request_reopen()
