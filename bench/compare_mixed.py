@@ -10,9 +10,17 @@ independent slow clients would), and a second wrk, started once the slow one
 is running, measures the light requests on `/` with its own latency histogram
 (`--latency`: p50/p90/p99, measured from the write of the request to the last
 byte of the response, so time in the kernel's accept queue, the primary, a
-worker's channel or selector all count). The light wrk uses one thread
+worker's channel or selector all count). wrk corrects its histogram for
+coordinated omission (stats_correct: a response that took n x the
+connection's mean interval adds samples at n-1, n-2, ... intervals, as a
+client sending at a steady rate would have seen), so a rare 25 ms stall on a
+fast keep-alive connection moves p90, not only p99; mixed_trace.py gives the
+raw per-request view. The light wrk uses one thread
 (--mixed-threads): on 2 cores a second load thread only competes with the
 servers. Rounds are interleaved across servers like the other scenarios.
+
+Two runs side by side: python bench/compare_mixed.py run1.json run2.json
+prints light p99 and req/s of each run per server and variant (the spread).
 
 Output: per server and variant, the medians over rounds of light p50/p90/p99,
 light req/s and slow req/s, and the ratios to gunicorn sync (new connections)
@@ -20,8 +28,10 @@ and gunicorn gthread (keep-alive), the two references of issue 10.
 """
 from __future__ import annotations
 
+import json
 import re
 import statistics
+import sys
 import time
 
 import benchlib
@@ -142,3 +152,36 @@ def markdown(results: dict, meta: dict) -> str:
                              f"{_fmt(r99)} | {_fmt(rrps)} | {_fmt(row.get('slow_rps'), 1)} | {errs} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def spread(paths: list) -> str:
+    """Light p99 and req/s of several runs' JSON files, one line per server and variant."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f)["results"])
+    lines = ["| variant | server | light p99 ms, " + " / ".join(f"run {i + 1}" for i in range(len(runs)))
+             + " | light req/s | p99 × ref | req/s × ref |", "|---|---|---:|---:|---:|---:|"]
+    for slow in SLOWS:
+        for light in LIGHTS:
+            variant = f"{slow}/{light}"
+            for name in runs[0]:
+                rows = [r.get(name, {}).get("mixed", {}).get(variant) for r in runs]
+                if not all(rows):
+                    continue
+                refs = [r.get(REFERENCE[light], {}).get("mixed", {}).get(variant, {}) for r in runs]
+                r99 = [row["p99_ms"] / ref["p99_ms"] for row, ref in zip(rows, refs) if ref.get("p99_ms")]
+                rps = [row["light_rps"] / ref["light_rps"] for row, ref in zip(rows, refs)
+                       if ref.get("light_rps")]
+                lines.append(f"| {variant} | {name} | "
+                             + " / ".join(_fmt(row.get("p99_ms"), 1) for row in rows) + " | "
+                             + " / ".join(_fmt(row.get("light_rps"), 0) for row in rows) + " | "
+                             + " / ".join(_fmt(x) for x in r99) + " | "
+                             + " / ".join(_fmt(x) for x in rps) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python bench/compare_mixed.py RUN.json [RUN.json ...]")
+    print(spread(sys.argv[1:]))
