@@ -184,8 +184,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     ap.add_argument("--peers", default=",".join(ALL_PEERS),
                     help="comma list of " + ",".join(ALL_PEERS) + " (all)")
-    ap.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
-                    help="comma list of " + ",".join(ALL_SCENARIOS) + " (all)")
+    ap.add_argument("--scenarios", default=",".join(s for s in ALL_SCENARIOS if s != "mixed"),
+                    help="comma list of " + ",".join(ALL_SCENARIOS) + " (all but mixed)")
     ap.add_argument("--policies", default="rr,least,shared,reuseport")
     ap.add_argument("--backends", default="c,python",
                     help="pyfork backends; the first one also runs fairness/tail/recovery")
