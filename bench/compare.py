@@ -19,6 +19,11 @@ rate) and loopback-only. Scenarios:
   memory     primary RSS, per-worker USS (smaps_rollup), after the load runs
   fairness   per-worker share of requests at wrk concurrency 1, 4, 64
              (Connection: close, pids counted by bench/pidcount.lua)
+  mixed      (not in the default run: --scenarios mixed) issue 10's mixed load:
+             one slow request always in flight (/sleep, then /fibonacci) while
+             light clients (4 new-connection, 8 keep-alive) measure p50/p90/p99;
+             gunicorn sync, gthread, uvicorn and each pyfork policy (first
+             backend); writes results/compare-mixed.{md,json} (compare_mixed.py)
   recovery   SIGKILL an idle worker -> time until the replacement answers;
              SIGKILL a worker under wrk load -> failed requests; SIGHUP
              (rolling restart) under wrk load -> failed requests
@@ -43,13 +48,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
+import compare_mixed  # noqa: E402
 import compare_report  # noqa: E402
 from compare_scenarios import (calibrate, run_close, run_fairness, run_keepalive,  # noqa: E402
                                run_memory, run_recovery, run_tail, summarize_rounds,
                                summarize_tail)
 
 ALL_PEERS = ("pyfork", "floor", "gunicorn", "uvicorn", "node")
-ALL_SCENARIOS = ("close", "keepalive", "memory", "fairness", "tail", "recovery")
+ALL_SCENARIOS = ("close", "keepalive", "memory", "fairness", "tail", "recovery", "mixed")
 FULL = {"close", "keepalive", "memory", "fairness", "tail"}
 BASELINE = "pyfork rr c"
 
@@ -100,6 +106,8 @@ def build_specs(args) -> tuple[list[Spec], list[str]]:
                     scen = sc(*FULL) if full else sc("close", "keepalive", "memory")
                     if pol in ("rr", "shared") and full:
                         scen |= sc("recovery")
+                    if be == args.backends[0]:
+                        scen |= sc("mixed")
                     specs.append(Spec(
                         f"pyfork {pol} {be}", "pyfork",
                         [py, "-m", "pyfork", "serve", "hello_app:app", "--interface", "wsgi",
@@ -120,10 +128,10 @@ def build_specs(args) -> tuple[list[Spec], list[str]]:
             base = [py, "-m", "gunicorn", "-w", w, "-b", "127.0.0.1:{port}", "--chdir", bench,
                     "--log-level", "warning"]
             specs.append(Spec("gunicorn sync", "gunicorn", base + ["-k", "sync", "hello_app:app"],
-                              penv, sc(*FULL, "recovery")))
+                              penv, sc(*FULL, "recovery", "mixed")))
             specs.append(Spec("gunicorn gthread", "gunicorn",
                               base + ["-k", "gthread", "--threads", str(args.gthreads), "hello_app:app"],
-                              penv, sc(*FULL), note=f"--threads {args.gthreads}"))
+                              penv, sc(*FULL, "mixed"), note=f"--threads {args.gthreads}"))
 
     if "uvicorn" in args.peers:
         if importlib.util.find_spec("uvicorn") is None:
@@ -132,7 +140,7 @@ def build_specs(args) -> tuple[list[Spec], list[str]]:
             specs.append(Spec("uvicorn", "uvicorn",
                               [py, "-m", "uvicorn", "hello_app:asgi", "--workers", w, "--host",
                                "127.0.0.1", "--port", "{port}", "--log-level", "warning",
-                               "--no-access-log"], penv, sc(*FULL, "recovery")))
+                               "--no-access-log"], penv, sc(*FULL, "recovery", "mixed")))
 
     if "node" in args.peers:
         if not shutil.which("node"):
@@ -176,8 +184,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     ap.add_argument("--peers", default=",".join(ALL_PEERS),
                     help="comma list of " + ",".join(ALL_PEERS) + " (all)")
-    ap.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
-                    help="comma list of " + ",".join(ALL_SCENARIOS) + " (all)")
+    ap.add_argument("--scenarios", default=",".join(s for s in ALL_SCENARIOS if s != "mixed"),
+                    help="comma list of " + ",".join(ALL_SCENARIOS) + " (all but mixed)")
     ap.add_argument("--policies", default="rr,least,shared,reuseport")
     ap.add_argument("--backends", default="c,python",
                     help="pyfork backends; the first one also runs fairness/tail/recovery")
@@ -193,11 +201,20 @@ def parse_args(argv=None):
     ap.add_argument("--heavy-frac", type=float, default=0.05)
     ap.add_argument("--heavy-ms", type=float, default=25.0,
                     help="tail: CPU ms of a heavy request; fib n is calibrated to it (25)")
+    ap.add_argument("--mixed-duration", type=float, default=4.0,
+                    help="mixed: seconds of light load per variant, per round (4)")
+    ap.add_argument("--mixed-threads", type=int, default=1,
+                    help="mixed: wrk threads of the light clients (1)")
+    ap.add_argument("--sleep-ms", type=int, default=25, help="mixed: ms of /sleep (25)")
+    ap.add_argument("--heavy-n", type=int, default=0,
+                    help="fixed /fibonacci n for Python servers instead of calibrating it "
+                         "(calibration on a busy machine picks a smaller n)")
     ap.add_argument("--recovery-conns", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="short runs for a smoke test")
-    ap.add_argument("--out", default=os.path.join(benchlib.RESULTS_DIR, "compare"),
-                    help="output path without extension (.md .json .png)")
+    ap.add_argument("--out", default=None,
+                    help="output path without extension (.md .json .png); default "
+                         "results/compare, or results/compare-mixed for --scenarios mixed")
     args = ap.parse_args(argv)
     args.peers = [p for p in args.peers.split(",") if p]
     args.scenarios = [s for s in args.scenarios.split(",") if s]
@@ -211,6 +228,9 @@ def parse_args(argv=None):
     for name in args.scenarios:
         if name not in ALL_SCENARIOS:
             ap.error(f"unknown scenario {name!r}")
+    if args.out is None:
+        only_mixed = args.scenarios == ["mixed"]
+        args.out = os.path.join(benchlib.RESULTS_DIR, "compare-mixed" if only_mixed else "compare")
     if args.quick:
         args.duration, args.fair_duration, args.tail_duration, args.rounds = 1.0, 1.0, 3.0, 1
     return args
@@ -227,7 +247,9 @@ def main(argv=None) -> int:
     specs, skipped = build_specs(args)
     for line in skipped:
         print(line, flush=True)
-    heavy_n = calibrate(args) if "tail" in args.scenarios else {}
+    heavy_n = calibrate(args) if {"tail", "mixed"} & set(args.scenarios) else {}
+    if heavy_n and args.heavy_n:
+        heavy_n.update(python=args.heavy_n, none=args.heavy_n)
     if heavy_n:
         print(f"tail: heavy route /fibonacci n per implementation: {heavy_n}", flush=True)
     load0 = os.getloadavg()
@@ -262,7 +284,8 @@ def main(argv=None) -> int:
                     results[spec.name].setdefault("scenario_errors", {})[scen] = repr(e)
                     print(f"  {spec.name} {scen}: error {e!r}", flush=True)
 
-        per_round = {name: {"close": [], "keepalive": [], "tail": []} for name in servers}
+        per_round = {name: {"close": [], "keepalive": [], "tail": [], "mixed": []}
+                     for name in servers}
         # Tail first: latency is the figure most easily disturbed by what ran before it.
         # Every other round runs the servers in reverse order (A B, B A, ...), so that
         # neither a trend over the run nor what ran just before favours a server.
@@ -274,6 +297,16 @@ def main(argv=None) -> int:
             if per_round[spec.name]["tail"]:
                 results[spec.name]["tail"] = summarize_tail(per_round[spec.name]["tail"],
                                                             heavy_n[spec.impl])
+        for r in range(args.rounds):
+            if not any("mixed" in s.scenarios for s in live):
+                break
+            print(f"mixed round {r + 1}/{args.rounds}", flush=True)
+            each("mixed", lambda sp, sv: per_round[sp.name]["mixed"].append(
+                compare_mixed.run_mixed(sv, sp, args, heavy_n)), reverse=r % 2 == 1)
+        for spec in live:
+            if per_round[spec.name]["mixed"]:
+                results[spec.name]["mixed"] = compare_mixed.summarize_mixed(
+                    per_round[spec.name]["mixed"])
         for r in range(args.rounds):
             print(f"throughput round {r + 1}/{args.rounds}", flush=True)
             each("close", lambda sp, sv: per_round[sp.name]["close"].append(run_close(sv, args)),
@@ -303,13 +336,19 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1, default=str)
-    md = compare_report.markdown(results, meta)
+    if args.scenarios == ["mixed"]:
+        md = compare_mixed.markdown(results, meta)
+    else:
+        md = compare_report.markdown(results, meta)
+        try:
+            compare_report.plot(results, meta, args.out + ".png")
+        except ImportError as e:
+            print(f"plot skipped: {e} (pip install matplotlib)")
+        if "mixed" in args.scenarios:
+            with open(args.out + "-mixed.md", "w") as f:
+                f.write(compare_mixed.markdown(results, meta))
     with open(args.out + ".md", "w") as f:
         f.write(md)
-    try:
-        compare_report.plot(results, meta, args.out + ".png")
-    except ImportError as e:
-        print(f"plot skipped: {e} (pip install matplotlib)")
     print()
     print(md)
     print(f"wrote {args.out}.md, .json, .png in {meta['elapsed_s']} s")

@@ -53,7 +53,19 @@ if (cluster.isPrimary) {
     const url = new URL(req.url, 'http://x');
     let status = 200;
     let body;
-    if (url.pathname === '/fibonacci') {
+    if (url.pathname === '/sleep') {
+      // the slow route that uses no CPU, like asyncio.sleep in the ASGI app
+      const ms = parseInt(url.searchParams.get('ms') || '25', 10);
+      if (!(ms >= 0 && ms <= 10000)) { status = 400; body = 'ms must be 0..10000\n'; }
+      else {
+        setTimeout(() => {
+          const b = `slept ${ms}ms pid=${process.pid}\n`;
+          res.writeHead(200, { 'Content-Type': 'text/plain', 'Content-Length': Buffer.byteLength(b) });
+          res.end(b);
+        }, ms);
+        return;
+      }
+    } else if (url.pathname === '/fibonacci') {
       const n = parseInt(url.searchParams.get('n') || '20', 10);
       if (!(n <= 35)) { status = 400; body = 'n above 35\n'; }
       else body = `fib(${n})=${fib(n)} pid=${process.pid}\n`;
