@@ -113,7 +113,7 @@ def test_restarts_counted_by_cause_kill_timeout_max_requests(apps, backend):
         for _ in range(70):
             assert O.request(srv.port, "/")[0] == 200
         rec = srv.wait_event("replace", purpose="recycle", timeout=60)
-        srv.wait_event("exit", worker=rec["old"], cause="drained", timeout=60)
+        srv.wait_event("exit", worker=rec["old"], cause="max_requests", timeout=60)
         recycled = {e["worker"] for e in srv.events("recycle")}
         restarts = None
 
