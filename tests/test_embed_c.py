@@ -74,8 +74,9 @@ class Server:
     def __init__(self, exe, workers=2):
         self.proc = subprocess.Popen([str(exe), "0", str(workers)], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
-        self.port = int(self._line().split()[1])          # "port N"
-        assert self._line() == "listening"                # every worker READY
+        line = self._line()                               # "READY <port>": every worker READY
+        assert line.startswith("READY "), line
+        self.port = int(line.split()[1])
 
     def _line(self):
         ready, _, _ = select.select([self.proc.stdout], [], [], TIMEOUT)

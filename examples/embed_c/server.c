@@ -14,8 +14,8 @@
  * them, exit 0). Only the public header is used; see README.md.
  *
  *   ./server [PORT [WORKERS]]     PORT 0 = any free port; prints
- *                                 "listening on 127.0.0.1:PORT" once every
- *                                 worker is READY.
+ *                                 "READY <port>" on stdout once every worker
+ *                                 is READY (bench/floor.c's line).
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -45,6 +45,7 @@ struct primary {
     pf_dispatcher *d;
     pf_slot *board;            /* capacity lines, shared with the workers */
     int nworkers;
+    int port;
     int live;                  /* workers forked and not yet reaped */
     int ready;                 /* READY messages seen */
     int stopping;
@@ -253,7 +254,7 @@ static void on_message(struct primary *p, int slot)
     if (h.type == PF_MSG_READY && !p->stopping) {
         pf_dispatcher_set_state(p->d, slot, PF_WORKER_READY);
         if (++p->ready == p->nworkers) {
-            printf("listening\n");
+            printf("READY %d\n", p->port);
             fflush(stdout);
         }
     }
@@ -323,8 +324,7 @@ int main(int argc, char **argv)
     pf_dispatcher_watch(p.d, sfd, TAG_SIGNALS);
     fprintf(stderr, "primary %d: 127.0.0.1:%d, %d workers\n", (int)getpid(),
             ntohs(addr.sin_port), p.nworkers);
-    printf("port %d\n", ntohs(addr.sin_port));
-    fflush(stdout);
+    p.port = ntohs(addr.sin_port);
     for (int s = 0; s < p.nworkers; s++) {
         rc = spawn(&p, s);
         if (rc < 0) {
