@@ -117,9 +117,6 @@ def run_asyncio(rt: Runtime, adopt: Callable[[socket.socket], object],
         conns = Connections(rt)
         pending = set()     # adopt() coroutines still running (a Task needs a reference)
 
-        def take() -> list:
-            return conns.take()
-
         def failed(sock, exc) -> None:
             rt.log.error("worker %s: adopting a connection failed (%r); closed", rt.id, exc)
             sock.close()    # a no-op when a transport closed it already; reports once
@@ -145,7 +142,7 @@ def run_asyncio(rt: Runtime, adopt: Callable[[socket.socket], object],
             if inspect.isawaitable(result):
                 await result
 
-        driver = aio.LoopDriver(rt, on_socket, wakeup_write_fd=wakeup_write_fd, take=take)
+        driver = aio.LoopDriver(rt, on_socket, wakeup_write_fd=wakeup_write_fd, take=conns.take)
         driver.start()
         try:
             await driver.drain_started.wait()
