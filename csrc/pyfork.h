@@ -218,4 +218,20 @@ int pf_dispatcher_worker_stats(const pf_dispatcher *d, int slot, pf_worker_stats
 /* Returns the scoreboard base (capacity pf_slot lines) and its size in bytes. */
 void *pf_dispatcher_scoreboard(const pf_dispatcher *d, size_t *size);
 
+/* ---- ABI check (abi.c) ------------------------------------------------- */
+/* An embedder compiles against this header and links libpyfork.a from the
+ * same wheel; if the two come from different versions, the structs it
+ * allocates would not be the ones the library reads. PF_ABI_CHECK() (below)
+ * passes the header's PF_VERSION and struct sizes to the library, which
+ * compares them with its own. Returns 0, -EPROTO when the versions differ,
+ * -EINVAL when they agree but a struct size does not (a header edited by
+ * hand, or built with other packing). Call it once at start-up, before
+ * pf_dispatcher_new, and exit on a non-zero result. */
+int pf_abi_check(int version, size_t sizeof_msg_hdr, size_t sizeof_slot,
+                 size_t sizeof_config, size_t sizeof_event, size_t sizeof_stats,
+                 size_t sizeof_worker_stats);
+/* Kept on one line: _build_ffi.py drops preprocessor lines one at a time, so a
+ * continuation line would reach the cffi cdef. */
+#define PF_ABI_CHECK() pf_abi_check(PF_VERSION, sizeof(pf_msg_hdr), sizeof(pf_slot), sizeof(pf_config), sizeof(pf_event), sizeof(pf_stats), sizeof(pf_worker_stats))
+
 #endif

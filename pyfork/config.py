@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 
 POLICIES = ("rr", "least", "shared", "reuseport")
 BACKENDS = ("auto", "c", "python")
-INTERFACES = ("auto", "wsgi", "asgi", "raw", "asyncio")
+INTERFACES = ("auto", "wsgi", "asgi", "raw", "asyncio", "embed")
 DEFAULT_APP = "pyfork.demo:app"
 DEFAULT_BIND = "127.0.0.1:8000"
 # 1024 workers is far beyond any core count we target; the dispatcher's slot
@@ -112,7 +112,7 @@ OPTIONS: List[Option] = [
            metavar="N"),
     Option("policy", ("--policy",), _str, "rr", "rr | least | shared | reuseport (default rr)"),
     Option("backend", ("--backend",), _str, "auto", "auto | c | python (default auto)"),
-    Option("interface", ("--interface",), _str, "auto", "auto | wsgi | asgi | raw | asyncio (default auto)"),
+    Option("interface", ("--interface",), _str, "auto", "auto | wsgi | asgi | raw | asyncio | embed (default auto)"),
     Option("graceful_timeout", ("--graceful-timeout",), _float, 30.0,
            "seconds draining workers get before SIGKILL (30)", metavar="S"),
     Option("timeout", ("--timeout",), _float, 30.0,

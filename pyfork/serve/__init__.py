@@ -19,18 +19,20 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-INTERFACES = ("asgi", "asyncio", "wsgi", "raw")
-AUTO_ORDER = ("asgi", "asyncio", "wsgi")  # raw is never guessed: see the module docstring
+INTERFACES = ("asgi", "asyncio", "wsgi", "raw", "embed")
+AUTO_ORDER = ("asgi", "asyncio", "wsgi")  # raw and embed are never guessed: see the module docstring
 
 # Interface name -> module name inside this package ("asyncio" would shadow the stdlib
 # inside the package if the file had that name, hence aio.py).
-_MODULES = {"asgi": "asgi", "asyncio": "aio", "wsgi": "wsgi", "raw": "raw"}
+_MODULES = {"asgi": "asgi", "asyncio": "aio", "wsgi": "wsgi", "raw": "raw", "embed": "embed"}
 
 ACCEPTED_SIGNATURES = (
     "asgi: async def app(scope, receive, send) (or an object with an async __call__); "
     "asyncio: async def handler(reader, writer); "
     "wsgi: def app(environ, start_response); "
-    "raw: def handler(sock, addr) (only with --interface raw or app.pyfork_interface = 'raw')"
+    "raw: def handler(sock, addr) (only with --interface raw or app.pyfork_interface = 'raw'); "
+    "embed: def main(rt), a worker body of your own (only with --interface embed or "
+    "@pyfork.embed.worker_body)"
 )
 
 

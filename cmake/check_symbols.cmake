@@ -1,0 +1,25 @@
+# ctest embed_symbols: libpyfork.a exports pf_* names only (never pf__*
+# internals or anything else), and the public API is there.
+#   cmake -DNM=nm -DLIB=path/libpyfork.a -P check_symbols.cmake
+execute_process(COMMAND "${NM}" -g --defined-only "${LIB}"
+                OUTPUT_VARIABLE out RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "nm failed on ${LIB}")
+endif()
+string(REPLACE "\n" ";" lines "${out}")
+set(count 0)
+foreach(line IN LISTS lines)
+  if(line MATCHES "^[0-9a-fA-F]+ [A-Za-z] (.+)$")
+    set(sym "${CMAKE_MATCH_1}")
+    if(NOT sym MATCHES "^pf_[a-z]" OR sym MATCHES "^pf__")
+      message(FATAL_ERROR "libpyfork.a exports a non-public symbol: ${sym}")
+    endif()
+    math(EXPR count "${count} + 1")
+  endif()
+endforeach()
+foreach(want pf_abi_check pf_dispatcher_new pf_recv_msg pf_listen_tcp pf_slot_conn_closed)
+  if(NOT out MATCHES "${want}")
+    message(FATAL_ERROR "libpyfork.a does not export ${want}")
+  endif()
+endforeach()
+message(STATUS "libpyfork.a exports ${count} pf_* symbols and nothing else")
