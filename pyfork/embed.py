@@ -19,7 +19,7 @@ wait, `rt.take()` returns them without blocking, `rt.tick()` keeps the heartbeat
   worker_body(fn)   marks `fn(rt)` as a worker body, so `pyfork.Cluster(fn)` or
                     `pyfork serve mod:fn` run it without `--interface embed`.
 
-What stays the body's job (docs/embedding.md): report each request with
+What stays the body's job (examples/embedding.md): report each request with
 rt.request_started()/rt.request_finished() (the scoreboard `least` and the hang detector
 read), close every connection it takes, and return once draining with its connections done.
 """

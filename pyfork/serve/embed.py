@@ -5,7 +5,7 @@ then calls `main(rt)` with the worker runtime (the Runtime protocol, pyfork/serv
 and the worker ends when it returns. The body owns the loop and the server: it watches
 `rt.fileno()`, takes connections, reports closes and requests, ticks, and returns once
 `rt.draining` is true and its connections are done. pyfork.embed has the helpers (sockets
-that report their own close, an asyncio driver) and docs/embedding.md the duties.
+that report their own close, an asyncio driver) and examples/embedding.md the duties.
 
 Never guessed from a signature (any one-argument callable would match): choose it with
 `--interface embed`, `Cluster(main, interface="embed")`, or mark the body with
