@@ -31,13 +31,6 @@ def configure(limit_concurrency: int = 0, keep_alive: float = 5.0) -> None:
     _config = ConnLimits(int(limit_concurrency), float(keep_alive))
 
 
-def reset() -> None:
-    """Back to "not configured" (tests; a primary that runs several Clusters in turn)."""
-    global _config
-    _config = None
-    _rejected[0] = 0
-
-
 def current() -> Optional[ConnLimits]:
     return _config
 
