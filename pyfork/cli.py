@@ -193,7 +193,8 @@ def cmd_serve(args) -> int:
                       max_worker_lifetime_jitter=s.max_worker_lifetime_jitter, pid_file=s.pid_file,
                       user=s.user, group=s.group, umask=s.umask, chdir=s.chdir,
                       hooks=cf.hooks if cf is not None else None,
-                      metrics=s.metrics, access_log=s.access_log, access_log_format=s.access_log_format)
+                      metrics=s.metrics, access_log=s.access_log, access_log_format=s.access_log_format,
+                      limit_concurrency=s.limit_concurrency, backlog=s.backlog, keep_alive=s.keep_alive)
     try:
         cluster.prepare()
     except StartupError as e:
@@ -236,10 +237,22 @@ def cmd_status(args) -> int:
     print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths)).rstrip())
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    limits = reply.get("limits")
+    if limits:
+        print(_limits_line(limits, reply.get("totals", {}).get("limit_concurrency_rejections", 0)))
     gave_up = [s["slot"] for s in reply.get("slots", []) if s["state"] == "gave_up"]
     if gave_up:
         print(f"slots that gave up: {', '.join(map(str, gave_up))}")
     return 0
+
+
+def _limits_line(limits: dict, rejections: int) -> str:
+    lc = limits.get("limit_concurrency") or 0
+    ka = limits.get("keep_alive", 0)
+    nofile = limits.get("nofile") or {}
+    return (f"limits: concurrency {lc if lc else 'off'} per worker ({rejections} rejected)  "
+            f"backlog {limits.get('backlog')}  keep-alive {f'{ka:g}s' if ka else 'off'}  "
+            f"open files {nofile.get('soft', '?')}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -163,6 +163,15 @@ OPTIONS: List[Option] = [
            "gunicorn's access log format (default: gunicorn's)", metavar="FMT"),
     Option("log_level", ("--log-level",), _str, "info", "debug | info | warning | error | critical (info)"),
     Option("log_format", ("--log-format",), _str, "text", "text | json: pyfork's own log lines (text)"),
+    # limits (issue 18)
+    Option("limit_concurrency", ("--limit-concurrency",), _int, 0,
+           "per worker: answer new requests with a fast 503 (Connection: close) above this many "
+           "(0 = off)", metavar="N"),
+    Option("backlog", ("--backlog",), _int, None,
+           "listen backlog of every listener, 1..65535 (default: net.core.somaxconn)", metavar="N"),
+    Option("keep_alive", ("--keep-alive",), _float, 5.0,
+           "seconds a kept-alive connection may idle between requests (5; 0 = no keep-alive)",
+           metavar="S"),
 ]
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -200,6 +209,10 @@ class Settings:
     access_log_format: Optional[str] = None
     log_level: str = "info"
     log_format: str = "text"
+    # limits (issue 18)
+    limit_concurrency: int = 0
+    backlog: int = 4096
+    keep_alive: float = 5.0
 
 
 _HOSTPORT = re.compile(r"^(?P<host>[^:\[\]]*):(?P<port>[0-9]+)$")
@@ -258,7 +271,7 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
              graceful_timeout=30.0, timeout=30.0, min_uptime=1.0, max_restarts=5, give_up_cooldown=60.0,
              max_requests=0, max_requests_jitter=0, control=None, ready_timeout=30.0,
              metrics=None, access_log=None, access_log_format=None, log_level="info",
-             log_format="text", **procmgmt) -> Settings:
+             log_format="text", limit_concurrency=0, backlog=None, keep_alive=5.0, **procmgmt) -> Settings:
     """Checks every value; returns Settings or raises ConfigError (one line)."""
     if isinstance(app, str):
         if not app.strip():
@@ -306,7 +319,44 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
                     graceful_timeout=float(graceful_timeout), timeout=float(timeout), min_uptime=float(min_uptime),
                     max_restarts=max_restarts, give_up_cooldown=float(give_up_cooldown), max_requests=max_requests,
                     max_requests_jitter=max_requests_jitter, control=control, ready_timeout=float(ready_timeout),
-                    **validate_procmgmt(**procmgmt))
+                    **validate_procmgmt(**procmgmt),
+                    **validate_limits(limit_concurrency=limit_concurrency, backlog=backlog, keep_alive=keep_alive))
+
+
+SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
+SOMAXCONN_FALLBACK = 4096      # Linux's default since 5.4 (128 before)
+MAX_BACKLOG = 65535            # listen(2)'s backlog is kept in an unsigned short by the kernel
+MAX_KEEP_ALIVE = 86400.0       # a day: beyond it a typo is likelier than a wish
+MAX_LIMIT_CONCURRENCY = 1 << 20
+
+
+def somaxconn() -> int:
+    """The kernel's cap on a listen backlog (net.core.somaxconn): --backlog's default, as
+    nginx and uvicorn take a backlog the kernel then caps."""
+    try:
+        with open(SOMAXCONN_PATH) as f:
+            value = int(f.read().strip())
+    except (OSError, ValueError):
+        return SOMAXCONN_FALLBACK
+    return min(max(value, 1), MAX_BACKLOG)
+
+
+def validate_limits(*, limit_concurrency=0, backlog=None, keep_alive=5.0) -> dict:
+    """The limit options (issue 18), checked; a dict of Settings fields."""
+    if limit_concurrency is None:
+        limit_concurrency = 0
+    if (isinstance(limit_concurrency, bool) or not isinstance(limit_concurrency, int)
+            or not 0 <= limit_concurrency <= MAX_LIMIT_CONCURRENCY):
+        raise ConfigError(f"bad --limit-concurrency {limit_concurrency!r}: "
+                          f"must be an integer in 0..{MAX_LIMIT_CONCURRENCY} (0 = off)")
+    if backlog is None:
+        backlog = somaxconn()
+    if isinstance(backlog, bool) or not isinstance(backlog, int) or not 1 <= backlog <= MAX_BACKLOG:
+        raise ConfigError(f"bad --backlog {backlog!r}: must be an integer in 1..{MAX_BACKLOG}")
+    _nonneg("keep_alive", keep_alive)
+    if keep_alive != keep_alive or keep_alive > MAX_KEEP_ALIVE:
+        raise ConfigError(f"bad --keep-alive {keep_alive!r}: must be 0..{MAX_KEEP_ALIVE:g} seconds")
+    return dict(limit_concurrency=limit_concurrency, backlog=backlog, keep_alive=float(keep_alive))
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

@@ -175,7 +175,8 @@ def test_status_command_prints_one_row_per_worker(tmp_path, backend):
         out = r.stdout.decode().splitlines()
         assert r.returncode == 0, r.stderr
         assert out[1].split() == ["ID", "PID", "STATE", "UPTIME", "HANDLED", "RESTARTS"]
-        assert len(out) == 4 and all(" ready " in l for l in out[2:])
+        assert len(out) == 5 and all(" ready " in l for l in out[2:4])
+        assert out[4].startswith("limits: concurrency off per worker")
         r = run_cli(tmp_path, "status", "--control", ctl, "--json")
         import json
         data = json.loads(r.stdout)

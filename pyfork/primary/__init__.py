@@ -7,4 +7,5 @@
   control.py    the control socket behind ``pyfork status``
   wakeup.py     the signal -> loop bridge (``signal.set_wakeup_fd``)
   sched.py      the primary's CPU scheduling class (SCHED_BATCH)
+  fdlimit.py    RLIMIT_NOFILE raised to the hard limit at start
 """

@@ -46,7 +46,7 @@ from pyfork.primary.eventstream import EventStream, open_sink
 from pyfork.primary.listeners import BindError, Listeners
 from pyfork.primary.messages import WorkerChannels, WorkerHandle
 from pyfork.primary.recycling import Recycler
-from pyfork.primary import hygiene
+from pyfork.primary import fdlimit, hygiene
 from pyfork.primary.hooks import Server, ServerHooks
 from pyfork.primary.systemd import Notifier
 from pyfork.primary.procstat import cpu_and_rss
@@ -119,6 +119,7 @@ class Arbiter:
         self.rng = random.Random()
         self.pid_file: Optional[hygiene.PidFile] = None
         self.notifier: Optional[Notifier] = None
+        self.nofile: Optional[fdlimit.NoFile] = None     # RLIMIT_NOFILE as raised by prepare()
         hooks = dict(hooks or {})
         if post_fork is None:
             self.post_fork = hooks.get("post_fork")
@@ -148,6 +149,7 @@ class Arbiter:
             log.error("on_starting hook failed:\n%s", traceback.format_exc().rstrip())
             raise StartupError(f"on_starting hook failed: {type(e).__name__}: {e}") from None
         self.baseline_fds = [int(x) for x in os.listdir("/proc/self/fd")]
+        self.nofile = fdlimit.raise_nofile()     # before binding: workers inherit it
         import pyfork.backend
         try:
             self.backend = pyfork.backend.load(cfg.backend)
@@ -156,6 +158,7 @@ class Arbiter:
         self._check_app()
         try:
             self._configure_access_log()
+            self._configure_conn_limits()
             if self.events_target:
                 try:
                     self.events.add_sink(open_sink(self.events_target))
@@ -212,6 +215,18 @@ class Arbiter:
         except ValueError as e:
             raise StartupError(f"bad --access-log-format: {e}") from None
 
+    def _configure_conn_limits(self) -> None:
+        """--limit-concurrency and --keep-alive: inherited by every worker's interface."""
+        from pyfork.serve import connlimits
+        connlimits.configure(self.cfg.limit_concurrency, self.cfg.keep_alive)
+
+    def limits(self) -> dict:
+        """The limits in force (status, metrics, the start event)."""
+        cfg = self.cfg
+        return {"limit_concurrency": cfg.limit_concurrency, "backlog": cfg.backlog,
+                "keep_alive": cfg.keep_alive,
+                "nofile": self.nofile.as_dict() if self.nofile is not None else None}
+
     def _check_app(self) -> None:
         from pyfork import applib
         try:
@@ -220,7 +235,7 @@ class Arbiter:
             raise StartupError(str(e)) from None
 
     def _bind(self) -> None:
-        self.listeners = Listeners(self.backend, self.cfg.policy)
+        self.listeners = Listeners(self.backend, self.cfg.policy, self.cfg.backlog)
         try:
             self.listeners.bind(self.cfg.bind)
         except BindError as e:
@@ -274,13 +289,19 @@ class Arbiter:
                                       max_workers=max(1, (self.capacity - 8) // 2))
             log.info("Listening at %s (policy %s, backend %s, %d workers)", self.listeners.urls(),
                      cfg.policy, self.backend.BACKEND, cfg.workers)
+            nofile = self.nofile
+            if nofile is not None and nofile.soft > nofile.before:
+                log.info("raised the open file limit (RLIMIT_NOFILE) from %d to %d", nofile.before, nofile.soft)
+            elif nofile is not None:
+                log.info("open file limit (RLIMIT_NOFILE) %d (hard limit %d)", nofile.soft, nofile.hard)
             if self.control is not None:
                 log.info("control socket at %s", cfg.control)
             if self.metrics is not None:
                 log.info("metrics at %s", self.metrics.url())
             self.events.emit("start", pid=os.getpid(), urls=self.listeners.url_list(), policy=cfg.policy,
                              backend=self.backend.BACKEND, workers=cfg.workers, control=cfg.control,
-                             metrics=self.metrics.url() if self.metrics is not None else None)
+                             metrics=self.metrics.url() if self.metrics is not None else None,
+                             **self.limits())
             self._feed(P.Start(cfg.workers))
             while self._exit is None:
                 self._loop_once()
@@ -711,7 +732,7 @@ class Arbiter:
                 "workers_wanted": len(pol.slots) if pol else 0, "stopping": bool(pol and pol.stopping),
                 "reloading": bool(pol and pol.reloading), "uptime": round(now - self.started_at, 3),
                 "events_dropped": self.events.dropped, "workers": rows, "slots": slots,
-                "recycles": dict(self.recycler.counts),
+                "recycles": dict(self.recycler.counts), "limits": self.limits(),
                 "totals": self.tally.totals(rows), "dispatch": self._dispatch_stats()}
 
     def _dispatch_stats(self) -> dict:

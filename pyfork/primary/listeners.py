@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 
 from pyfork.config import BindAddr
 
-BACKLOG = 2048   # as gunicorn's default --backlog; the kernel caps it at net.core.somaxconn
+BACKLOG = 2048   # when none is given (gunicorn's default); `pyfork serve` passes --backlog,
+                 # net.core.somaxconn unless set. The kernel caps it at somaxconn either way.
 
 
 class BindError(Exception):
@@ -56,9 +57,10 @@ def _bound_port(fd: int) -> int:
 class Listeners:
     """Every listening socket of one primary, and which of them each worker slot inherits."""
 
-    def __init__(self, backend, policy: str):
+    def __init__(self, backend, policy: str, backlog: int = BACKLOG):
         self.backend = backend
         self.policy = policy
+        self.backlog = backlog
         self.bound: List[tuple] = []                # (BindAddr, fd, adopted); -1: closed with its slot
         self.by_slot: Dict[int, List[int]] = {}     # reuseport: logical slot -> fds
         self.ports: List[int] = []                  # reuseport: the real port of each address
@@ -66,9 +68,9 @@ class Listeners:
     def _listen(self, addr: BindAddr, reuseport: bool = False, port: Optional[int] = None) -> int:
         b = self.backend
         if addr.kind == "tcp":
-            return b.listen_tcp(addr.host, addr.port if port is None else port, BACKLOG, reuseport)
+            return b.listen_tcp(addr.host, addr.port if port is None else port, self.backlog, reuseport)
         if addr.kind == "unix":
-            return b.listen_unix(addr.path, BACKLOG)
+            return b.listen_unix(addr.path, self.backlog)
         return b.adopt_listener(addr.fd)
 
     def bind(self, addrs: List[BindAddr]) -> None:

@@ -113,10 +113,21 @@ class WorkerChannels:
                 self.feed(P.RecycleRequested(wid))
             elif obj.get("drain"):
                 self.feed(P.Leaving(wid))
+            elif "rejected" in obj:
+                self._on_rejected(handle, obj["rejected"])
             else:
                 self._bad(handle, "unknown_control", f"unknown control message {obj!r:.80}")
         else:
             self._bad(handle, "unexpected_type", f"dropped a message of unexpected type {msg.type}")
+
+    def _on_rejected(self, handle: WorkerHandle, count) -> None:
+        """--limit-concurrency: the worker answered ``count`` requests with 503 since its
+        last tick (it reports at most once a second, so one log line per second at most)."""
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            self._bad(handle, "bad_control", f"dropped a malformed rejection count {count!r:.40}")
+            return
+        log.warning("worker %d: --limit-concurrency reached: %d request(s) answered 503", handle.id, count)
+        self.events.emit("limit_rejected", handle, count=count)
 
     def send(self, wid: int, chan: Optional[int], obj) -> bool:
         """Puts ``obj`` (JSON) on worker ``wid``'s channel (None: the worker is gone)."""

@@ -126,6 +126,26 @@ class StatusCollector:
         for s, n in sorted(rss.items()):
             g.add_metric([s], n)
         yield g
+        yield from limit_families(st)
+
+
+def limit_families(st: dict):
+    """The limits in force (--limit-concurrency, --backlog, --keep-alive, RLIMIT_NOFILE) and
+    the 503s --limit-concurrency caused: all from the status snapshot, no per-request cost."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    limits = st.get("limits") or {}
+    yield GaugeMetricFamily("pyfork_limit_concurrency", "--limit-concurrency: requests per worker "
+                            "before new ones get 503 (0 = off)", value=limits.get("limit_concurrency", 0))
+    yield CounterMetricFamily("pyfork_limit_concurrency_rejections", "Requests answered 503 because a "
+                              "worker was at --limit-concurrency (reported by workers once a second)",
+                              value=st["totals"].get("limit_concurrency_rejections", 0))
+    yield GaugeMetricFamily("pyfork_listen_backlog", "--backlog given to every listener",
+                            value=limits.get("backlog", 0))
+    yield GaugeMetricFamily("pyfork_keep_alive_seconds", "--keep-alive: idle timeout of kept-alive "
+                            "connections (0 = no keep-alive)", value=limits.get("keep_alive", 0))
+    nofile = limits.get("nofile") or {}
+    yield GaugeMetricFamily("pyfork_open_files_limit", "RLIMIT_NOFILE soft limit of the primary and "
+                            "its workers (raised to the hard limit at start)", value=nofile.get("soft", 0))
 
 
 class MetricsServer:

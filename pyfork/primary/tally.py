@@ -36,6 +36,7 @@ class Tally:
         self.cpu: Dict[int, float] = {}
         self.restarts: Dict[str, int] = {c: 0 for c in RESTART_CAUSES}
         self._why: Dict[int, str] = {}          # wid -> the cause its exit will count as
+        self.limit_rejections = 0               # 503s because of --limit-concurrency, all workers
         self._stopping = False
         self._scaling_down = False
 
@@ -59,6 +60,8 @@ class Tally:
             self._why.setdefault(wid, "scale")
         elif kind == "stop":
             self._stopping = True
+        elif kind == "limit_rejected":
+            self.limit_rejections += int(f.get("count") or 0)
         if kind not in ("scale", "disconnect"):
             self._scaling_down = False     # a scale-down's drains follow its note at once
 
@@ -91,4 +94,4 @@ class Tally:
             cpu[s] = cpu.get(s, 0.0) + float(row.get("cpu") or 0.0)
         return {"requests": {str(k): v for k, v in sorted(requests.items())},
                 "cpu_seconds": {str(k): round(v, 6) for k, v in sorted(cpu.items())},
-                "restarts": dict(self.restarts)}
+                "restarts": dict(self.restarts), "limit_concurrency_rejections": self.limit_rejections}

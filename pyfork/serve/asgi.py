@@ -13,8 +13,10 @@ What pyfork adds to uvicorn's protocol, in a subclass made once per worker:
   * `connection_lost` (also on the WebSocket protocol after an upgrade) calls
     `rt.closed()` exactly once per socket;
   * the app a connection calls is wrapped to call `rt.request_started()` /
-    `rt.request_finished()` around each request (one extra coroutine frame); the
-    lifespan still sees the bare app;
+    `rt.request_finished()` around each HTTP request (one extra coroutine frame); the
+    lifespan still sees the bare app. A WebSocket is an open connection, not a running
+    request: its app call, which lasts as long as the socket, is not counted (else one
+    open WebSocket would make the worker look busy to the dispatcher for hours);
   * `connection_made` does what uvicorn's does with the addresses the transport
     saved instead of a socket object and two syscalls per connection
     (asgi_protocol.connection_made); responses that end with a close go out corked
@@ -45,6 +47,12 @@ sees `rt.draining`, then re-checked every 50 ms:
   * a WebSocket gets uvicorn's shutdown() (close code 1012);
   * when no connection and no request task is left: lifespan shutdown, return.
 
+Limits (pyfork.serve.connlimits, README "Limits"): --limit-concurrency is uvicorn's own
+`limit_concurrency` (its protocol answers 503 with `Connection: close` while the worker has
+N open connections or N running tasks, WebSockets included); its per-request warning is
+turned into a count the worker reports once a second (`_RejectionCounter`). --keep-alive is
+uvicorn's `timeout_keep_alive`; 0 adds `Connection: close` to every HTTP response.
+
 Knobs (environment, read once per worker): PYFORK_UVLOOP=0 (asyncio's loop),
 PYFORK_ASGI_HTTP=httptools|h11 (protocol class; default httptools when importable).
 Proxy headers are off (pyfork is not a proxy-aware server by default) and uvicorn's
@@ -65,7 +73,7 @@ import socket
 import time
 from email.utils import formatdate
 
-from . import accesslog, aio, asgi_protocol, inflight
+from . import accesslog, aio, asgi_protocol, connlimits, inflight
 from .detect import async_callable, positional_params
 from .runtime import Runtime
 
@@ -96,9 +104,20 @@ def _http_protocol_name() -> str:
     return "httptools"
 
 
-def make_config(app, rt: Runtime):
-    """One uvicorn Config for this worker, loaded."""
+DEFAULT_KEEP_ALIVE = 5.0      # uvicorn's timeout_keep_alive default
+
+
+def make_config(app, rt: Runtime, limits=None):
+    """One uvicorn Config for this worker, loaded. `limits`: a connlimits.ConnLimits or None."""
     from uvicorn.config import Config
+
+    keep_alive = DEFAULT_KEEP_ALIVE
+    limit_concurrency = None
+    if limits is not None:
+        # keep-alive 0: every response closes (_closing_app), so the timer never runs;
+        # uvicorn's default stays for the drain's grace for silent fresh connections.
+        keep_alive = limits.keep_alive or DEFAULT_KEEP_ALIVE
+        limit_concurrency = limits.limit_concurrency or None
 
     # factory=True with a lambda hands uvicorn the app object as is. Given the app
     # itself, Config.load() would call it with no arguments to probe for a factory,
@@ -113,6 +132,8 @@ def make_config(app, rt: Runtime):
         log_level=logging.DEBUG if rt.log.isEnabledFor(logging.DEBUG) else logging.WARNING,
         access_log=False,
         proxy_headers=False,
+        timeout_keep_alive=keep_alive,
+        limit_concurrency=limit_concurrency,
     )
     config.load()
     return config
@@ -131,6 +152,8 @@ def _counted(app, rt, access=None):
         return _logged(app, started, finished, access)
 
     async def pyfork_request(scope, receive, send):
+        if scope["type"] != "http":     # a WebSocket: an open connection, not a request
+            return await app(scope, receive, send)
         started()
         current[0] = scope              # for the hung-worker report (SIGABRT)
         try:
@@ -148,6 +171,8 @@ def _logged(app, started, finished, access):
     current = inflight.current
 
     async def pyfork_logged_request(scope, receive, send):
+        if scope["type"] != "http":     # a WebSocket: an open connection, not a request
+            return await app(scope, receive, send)
         started()
         current[0] = scope
         t0 = time.time()
@@ -166,8 +191,7 @@ def _logged(app, started, finished, access):
             await app(scope, receive, watched_send)
         finally:
             finished()
-            if scope["type"] == "http":
-                _log_access(access, scope, seen, t0)
+            _log_access(access, scope, seen, t0)
 
     return pyfork_logged_request
 
@@ -190,6 +214,40 @@ def _log_access(access, scope, seen, t0) -> None:
         access.log(r)
     except Exception:
         logging.getLogger("pyfork.access").exception("access log line failed")
+
+
+def _closing_app(app):
+    """`app` with `Connection: close` on every HTTP response (--keep-alive 0); uvicorn's
+    protocols close the socket after a response that says so."""
+    close = (b"connection", b"close")
+
+    async def pyfork_no_keep_alive(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def send_closing(message):
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), close]
+            await send(message)
+
+        await app(scope, receive, send_closing)
+
+    return pyfork_no_keep_alive
+
+
+class _RejectionCounter(logging.Filter):
+    """On uvicorn's error logger: counts its "Exceeded concurrency limit." warnings (one per
+    503 its protocol sends for limit_concurrency) for the worker's once-a-second report
+    instead of logging each (a flood of them would be a log line per rejected request)."""
+
+    MESSAGE = "Exceeded concurrency limit."
+
+    def filter(self, record):
+        if record.msg == self.MESSAGE:
+            connlimits.rejected()
+            return False
+        return True
 
 
 def _last_response_closes(app, protocol):
@@ -297,13 +355,20 @@ class _Worker:
 
         self.rt = rt
         self.loop = loop
-        self.config = make_config(app, rt)
+        limits = connlimits.current()
+        self.config = make_config(app, rt, limits)
+        self.rejection_counter = None
+        if limits is not None and limits.limit_concurrency:
+            self.rejection_counter = _RejectionCounter()
+            logging.getLogger("uvicorn.error").addFilter(self.rejection_counter)
         self.state = ServerState()
         _refresh_default_headers(self.config, self.state)
         self.lifespan = self.config.lifespan_class(self.config)
         self.draining = False
         self.access = accesslog.for_worker()      # None when --access-log is off
         self.request_app = _counted(self.config.loaded_app, rt, self.access)
+        if limits is not None and limits.keep_alive == 0:
+            self.request_app = _closing_app(self.request_app)
         self.live: set = set()            # HTTP protocols whose socket is not yet reported closed
         self.connect_tasks: set = set()
         self.nodelay = aio.needs_nodelay(rt)
@@ -457,6 +522,8 @@ def serve(app, rt: Runtime) -> None:
             driver.stop()
             if worker.access is not None:
                 worker.access.close()      # a graceful stop loses no line
+            if worker.rejection_counter is not None:
+                logging.getLogger("uvicorn.error").removeFilter(worker.rejection_counter)
         await worker.lifespan.shutdown()
 
     aio.run(main, rt)

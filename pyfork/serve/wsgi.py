@@ -29,6 +29,14 @@ keep-alive timeout expires, as in normal operation (so the drain adds no race a 
 not already face); a request that arrives before then is served, with `Connection: close`.
 serve() returns once no connection is left.
 
+Limits (pyfork.serve.connlimits, README "Limits"): --keep-alive sets keepalive_timeout (0:
+every response says `Connection: close`). --limit-concurrency N counts the connections
+with a request in progress: bytes of a request read, the application running, or its
+response still being written (an idle kept-alive connection is not counted, nor one that
+has sent nothing yet, nor one closing). A request whose head completes while N others are
+in progress gets `503 Service Unavailable` with `Connection: close` at once, before the
+application or a `100 Continue`; the count is kept per transition in settle() and close().
+
 Expect: 100-continue: since the body is read before the application runs, `100 Continue` is
 sent as soon as the head is accepted (and not when the body is too large: 413 instead).
 
@@ -42,7 +50,7 @@ import selectors
 import socket
 import time
 
-from . import accesslog, http1
+from . import accesslog, connlimits, http1
 from .http1 import COMPLETE, HEAD, NEED_DATA, HttpError, Limits, RequestReader, error_response
 from .runtime import Runtime
 from .wsgi_adapter import FileWrapper, base_environ, conn_environ, respond  # noqa: F401 - re-exported
@@ -72,14 +80,20 @@ def detect(app):
 
 def serve(app, rt: Runtime, limits=None):
     """Serve `app` on the connections `rt` hands over until draining leaves none."""
-    Server(app, rt, limits if limits is not None else Limits.from_env()).run()
+    configured = connlimits.current()
+    if limits is None:
+        limits = Limits.from_env()
+        if configured is not None and configured.keep_alive > 0:
+            limits.keepalive_timeout = configured.keep_alive      # --keep-alive
+    Server(app, rt, limits, configured).run()
 
 
 class Conn:
     """One client connection."""
 
     __slots__ = ("sock", "fd", "reader", "env", "out", "out_len", "resume", "deadline",
-                 "busy_since", "nreq", "closing", "linger", "dead", "events", "lingered", "closed")
+                 "busy_since", "nreq", "closing", "linger", "dead", "events", "lingered", "closed",
+                 "counted")
 
     def __init__(self, sock, reader, env):
         self.sock = sock
@@ -98,12 +112,13 @@ class Conn:
         self.events = 0             # registered for (0: not registered with the selector)
         self.lingered = 0
         self.closed = False         # closed: events still queued for it are stale
+        self.counted = False        # in Server.in_progress (--limit-concurrency)
 
 
 class Server:
     """The worker's loop; one per serve() call."""
 
-    def __init__(self, app, rt: Runtime, limits):
+    def __init__(self, app, rt: Runtime, limits, conn_limits=None):
         self.app = app
         self.rt = rt
         self.limits = limits
@@ -119,6 +134,10 @@ class Server:
         self.tick_every = min(rt.tick_interval, 1.0) / 2
         self.base_env = base_environ()
         self.access = accesslog.for_worker()     # None when --access-log is off
+        # --limit-concurrency (0: off, nothing counted) and --keep-alive 0 (no keep-alive)
+        self.limit = conn_limits.limit_concurrency if conn_limits is not None else 0
+        self.no_keep_alive = conn_limits is not None and conn_limits.keep_alive == 0
+        self.in_progress = 0                     # connections with a request in progress
 
     # -- loop -------------------------------------------------------------------------------
     def run(self):
@@ -246,6 +265,12 @@ class Server:
                 break
             req = reader.request
             if not req.admitted:
+                if self.limit and self.in_progress - conn.counted >= self.limit:
+                    connlimits.rejected()
+                    self.fail(conn, 503)         # says Connection: close; the app never runs
+                    return
+                if self.no_keep_alive:
+                    req.keep_alive = False
                 req.admitted = True
                 conn.nreq += 1
                 if event is HEAD and req.expect_continue and not reader.pending:
@@ -262,6 +287,8 @@ class Server:
 
     def settle(self, conn):
         """Pick the events to wait for, or close, after a burst of work on `conn`."""
+        if self.limit:
+            self.count_in_progress(conn)
         if conn.dead:
             self.close(conn)
             return
@@ -286,6 +313,13 @@ class Server:
                     conn.deadline = now + self.limits.request_timeout
         if conn.events != want:
             self.watch(conn, want)
+
+    def count_in_progress(self, conn):
+        """Keeps `in_progress` (see the module docstring) right after a burst on `conn`."""
+        busy = not conn.closing and (conn.resume is not None or bool(conn.out) or not conn.reader.idle)
+        if busy is not conn.counted:
+            conn.counted = busy
+            self.in_progress += 1 if busy else -1
 
     def fail(self, conn, status):
         """Answer a request the application never sees, then close (lingering)."""
@@ -397,6 +431,9 @@ class Server:
             return
         conn.closed = conn.dead = True
         del self.conns[conn.fd]
+        if conn.counted:
+            conn.counted = False
+            self.in_progress -= 1
         gen = conn.resume
         conn.resume = None
         if gen is not None:

@@ -40,6 +40,7 @@ import time
 from typing import Callable, List, Optional
 
 from pyfork import _api
+from pyfork.serve import connlimits
 
 log = logging.getLogger("pyfork.worker")
 
@@ -365,6 +366,9 @@ class Worker:
             self._begin_drain()
         if os.getppid() != self._primary_pid:
             self._orphaned("primary is gone (parent changed)")
+        rejected = connlimits.take_rejections()
+        if rejected:    # --limit-concurrency 503s: one message per tick, never per request
+            self._ctl({"rejected": rejected})
         if (self._self_accept and not self._listening and not self.draining and self._open < MAX_OPEN
                 and now >= self._accept_paused_until):
             self._set_listening(True)
