@@ -193,7 +193,9 @@ def cmd_serve(args) -> int:
                       max_worker_lifetime_jitter=s.max_worker_lifetime_jitter, pid_file=s.pid_file,
                       user=s.user, group=s.group, umask=s.umask, chdir=s.chdir,
                       hooks=cf.hooks if cf is not None else None,
-                      metrics=s.metrics, access_log=s.access_log, access_log_format=s.access_log_format)
+                      metrics=s.metrics, access_log=s.access_log, access_log_format=s.access_log_format,
+                      proxy_protocol=s.proxy_protocol, proxy_allow_from=s.proxy_allow_from,
+                      proxy_timeout=s.proxy_timeout, forwarded_allow_ips=s.forwarded_allow_ips)
     try:
         cluster.prepare()
     except StartupError as e:

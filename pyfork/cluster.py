@@ -53,13 +53,17 @@ class Cluster:
                  max_worker_memory: int = 0, max_worker_lifetime: float = 0.0,
                  max_worker_lifetime_jitter: Optional[float] = None, pid_file: Optional[str] = None,
                  user=None, group=None, umask: Optional[int] = None, chdir: Optional[str] = None,
-                 hooks: Optional[Dict[str, Callable]] = None):
+                 hooks: Optional[Dict[str, Callable]] = None, proxy_protocol: bool = False,
+                 proxy_allow_from: str = config.LOOPBACK, proxy_timeout: float = 5.0,
+                 forwarded_allow_ips: str = config.LOOPBACK):
         """``target`` is a "module:attr" string (re-imported by every new worker,
         so HUP runs new code) or the app object itself (inherited through fork).
         ``events`` ("fd://N" or a file path; default: $PYFORK_EVENTS) gets every event as
         a JSON line. ``metrics`` ("HOST:PORT" or "unix:PATH") serves Prometheus text at GET
         /metrics from the primary; ``access_log`` (a path or "-") and ``access_log_format``
-        (gunicorn's atoms) turn on the access log. ``hooks``: server hooks by name (README
+        (gunicorn's atoms) turn on the access log. ``proxy_protocol``, ``proxy_allow_from``,
+        ``proxy_timeout`` and ``forwarded_allow_ips`` are the load-balancer options (README
+        "More than one machine"). ``hooks``: server hooks by name (README
         "Config file and hooks"; what ``-c FILE.py`` defines). Bad values raise ValueError
         (pyfork.config.ConfigError) here, before anything runs."""
         if bind is None or isinstance(bind, str):
@@ -72,7 +76,9 @@ class Cluster:
             max_worker_memory=max_worker_memory, max_worker_lifetime=max_worker_lifetime,
             max_worker_lifetime_jitter=max_worker_lifetime_jitter, pid_file=pid_file, user=user, group=group,
             umask=umask, chdir=chdir,
-            metrics=metrics, access_log=access_log, access_log_format=access_log_format)
+            metrics=metrics, access_log=access_log, access_log_format=access_log_format,
+            proxy_protocol=proxy_protocol, proxy_allow_from=proxy_allow_from, proxy_timeout=proxy_timeout,
+            forwarded_allow_ips=forwarded_allow_ips)
         from pyfork.configfile import HOOKS
         hooks = dict(hooks or {})
         for name, fn in hooks.items():

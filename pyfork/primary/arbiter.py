@@ -156,6 +156,7 @@ class Arbiter:
         self._check_app()
         try:
             self._configure_access_log()
+            self._configure_edge()
             if self.events_target:
                 try:
                     self.events.add_sink(open_sink(self.events_target))
@@ -211,6 +212,11 @@ class Arbiter:
             raise StartupError(f"cannot open the access log {target}: {e.strerror or e}") from None
         except ValueError as e:
             raise StartupError(f"bad --access-log-format: {e}") from None
+
+    def _configure_edge(self) -> None:
+        """PROXY protocol and forwarded-header trust, inherited by every worker (pyfork.serve.edge)."""
+        from pyfork.serve import edge
+        edge.configure(edge.EdgeConfig.from_settings(self.cfg))
 
     def _check_app(self) -> None:
         from pyfork import applib

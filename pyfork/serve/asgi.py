@@ -45,6 +45,12 @@ sees `rt.draining`, then re-checked every 50 ms:
   * a WebSocket gets uvicorn's shutdown() (close code 1012);
   * when no connection and no request task is left: lifespan shutdown, return.
 
+Behind a load balancer (pyfork.serve.edge): with --proxy-protocol every connection is adopted
+through aio_proxy.ProxyHeaderProtocol, which reads the PROXY header before uvicorn's protocol
+starts (and sets its `client`); such connections are taken as sockets, uncorked. Forwarded
+headers from --forwarded-allow-ips are applied to the scope by a layer around the app
+(pyfork.serve.forwarded), outside the access log's, so the log shows the client too.
+
 Knobs (environment, read once per worker): PYFORK_UVLOOP=0 (asyncio's loop),
 PYFORK_ASGI_HTTP=httptools|h11 (protocol class; default httptools when importable).
 Proxy headers are off (pyfork is not a proxy-aware server by default) and uvicorn's
@@ -65,7 +71,7 @@ import socket
 import time
 from email.utils import formatdate
 
-from . import accesslog, aio, asgi_protocol, inflight
+from . import accesslog, aio, aio_proxy, asgi_protocol, edge, forwarded, inflight
 from .detect import async_callable, positional_params
 from .runtime import Runtime
 
@@ -303,14 +309,17 @@ class _Worker:
         self.lifespan = self.config.lifespan_class(self.config)
         self.draining = False
         self.access = accesslog.for_worker()      # None when --access-log is off
-        self.request_app = _counted(self.config.loaded_app, rt, self.access)
+        self.edge = edge.for_worker()
+        self.request_app = forwarded.wrap_asgi(_counted(self.config.loaded_app, rt, self.access),
+                                               self.edge.forwarded_allow_ips)
         self.live: set = set()            # HTTP protocols whose socket is not yet reported closed
         self.connect_tasks: set = set()
         self.nodelay = aio.needs_nodelay(rt)
         # Connections as bare fds (no socket object each) where that is safe: uvloop,
         # a runtime that offers them with a known family and has set TCP_NODELAY.
         self.conn_family = rt.conn_family
-        self.takes_fds = aio.is_uvloop(loop) and self.conn_family is not None and not self.nodelay
+        self.takes_fds = (aio.is_uvloop(loop) and self.conn_family is not None and not self.nodelay
+                          and not self.edge.proxy_protocol)
         # TCP_CORK for responses that end with a close (asgi_protocol.corked): TCP fds from
         # take_fds, and httptools' protocol.
         self.tcp_cork = None
@@ -367,6 +376,11 @@ class _Worker:
         if self.draining:
             protocol.app = _last_response_closes(self.request_app, protocol)
         self.live.add(protocol)
+        if self.edge.proxy_protocol:
+            wrapper = aio_proxy.ProxyHeaderProtocol(protocol, self.edge, self.loop, self.report_closed)
+            aio.adopt_socket(self.loop, self.connect_tasks, sock, wrapper,
+                             lambda _wrapper: self.report_closed(protocol), self.nodelay)
+            return
         aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay)
 
     def adopt_fd(self, fd: int) -> None:
