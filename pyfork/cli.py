@@ -195,7 +195,8 @@ def cmd_serve(args) -> int:
                       hooks=cf.hooks if cf is not None else None,
                       metrics=s.metrics, access_log=s.access_log, access_log_format=s.access_log_format,
                       proxy_protocol=s.proxy_protocol, proxy_allow_from=s.proxy_allow_from,
-                      proxy_timeout=s.proxy_timeout, forwarded_allow_ips=s.forwarded_allow_ips)
+                      proxy_timeout=s.proxy_timeout, forwarded_allow_ips=s.forwarded_allow_ips,
+                      health_path=s.health_path, drain_delay=s.drain_delay)
     try:
         cluster.prepare()
     except StartupError as e:

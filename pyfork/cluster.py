@@ -55,14 +55,16 @@ class Cluster:
                  user=None, group=None, umask: Optional[int] = None, chdir: Optional[str] = None,
                  hooks: Optional[Dict[str, Callable]] = None, proxy_protocol: bool = False,
                  proxy_allow_from: str = config.LOOPBACK, proxy_timeout: float = 5.0,
-                 forwarded_allow_ips: str = config.LOOPBACK):
+                 forwarded_allow_ips: str = config.LOOPBACK, health_path: Optional[str] = None,
+                 drain_delay: float = 0.0):
         """``target`` is a "module:attr" string (re-imported by every new worker,
         so HUP runs new code) or the app object itself (inherited through fork).
         ``events`` ("fd://N" or a file path; default: $PYFORK_EVENTS) gets every event as
         a JSON line. ``metrics`` ("HOST:PORT" or "unix:PATH") serves Prometheus text at GET
         /metrics from the primary; ``access_log`` (a path or "-") and ``access_log_format``
         (gunicorn's atoms) turn on the access log. ``proxy_protocol``, ``proxy_allow_from``,
-        ``proxy_timeout`` and ``forwarded_allow_ips`` are the load-balancer options (README
+        ``proxy_timeout``, ``forwarded_allow_ips``, ``health_path`` and ``drain_delay`` are the
+        load-balancer options (README
         "More than one machine"). ``hooks``: server hooks by name (README
         "Config file and hooks"; what ``-c FILE.py`` defines). Bad values raise ValueError
         (pyfork.config.ConfigError) here, before anything runs."""
@@ -78,7 +80,7 @@ class Cluster:
             umask=umask, chdir=chdir,
             metrics=metrics, access_log=access_log, access_log_format=access_log_format,
             proxy_protocol=proxy_protocol, proxy_allow_from=proxy_allow_from, proxy_timeout=proxy_timeout,
-            forwarded_allow_ips=forwarded_allow_ips)
+            forwarded_allow_ips=forwarded_allow_ips, health_path=health_path, drain_delay=drain_delay)
         from pyfork.configfile import HOOKS
         hooks = dict(hooks or {})
         for name, fn in hooks.items():

@@ -175,6 +175,11 @@ OPTIONS: List[Option] = [
     Option("forwarded_allow_ips", ("--forwarded-allow-ips",), _str, LOOPBACK,
            f"CIDRs (comma-separated, * = any) whose X-Forwarded-For/-Proto and Forwarded headers "
            f"are trusted ({LOOPBACK}; '' = none)", metavar="CIDRS"),
+    Option("health_path", ("--health-path",), _str, None,
+           "pyfork answers GET PATH itself: 200, or 503 once a stop has begun (no app code)", metavar="PATH"),
+    Option("drain_delay", ("--drain-delay",), _float, 0.0,
+           "after TERM, keep serving S seconds (the health path says 503) before the graceful stop (0)",
+           metavar="S"),
 ]
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -216,6 +221,8 @@ class Settings:
     proxy_allow_from: str = LOOPBACK
     proxy_timeout: float = 5.0
     forwarded_allow_ips: str = LOOPBACK
+    health_path: Optional[str] = None
+    drain_delay: float = 0.0
 
 
 _HOSTPORT = re.compile(r"^(?P<host>[^:\[\]]*):(?P<port>[0-9]+)$")
@@ -275,7 +282,7 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
              max_requests=0, max_requests_jitter=0, control=None, ready_timeout=30.0,
              metrics=None, access_log=None, access_log_format=None, log_level="info",
              log_format="text", proxy_protocol=False, proxy_allow_from=LOOPBACK, proxy_timeout=5.0,
-             forwarded_allow_ips=LOOPBACK, **procmgmt) -> Settings:
+             forwarded_allow_ips=LOOPBACK, health_path=None, drain_delay=0.0, **procmgmt) -> Settings:
     """Checks every value; returns Settings or raises ConfigError (one line)."""
     if isinstance(app, str):
         if not app.strip():
@@ -320,7 +327,8 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
     obs = validate_observability(metrics=metrics, access_log=access_log, access_log_format=access_log_format,
                                  log_level=log_level, log_format=log_format)
     edge = validate_edge(proxy_protocol=proxy_protocol, proxy_allow_from=proxy_allow_from,
-                         proxy_timeout=proxy_timeout, forwarded_allow_ips=forwarded_allow_ips)
+                         proxy_timeout=proxy_timeout, forwarded_allow_ips=forwarded_allow_ips,
+                         health_path=health_path, drain_delay=drain_delay)
     return Settings(**obs, **edge, app=app, bind=addrs, workers=workers, policy=policy, backend=backend, interface=interface,
                     graceful_timeout=float(graceful_timeout), timeout=float(timeout), min_uptime=float(min_uptime),
                     max_restarts=max_restarts, give_up_cooldown=float(give_up_cooldown), max_requests=max_requests,
@@ -361,7 +369,7 @@ def validate_observability(*, metrics=None, access_log=None, access_log_format=N
 
 
 def validate_edge(*, proxy_protocol=False, proxy_allow_from=LOOPBACK, proxy_timeout=5.0,
-                  forwarded_allow_ips=LOOPBACK) -> dict:
+                  forwarded_allow_ips=LOOPBACK, health_path=None, drain_delay=0.0) -> dict:
     """The load-balancer options (issue 14), checked; a dict of Settings fields."""
     from pyfork.serve.edge import Networks
     if not isinstance(proxy_protocol, bool):
@@ -385,8 +393,13 @@ def validate_edge(*, proxy_protocol=False, proxy_allow_from=LOOPBACK, proxy_time
     _nonneg("proxy_timeout", proxy_timeout)
     if proxy_timeout <= 0:
         raise ConfigError(f"bad --proxy-timeout {proxy_timeout!r}: must be > 0")
+    if health_path is not None and (not isinstance(health_path, str) or not health_path.startswith("/")
+                                    or any(c in health_path for c in " ?#\r\n")):
+        raise ConfigError(f"bad --health-path {health_path!r}: expected a path such as /healthz")
+    _nonneg("drain_delay", drain_delay)
     return {"proxy_protocol": proxy_protocol, "proxy_allow_from": proxy_allow_from,
-            "proxy_timeout": float(proxy_timeout), "forwarded_allow_ips": forwarded_allow_ips}
+            "proxy_timeout": float(proxy_timeout), "forwarded_allow_ips": forwarded_allow_ips,
+            "health_path": health_path, "drain_delay": float(drain_delay)}
 
 
 def from_env(environ=None) -> dict:

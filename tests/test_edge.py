@@ -209,3 +209,40 @@ def test_cluster_keywords_are_validated():
         pyfork.Cluster("edgeapp:wsgi", proxy_allow_from="300.1.1.1")
     c = pyfork.Cluster("edgeapp:wsgi", proxy_protocol=True, forwarded_allow_ips="*")
     assert c.settings.proxy_protocol and c.settings.forwarded_allow_ips == "*"
+
+
+def _get(port, path):
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.usefixtures("fd_guard")
+@pytest.mark.parametrize("interface", INTERFACES)
+def test_health_path_turns_503_during_the_drain_delay_while_serving(app_dir, interface):
+    import signal
+    from supervisor_harness import wait_until
+    with serve(app_dir, interface, "--health-path", "/healthz", "--drain-delay", "30") as srv:
+        status, body = _get(srv.port, "/healthz")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+        assert _get(srv.port, "/")[0] == 200                        # the app's own paths
+        srv.signal(signal.SIGTERM)
+        wait_until(lambda: _get(srv.port, "/healthz")[0] == 503, timeout=TIMEOUT, what="503 on /healthz")
+        assert json.loads(_get(srv.port, "/healthz")[1])["status"] == "draining"
+        for _ in range(5):
+            assert _get(srv.port, "/")[0] == 200                    # still serving during the delay
+        assert srv.proc.poll() is None
+        srv.signal(signal.SIGTERM)                                  # a second TERM: stop now
+        assert srv.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize("args", [["--health-path", "healthz"], ["--health-path", "/a b"],
+                                  ["--drain-delay", "-1"]])
+def test_bad_health_options_exit_2(args):
+    proc = subprocess.run([sys.executable, "-m", "pyfork", "serve", "-b", "127.0.0.1:0", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -9,7 +9,9 @@ never the balancer's (127.0.0.1).
 
 Shown: the app sees the client's own address; /good-counter (the demo's Redis INCR) gives
 each of 1,000 concurrent increments a distinct value across both hosts; a rolling restart
-(HUP) of each host in turn under load through HAProxy fails no request; a SIGKILL of one
+(HUP) of each host in turn under load through HAProxy fails no request, and so does stopping
+and starting each host in turn (TERM: --health-path answers 503 for --drain-delay seconds, so
+HAProxy's health check takes the host out before its listeners close); a SIGKILL of one
 whole host loses at most the requests in flight on it and HAProxy's health check takes it out.
 
 haproxy and nginx come from Debian (apt-get install -y haproxy nginx). Missing, these tests
@@ -195,7 +197,7 @@ def _start_rig(tmp, redis_url, kind):
     (tmp / "hostapp.py").write_text(APP)
     run_dir = tmp / kind
     run_dir.mkdir()
-    extra = ("--proxy-protocol",) if kind == "haproxy" else ()
+    extra = ("--proxy-protocol", "--health-path", "/healthz", "--drain-delay", "2") if kind == "haproxy" else ()
     hosts = []
     balancer = None
     try:
@@ -361,6 +363,25 @@ def test_rolling_restart_host_by_host_fails_nothing(haproxy):
     assert load.failed == [], load.failed[:5]
     assert set(load.by_host) == set(HOSTS)
     print(f"\nrolling restart through HAProxy: {load.ok} requests, {len(load.failed)} failed")
+
+
+def test_stopping_and_starting_host_by_host_fails_nothing(haproxy):
+    with Load(haproxy.port, threads=4) as load:
+        load.wait_for(50)
+        for i, host in enumerate(haproxy.hosts):
+            name = f"host{i + 1}"
+            host.server.signal(signal.SIGTERM)
+            wait_until(lambda: haproxy_status(haproxy).get(name, "").startswith("DOWN"),
+                       timeout=LIVENESS, what=f"HAProxy taking {name} out")
+            assert host.server.wait(LIVENESS) == 0
+            host.server.close()
+            host.start()
+            wait_until(lambda: haproxy_status(haproxy).get(name) == "UP",
+                       timeout=LIVENESS, what=f"HAProxy taking {name} back")
+            load.wait_for(50)
+    assert load.failed == [], load.failed[:5]
+    assert set(load.by_host) == set(HOSTS)
+    print(f"\nstop/start host by host through HAProxy: {load.ok} requests, {len(load.failed)} failed")
 
 
 def test_killing_a_whole_host_costs_at_most_its_requests_in_flight(haproxy):

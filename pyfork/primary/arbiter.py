@@ -108,6 +108,7 @@ class Arbiter:
         self.events.subscribe(self.tally.on_event)
         self.wake: Optional[Wakeup] = None
         self._got_int = False
+        self._stop_at = None        # --drain-delay: when the graceful stop TERM asked for begins
         self._requests: deque = deque()          # policy events queued from API calls / control
         self._exit: Optional[int] = None
         self._next_tick = 0.0
@@ -313,6 +314,8 @@ class Arbiter:
         ping = self.notifier.next_due() if self.notifier is not None else None
         if ping is not None:
             timeout = min(timeout, max(0.0, ping - now))
+        if self._stop_at is not None:
+            timeout = min(timeout, max(0.0, self._stop_at - now))
         wake = self.wake
         if wake.signals or wake.chld or self._requests:
             timeout = 0.0
@@ -332,6 +335,9 @@ class Arbiter:
             elif ev.kind == "drained":
                 self._feed(P.Drained())
         self._handle_signals()
+        if self._stop_at is not None and time.monotonic() >= self._stop_at:
+            self._stop_at = None
+            self._feed(P.Stop(graceful=True))
         while self._requests:
             self._feed(self._requests.popleft())
         if wake.chld:
@@ -616,6 +622,16 @@ class Arbiter:
                 handler()
 
     def handle_term(self) -> None:
+        from pyfork.serve import edge
+        edge.for_worker().stopping.set()       # --health-path answers 503 from now on
+        delay = getattr(self.cfg, "drain_delay", 0.0)
+        if delay > 0 and self._stop_at is None and not self.policy.stopping:
+            # Serve on while the balancer's health check sees 503 (pyfork.serve.health); a
+            # second TERM starts the graceful stop at once.
+            self._stop_at = time.monotonic() + delay
+            log.info("SIGTERM: serving %.3g s more (health path answers 503), then a graceful stop", delay)
+            return
+        self._stop_at = None
         log.info("SIGTERM: graceful stop")
         self._feed(P.Stop(graceful=True))
 

@@ -71,7 +71,7 @@ import socket
 import time
 from email.utils import formatdate
 
-from . import accesslog, aio, aio_proxy, asgi_protocol, edge, forwarded, inflight
+from . import accesslog, aio, aio_proxy, asgi_protocol, edge, forwarded, health, inflight
 from .detect import async_callable, positional_params
 from .runtime import Runtime
 
@@ -310,8 +310,8 @@ class _Worker:
         self.draining = False
         self.access = accesslog.for_worker()      # None when --access-log is off
         self.edge = edge.for_worker()
-        self.request_app = forwarded.wrap_asgi(_counted(self.config.loaded_app, rt, self.access),
-                                               self.edge.forwarded_allow_ips)
+        app = health.wrap_asgi(self.config.loaded_app, self.edge.health_path, self.edge.stopping)
+        self.request_app = forwarded.wrap_asgi(_counted(app, rt, self.access), self.edge.forwarded_allow_ips)
         self.live: set = set()            # HTTP protocols whose socket is not yet reported closed
         self.connect_tasks: set = set()
         self.nodelay = aio.needs_nodelay(rt)

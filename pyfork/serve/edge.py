@@ -15,6 +15,7 @@ address; it is a process on this host, so it counts as trusted exactly when loop
 from __future__ import annotations
 
 import ipaddress
+import mmap
 from typing import Optional, Tuple
 
 from pyfork.config import LOOPBACK
@@ -73,23 +74,43 @@ class Networks:
 class EdgeConfig:
     """The edge options of this server, as the workers use them."""
 
-    __slots__ = ("proxy_protocol", "proxy_allow_from", "proxy_timeout", "forwarded_allow_ips")
+    __slots__ = ("proxy_protocol", "proxy_allow_from", "proxy_timeout", "forwarded_allow_ips",
+                 "health_path", "stopping")
 
     def __init__(self, proxy_protocol=False, proxy_allow_from=LOOPBACK, proxy_timeout=PROXY_TIMEOUT,
-                 forwarded_allow_ips=LOOPBACK):
+                 forwarded_allow_ips=LOOPBACK, health_path=None):
         self.proxy_protocol = bool(proxy_protocol)
         self.proxy_allow_from = _networks(proxy_allow_from)
         self.proxy_timeout = float(proxy_timeout)
         self.forwarded_allow_ips = _networks(forwarded_allow_ips, allow_empty=True)
+        self.health_path = health_path or None
+        self.stopping = StopFlag()
 
     @classmethod
     def from_settings(cls, s) -> "EdgeConfig":
         return cls(getattr(s, "proxy_protocol", False), getattr(s, "proxy_allow_from", LOOPBACK),
-                   getattr(s, "proxy_timeout", PROXY_TIMEOUT), getattr(s, "forwarded_allow_ips", LOOPBACK))
+                   getattr(s, "proxy_timeout", PROXY_TIMEOUT), getattr(s, "forwarded_allow_ips", LOOPBACK),
+                   getattr(s, "health_path", None))
 
 
 def _networks(value, allow_empty=False) -> Networks:
     return value if isinstance(value, Networks) else Networks(value, allow_empty)
+
+
+class StopFlag:
+    """One byte of anonymous shared memory, made before the first fork: the primary sets it
+    when a stop begins (--drain-delay), every worker reads it (the --health-path answer)."""
+
+    __slots__ = ("mem",)
+
+    def __init__(self):
+        self.mem = mmap.mmap(-1, 1)          # MAP_SHARED|MAP_ANONYMOUS: children see writes
+
+    def set(self) -> None:
+        self.mem[0] = 1
+
+    def is_set(self) -> bool:
+        return self.mem[0] == 1
 
 
 _config = EdgeConfig()

@@ -49,7 +49,7 @@ import selectors
 import socket
 import time
 
-from . import accesslog, edge, forwarded, http1
+from . import accesslog, edge, forwarded, health, http1
 from .http1 import COMPLETE, HEAD, NEED_DATA, HttpError, Limits, RequestReader, error_response
 from .proxyproto import ProxyHeaderError
 from .runtime import Runtime
@@ -115,7 +115,8 @@ class Server:
 
     def __init__(self, app, rt: Runtime, limits):
         self.edge = edge.for_worker()
-        self.app = forwarded.wrap_wsgi(app, self.edge.forwarded_allow_ips)
+        self.app = forwarded.wrap_wsgi(health.wrap_wsgi(app, self.edge.health_path, self.edge.stopping),
+                                       self.edge.forwarded_allow_ips)
         self.rt = rt
         self.limits = limits
         self.log = rt.log
