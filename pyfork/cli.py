@@ -194,7 +194,10 @@ def cmd_serve(args) -> int:
                       user=s.user, group=s.group, umask=s.umask, chdir=s.chdir,
                       hooks=cf.hooks if cf is not None else None,
                       metrics=s.metrics, access_log=s.access_log, access_log_format=s.access_log_format,
-                      limit_concurrency=s.limit_concurrency, backlog=s.backlog, keep_alive=s.keep_alive)
+                      limit_concurrency=s.limit_concurrency, backlog=s.backlog, keep_alive=s.keep_alive,
+                      proxy_protocol=s.proxy_protocol, proxy_allow_from=s.proxy_allow_from,
+                      proxy_timeout=s.proxy_timeout, forwarded_allow_ips=s.forwarded_allow_ips,
+                      health_path=s.health_path, drain_delay=s.drain_delay)
     try:
         cluster.prepare()
     except StartupError as e:

@@ -54,7 +54,11 @@ class Cluster:
                  max_worker_lifetime_jitter: Optional[float] = None, pid_file: Optional[str] = None,
                  user=None, group=None, umask: Optional[int] = None, chdir: Optional[str] = None,
                  hooks: Optional[Dict[str, Callable]] = None, limit_concurrency: int = 0,
-                 backlog: Optional[int] = None, keep_alive: float = 5.0):
+                 backlog: Optional[int] = None, keep_alive: float = 5.0,
+                 proxy_protocol: bool = False,
+                 proxy_allow_from: str = config.LOOPBACK, proxy_timeout: float = 5.0,
+                 forwarded_allow_ips: str = config.LOOPBACK, health_path: Optional[str] = None,
+                 drain_delay: float = 0.0):
         """``target`` is a "module:attr" string (re-imported by every new worker,
         so HUP runs new code) or the app object itself (inherited through fork).
         ``events`` ("fd://N" or a file path; default: $PYFORK_EVENTS) gets every event as
@@ -63,7 +67,9 @@ class Cluster:
         (gunicorn's atoms) turn on the access log. ``hooks``: server hooks by name (README
         "Config file and hooks"; what ``-c FILE.py`` defines). ``limit_concurrency`` (per
         worker, 0 = off), ``backlog`` (default: net.core.somaxconn) and ``keep_alive``
-        (seconds, 0 = none) are README "Limits". Bad values raise ValueError
+        (seconds, 0 = none) are README "Limits". ``proxy_protocol``, ``proxy_allow_from``,
+        ``proxy_timeout``, ``forwarded_allow_ips``, ``health_path`` and ``drain_delay`` are the
+        load-balancer options (README "More than one machine"). Bad values raise ValueError
         (pyfork.config.ConfigError) here, before anything runs."""
         if bind is None or isinstance(bind, str):
             bind = [bind] if bind else None
@@ -76,7 +82,9 @@ class Cluster:
             max_worker_lifetime_jitter=max_worker_lifetime_jitter, pid_file=pid_file, user=user, group=group,
             umask=umask, chdir=chdir,
             metrics=metrics, access_log=access_log, access_log_format=access_log_format,
-            limit_concurrency=limit_concurrency, backlog=backlog, keep_alive=keep_alive)
+            limit_concurrency=limit_concurrency, backlog=backlog, keep_alive=keep_alive,
+            proxy_protocol=proxy_protocol, proxy_allow_from=proxy_allow_from, proxy_timeout=proxy_timeout,
+            forwarded_allow_ips=forwarded_allow_ips, health_path=health_path, drain_delay=drain_delay)
         from pyfork.configfile import HOOKS
         hooks = dict(hooks or {})
         for name, fn in hooks.items():

@@ -26,6 +26,7 @@ DEFAULT_BIND = "127.0.0.1:8000"
 # table is sized 2x+ that to hold replacements and draining workers.
 MAX_WORKERS = 1024
 ENV_PREFIX = "PYFORK_"
+LOOPBACK = "127.0.0.0/8,::1"     # the default of --proxy-allow-from and --forwarded-allow-ips
 
 
 class ConfigError(ValueError):
@@ -171,6 +172,22 @@ OPTIONS: List[Option] = [
            "listen backlog of every listener, 1..65535 (default: net.core.somaxconn)", metavar="N"),
     Option("keep_alive", ("--keep-alive",), _float, 5.0,
            "seconds a kept-alive connection may idle between requests (5; 0 = no keep-alive)",
+            metavar="S"),
+    # behind a load balancer (issue 14)
+    Option("proxy_protocol", ("--proxy-protocol",), _bool, False,
+           "every connection starts with a PROXY v1/v2 header (HAProxy send-proxy[-v2]); the app sees "
+           "the client it names", flag=True),
+    Option("proxy_allow_from", ("--proxy-allow-from",), _str, LOOPBACK,
+           f"CIDRs (comma-separated, * = any) allowed to send PROXY headers ({LOOPBACK})", metavar="CIDRS"),
+    Option("proxy_timeout", ("--proxy-timeout",), _float, 5.0,
+           "seconds a connection has to send its PROXY header (5)", metavar="S"),
+    Option("forwarded_allow_ips", ("--forwarded-allow-ips",), _str, LOOPBACK,
+           f"CIDRs (comma-separated, * = any) whose X-Forwarded-For/-Proto and Forwarded headers "
+           f"are trusted ({LOOPBACK}; '' = none)", metavar="CIDRS"),
+    Option("health_path", ("--health-path",), _str, None,
+           "pyfork answers GET PATH itself: 200, or 503 once a stop has begun (no app code)", metavar="PATH"),
+    Option("drain_delay", ("--drain-delay",), _float, 0.0,
+           "after TERM, keep serving S seconds (the health path says 503) before the graceful stop (0)",
            metavar="S"),
 ]
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
@@ -213,6 +230,12 @@ class Settings:
     limit_concurrency: int = 0
     backlog: int = 4096
     keep_alive: float = 5.0
+    proxy_protocol: bool = False
+    proxy_allow_from: str = LOOPBACK
+    proxy_timeout: float = 5.0
+    forwarded_allow_ips: str = LOOPBACK
+    health_path: Optional[str] = None
+    drain_delay: float = 0.0
 
 
 _HOSTPORT = re.compile(r"^(?P<host>[^:\[\]]*):(?P<port>[0-9]+)$")
@@ -271,7 +294,9 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
              graceful_timeout=30.0, timeout=30.0, min_uptime=1.0, max_restarts=5, give_up_cooldown=60.0,
              max_requests=0, max_requests_jitter=0, control=None, ready_timeout=30.0,
              metrics=None, access_log=None, access_log_format=None, log_level="info",
-             log_format="text", limit_concurrency=0, backlog=None, keep_alive=5.0, **procmgmt) -> Settings:
+             log_format="text", limit_concurrency=0, backlog=None, keep_alive=5.0, proxy_protocol=False,
+             proxy_allow_from=LOOPBACK, proxy_timeout=5.0, forwarded_allow_ips=LOOPBACK, health_path=None,
+             drain_delay=0.0, **procmgmt) -> Settings:
     """Checks every value; returns Settings or raises ConfigError (one line)."""
     if isinstance(app, str):
         if not app.strip():
@@ -315,7 +340,10 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
             raise ConfigError(f"bad --control {control!r}: unix socket path longer than 107 bytes")
     obs = validate_observability(metrics=metrics, access_log=access_log, access_log_format=access_log_format,
                                  log_level=log_level, log_format=log_format)
-    return Settings(**obs, app=app, bind=addrs, workers=workers, policy=policy, backend=backend, interface=interface,
+    edge = validate_edge(proxy_protocol=proxy_protocol, proxy_allow_from=proxy_allow_from,
+                         proxy_timeout=proxy_timeout, forwarded_allow_ips=forwarded_allow_ips,
+                         health_path=health_path, drain_delay=drain_delay)
+    return Settings(**obs, **edge, app=app, bind=addrs, workers=workers, policy=policy, backend=backend, interface=interface,
                     graceful_timeout=float(graceful_timeout), timeout=float(timeout), min_uptime=float(min_uptime),
                     max_restarts=max_restarts, give_up_cooldown=float(give_up_cooldown), max_requests=max_requests,
                     max_requests_jitter=max_requests_jitter, control=control, ready_timeout=float(ready_timeout),
@@ -389,6 +417,40 @@ def validate_observability(*, metrics=None, access_log=None, access_log_format=N
     log_format = _choice("log_format", log_format, LOG_FORMATS)
     return {"metrics": metrics, "access_log": access_log, "access_log_format": access_log_format,
             "log_level": log_level, "log_format": log_format}
+
+
+def validate_edge(*, proxy_protocol=False, proxy_allow_from=LOOPBACK, proxy_timeout=5.0,
+                  forwarded_allow_ips=LOOPBACK, health_path=None, drain_delay=0.0) -> dict:
+    """The load-balancer options (issue 14), checked; a dict of Settings fields."""
+    from pyfork.serve.edge import Networks
+    if not isinstance(proxy_protocol, bool):
+        raise ConfigError(f"bad --proxy-protocol {proxy_protocol!r}: expected true or false")
+    for name, value, may_be_empty in (("proxy_allow_from", proxy_allow_from, False),
+                                      ("forwarded_allow_ips", forwarded_allow_ips, True)):
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        if not isinstance(value, str):
+            raise ConfigError(f"bad {flag} {value!r}: expected CIDRs such as 127.0.0.0/8,::1 or *")
+        if value.strip() or not may_be_empty:
+            try:
+                Networks(value)
+            except ValueError as e:
+                raise ConfigError(f"bad {flag}: {e}") from None
+        if name == "proxy_allow_from":
+            proxy_allow_from = value
+        else:
+            forwarded_allow_ips = value
+    _nonneg("proxy_timeout", proxy_timeout)
+    if proxy_timeout <= 0:
+        raise ConfigError(f"bad --proxy-timeout {proxy_timeout!r}: must be > 0")
+    if health_path is not None and (not isinstance(health_path, str) or not health_path.startswith("/")
+                                    or any(c in health_path for c in " ?#\r\n")):
+        raise ConfigError(f"bad --health-path {health_path!r}: expected a path such as /healthz")
+    _nonneg("drain_delay", drain_delay)
+    return {"proxy_protocol": proxy_protocol, "proxy_allow_from": proxy_allow_from,
+            "proxy_timeout": float(proxy_timeout), "forwarded_allow_ips": forwarded_allow_ips,
+            "health_path": health_path, "drain_delay": float(drain_delay)}
 
 
 def from_env(environ=None) -> dict:

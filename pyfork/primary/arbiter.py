@@ -108,6 +108,7 @@ class Arbiter:
         self.events.subscribe(self.tally.on_event)
         self.wake: Optional[Wakeup] = None
         self._got_int = False
+        self._stop_at = None        # --drain-delay: when the graceful stop TERM asked for begins
         self._requests: deque = deque()          # policy events queued from API calls / control
         self._exit: Optional[int] = None
         self._next_tick = 0.0
@@ -159,6 +160,7 @@ class Arbiter:
         try:
             self._configure_access_log()
             self._configure_conn_limits()
+            self._configure_edge()
             if self.events_target:
                 try:
                     self.events.add_sink(open_sink(self.events_target))
@@ -226,6 +228,11 @@ class Arbiter:
         return {"limit_concurrency": cfg.limit_concurrency, "backlog": cfg.backlog,
                 "keep_alive": cfg.keep_alive,
                 "nofile": self.nofile.as_dict() if self.nofile is not None else None}
+
+    def _configure_edge(self) -> None:
+        """PROXY protocol and forwarded-header trust, inherited by every worker (pyfork.serve.edge)."""
+        from pyfork.serve import edge
+        edge.configure(edge.EdgeConfig.from_settings(self.cfg))
 
     def _check_app(self) -> None:
         from pyfork import applib
@@ -328,6 +335,8 @@ class Arbiter:
         ping = self.notifier.next_due() if self.notifier is not None else None
         if ping is not None:
             timeout = min(timeout, max(0.0, ping - now))
+        if self._stop_at is not None:
+            timeout = min(timeout, max(0.0, self._stop_at - now))
         wake = self.wake
         if wake.signals or wake.chld or self._requests:
             timeout = 0.0
@@ -347,6 +356,9 @@ class Arbiter:
             elif ev.kind == "drained":
                 self._feed(P.Drained())
         self._handle_signals()
+        if self._stop_at is not None and time.monotonic() >= self._stop_at:
+            self._stop_at = None
+            self._feed(P.Stop(graceful=True))
         while self._requests:
             self._feed(self._requests.popleft())
         if wake.chld:
@@ -631,6 +643,16 @@ class Arbiter:
                 handler()
 
     def handle_term(self) -> None:
+        from pyfork.serve import edge
+        edge.for_worker().stopping.set()       # --health-path answers 503 from now on
+        delay = getattr(self.cfg, "drain_delay", 0.0)
+        if delay > 0 and self._stop_at is None and not self.policy.stopping:
+            # Serve on while the balancer's health check sees 503 (pyfork.serve.health); a
+            # second TERM starts the graceful stop at once.
+            self._stop_at = time.monotonic() + delay
+            log.info("SIGTERM: serving %.3g s more (health path answers 503), then a graceful stop", delay)
+            return
+        self._stop_at = None
         log.info("SIGTERM: graceful stop")
         self._feed(P.Stop(graceful=True))
 

@@ -53,6 +53,12 @@ N open connections or N running tasks, WebSockets included); its per-request war
 turned into a count the worker reports once a second (`_RejectionCounter`). --keep-alive is
 uvicorn's `timeout_keep_alive`; 0 adds `Connection: close` to every HTTP response.
 
+Behind a load balancer (pyfork.serve.edge): with --proxy-protocol every connection is adopted
+through aio_proxy.ProxyHeaderProtocol, which reads the PROXY header before uvicorn's protocol
+starts (and sets its `client`); such connections are taken as sockets, uncorked. Forwarded
+headers from --forwarded-allow-ips are applied to the scope by a layer around the app
+(pyfork.serve.forwarded), outside the access log's, so the log shows the client too.
+
 Knobs (environment, read once per worker): PYFORK_UVLOOP=0 (asyncio's loop),
 PYFORK_ASGI_HTTP=httptools|h11 (protocol class; default httptools when importable).
 Proxy headers are off (pyfork is not a proxy-aware server by default) and uvicorn's
@@ -73,7 +79,7 @@ import socket
 import time
 from email.utils import formatdate
 
-from . import accesslog, aio, asgi_protocol, connlimits, inflight
+from . import accesslog, aio, aio_proxy, asgi_protocol, connlimits, edge, forwarded, health, inflight
 from .detect import async_callable, positional_params
 from .runtime import Runtime
 
@@ -366,7 +372,9 @@ class _Worker:
         self.lifespan = self.config.lifespan_class(self.config)
         self.draining = False
         self.access = accesslog.for_worker()      # None when --access-log is off
-        self.request_app = _counted(self.config.loaded_app, rt, self.access)
+        self.edge = edge.for_worker()
+        app = health.wrap_asgi(self.config.loaded_app, self.edge.health_path, self.edge.stopping)
+        self.request_app = forwarded.wrap_asgi(_counted(app, rt, self.access), self.edge.forwarded_allow_ips)
         if limits is not None and limits.keep_alive == 0:
             self.request_app = _closing_app(self.request_app)
         self.live: set = set()            # HTTP protocols whose socket is not yet reported closed
@@ -375,7 +383,8 @@ class _Worker:
         # Connections as bare fds (no socket object each) where that is safe: uvloop,
         # a runtime that offers them with a known family and has set TCP_NODELAY.
         self.conn_family = rt.conn_family
-        self.takes_fds = aio.is_uvloop(loop) and self.conn_family is not None and not self.nodelay
+        self.takes_fds = (aio.is_uvloop(loop) and self.conn_family is not None and not self.nodelay
+                          and not self.edge.proxy_protocol)
         # TCP_CORK for responses that end with a close (asgi_protocol.corked): TCP fds from
         # take_fds, and httptools' protocol.
         self.tcp_cork = None
@@ -432,6 +441,11 @@ class _Worker:
         if self.draining:
             protocol.app = _last_response_closes(self.request_app, protocol)
         self.live.add(protocol)
+        if self.edge.proxy_protocol:
+            wrapper = aio_proxy.ProxyHeaderProtocol(protocol, self.edge, self.loop, self.report_closed)
+            aio.adopt_socket(self.loop, self.connect_tasks, sock, wrapper,
+                             lambda _wrapper: self.report_closed(protocol), self.nodelay)
+            return
         aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay)
 
     def adopt_fd(self, fd: int) -> None:

@@ -40,6 +40,13 @@ application or a `100 Continue`; the count is kept per transition in settle() an
 Expect: 100-continue: since the body is read before the application runs, `100 Continue` is
 sent as soon as the head is accepted (and not when the body is too large: 413 instead).
 
+Behind a load balancer (pyfork.serve.edge): with --proxy-protocol a connection's first bytes
+must be a PROXY header from a peer in --proxy-allow-from, read within --proxy-timeout before
+any request byte (`Conn.proxy` holds it meanwhile); anything else closes the connection
+unanswered. Its client address becomes REMOTE_ADDR/REMOTE_PORT. Forwarded headers from
+--forwarded-allow-ips are applied per request by a thin layer around the app
+(pyfork.serve.forwarded).
+
 Layout: this module is the loop (connections, reading, writing, timers, draining);
 wsgi_adapter is the application side (environ, start_response, the body iterable).
 """
@@ -50,8 +57,9 @@ import selectors
 import socket
 import time
 
-from . import accesslog, connlimits, http1
+from . import accesslog, connlimits, edge, forwarded, health, http1
 from .http1 import COMPLETE, HEAD, NEED_DATA, HttpError, Limits, RequestReader, error_response
+from .proxyproto import ProxyHeaderError
 from .runtime import Runtime
 from .wsgi_adapter import FileWrapper, base_environ, conn_environ, respond  # noqa: F401 - re-exported
 
@@ -93,7 +101,7 @@ class Conn:
 
     __slots__ = ("sock", "fd", "reader", "env", "out", "out_len", "resume", "deadline",
                  "busy_since", "nreq", "closing", "linger", "dead", "events", "lingered", "closed",
-                 "counted")
+                 "counted", "proxy")
 
     def __init__(self, sock, reader, env):
         self.sock = sock
@@ -113,13 +121,16 @@ class Conn:
         self.lingered = 0
         self.closed = False         # closed: events still queued for it are stale
         self.counted = False        # in Server.in_progress (--limit-concurrency)
+        self.proxy = None           # edge.ProxyState until the PROXY header is read
 
 
 class Server:
     """The worker's loop; one per serve() call."""
 
     def __init__(self, app, rt: Runtime, limits, conn_limits=None):
-        self.app = app
+        self.edge = edge.for_worker()
+        self.app = forwarded.wrap_wsgi(health.wrap_wsgi(app, self.edge.health_path, self.edge.stopping),
+                                       self.edge.forwarded_allow_ips)
         self.rt = rt
         self.limits = limits
         self.log = rt.log
@@ -216,11 +227,14 @@ class Server:
         now = time.monotonic()
         limits, base_env, conns = self.limits, self.base_env, self.conns
         deadline = now + limits.request_timeout
+        proxy_protocol = self.edge.proxy_protocol
         for sock in socks:
             conn = Conn(sock, RequestReader(limits), conn_environ(base_env, sock))
             conn.deadline = deadline
             conn.busy_since = now
             conns[conn.fd] = conn
+            if proxy_protocol and not self.start_proxy(conn, now):
+                continue
             # The request has usually arrived already: read it before registering, so a
             # connection answered and closed at once never costs a selector round trip.
             self.on_readable(conn)
@@ -245,12 +259,45 @@ class Server:
         if not data:                 # EOF: an incomplete request is never dispatched
             self.close(conn)
             return
+        if conn.proxy is not None:
+            data = self.read_proxy(conn, data)
+            if not data:
+                return
         if conn.busy_since is None:
             now = time.monotonic()
             conn.busy_since = now
             conn.deadline = now + self.limits.request_timeout
         conn.reader.feed(data)
         self.process(conn)
+
+    def start_proxy(self, conn, now):
+        """--proxy-protocol: wait for the header (False: the peer may not send one, closed)."""
+        if not edge.peer_allowed(self.edge, conn.env.get("REMOTE_ADDR", "")):
+            self.log.warning("closing a connection from %s: not in --proxy-allow-from",
+                             conn.env.get("REMOTE_ADDR") or "a unix socket")
+            self.close(conn)
+            return False
+        conn.proxy = edge.ProxyState()
+        conn.deadline = now + self.edge.proxy_timeout
+        return True
+
+    def read_proxy(self, conn, data):
+        """Feeds the PROXY header; returns the request bytes after it (b"" or None: none yet)."""
+        try:
+            rest = conn.proxy.feed(data)
+        except ProxyHeaderError as exc:
+            self.log.info("closing a connection from %s: %s", conn.env.get("REMOTE_ADDR") or "-", exc)
+            self.close(conn)
+            return None
+        if rest is None:
+            return None
+        client = conn.proxy.client
+        conn.proxy = None
+        if client is not None:
+            conn.env["REMOTE_ADDR"] = client[0]
+            conn.env["REMOTE_PORT"] = str(client[1])
+        conn.deadline = time.monotonic() + self.limits.request_timeout
+        return rest
 
     def process(self, conn):
         """Answer every complete request in the buffer, in order, until one has to wait."""
