@@ -152,3 +152,22 @@ def read_response(sock):
             break
         rest += chunk
     return status, hdrs, rest[:length]
+
+
+def events_file(tmp_path):
+    """Where a `pyfork serve` child writes its event stream (PYFORK_EVENTS, README "Events")."""
+    return tmp_path / "events.jsonl"
+
+
+def count_events(path, kind):
+    """How many records of `kind` the JSON-lines event file at `path` holds so far (a line
+    still being written is not counted)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return 0
+    n = 0
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n") and json.loads(line).get("kind") == kind:
+            n += 1
+    return n

@@ -75,10 +75,10 @@ def server(backend, tmp_path):
                              "-w", "1", "-b", f"127.0.0.1:{port}", "--backend", backend.BACKEND],
                             stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
                             env={**os.environ, "PYFORK_UVLOOP": "1", "PYFORK_ASGI_HTTP": "httptools",
-                                 "PYTHONPATH": TESTS_DIR})
+                                 "PYTHONPATH": TESTS_DIR, "PYFORK_EVENTS": str(N.events_file(tmp_path))})
     try:
         deadline = time.monotonic() + N.LIVENESS
-        while (tmp_path / "serve.log").read_text().count(" ready in ") < 1:
+        while N.count_events(N.events_file(tmp_path), "ready") < 1:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.05)
         yield port

@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 import asgi_harness as H
+import net_harness as N
 import redis_server as RS
 redis_server = RS.redis_server  # the module-scoped fixture (private redis-server on a free port)
 
@@ -232,6 +233,7 @@ def start_pyfork_serve(app: str, workers: int, tmp_path) -> tuple[subprocess.Pop
     Its log is tmp_path/serve.log. The caller stops it (and kills it on failure)."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["PYFORK_EVENTS"] = str(tmp_path / "events.jsonl")
     with open(tmp_path / "serve.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pyfork", "serve", app,
                                  "-w", str(workers), "-b", f"127.0.0.1:{port}"],
@@ -247,7 +249,7 @@ def start_pyfork_serve(app: str, workers: int, tmp_path) -> tuple[subprocess.Pop
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(0.05)
         # The port answers as soon as it is bound; requests need the workers READY.
-        while (tmp_path / "serve.log").read_text().count(" ready in ") < workers:
+        while N.count_events(tmp_path / "events.jsonl", "ready") < workers:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.05)
     except BaseException:

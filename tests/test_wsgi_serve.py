@@ -24,6 +24,7 @@ import pytest
 
 
 import wsgi_harness as H
+import net_harness as N
 from net_harness import StopOnExit
 pytestmark = [pytest.mark.usefixtures("fd_guard"), pytest.mark.timeout(300)]
 
@@ -83,13 +84,15 @@ class Served(StopOnExit):
         child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
         child_env.update(env or {})
+        child_env["PYFORK_EVENTS"] = str(tmp_path / "events.jsonl")
+        self.events_path = tmp_path / "events.jsonl"
         cmd = [sys.executable, "-m", "pyfork", "serve", "pyfork_serve_test_app:app",
                "--interface", "wsgi", "-b", f"127.0.0.1:{self.port}", "-w", str(workers)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          env=child_env, cwd=str(tmp_path))  # not the repo root: see README
         deadline = time.monotonic() + H.LIVENESS
-        while self.log().count(" ready in ") < workers:
+        while N.count_events(self.events_path, "ready") < workers:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError("pyfork serve did not start:\n" + self.log())

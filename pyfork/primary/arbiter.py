@@ -497,6 +497,7 @@ class Arbiter:
             listeners=list(listeners), max_requests=max_req, primary_pid=os.getpid(),
             primary_signals=HANDLED_SIGNALS, baseline_fds=self.baseline_fds,
             primary_fds=self.listeners.primary_fds() + self.events.primary_only_fds(),
+            listener_fds=self.listeners.primary_fds(),     # what connections come from (their family)
             target=self.target, interface=cfg.interface, post_fork=self.post_fork,
             worker_abort=self.worker_abort, title=f"pyfork: worker {wid} {self._app_name()}",
             run_as=(cfg.uid, cfg.gid) if cfg.uid is not None or cfg.gid is not None else None)

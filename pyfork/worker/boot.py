@@ -96,7 +96,7 @@ def _hygiene(spec) -> Optional[int]:
     sched.restore_after_fork()
     # Every connection this worker gets was accepted on one of these (rr/least: the
     # primary's; shared/reuseport: ours): read their family while they are open.
-    family = _listener_family(spec.listeners or spec.primary_fds)
+    family = _listener_family(spec.listeners or spec.listener_fds)
     # 2. fds: everything the primary opened since it started, except ours.
     keep = {0, 1, 2, spec.chan, *spec.listeners}
     close = (set(_open_fds()) - set(spec.baseline_fds)) | set(spec.primary_fds)
