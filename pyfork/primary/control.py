@@ -4,11 +4,12 @@ Theory of operation. ``--control PATH`` makes the primary listen on a Unix
 stream socket created with mode 0600 (umask set around bind, so there is no
 window where it is wider). Every client's uid is checked with SO_PEERCRED: only
 the primary's own uid (and root, who could ptrace it anyway) may talk. The
-listener and every client are watched fds of the dispatcher, so the primary
-never blocks on a client: reads and writes are non-blocking, a request line is
-at most MAX_LINE bytes, at most MAX_CLIENTS are connected, an idle client is
-dropped after IDLE_TIMEOUT, and a client that does not read its reply is
-dropped rather than waited for.
+listener and every client are watched fds of the dispatcher, served by a
+pyfork.primary.watched.WatchedListener, so the primary never blocks on a
+client: reads and writes are non-blocking, a request line is at most MAX_LINE
+bytes, at most MAX_CLIENTS are connected, an idle client is dropped after
+IDLE_TIMEOUT, and a client that does not read its reply is dropped rather than
+waited for.
 
 Protocol: one JSON object per line, one JSON reply per line.
   {"cmd": "status"}                -> {"ok": true, "workers": [...], ...}
@@ -33,18 +34,19 @@ import socket
 import stat
 import struct
 import time
-from typing import Iterator
+from typing import Dict, Iterator, Optional
 
 from pyfork.primary import lifecycle as P
 from pyfork.primary.eventstream import JsonLinesSink
+from pyfork.primary.watched import Client, WatchedListener
 
 log = logging.getLogger("pyfork.control")
 
 MAX_LINE = 4096        # a request is a few dozen bytes; anything longer is garbage
 MAX_CLIENTS = 8        # concurrent clients (watched fds are a fixed-size table in the dispatcher)
 IDLE_TIMEOUT = 10.0    # seconds a connected client may stay silent
-TAG_CONTROL = 1
-FIRST_CLIENT_TAG = 2
+TAG_CONTROL = 1        # the listener's watch tag; its clients take the CLIENT_TAGS after it
+CLIENT_TAGS = 2 ** 31  # (pyfork.primary.metrics' tags are above these)
 _UCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 
@@ -53,28 +55,16 @@ def peer_uid(sock: socket.socket) -> int:
     return uid
 
 
-class _Client:
-    __slots__ = ("sock", "buf", "seen", "sink")
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = b""
-        self.seen = time.monotonic()
-        self.sink = None          # a JsonLinesSink once it asked for events
-
-
 class ControlServer:
+    """The control socket's protocol; serving its clients is a WatchedListener's job."""
+
     def __init__(self, path: str, arbiter):
         self.path = path
         self.arb = arbiter
-        self.clients = {}
-        self._next_tag = FIRST_CLIENT_TAG
-        self.sock = self._listen(path)
-        try:
-            arbiter.disp.watch(self.sock.fileno(), TAG_CONTROL)
-        except BaseException:
-            self._close_listener()
-            raise
+        self.sinks: Dict[int, JsonLinesSink] = {}     # by tag: the clients that asked for events
+        self.listener = WatchedListener("control", self._listen(path), path, arbiter.disp, self,
+                                        tag=TAG_CONTROL, client_tags=CLIENT_TAGS, max_clients=MAX_CLIENTS,
+                                        idle_timeout=IDLE_TIMEOUT, recv_size=MAX_LINE + 1)
 
     @staticmethod
     def _listen(path: str) -> socket.socket:
@@ -114,72 +104,49 @@ class ControlServer:
 
     # ---- events from the loop ------------------------------------------------
     def on_readable(self, tag: int) -> None:
-        if tag == TAG_CONTROL:
-            self._accept()
-        else:
-            c = self.clients.get(tag)
-            if c is not None:
-                self._read(tag, c)
+        self.listener.on_readable(tag)
 
-    def _accept(self) -> None:
-        for _ in range(MAX_CLIENTS):
-            try:
-                s, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.warning("control: accept failed: %s", e)
-                return
-            s.setblocking(False)
-            try:
-                uid = peer_uid(s)
-            except OSError:
-                uid = -1
-            if uid not in (os.geteuid(), 0):
-                log.warning("control: refused a client with uid %d", uid)
-                self._reply_and_close(s, {"ok": False, "error": f"permission denied for uid {uid}"})
-                continue
-            if len(self.clients) >= MAX_CLIENTS:
-                self._reply_and_close(s, {"ok": False, "error": "too many control clients"})
-                continue
-            tag = self._next_tag
-            self._next_tag = FIRST_CLIENT_TAG + (self._next_tag - FIRST_CLIENT_TAG + 1) % (2 ** 31)
-            try:
-                self.arb.disp.watch(s.fileno(), tag)
-            except OSError as e:
-                self._reply_and_close(s, {"ok": False, "error": f"busy: {e}"})
-                continue
-            self.clients[tag] = _Client(s)
+    # ---- WatchedServer: what the listener asks of the protocol ----------------
+    def vet(self, sock: socket.socket) -> Optional[str]:
+        try:
+            uid = peer_uid(sock)
+        except OSError:
+            uid = -1
+        if uid in (os.geteuid(), 0):
+            return None
+        log.warning("control: refused a client with uid %d", uid)
+        return f"permission denied for uid {uid}"
 
-    def _read(self, tag: int, c: _Client) -> None:
-        while True:
-            try:
-                data = c.sock.recv(MAX_LINE + 1)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self._drop(tag)
-                return
-            if not data:
-                self._drop(tag)
-                return
-            c.buf += data
-            c.seen = time.monotonic()
-            while b"\n" in c.buf:
-                line, c.buf = c.buf.split(b"\n", 1)
-                if c.sink is not None:
-                    continue          # a subscriber only listens
-                reply = self.execute(line)
-                if not self._send(tag, c, reply):
-                    return
-                if reply.get("events"):
-                    self._subscribe(c)
-            if len(c.buf) > MAX_LINE:
-                self._send(tag, c, {"ok": False, "error": f"request line longer than {MAX_LINE} bytes"})
-                self._drop(tag)
-                return
+    def refuse(self, sock: socket.socket, why: str) -> None:
+        try:
+            sock.send((json.dumps({"ok": False, "error": why}) + "\n").encode())
+        except OSError:
+            pass
+        sock.close()
 
-    def _send(self, tag: int, c: _Client, obj) -> bool:
+    def on_data(self, c: Client, data: bytes) -> None:
+        c.buf += data
+        c.seen = time.monotonic()        # a client that talks is not idle
+        while b"\n" in c.buf:
+            line, c.buf = c.buf.split(b"\n", 1)
+            if c.tag in self.sinks:
+                continue          # a subscriber only listens
+            reply = self.execute(line)
+            if not self._send(c, reply):
+                return
+            if reply.get("events"):
+                self._subscribe(c)
+        if len(c.buf) > MAX_LINE:
+            self._send(c, {"ok": False, "error": f"request line longer than {MAX_LINE} bytes"})
+            self.listener.drop(c.tag)
+
+    def on_drop(self, c: Client) -> None:
+        sink = self.sinks.pop(c.tag, None)
+        if sink is not None:
+            self.arb.events.remove_sink(sink)
+            sink.close()
+
+    def _send(self, c: Client, obj) -> bool:
         data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
         try:
             n = c.sock.send(data)
@@ -187,42 +154,21 @@ class ControlServer:
             n = -1
         if n != len(data):
             log.warning("control: client does not take its reply; dropping it")
-            self._drop(tag)
+            self.listener.drop(c.tag)
             return False
         return True
 
-    @staticmethod
-    def _reply_and_close(s: socket.socket, obj) -> None:
-        try:
-            s.send((json.dumps(obj) + "\n").encode())
-        except OSError:
-            pass
-        s.close()
-
-    def _subscribe(self, c: _Client) -> None:
+    def _subscribe(self, c: Client) -> None:
         # The sink writes to its own copy of the fd, so closing either never closes the other.
-        c.sink = JsonLinesSink(os.dup(c.sock.fileno()))
-        self.arb.events.add_sink(c.sink)
-
-    def _drop(self, tag: int) -> None:
-        c = self.clients.pop(tag, None)
-        if c is None:
-            return
-        if c.sink is not None:
-            self.arb.events.remove_sink(c.sink)
-            c.sink.close()
-        try:
-            self.arb.disp.unwatch(c.sock.fileno())
-        except (OSError, ValueError):
-            pass
-        c.sock.close()
+        sink = JsonLinesSink(os.dup(c.sock.fileno()))
+        self.sinks[c.tag] = sink
+        self.arb.events.add_sink(sink)
 
     def expire(self, now: float) -> None:
-        for tag, c in list(self.clients.items()):
-            if c.sink is not None and c.sink.closed:
-                self._drop(tag)           # its reader went away
-            elif c.sink is None and now - c.seen > IDLE_TIMEOUT:
-                self._drop(tag)
+        for tag, sink in list(self.sinks.items()):
+            if sink.closed:
+                self.listener.drop(tag)           # its reader went away
+        self.listener.expire(now, keep=self.sinks.__contains__)   # a subscriber is never idle
 
     # ---- commands --------------------------------------------------------------
     def execute(self, line: bytes) -> dict:
@@ -258,21 +204,8 @@ class ControlServer:
         return {"ok": False, "error": f"unknown command {cmd[:40]!r}; expected status, reload, scale, stop or events"}
 
     # ---- teardown ------------------------------------------------------------
-    def _close_listener(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-
     def close(self) -> None:
-        for tag in list(self.clients):
-            self._drop(tag)
-        try:
-            self.arb.disp.unwatch(self.sock.fileno())
-        except (OSError, ValueError):
-            pass
-        self._close_listener()
+        self.listener.close()
 
 
 # ---- client side (pyfork status) ----------------------------------------------------

@@ -3,8 +3,8 @@
 Theory of operation. The primary binds ADDR (``HOST:PORT`` or ``unix:PATH``) before the
 first fork (an unbindable address is a startup error, exit code 2). The listener and each
 scraper's socket are watched fds of the dispatcher, like the control socket: the primary's
-loop returns to Python when one is readable and this module accepts, reads and answers
-without ever blocking (non-blocking sockets, a request head of at most MAX_HEAD bytes, at
+loop returns to Python when one is readable; pyfork.primary.watched accepts and reads, and
+this module answers, without ever blocking (non-blocking sockets, a request head of at most MAX_HEAD bytes, at
 most MAX_CLIENTS scrapers, an idle one dropped after IDLE_TIMEOUT). Workers never see a
 scrape, and a stuck app cannot delay one: every value is read by the primary from what it
 already has -- the scoreboard (requests handled), the dispatcher's counters (connections,
@@ -20,13 +20,13 @@ collector for the primary itself. The metric names are the contract (README "Met
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
 import stat
-import time
 from typing import Callable, Dict, Optional
+
+from pyfork.primary.watched import Client, WatchedListener
 
 log = logging.getLogger("pyfork.metrics")
 
@@ -36,8 +36,7 @@ IDLE_TIMEOUT = 10.0    # seconds a scraper may take to send its request or read 
 SNDBUF = 1 << 20       # ask the kernel to take a whole reply in one send (capped by wmem_max)
 # Watch tags: the control socket uses 1 .. 2**31+1 (pyfork.primary.control); ours are above.
 TAG_LISTENER = 0xC0000000
-FIRST_CLIENT_TAG = TAG_LISTENER + 1
-_TAG_SPAN = 0xFFFFFFFF - FIRST_CLIENT_TAG
+CLIENT_TAGS = 0xFFFFFFFF - TAG_LISTENER - 1
 
 WORKER_STATES = ("spawning", "ready", "draining", "backoff", "gave_up")
 
@@ -49,16 +48,6 @@ def require_client():
     except ImportError:
         raise ImportError("--metrics needs the prometheus-client package: pip install 'pyfork[metrics]'") from None
     return prometheus_client
-
-
-class _Client:
-    __slots__ = ("sock", "buf", "out", "seen")
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = b""
-        self.out = b""          # reply bytes the kernel has not taken yet
-        self.seen = time.monotonic()
 
 
 class StatusCollector:
@@ -163,15 +152,11 @@ class MetricsServer:
         ProcessCollector(registry=self.registry)      # process_* of the primary
         self._render = prom.generate_latest
         self.content_type = prom.CONTENT_TYPE_LATEST.encode()
-        self.clients: Dict[int, _Client] = {}
-        self._next_tag = FIRST_CLIENT_TAG
+        self.out: Dict[int, bytes] = {}       # by tag: reply bytes the kernel has not taken yet
         self.path: Optional[str] = None
-        self.sock = self._listen(addr)
-        try:
-            disp.watch(self.sock.fileno(), TAG_LISTENER)
-        except BaseException:
-            self._close_listener()
-            raise
+        self.listener = WatchedListener("metrics", self._listen(addr), self.path, disp, self,
+                                        tag=TAG_LISTENER, client_tags=CLIENT_TAGS, max_clients=MAX_CLIENTS,
+                                        idle_timeout=IDLE_TIMEOUT, recv_size=MAX_HEAD)
 
     def _listen(self, addr) -> socket.socket:
         if addr.kind == "unix":
@@ -199,55 +184,30 @@ class MetricsServer:
     def url(self) -> str:
         if self.path is not None:
             return f"unix:{self.path}"
-        host, port = self.sock.getsockname()[:2]
+        host, port = self.listener.sock.getsockname()[:2]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
 
     # ---- events from the loop ------------------------------------------------
     def owns(self, tag: int) -> bool:
-        return tag >= TAG_LISTENER
+        return self.listener.owns(tag)
 
     def on_readable(self, tag: int) -> None:
-        if tag == TAG_LISTENER:
-            self._accept()
-        else:
-            c = self.clients.get(tag)
-            if c is not None:
-                self._read(tag, c)
+        self.listener.on_readable(tag)
 
-    def _accept(self) -> None:
-        for _ in range(MAX_CLIENTS):
-            try:
-                s, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno not in (errno.ECONNABORTED, errno.EPROTO):
-                    log.warning("metrics: accept failed: %s", e)
-                    return
-                continue
-            if len(self.clients) >= MAX_CLIENTS:
-                s.close()          # the scraper retries at its next interval
-                continue
-            s.setblocking(False)
-            tag = self._next_tag
-            self._next_tag = FIRST_CLIENT_TAG + (tag - FIRST_CLIENT_TAG + 1) % _TAG_SPAN
-            try:
-                self.disp.watch(s.fileno(), tag)
-            except OSError:
-                s.close()
-                continue
-            self.clients[tag] = _Client(s)
+    # ---- WatchedServer: what the listener asks of the protocol ----------------
+    def vet(self, sock: socket.socket) -> Optional[str]:
+        return None
 
-    def _read(self, tag: int, c: _Client) -> None:
-        try:
-            data = c.sock.recv(MAX_HEAD)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._drop(tag)
-            return
-        if not data or c.out:
-            self._drop(tag)        # gone, or talking while its reply is still going out
+    def refuse(self, sock: socket.socket, why: str) -> None:
+        sock.close()           # the scraper retries at its next interval
+
+    def on_drop(self, c: Client) -> None:
+        self.out.pop(c.tag, None)
+
+    def on_data(self, c: Client, data: bytes) -> None:
+        # Not refreshing c.seen here: a scraper has IDLE_TIMEOUT from connecting to finish.
+        if c.tag in self.out:
+            self.listener.drop(c.tag)     # talking while its reply is still going out
             return
         c.buf += data
         end = c.buf.find(b"\r\n\r\n")
@@ -255,83 +215,57 @@ class MetricsServer:
             end = c.buf.find(b"\n\n")
         if end < 0:
             if len(c.buf) > MAX_HEAD:
-                self._reply(tag, c, b"431 Request Header Fields Too Large", b"text/plain", b"head too large\n")
+                self._reply(c, b"431 Request Header Fields Too Large", b"text/plain", b"head too large\n")
             return
         line = c.buf.split(b"\n", 1)[0].strip()
         parts = line.split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
-            self._reply(tag, c, b"400 Bad Request", b"text/plain", b"bad request line\n")
+            self._reply(c, b"400 Bad Request", b"text/plain", b"bad request line\n")
         elif parts[0] not in (b"GET", b"HEAD"):
-            self._reply(tag, c, b"405 Method Not Allowed", b"text/plain", b"GET /metrics\n")
+            self._reply(c, b"405 Method Not Allowed", b"text/plain", b"GET /metrics\n")
         elif parts[1].split(b"?", 1)[0] != b"/metrics":
-            self._reply(tag, c, b"404 Not Found", b"text/plain", b"try /metrics\n")
+            self._reply(c, b"404 Not Found", b"text/plain", b"try /metrics\n")
         else:
             try:
                 body = self._render(self.registry)
             except Exception:
                 log.exception("metrics: rendering failed")
-                self._reply(tag, c, b"500 Internal Server Error", b"text/plain", b"rendering failed\n")
+                self._reply(c, b"500 Internal Server Error", b"text/plain", b"rendering failed\n")
                 return
-            self._reply(tag, c, b"200 OK", self.content_type, b"" if parts[0] == b"HEAD" else body,
+            self._reply(c, b"200 OK", self.content_type, b"" if parts[0] == b"HEAD" else body,
                         length=len(body))
 
-    def _reply(self, tag: int, c: _Client, status: bytes, ctype: bytes, body: bytes, length=None) -> None:
+    def _reply(self, c: Client, status: bytes, ctype: bytes, body: bytes, length=None) -> None:
         head = (b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                 % (status, ctype, len(body) if length is None else length))
-        c.out = head + body
+        self.out[c.tag] = head + body
         try:
             c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         except OSError:
             pass
-        self._flush(tag, c)
+        self._flush(c)
 
-    def _flush(self, tag: int, c: _Client) -> None:
+    def _flush(self, c: Client) -> None:
+        out = self.out[c.tag]
         try:
-            n = c.sock.send(c.out)
+            n = c.sock.send(out)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError:
-            self._drop(tag)
+            self.listener.drop(c.tag)
             return
-        c.out = c.out[n:]
-        if not c.out:
-            self._drop(tag)
-        # else: the rest goes out from expire() (a scraper that does not read is dropped)
-
-    def _drop(self, tag: int) -> None:
-        c = self.clients.pop(tag, None)
-        if c is None:
-            return
-        try:
-            self.disp.unwatch(c.sock.fileno())
-        except (OSError, ValueError):
-            pass
-        c.sock.close()
+        if n == len(out):
+            self.listener.drop(c.tag)
+        else:
+            self.out[c.tag] = out[n:]     # the rest goes out from expire()
 
     def expire(self, now: float) -> None:
-        for tag, c in list(self.clients.items()):
-            if c.out:
-                self._flush(tag, c)
-            elif now - c.seen > IDLE_TIMEOUT:
-                self._drop(tag)
-        for tag, c in list(self.clients.items()):
-            if now - c.seen > IDLE_TIMEOUT:
-                self._drop(tag)
+        for tag in list(self.out):
+            c = self.listener.clients.get(tag)
+            if c is not None:
+                self._flush(c)
+        self.listener.expire(now)         # a scraper that does not read its reply is dropped
 
     # ---- teardown --------------------------------------------------------------
-    def _close_listener(self) -> None:
-        self.sock.close()
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-
     def close(self) -> None:
-        for tag in list(self.clients):
-            self._drop(tag)
-        try:
-            self.disp.unwatch(self.sock.fileno())
-        except (OSError, ValueError):
-            pass
-        self._close_listener()
+        self.listener.close()
