@@ -110,6 +110,16 @@ POLICIES = ("rr", "least")   # index = PF_POLICY_RR, PF_POLICY_LEAST
 # enough that a level-triggered listener cannot spin a core, short enough
 # that clients see a delay rather than an outage once fds are free again.
 EMFILE_PAUSE_MS = 100
+# The default per-worker open-connection cap (max_inflight: sent - closed). It
+# is a safety bound only: back-pressure is on work (a connection goes only to a
+# worker that can start it now, scoreboard capacity), and an idle kept-alive or
+# WebSocket connection costs a worker memory, not a slot (issue 18: a cap of
+# 1000 locked new clients out behind 2,000 idle ones). 100k per worker is past
+# what a worker's fd limit allows on common settings (RLIMIT_NOFILE hard 1M on
+# systemd, 4k-64k elsewhere), so the fd limit binds first; when it does, the
+# worker's channel receive fails with MSG_CTRUNC and closes those fds, as Linux
+# must.
+MAX_INFLIGHT = 100_000
 
 
 def check_pause_ms(emfile_pause_ms):
