@@ -15,9 +15,8 @@
  * Everything is level-triggered, so anything we leave (a full event array,
  * an unread message, a listener over its batch) simply comes back next turn.
  * Back-pressure: listeners are in the poll set only while nothing is stalled
- * in the ring and some worker can start a connection now, so at most
- * accept_batch (<= max_pending) fds are ever held and the kernel backlog
- * carries the rest.
+ * in the ring, so at most accept_batch (<= max_pending) fds are ever held
+ * and the kernel backlog carries the rest.
  * Pure twin: pyfork/_pure/dispatch_loop.py.
  */
 #define _GNU_SOURCE
@@ -190,17 +189,11 @@ static void pf__listener_poll(pf_dispatcher *d, pf__listener *l, int on)
     }
 }
 
-/* Listeners are polled only while nothing waits for a worker and some worker
- * can start a connection now (back-pressure on work: otherwise the kernel's
- * accept queue is the central FIFO), outside an EMFILE pause, and never once
- * stop_accepting was called. Held out for want of a worker (starved), the
- * workers' CREDITs wake us, with the recheck timer as a safety net. */
+/* Listeners are polled only while nothing waits for a worker (back-pressure),
+ * outside an EMFILE pause, and never once stop_accepting was called. */
 static void pf__sync_listeners(pf_dispatcher *d)
 {
-    int open = !d->stopping && d->pause_until_ns == 0 && d->pcount == 0;
-
-    d->accepting = open && pf__can_start(d);
-    d->starved = open && !d->accepting;
+    d->accepting = !d->stopping && d->pause_until_ns == 0 && d->pcount == 0;
     for (int i = 0; i < d->nlisteners; i++)
         pf__listener_poll(d, &d->listeners[i], d->accepting);
 }
@@ -373,7 +366,7 @@ static int pf__wait_ms(const pf_dispatcher *d, uint64_t now, uint64_t deadline)
     if (d->recheck_ns != 0 && (w < 0 || pf__ms_until(now, d->recheck_ns) < w))
         w = pf__ms_until(now, d->recheck_ns);
     /* Stalled with someone who could take: poll for freed room, not spin. */
-    if ((d->pcount > 0 || d->starved) && d->n_ready > 0 && (w < 0 || w > PF__RECHECK_MS))
+    if (d->pcount > 0 && d->n_ready > 0 && (w < 0 || w > PF__RECHECK_MS))
         w = PF__RECHECK_MS;
     return w > INT_MAX ? INT_MAX : (int)w;
 }

@@ -10,9 +10,15 @@
  *   queued + active < capacity, queued = sent - scoreboard.taken,
  * and it gets at most capacity - (queued + active) fds, so a sync worker
  * (capacity 1) gets exactly one, when idle. Nothing waits in a busy worker's
- * channel while another worker could start it; when no worker can start,
- * the fds stay in the ring and the loop stops polling the listeners, so the
- * kernel's accept queue is the FIFO. A worker that never declared a capacity
+ * channel while another worker could start it: when no worker can start,
+ * the fds stay in the ring (at most accept_batch) and the loop stops polling
+ * the listeners, so the ring and then the kernel's accept queue are the
+ * central FIFO. (Listeners stay polled while the ring is empty even if every
+ * worker is busy: to stop them then, the primary would have to ask for a
+ * CREDIT at every request's end, a message per request even on kept-alive
+ * connections that never need the primary -- measured: keep-alive req/s
+ * fell to 0.56 x Node's cluster, bench/README.md "After the central queue".
+ * Credits are asked for only while a connection waits.) A worker that never declared a capacity
  * (0) is limited only by the open-connection cap. That cap, sent -
  * scoreboard.closed < max_inflight, is a separate safety bound, large by
  * default: idle kept-alive connections cost a worker memory, not a slot.
@@ -200,18 +206,6 @@ static int pf__candidate(const pf_dispatcher *d, int s)
     const pf__worker *w = &d->workers[s];
 
     return w->state == PF_WORKER_READY && w->blocked == PF__BLK_NONE;
-}
-
-/* Returns 1 when some READY worker can start a connection now, else 0 (and
- * every one of them has been asked for a CREDIT): the loop polls the
- * listeners only while this holds. */
-int pf__can_start(pf_dispatcher *d)
-{
-    int any = 0;
-
-    for (int s = 0; s < d->hi && !any; s++)
-        any = pf__candidate(d, s) && pf__room(d, s) > 0;
-    return any;
 }
 
 static int64_t pf__min64(int64_t a, int64_t b)

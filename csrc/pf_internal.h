@@ -111,7 +111,6 @@ struct pf_dispatcher {
     int evcap;
 
     int accepting;        /* listeners are (wanted) in the poll set */
-    int starved;          /* listeners are out only because no worker can start one */
     int stopping;         /* pf_dispatcher_stop_accepting was called */
     int drained;          /* ... and the final pass is done */
     int drained_unreported;
@@ -133,7 +132,6 @@ int pf__poll_ctl(pf_dispatcher *d, int op, int fd, uint32_t events, uint32_t kin
 /* dispatch_send.c */
 int pf__pend_push(pf_dispatcher *d, int fd, int recovered);
 void pf__flush(pf_dispatcher *d);
-int pf__can_start(pf_dispatcher *d);
 void pf__mark_gone(pf_dispatcher *d, int slot);
 void pf__clear_retry(pf_dispatcher *d);
 int pf__chan_events(pf_dispatcher *d, int slot, uint32_t events);

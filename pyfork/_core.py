@@ -209,7 +209,7 @@ def tcp_cork(fd, on):
 class Dispatcher:
     """The C accept loop and worker table (pf_dispatcher), fixed capacity."""
 
-    def __init__(self, capacity, policy="rr", max_inflight=_api.MAX_INFLIGHT, max_listeners=16,
+    def __init__(self, capacity, policy="rr", max_inflight=None, max_listeners=16,
                  max_watch=16, max_pending=1024, accept_batch=32, emfile_pause_ms=100):
         self._d = None      # closed until the handle exists
         checked = _api.dispatcher_config(capacity, policy, max_inflight, max_listeners,

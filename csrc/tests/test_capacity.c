@@ -61,8 +61,8 @@ static void run_idle(pf_dispatcher *d, int ms)
 }
 
 /* Two sync workers (capacity 1), rr: a connection never waits in a busy
- * worker's channel; with both busy it waits in the kernel's backlog and
- * goes to whichever worker finishes first. */
+ * worker's channel; with both busy it waits in the primary (then the
+ * kernel's backlog) and goes to whichever worker finishes first. */
 static void test_sync_workers_central_queue(void)
 {
     struct disp_fx f;
@@ -82,12 +82,15 @@ static void test_sync_workers_central_queue(void)
     cl[1] = client(f.port, 1);
     run_until_dispatched(f.d, 2);
     CHECK_EQ(take_message(f.w[a], ids), 0);
-    /* Neither can start one now: client 2 stays in the backlog, and both
-     * workers were asked for a CREDIT. */
+    /* Neither can start one now: client 2 waits in the primary's ring (the
+     * listeners leave the poll set, the backlog holds the next ones), and
+     * both workers were asked for a CREDIT. */
     cl[2] = client(f.port, 2);
+    run_until_accepted(f.d, 3);
     run_idle(f.d, 100);
     CHECK_EQ(stats(f.d).accepting, 0);
-    CHECK_EQ(stats(f.d).pending, 0);
+    CHECK_EQ(stats(f.d).pending, 1);
+    CHECK_EQ(stats(f.d).dispatched, 2);
     CHECK_EQ(board[0].want_credit, 1);
     CHECK_EQ(board[1].want_credit, 1);
 

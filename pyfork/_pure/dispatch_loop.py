@@ -26,7 +26,7 @@ import time
 from pyfork._api import (
     ACCEPT_CONTINUE, ACCEPT_DEAD, ACCEPT_FD_EXHAUSTED, MAX_FDS, MSG_CREDIT, Event,
 )
-from pyfork._pure.dispatch_send import can_start, chan_events, clear_retry, flush, mark_gone
+from pyfork._pure.dispatch_send import chan_events, clear_retry, flush, mark_gone
 from pyfork._pure.fdpass import HDR, HDR_SIZE, MSG_MAGIC, recv_on
 from pyfork._pure.internal import (
     BLK_NONE, BLK_OUT, EPOLLIN, RECHECK_S, close_all, find_listener, unregister, wrap_fd,
@@ -149,14 +149,10 @@ def _listener_poll(d, lst, on):
 
 
 def _sync_listeners(d):
-    """Listeners are polled only while nothing waits for a worker and some
-    worker can start a connection now (back-pressure on work: otherwise the
-    kernel's accept queue is the central FIFO), outside an EMFILE pause, and
-    never after stop_accepting. Held out for want of a worker (starved), the
-    workers' CREDITs wake us, with the recheck timer as a safety net."""
-    free = not d.stopping and not d.pause_until and not d.pend
-    d.accepting = on = free and can_start(d)
-    d.starved = free and not on
+    """Listeners are polled only while nothing waits for a worker
+    (back-pressure), outside an EMFILE pause, and never after
+    stop_accepting."""
+    d.accepting = on = not d.stopping and not d.pause_until and not d.pend
     for lst in d.listeners:
         _listener_poll(d, lst, on)
 
@@ -275,7 +271,7 @@ def _wait(d, now, deadline):
         if t and (w < 0 or t - now < w):
             w = max(0.0, t - now)
     # Stalled with someone who could take: poll for freed room, not spin.
-    if (d.pend or d.starved) and d.n_ready > 0 and (w < 0 or w > RECHECK_S):
+    if d.pend and d.n_ready > 0 and (w < 0 or w > RECHECK_S):
         w = RECHECK_S
     return w
 

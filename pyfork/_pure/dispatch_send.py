@@ -19,15 +19,16 @@ large open-connection cap: sent - scoreboard.closed < max_inflight.
          recently, then to the next after the last one chosen; it gets
          enough fds to catch up with the runner-up.
 Skipping a worker for lack of room sets its want_credit; it sends MSG_CREDIT
-when it next frees room. When no worker can start, can_start() is false and
-the loop leaves the listeners out of the poll set (the kernel's backlog is
-the queue).
+when it next frees room. When no worker can start, the fds stay in the ring
+(at most accept_batch) and the loop leaves the listeners out of the poll set:
+the ring and then the kernel's backlog are the central FIFO (why listeners
+stay polled while the ring is empty: csrc/dispatch_send.c).
 sendmsg errno triage: EAGAIN = that worker is busy, arm EPOLLOUT and try
 the next; EPIPE & co = the worker is gone, HANGUP it and the same fds go to
 the next; anything else = transient, retry on the recheck timer. Every
 function takes the dispatcher's State (internal.py) as ``d``, as the C ones
-take pf_dispatcher; flush, can_start, mark_gone, clear_retry and chan_events
-are the ones the other modules call (pf_internal.h declares the same five).
+take pf_dispatcher; flush, mark_gone, clear_retry and chan_events are the
+ones the other modules call (pf_internal.h declares the same four).
 """
 
 import errno
@@ -90,16 +91,6 @@ def _room(d, s):
 def _candidate(d, s):
     w = d.workers[s]
     return w.state == STATE_READY and w.blocked == BLK_NONE
-
-
-def can_start(d):
-    """True when some READY worker can start a connection now (else every
-    one of them has been asked for a CREDIT): the loop polls the listeners
-    only while this holds."""
-    for s in range(d.hi):
-        if _candidate(d, s) and _room(d, s) > 0:
-            return True
-    return False
 
 
 def _pick_rr(d, share):

@@ -114,7 +114,7 @@ class State:
     __slots__ = (
         "cfg", "least", "pause_s", "ep", "reserve", "reserve_wanted", "map", "view", "board",
         "slots", "workers", "by_chan", "hi", "n_ready", "rr_next", "n_hup", "listeners",
-        "watches", "pend", "accepting", "starved", "stopping", "drained", "drained_unreported",
+        "watches", "pend", "accepting", "stopping", "drained", "drained_unreported",
         "more", "pause_until", "recheck_at", "out", "st")
 
     def __init__(self, cfg, least):
@@ -136,7 +136,6 @@ class State:
         self.watches = []           # [[fd, tag]]
         self.pend = deque()         # deque of (fd, recovered), at most max_pending
         self.accepting = True       # listeners are (wanted) in the poll set
-        self.starved = False        # ... out only because no worker can start one
         self.stopping = False       # stop_accepting was called
         self.drained = False        # ... and the final pass is done
         self.drained_unreported = False
