@@ -9,10 +9,7 @@
  * accepts only when idle, bench/README.md "Mixed load"):
  *   queued + active < capacity, queued = sent - scoreboard.taken,
  * and it gets at most capacity - (queued + active) fds, so a sync worker
- * (capacity 1) gets exactly one, when idle. Only when no worker can start
- * one, a worker with nothing queued whose request in progress is younger
- * than PF__YOUNG_US may get one queued (it starts it as soon as it is free,
- * with no CREDIT round trip on the connection's path). Nothing waits in a busy worker's
+ * (capacity 1) gets exactly one, when idle. Nothing waits in a busy worker's
  * channel while another worker could start it: when no worker can start,
  * the fds stay in the ring (at most accept_batch) and the loop stops polling
  * the listeners, so the ring and then the kernel's accept queue are the
@@ -187,10 +184,11 @@ static int64_t pf__free(const pf_dispatcher *d, int s)
 /* Returns how many more fds slot s may take now (0 = none: skip it).
  * With no room it asks for a CREDIT, then looks again: we store want_credit,
  * fence, load active/taken/closed; the worker stores active (a request
- * finished), taken or closed, fences, loads want_credit (slot.c). With both fences
+ * finished) or closed, fences, loads want_credit (slot.c). With both fences
  * one side always sees the other's store (Dekker), so room that frees up
- * while we skip either shows up here or sends the CREDIT. A take (taken up)
- * runs the same handshake: an empty queue is room for a young queued one. */
+ * while we skip either shows up here or sends the CREDIT. (A take lowers
+ * queued without freeing room -- the connection is about to start -- so it
+ * needs no CREDIT.) */
 static int64_t pf__room(pf_dispatcher *d, int s)
 {
     int64_t room = pf__free(d, s);
@@ -201,21 +199,6 @@ static int64_t pf__room(pf_dispatcher *d, int s)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     room = pf__free(d, s);
     return room > 0 ? room : 0;
-}
-
-/* Returns 1 when slot s, which has no free capacity, may still get one
- * connection queued: it declared a capacity, nothing is queued, its open
- * cap has room, and its request in progress started less than PF__YOUNG_US
- * ago (a start after `now` is a race with the worker's clock read: young). */
-static int pf__young(const pf_dispatcher *d, int s, uint64_t now)
-{
-    uint64_t since = __atomic_load_n(&d->board[s].busy_since_ns, __ATOMIC_RELAXED);
-    uint64_t taken = __atomic_load_n(&d->board[s].taken, __ATOMIC_ACQUIRE);
-
-    return __atomic_load_n(&d->board[s].capacity, __ATOMIC_RELAXED) != 0 &&
-           taken >= d->workers[s].sent && since != 0 &&
-           (since >= now || now - since < (uint64_t)PF__YOUNG_US * 1000u) &&
-           pf__open(d, s) < d->cfg.max_inflight;
 }
 
 static int pf__candidate(const pf_dispatcher *d, int s)
@@ -234,9 +217,6 @@ static int64_t pf__min64(int64_t a, int64_t b)
  * the batch size in *n (share capped by room and PF_MAX_FDS), or -1. */
 static int pf__pick_rr(pf_dispatcher *d, int share, int *n)
 {
-    uint64_t now = 0;
-    int young = -1;
-
     for (int i = 0; i < d->hi; i++) {
         int s = (d->rr_next + i) % d->hi;
         int64_t room;
@@ -245,21 +225,13 @@ static int pf__pick_rr(pf_dispatcher *d, int share, int *n)
             continue;
         if ((room = pf__room(d, s)) == 0) {
             d->st.busy_skips++;
-            if (now == 0)
-                now = pf__now_ns();     /* vDSO: no syscall, and only when full */
-            if (young < 0 && pf__young(d, s, now))
-                young = s;
             continue;
         }
         *n = (int)pf__min64(pf__min64(share, room), PF_MAX_FDS);
         d->rr_next = s + 1;
         return s;
     }
-    if (young >= 0) {           /* nobody can start one: queue one behind a young request */
-        *n = 1;
-        d->rr_next = young + 1;
-    }
-    return young;
+    return -1;
 }
 
 /* least: is slot a (load la) a better choice than slot b (load lb)? */
@@ -292,7 +264,7 @@ static int64_t pf__age_units(const pf_dispatcher *d, int s, uint64_t now)
  * count take turns (an idle cluster at concurrency 1 is spread like rr). */
 static int pf__pick_least(pf_dispatcher *d, int *n)
 {
-    int best = -1, young = -1;
+    int best = -1;
     int64_t bload = 0, second = INT64_MAX, broom = 0;
     uint64_t now = pf__now_ns();  /* vDSO clock_gettime: no syscall */
 
@@ -304,9 +276,6 @@ static int pf__pick_least(pf_dispatcher *d, int *n)
             continue;
         if ((room = pf__room(d, s)) == 0) {
             d->st.busy_skips++;
-            /* the youngest request in progress is the least likely to be slow */
-            if (pf__young(d, s, now) && (young < 0 || pf__better(d, s, 0, young, 0)))
-                young = s;
             continue;
         }
         load = pf__busy(d, s) + pf__age_units(d, s, now);
@@ -318,13 +287,8 @@ static int pf__pick_least(pf_dispatcher *d, int *n)
             second = pf__min64(second, load);
         }
     }
-    if (best < 0) {             /* nobody can start one: queue one behind a young request */
-        if (young >= 0) {
-            *n = 1;
-            d->rr_next = young + 1;
-        }
-        return young;
-    }
+    if (best < 0)
+        return -1;
     d->rr_next = best + 1;
     *n = (int)pf__min64(broom, PF_MAX_FDS);
     if (second != INT64_MAX && second - bload < *n)

@@ -49,14 +49,6 @@
  * A light request takes well under 1 ms here (hello world: ~0.1 ms of worker
  * CPU); 5 ms of running marks a request as heavy without reacting to noise. */
 #define PF__LEAST_AGE_MS 5
-/* When no worker can start a connection now, one may still be queued behind
- * a request that began less than this long ago on a worker with nothing
- * queued (bench/README.md "After the central queue"): the worker then takes
- * it the moment it finishes, instead of waiting for a CREDIT round trip
- * through the primary (~10 us per connection, which cost the hello-world
- * Connection: close rate a third). A light request here takes ~0.1 ms; a
- * slow one that is still young risks one connection for its first 1 ms only. */
-#define PF__YOUNG_US 1000
 
 /* epoll_wait batch: level-triggered, so readiness beyond it simply comes
  * back on the next call; 256 keeps the buffer small for 4096 slots. */

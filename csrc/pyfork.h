@@ -110,11 +110,11 @@ typedef struct pf_slot {
  * SlotView methods of the same names: a request began; a request ended,
  * returning 1 when the primary asked for a CREDIT; n connections were closed,
  * returning 1 when the primary asked for a CREDIT; n connections were read from
- * the channel, returning the same; the worker's capacity. */
+ * the channel; the worker's capacity. */
 void pf_slot_request_started(pf_slot *s);
 int pf_slot_request_finished(pf_slot *s);
 int pf_slot_conn_closed(pf_slot *s, uint32_t n);
-int pf_slot_conn_taken(pf_slot *s, uint32_t n);
+void pf_slot_conn_taken(pf_slot *s, uint32_t n);
 void pf_slot_set_capacity(pf_slot *s, uint32_t capacity);
 
 /* ---- connected sockets (tcp.c) ------------------------------------------ */

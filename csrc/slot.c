@@ -71,14 +71,12 @@ int pf_slot_conn_closed(pf_slot *s, uint32_t n)
     return pf__credit_wanted(s);
 }
 
-/* Returns 1 when the primary asked for a CREDIT, else 0, after adding n to
- * taken: nothing queued any more is room for one connection queued behind
- * the request we are starting (dispatch_send.c, PF__YOUNG_US), so a primary
- * holding connections hears of it. Same handshake as above. */
-int pf_slot_conn_taken(pf_slot *s, uint32_t n)
+/* Returns nothing; n connections were read from the channel: no longer
+ * queued. Frees no room (queued + active is unchanged until a request
+ * ends), so no handshake. */
+void pf_slot_conn_taken(pf_slot *s, uint32_t n)
 {
     __atomic_store_n(&s->taken, s->taken + n, __ATOMIC_RELEASE);
-    return pf__credit_wanted(s);
 }
 
 /* Returns nothing; the worker can run `capacity` requests at once. */

@@ -149,8 +149,8 @@ _NEG_EAGAIN = -_errno.EAGAIN
 
 class SlotWriter:
     """The worker-side writers of one scoreboard line, in C (csrc/slot.c):
-    request_started(), request_finished(), conn_closed(n) and conn_taken(n) (the
-    last three true when the primary asked for a CREDIT) and set_capacity(n), as
+    request_started(), request_finished() and conn_closed(n) (the last two true
+    when the primary asked for a CREDIT), conn_taken(n) and set_capacity(n), as
     scoreboard.SlotView's, one C call each -- a worker calls them per request.
     ``line`` is the line's 64 writable bytes (SlotView.line), kept alive by
     this object."""

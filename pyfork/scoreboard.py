@@ -12,8 +12,8 @@ capacity); ``closed`` gives the connections it has finished (open = sent -
 closed, under a large safety cap); ``heartbeat_ns`` says it is alive. The one
 field the primary writes is ``want_credit``: set when it skipped this worker
 for lack of room, cleared by the worker when it next frees room (a request
-finished, a connection taken or closed), which then sends PF_MSG_CREDIT so a
-blocked primary wakes up.
+finished, a connection closed), which then sends PF_MSG_CREDIT so a blocked
+primary wakes up.
 
 Fields are accessed through memoryview casts ("Q"/"I" in native byte order,
 which is the little-endian layout the C struct has on the targets we build
@@ -207,15 +207,9 @@ class SlotView:
 
     def conn_taken(self, n=1):
         """Counts ``n`` connections read from the channel (no longer queued).
-        Returns True when the primary asked for credit (cleared here): an empty
-        queue is room for one connection queued behind the request starting."""
+        Frees no room, so it never owes a CREDIT."""
         qt, qv = self._qt, self._q
         qv[qt] = (qv[qt] + n) & _U64
-        w, iv = self._iw, self._i
-        if iv[w]:
-            iv[w] = 0
-            return True
-        return False
 
     def set_capacity(self, capacity):
         """The number of requests this worker can run at once (written before READY)."""

@@ -31,22 +31,12 @@ static int take_message(int wend, int *ids)
 }
 
 /* The worker's part after reading n connections: taken + n, and n requests
- * started (each connection's request begins at once); sends the CREDIT the
- * primary asked for, as pyfork's runtime does. */
-static void worker_takes(pf_slot *s, int wend, int n)
+ * started (each connection's request begins at once). */
+static void worker_starts(pf_slot *s, int n)
 {
-    if (pf_slot_conn_taken(s, (uint32_t)n))
-        CHECK_OK(pf_send_msg(wend, PF_MSG_CREDIT, 0, NULL, 0, NULL, 0));
+    pf_slot_conn_taken(s, (uint32_t)n);
     for (int i = 0; i < n; i++)
         pf_slot_request_started(s);
-}
-
-/* worker_takes, for requests that have been running a while (50 ms, past
- * PF__YOUNG_US): nothing may be queued behind them. */
-static void worker_starts(pf_slot *s, int wend, int n)
-{
-    worker_takes(s, wend, n);
-    s->busy_since_ns = pf__now_ns() - pf__ms_to_ns(50);
 }
 
 /* The worker's part when a request ends and its connection closes; sends
@@ -86,7 +76,7 @@ static void test_sync_workers_central_queue(void)
 
     /* Worker a takes client 0 and is inside its (slow) request. */
     a = dispatch_one(f.d, f.port, f.w, 2, 0, &cl[0]);
-    worker_starts(&board[a], f.w[a], 1);
+    worker_starts(&board[a], 1);
     /* Client 1 goes to the other worker, whatever rr's turn says; it sits in
      * that worker's channel (queued, not taken yet). */
     cl[1] = client(f.port, 1);
@@ -112,8 +102,8 @@ static void test_sync_workers_central_queue(void)
     CHECK_EQ(ids[0], 2);
     CHECK_EQ(take_message(f.w[1 - a], ids), 1);
     CHECK_EQ(ids[0], 1);
-    worker_starts(&board[a], f.w[a], 1);
-    worker_starts(&board[1 - a], f.w[1 - a], 1);
+    worker_starts(&board[a], 1);
+    worker_starts(&board[1 - a], 1);
 
     /* The other worker takes client 1 (a take frees no room) and finishes it:
      * the next client goes there. */
@@ -148,7 +138,7 @@ static void test_batch_capped_by_free_capacity(void)
     CHECK_EQ(take_message(f.w[0], ids), 3);
     CHECK_EQ(ids[0], 0);
     CHECK_EQ(ids[2], 2);
-    worker_starts(&board[0], f.w[0], 3);
+    worker_starts(&board[0], 3);
     run_idle(f.d, 50);          /* no room: nothing more accepted or sent */
     CHECK_EQ(stats(f.d).dispatched, 3);
     CHECK_EQ(take_message(f.w[0], ids), 0);
@@ -158,7 +148,7 @@ static void test_batch_capped_by_free_capacity(void)
     run_until_dispatched(f.d, 4);
     CHECK_EQ(take_message(f.w[0], ids), 1);
     CHECK_EQ(ids[0], 3);
-    worker_starts(&board[0], f.w[0], 1);
+    worker_starts(&board[0], 1);
     worker_finishes(&board[0], f.w[0]);
     worker_finishes(&board[0], f.w[0]);
     run_until_dispatched(f.d, 5);
@@ -200,57 +190,9 @@ static void test_least_by_work(void)
     fx_teardown(&f, cl, 3);
 }
 
-/* With no worker able to start one, ONE connection may be queued behind a
- * request that has just begun (the worker starts it the moment it is free,
- * without a CREDIT round trip), never two, never behind an old request. */
-static void test_one_queued_behind_a_young_request(void)
-{
-    struct disp_fx f;
-    pf_slot *board;
-    int cl[4], ids[PF_MAX_FDS];
-
-    fx_setup(&f, 1, PF_POLICY_RR, 1, 0);
-    board = pf_dispatcher_scoreboard(f.d, NULL);
-    pf_slot_set_capacity(&board[0], 1);
-    CHECK_EQ(dispatch_one(f.d, f.port, f.w, 1, 0, &cl[0]), 0);
-    worker_takes(&board[0], f.w[0], 1);
-    /* Start times a minute ahead: young however slow this machine is. */
-    board[0].busy_since_ns = pf__now_ns() + pf__ms_to_ns(60000);
-    cl[1] = client(f.port, 1);
-    run_until_dispatched(f.d, 2);           /* queued behind the young request */
-    cl[2] = client(f.port, 2);
-    run_until_accepted(f.d, 3);
-    run_idle(f.d, 50);
-    CHECK_EQ(stats(f.d).dispatched, 2);     /* not a second one */
-    CHECK_EQ(stats(f.d).pending, 1);
-
-    /* The worker finishes, takes client 1 (its take answers the primary's
-     * CREDIT request) and starts it: client 2 is queued behind it. */
-    worker_finishes(&board[0], f.w[0]);
-    CHECK_EQ(take_message(f.w[0], ids), 1);
-    CHECK_EQ(ids[0], 1);
-    worker_takes(&board[0], f.w[0], 1);
-    board[0].busy_since_ns = pf__now_ns() + pf__ms_to_ns(60000);
-    run_until_dispatched(f.d, 3);
-    worker_finishes(&board[0], f.w[0]);     /* client 1 done */
-    CHECK_EQ(take_message(f.w[0], ids), 1);
-    CHECK_EQ(ids[0], 2);
-    worker_starts(&board[0], f.w[0], 1);    /* client 2 runs long */
-    /* One request running for 50 ms, nothing queued: not young, no room. */
-    cl[3] = client(f.port, 3);
-    run_until_accepted(f.d, 4);
-    run_idle(f.d, 50);
-    CHECK_EQ(stats(f.d).dispatched, 3);
-    worker_finishes(&board[0], f.w[0]);
-    run_until_dispatched(f.d, 4);
-    CHECK_EQ(take_message(f.w[0], ids), 1);
-    CHECK_EQ(ids[0], 3);
-    fx_teardown(&f, cl, 4);
-}
-
 static const struct pf_test_case tests[] = {
     PF_CASE(test_sync_workers_central_queue), PF_CASE(test_batch_capped_by_free_capacity),
-    PF_CASE(test_least_by_work), PF_CASE(test_one_queued_behind_a_young_request),
+    PF_CASE(test_least_by_work),
 };
 
 int main(int argc, char **argv)

@@ -8,8 +8,6 @@ a candidate when it is READY, not blocked, and can start a connection now
 (the central queue, M/G/k; see csrc/dispatch_send.c):
   queued + active < capacity, queued = sent - scoreboard.taken,
 and it gets at most capacity - (queued + active) fds (one for a sync worker).
-Only when no worker can start one, a worker with nothing queued whose request
-in progress is younger than YOUNG_NS may get one queued.
 A worker that declared no capacity (0) is limited only by the separate,
 large open-connection cap: sent - scoreboard.closed < max_inflight.
   rr     round robin over candidates; each gets a fair share
@@ -41,8 +39,7 @@ import time
 from pyfork._api import MAX_FDS, MSG_CONN, STATE_FREE, STATE_GONE, STATE_READY
 from pyfork._pure.fdpass import send_on
 from pyfork._pure.internal import (
-    BLK_NONE, BLK_OUT, BLK_RETRY, CHAN_EVENTS, LEAST_AGE_NS, RECHECK_S, YOUNG_NS, close_all,
-    unregister,
+    BLK_NONE, BLK_OUT, BLK_RETRY, CHAN_EVENTS, LEAST_AGE_NS, RECHECK_S, close_all, unregister,
 )
 
 _GONE_ERRNOS = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN))
@@ -91,17 +88,6 @@ def _room(d, s):
     return room if room > 0 else 0
 
 
-def _young(d, s, now):
-    """Slot s has no free capacity but may get one connection queued: it declared
-    a capacity, nothing is queued, the open cap has room, and its request in
-    progress started less than YOUNG_NS ago."""
-    slot = d.slots[s]
-    since = slot.busy_since_ns
-    return (slot.capacity != 0 and slot.taken >= d.workers[s].sent and since != 0
-            and (since >= now or now - since < YOUNG_NS)
-            and _open(d, s) < d.cfg.max_inflight)
-
-
 def _candidate(d, s):
     w = d.workers[s]
     return w.state == STATE_READY and w.blocked == BLK_NONE
@@ -109,8 +95,6 @@ def _candidate(d, s):
 
 def _pick_rr(d, share):
     hi = d.hi
-    now = 0
-    young = -1
     for i in range(hi):
         s = (d.rr_next + i) % hi
         if not _candidate(d, s):
@@ -118,16 +102,9 @@ def _pick_rr(d, share):
         room = _room(d, s)
         if room == 0:
             d.st["busy_skips"] += 1
-            if not now:
-                now = time.monotonic_ns()
-            if young < 0 and _young(d, s, now):
-                young = s
             continue
         d.rr_next = s + 1
         return s, min(share, room, MAX_FDS)
-    if young >= 0:      # nobody can start one: queue one behind a young request
-        d.rr_next = young + 1
-        return young, 1
     return -1, 0
 
 
@@ -144,7 +121,7 @@ def _better(d, a, la, b, lb):
 def _pick_least(d):
     """The emptiest candidate, with enough fds to catch up with the
     runner-up."""
-    best = young = -1
+    best = -1
     bload = broom = 0
     second = None
     now = time.monotonic_ns()
@@ -157,9 +134,6 @@ def _pick_least(d):
         room = _room(d, s)
         if room == 0:
             d.st["busy_skips"] += 1
-            # the youngest request in progress is the least likely to be slow
-            if _young(d, s, now) and (young < 0 or _better(d, s, 0, young, 0)):
-                young = s
             continue
         since = d.slots[s].busy_since_ns
         age = (now - since) // LEAST_AGE_NS if 0 < since < now else 0
@@ -171,9 +145,6 @@ def _pick_least(d):
         else:
             second = load if second is None else min(second, load)
     if best < 0:
-        if young >= 0:  # nobody can start one: queue one behind a young request
-            d.rr_next = young + 1
-            return young, 1
         return -1, 0
     d.rr_next = best + 1
     n = min(broom, MAX_FDS)

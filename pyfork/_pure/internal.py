@@ -28,9 +28,6 @@ RECHECK_S = 0.010
 # least: a request running this long counts as one more connection in flight
 # (PF__LEAST_AGE_MS in csrc/pf_internal.h, where the number is explained).
 LEAST_AGE_NS = 5_000_000
-# With no worker able to start a connection, one may be queued behind a request
-# younger than this on a worker with nothing queued (PF__YOUNG_US, explained there).
-YOUNG_NS = 1_000_000
 
 EPOLLIN = select.EPOLLIN
 BLK_NONE, BLK_OUT, BLK_RETRY = 0, 1, 2      # why a READY worker is skipped (PF__BLK_*)

@@ -21,8 +21,8 @@ running, and counts every fd it reads in the scoreboard's ``taken``. The
 primary sends no more than that either, so a connection waits in the kernel's
 accept queue (or the primary's ring) rather than behind a slow request here,
 and a SIGKILLed worker loses only what it was running: what is still in its
-channel is read back by the primary and re-dispatched. request_finished(), closed()
-and a take send MSG_CREDIT when the primary, finding no room, asked for one.
+channel is read back by the primary and re-dispatched. request_finished() and
+closed() send MSG_CREDIT when the primary, finding no room, asked for one.
 
 The per-connection path is kept lean because with ``Connection: close`` it
 runs once per request: take() reads the queued channel messages it can start
@@ -506,10 +506,7 @@ class Worker:
             if mtype == msg_conn:
                 n = len(fds)
                 room -= n
-                # No longer queued: ours to serve (or close). An empty queue is room for one
-                # more behind the request we start, so a primary holding one wants to know.
-                if self._conn_taken(n):
-                    self._send(b.MSG_CREDIT, wait=0.0)
+                self._conn_taken(n)       # no longer queued: ours to serve (or close)
                 if self.draining:
                     # The primary promised no CONN after DRAIN; account and close.
                     for fd in fds:
