@@ -4,19 +4,37 @@
  * cfg.max_pending entries. pf__flush repeatedly picks a worker by policy,
  * takes a batch of fds from the front of the ring and sends them in ONE
  * sendmsg (up to PF_MAX_FDS), then closes the primary's copies. A worker is
- * a candidate when it is READY, not blocked, and has room:
- * sent - scoreboard.closed < max_inflight.
+ * a candidate when it is READY, not blocked, and can start a connection now
+ * (the central queue, M/G/k: gunicorn sync gets its tail from a worker that
+ * accepts only when idle, bench/README.md "Mixed load"):
+ *   queued + active < capacity, queued = sent - scoreboard.taken,
+ * and it gets at most capacity - (queued + active) fds, so a sync worker
+ * (capacity 1) gets exactly one, when idle. Nothing waits in a busy worker's
+ * channel while another worker could start it: when no worker can start,
+ * the fds stay in the ring (at most accept_batch) and the loop stops polling
+ * the listeners, so the ring and then the kernel's accept queue are the
+ * central FIFO. (Listeners stay polled while the ring is empty even if every
+ * worker is busy: to stop them then, the primary would have to ask for a
+ * CREDIT at every request's end, a message per request even on kept-alive
+ * connections that never need the primary -- measured: keep-alive req/s
+ * fell to 0.56 x Node's cluster, bench/README.md "After the central queue".
+ * Credits are asked for only while a connection waits.) A worker that never declared a capacity
+ * (0) is limited only by the open-connection cap. That cap, sent -
+ * scoreboard.closed < max_inflight, is a separate safety bound, large by
+ * default: idle kept-alive connections cost a worker memory, not a slot.
  *   rr     round robin over candidates (Node's SCHED_RR); each gets a fair
- *          share floor(pending / ready) of the batch, so under load one
- *          wakeup costs one sendmsg per worker instead of one per fd.
- *   least  the candidate with the lowest score: connections in flight plus
- *          one for every PF__LEAST_AGE_MS its request in progress has been
- *          running (round robin balances connections, not work: a worker stuck
- *          on one long request has 1 in flight but should not get the next
- *          one, Node issue #39815); ties go to an idle one, then to the one
- *          whose request started most recently (it looks least stuck), then
- *          to the next after the last one chosen; it gets enough fds to catch
- *          up with the runner-up.
+ *          share floor(pending / ready) of the batch, capped by its room.
+ *   least  the candidate with the lowest load: queued + active (open
+ *          connections for an undeclared capacity), plus one for every
+ *          PF__LEAST_AGE_MS its request in progress has been running (a
+ *          worker stuck on one long request looks busier, Node issue
+ *          #39815); ties go to an idle one, then to the one whose request
+ *          started most recently (it looks least stuck), then to the next
+ *          after the last one chosen; it gets enough fds to catch up with the
+ *          runner-up.
+ * The wake-up: skipping a worker for lack of room sets its want_credit; the
+ * worker sends PF_MSG_CREDIT when it next frees room (a request finished, a
+ * connection closed), so a primary that stopped accepting resumes at once.
  * sendmsg errno triage: EAGAIN = that worker is busy, arm
  * EPOLLOUT and try the next; EPIPE & co = the worker is gone, HANGUP it and
  * the same fds go to the next; anything else = transient, retry on the
@@ -120,9 +138,9 @@ void pf__clear_retry(pf_dispatcher *d)
 
 /* ---- choice ---------------------------------------------------------------- */
 
-/* Connections in flight on slot s (clamped at 0: a worker that over-reports
- * closes must not look like it has more than max_inflight of room). */
-static int64_t pf__load(const pf_dispatcher *d, int s)
+/* Connections open on slot s: sent - closed (clamped at 0: a worker that
+ * over-reports closes must not look like it has more than max_inflight of room). */
+static int64_t pf__open(const pf_dispatcher *d, int s)
 {
     uint64_t closed = __atomic_load_n(&d->board[s].closed, __ATOMIC_ACQUIRE);
     uint64_t sent = d->workers[s].sent;
@@ -130,24 +148,57 @@ static int64_t pf__load(const pf_dispatcher *d, int s)
     return closed >= sent ? 0 : (int64_t)(sent - closed);
 }
 
-/* Returns how many more fds slot s may take now (0 = full, a busy skip).
- * When full it asks for a CREDIT, then looks again: we store want_credit,
- * fence, load closed; the worker stores closed, fences, loads want_credit.
- * With both fences one side always sees the other's store (Dekker), so a
- * close that races our skip either shows up here or sends the CREDIT. */
+/* Work on slot s: connections queued in its channel (sent - taken, clamped:
+ * the worker may read a batch before we add it to sent) plus requests running. */
+static int64_t pf__work(const pf_dispatcher *d, int s)
+{
+    uint64_t taken = __atomic_load_n(&d->board[s].taken, __ATOMIC_ACQUIRE);
+    uint64_t sent = d->workers[s].sent;
+    uint32_t active = __atomic_load_n(&d->board[s].active, __ATOMIC_RELAXED);
+
+    return (taken >= sent ? 0 : (int64_t)(sent - taken)) + (int64_t)active;
+}
+
+/* How busy slot s is, for least: its work, or its open connections when it
+ * declared no capacity. */
+static int64_t pf__busy(const pf_dispatcher *d, int s)
+{
+    return __atomic_load_n(&d->board[s].capacity, __ATOMIC_RELAXED) ? pf__work(d, s)
+                                                                    : pf__open(d, s);
+}
+
+/* How many fds slot s can start now: free capacity (none declared: no
+ * limit), never more than its room under the open-connection cap. */
+static int64_t pf__free(const pf_dispatcher *d, int s)
+{
+    uint32_t cap = __atomic_load_n(&d->board[s].capacity, __ATOMIC_ACQUIRE);
+    int64_t room = d->cfg.max_inflight - pf__open(d, s);
+    int64_t idle;
+
+    if (cap == 0)
+        return room;
+    idle = (int64_t)cap - pf__work(d, s);
+    return idle < room ? idle : room;
+}
+
+/* Returns how many more fds slot s may take now (0 = none: skip it).
+ * With no room it asks for a CREDIT, then looks again: we store want_credit,
+ * fence, load active/taken/closed; the worker stores active (a request
+ * finished) or closed, fences, loads want_credit (slot.c). With both fences
+ * one side always sees the other's store (Dekker), so room that frees up
+ * while we skip either shows up here or sends the CREDIT. (A take lowers
+ * queued without freeing room -- the connection is about to start -- so it
+ * needs no CREDIT.) */
 static int64_t pf__room(pf_dispatcher *d, int s)
 {
-    int64_t room = d->cfg.max_inflight - pf__load(d, s);
+    int64_t room = pf__free(d, s);
 
     if (room > 0)
         return room;
     __atomic_store_n(&d->board[s].want_credit, 1, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    room = d->cfg.max_inflight - pf__load(d, s);
-    if (room > 0)
-        return room;
-    d->st.busy_skips++;
-    return 0;
+    room = pf__free(d, s);
+    return room > 0 ? room : 0;
 }
 
 static int pf__candidate(const pf_dispatcher *d, int s)
@@ -170,8 +221,12 @@ static int pf__pick_rr(pf_dispatcher *d, int share, int *n)
         int s = (d->rr_next + i) % d->hi;
         int64_t room;
 
-        if (!pf__candidate(d, s) || (room = pf__room(d, s)) == 0)
+        if (!pf__candidate(d, s))
             continue;
+        if ((room = pf__room(d, s)) == 0) {
+            d->st.busy_skips++;
+            continue;
+        }
         *n = (int)pf__min64(pf__min64(share, room), PF_MAX_FDS);
         d->rr_next = s + 1;
         return s;
@@ -217,9 +272,13 @@ static int pf__pick_least(pf_dispatcher *d, int *n)
         int s = (d->rr_next + i) % d->hi;
         int64_t room, load;
 
-        if (!pf__candidate(d, s) || (room = pf__room(d, s)) == 0)
+        if (!pf__candidate(d, s))
             continue;
-        load = d->cfg.max_inflight - room + pf__age_units(d, s, now);
+        if ((room = pf__room(d, s)) == 0) {
+            d->st.busy_skips++;
+            continue;
+        }
+        load = pf__busy(d, s) + pf__age_units(d, s, now);
         if (best < 0 || pf__better(d, s, load, best, bload)) {
             if (best >= 0)
                 second = pf__min64(second, bload);

@@ -22,7 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define PF_VERSION 1
+#define PF_VERSION 2
 
 /* ---- channel messages ------------------------------------------------ */
 /* One SOCK_SEQPACKET datagram = pf_msg_hdr + payload, with 0..nfds fds in a
@@ -85,7 +85,11 @@ int pf_listen_adopt(int fd);
 /* One cache line per worker slot in a MAP_SHARED|MAP_ANONYMOUS region mapped
  * at pf_dispatcher_new, so forked workers write it and the primary reads it
  * with no syscall (Apache httpd's scoreboard). The worker is the only writer
- * of every field except want_credit, which the primary sets. */
+ * of every field except want_credit, which the primary sets.
+ * The dispatcher sends a worker a connection only when it can start it now:
+ * queued + active < capacity, where queued = sent (the primary's count) -
+ * taken (the worker's). capacity 0 = not declared: only the open-connection
+ * cap (pf_config.max_inflight) applies. */
 typedef struct pf_slot {
     uint64_t closed;        /* connections the worker has closed (monotonic) */
     uint64_t handled;       /* requests the worker has completed (monotonic) */
@@ -94,17 +98,24 @@ typedef struct pf_slot {
     uint32_t active;        /* requests in progress */
     uint32_t pid;           /* worker pid, written by the worker at start */
     uint32_t want_credit;   /* set by the primary when it skipped this worker as full;
-                               the worker clears it and sends PF_MSG_CREDIT on its next close */
-    uint32_t reserved0;
-    uint64_t reserved[2];
+                               the worker clears it and sends PF_MSG_CREDIT when it
+                               can start more (a request finished, a connection closed) */
+    uint32_t capacity;      /* requests the worker can run at once (1 = sync), written
+                               by the worker before READY; 0 = not declared */
+    uint64_t taken;         /* connections the worker has read from its channel (monotonic) */
+    uint64_t reserved;
 } pf_slot;                  /* 64 bytes */
 
 /* Worker-side writers of the worker's own line (slot.c), as pyfork/scoreboard.py's
- * SlotView methods of the same names: a request began; a request ended; n
- * connections were closed, returning 1 when the primary asked for a CREDIT. */
+ * SlotView methods of the same names: a request began; a request ended,
+ * returning 1 when the primary asked for a CREDIT; n connections were closed,
+ * returning 1 when the primary asked for a CREDIT; n connections were read from
+ * the channel; the worker's capacity. */
 void pf_slot_request_started(pf_slot *s);
-void pf_slot_request_finished(pf_slot *s);
+int pf_slot_request_finished(pf_slot *s);
 int pf_slot_conn_closed(pf_slot *s, uint32_t n);
+void pf_slot_conn_taken(pf_slot *s, uint32_t n);
+void pf_slot_set_capacity(pf_slot *s, uint32_t capacity);
 
 /* ---- connected sockets (tcp.c) ------------------------------------------ */
 /* TCP_CORK on (on != 0) or off for a connected TCP socket. Returns 0 or -errno
@@ -133,7 +144,8 @@ int pf_tcp_cork(int fd, int on);
 typedef struct pf_config {
     int capacity;         /* worker slots, 1..4096 */
     int policy;           /* PF_POLICY_RR or PF_POLICY_LEAST */
-    int max_inflight;     /* per worker: sent minus closed; 1..1<<20 */
+    int max_inflight;     /* per worker open-connection cap (sent minus closed), a safety
+                             bound, not back-pressure (that is capacity); 1..1<<20 */
     int max_listeners;    /* 1..64 */
     int max_watch;        /* 0..64 */
     int max_pending;      /* accepted fds held while choosing a worker, 1..65536 */
@@ -152,7 +164,7 @@ typedef struct pf_stats {
     uint64_t accepted;      /* connections accepted */
     uint64_t dispatched;    /* fds sent to a worker (re-dispatches included) */
     uint64_t redispatched;  /* fds recovered from a removed worker's queue and sent again */
-    uint64_t busy_skips;    /* times a worker was skipped: channel EAGAIN or full */
+    uint64_t busy_skips;    /* times a worker was skipped: channel EAGAIN, no capacity, cap */
     uint64_t fd_exhaustion; /* EMFILE/ENFILE events */
     uint64_t accept_errors; /* other accept errors (ECONNABORTED etc.) */
     uint64_t dropped;       /* fds closed undelivered (pending full during recovery, or shutdown) */

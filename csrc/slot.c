@@ -1,19 +1,32 @@
 /* slot.c -- the worker-side writers of one scoreboard line (pf_slot).
  *
  * Theory of operation: a worker writes its own line several times per
- * request (request started, request finished, connection closed).
+ * request (request started, request finished, connection taken, closed).
  * pyfork/scoreboard.py does the same in Python through memoryviews; it serves
  * both backends, so this file has no pure twin. With the C backend a worker
  * calls these instead (pyfork/_core.py SlotWriter), one cffi call each.
  * Semantics are scoreboard.py's, field by field: the primary reads these
  * fields with no lock, so each store is a single aligned store, and the one
- * handshake (closed vs want_credit) has the fence dispatch_send.c expects.
+ * handshake (a store that frees room -- active down, closed up -- vs
+ * want_credit) has the fence dispatch_send.c expects.
  * Times are pf_clock.h's, the clock the primary reads them with.
  */
 #include <stdint.h>
 
 #include "pf_clock.h"
 #include "pyfork.h"
+
+/* The worker's half of the Dekker handshake, after a store that frees room:
+ * fence, then load want_credit; clear it and return 1 when it was set. */
+static int pf__credit_wanted(pf_slot *s)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&s->want_credit, __ATOMIC_RELAXED)) {
+        __atomic_store_n(&s->want_credit, 0, __ATOMIC_RELAXED);
+        return 1;
+    }
+    return 0;
+}
 
 /* Returns nothing; a request began: active + 1, busy since now if it was
  * idle, heartbeat now. */
@@ -28,11 +41,16 @@ void pf_slot_request_started(pf_slot *s)
     __atomic_store_n(&s->heartbeat_ns, now, __ATOMIC_RELAXED);
 }
 
-/* Returns nothing; a request ended: active - 1, handled + 1, heartbeat now.
+/* Returns 1 when the primary asked for a CREDIT (want_credit was set; it
+ * is cleared here and the caller sends PF_MSG_CREDIT), else 0, after ending
+ * a request: active - 1, handled + 1, heartbeat now.
  * busy_since_ns means "busy without progress since": a finished request is
  * progress, so with requests still in progress it moves to now (a steadily
- * loaded async worker must not look stuck to the least policy). */
-void pf_slot_request_finished(pf_slot *s)
+ * loaded async worker must not look stuck to the least policy).
+ * A finished request is room to start another: store active, fence, load
+ * want_credit, the mirror of the primary's store want_credit, fence, load
+ * active (dispatch_send.c), so a primary that skipped us hears of it. */
+int pf_slot_request_finished(pf_slot *s)
 {
     uint64_t now = pf__now_ns();
     uint32_t active = s->active;
@@ -42,20 +60,27 @@ void pf_slot_request_finished(pf_slot *s)
     __atomic_store_n(&s->handled, s->handled + 1, __ATOMIC_RELAXED);
     __atomic_store_n(&s->busy_since_ns, active ? now : 0, __ATOMIC_RELAXED);
     __atomic_store_n(&s->heartbeat_ns, now, __ATOMIC_RELAXED);
+    return pf__credit_wanted(s);
 }
 
-/* Returns 1 when the primary asked for a CREDIT (want_credit was set; it is
- * cleared here, and the caller then sends PF_MSG_CREDIT), else 0, after
- * adding n to closed. Store closed, fence, load want_credit: the mirror of
- * the primary's store want_credit, fence, load closed (dispatch_send.c), so
- * one side always sees the other. */
+/* Returns 1 when the primary asked for a CREDIT, else 0, after adding n to
+ * closed (room under the open-connection cap). Same handshake as above. */
 int pf_slot_conn_closed(pf_slot *s, uint32_t n)
 {
     __atomic_store_n(&s->closed, s->closed + n, __ATOMIC_RELEASE);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&s->want_credit, __ATOMIC_RELAXED)) {
-        __atomic_store_n(&s->want_credit, 0, __ATOMIC_RELAXED);
-        return 1;
-    }
-    return 0;
+    return pf__credit_wanted(s);
+}
+
+/* Returns nothing; n connections were read from the channel: no longer
+ * queued. Frees no room (queued + active is unchanged until a request
+ * ends), so no handshake. */
+void pf_slot_conn_taken(pf_slot *s, uint32_t n)
+{
+    __atomic_store_n(&s->taken, s->taken + n, __ATOMIC_RELEASE);
+}
+
+/* Returns nothing; the worker can run `capacity` requests at once. */
+void pf_slot_set_capacity(pf_slot *s, uint32_t capacity)
+{
+    __atomic_store_n(&s->capacity, capacity, __ATOMIC_RELEASE);
 }

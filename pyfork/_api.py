@@ -19,6 +19,7 @@ Standard library only, so pyfork.scoreboard can use it without loading a backend
 
 import errno
 import operator
+import resource
 from typing import NamedTuple
 
 # ---- csrc/pyfork.h ----------------------------------------------------------
@@ -110,6 +111,27 @@ POLICIES = ("rr", "least")   # index = PF_POLICY_RR, PF_POLICY_LEAST
 # enough that a level-triggered listener cannot spin a core, short enough
 # that clients see a delay rather than an outage once fds are free again.
 EMFILE_PAUSE_MS = 100
+# The per-worker open-connection cap (max_inflight: sent - closed) is a safety
+# bound only: back-pressure is on work (a connection goes only to a worker that
+# can start it now, scoreboard capacity), and an idle kept-alive or WebSocket
+# connection costs a worker memory, not a slot (issue 18: a cap of 1000 locked
+# new clients out behind 2,000 idle ones). What does bound a worker's open
+# connections is its fd limit: past it, the kernel closes the fds of a channel
+# message it cannot install (MSG_CTRUNC) and those clients are cut. So the
+# default is the fd limit workers inherit (RLIMIT_NOFILE soft) less
+# NOFILE_HEADROOM for the worker's own fds (channel, wakeup pipe, epoll, logs,
+# the app's files and sockets), at most MAX_INFLIGHT: 20,000 gives 19,872;
+# the common 1024 gives 896 (the old fixed cap was 1000).
+MAX_INFLIGHT = 100_000
+NOFILE_HEADROOM = 128
+
+
+def default_max_inflight():
+    """The open-connection cap per worker for this process's fd limit (see above)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MAX_INFLIGHT
+    return max(1, min(MAX_INFLIGHT, soft - NOFILE_HEADROOM))
 
 
 def check_pause_ms(emfile_pause_ms):
@@ -134,6 +156,8 @@ def dispatcher_config(capacity, policy, max_inflight, max_listeners, max_watch,
     if not isinstance(policy, str) or policy not in POLICIES:
         raise ValueError("unknown policy %r: expected 'rr' or 'least'" % (policy,))
     capacity = ranged_arg("capacity", capacity, 1, 4096)
+    if max_inflight is None:
+        max_inflight = default_max_inflight()
     max_inflight = ranged_arg("max_inflight", max_inflight, 1, 1 << 20)
     max_listeners = ranged_arg("max_listeners", max_listeners, 1, 64)
     max_watch = ranged_arg("max_watch", max_watch, 0, 64)

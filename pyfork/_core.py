@@ -38,8 +38,8 @@ from pyfork._pyfork_cffi import lib as _lib
 # The compiled core and this binding must speak the same ABI (cryptography
 # and argon2-cffi-bindings check a version constant the same way), and the
 # constants pyfork._api gives both backends must be the core's.
-if _lib.PF_VERSION != 1:
-    raise ImportError("pyfork._pyfork_cffi has PF_VERSION %d, this binding expects 1; "
+if _lib.PF_VERSION != 2:
+    raise ImportError("pyfork._pyfork_cffi has PF_VERSION %d, this binding expects 2; "
                       "rebuild pyfork" % _lib.PF_VERSION)
 if ((_lib.PF_MAX_FDS, _lib.PF_MAX_PAYLOAD, _ffi.sizeof("pf_slot"),
      _lib.PF_MSG_CONN, _lib.PF_MSG_READY, _lib.PF_MSG_CREDIT, _lib.PF_MSG_DRAIN,
@@ -149,12 +149,14 @@ _NEG_EAGAIN = -_errno.EAGAIN
 
 class SlotWriter:
     """The worker-side writers of one scoreboard line, in C (csrc/slot.c):
-    request_started(), request_finished() and conn_closed(n) (true when the
-    primary asked for a CREDIT), as scoreboard.SlotView's, one C call each --
-    a worker calls them per request. ``line`` is the line's 64 writable bytes
-    (SlotView.line), kept alive by this object."""
+    request_started(), request_finished() and conn_closed(n) (the last two true
+    when the primary asked for a CREDIT), conn_taken(n) and set_capacity(n), as
+    scoreboard.SlotView's, one C call each -- a worker calls them per request.
+    ``line`` is the line's 64 writable bytes (SlotView.line), kept alive by
+    this object."""
 
-    __slots__ = ("request_started", "request_finished", "conn_closed", "_ptr")
+    __slots__ = ("request_started", "request_finished", "conn_closed", "conn_taken",
+                 "set_capacity", "_ptr")
 
     def __init__(self, line):
         if memoryview(line).nbytes < SLOT_SIZE:
@@ -163,6 +165,9 @@ class SlotWriter:
         self.request_started = _functools.partial(_lib.pf_slot_request_started, ptr)
         self.request_finished = _functools.partial(_lib.pf_slot_request_finished, ptr)
         self.conn_closed = _functools.partial(_lib.pf_slot_conn_closed, ptr)
+        self.conn_taken = _functools.partial(_lib.pf_slot_conn_taken, ptr)
+        set_capacity = _functools.partial(_lib.pf_slot_set_capacity, ptr)
+        self.set_capacity = lambda n: set_capacity(_u32("capacity", n))
 
 
 # ---- listeners --------------------------------------------------------------
@@ -204,7 +209,7 @@ def tcp_cork(fd, on):
 class Dispatcher:
     """The C accept loop and worker table (pf_dispatcher), fixed capacity."""
 
-    def __init__(self, capacity, policy="rr", max_inflight=1000, max_listeners=16,
+    def __init__(self, capacity, policy="rr", max_inflight=None, max_listeners=16,
                  max_watch=16, max_pending=1024, accept_batch=32, emfile_pause_ms=100):
         self._d = None      # closed until the handle exists
         checked = _api.dispatcher_config(capacity, policy, max_inflight, max_listeners,

@@ -4,11 +4,16 @@ Theory of operation: the dispatcher maps a MAP_SHARED|MAP_ANONYMOUS region of
 ``capacity * 64`` bytes before the first fork, so every worker inherits the
 same pages. Each worker writes only its own line (``pf_slot`` in
 csrc/pyfork.h) and the primary reads it at dispatch time with no syscall:
-``closed`` gives the connections a worker has finished (inflight = sent -
-closed), ``active``/``busy_since_ns`` say how busy it is, ``heartbeat_ns``
-says it is alive. The one field the primary writes is ``want_credit``: set
-when it skipped this worker as full, cleared by the worker on its next close,
-which then sends PF_MSG_CREDIT so a blocked primary wakes up.
+``taken`` gives the connections a worker has read from its channel (queued =
+sent - taken), ``active``/``busy_since_ns`` say how busy it is and
+``capacity`` how many requests it can run at once, so the primary sends a
+connection only to a worker that can start it now (queued + active <
+capacity); ``closed`` gives the connections it has finished (open = sent -
+closed, under a large safety cap); ``heartbeat_ns`` says it is alive. The one
+field the primary writes is ``want_credit``: set when it skipped this worker
+for lack of room, cleared by the worker when it next frees room (a request
+finished, a connection closed), which then sends PF_MSG_CREDIT so a blocked
+primary wakes up.
 
 Fields are accessed through memoryview casts ("Q"/"I" in native byte order,
 which is the little-endian layout the C struct has on the targets we build
@@ -21,10 +26,10 @@ import time
 from pyfork._api import SLOT_SIZE
 
 # pf_slot offsets (bytes): closed 0, handled 8, heartbeat_ns 16,
-# busy_since_ns 24, active 32, pid 36, want_credit 40. As indexes into the
-# u64 and u32 views of one line:
-_Q_CLOSED, _Q_HANDLED, _Q_HEARTBEAT, _Q_BUSY_SINCE = 0, 1, 2, 3
-_I_ACTIVE, _I_PID, _I_WANT_CREDIT = 8, 9, 10
+# busy_since_ns 24, active 32, pid 36, want_credit 40, capacity 44, taken 48.
+# As indexes into the u64 and u32 views of one line:
+_Q_CLOSED, _Q_HANDLED, _Q_HEARTBEAT, _Q_BUSY_SINCE, _Q_TAKEN = 0, 1, 2, 3, 6
+_I_ACTIVE, _I_PID, _I_WANT_CREDIT, _I_CAPACITY = 8, 9, 10, 11
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 
@@ -87,7 +92,7 @@ class SlotView:
     """One worker's line. Worker-side writers, anyone-side readers."""
 
     __slots__ = ("index", "_q", "_i", "_qb", "_ib",
-                 "_qc", "_qh", "_qhb", "_qbs", "_ia", "_iw")
+                 "_qc", "_qh", "_qhb", "_qbs", "_qt", "_ia", "_iw")
 
     def __init__(self, board, index):
         self.index = index
@@ -98,6 +103,7 @@ class SlotView:
         # absolute indexes of the fields the worker writes per request/connection
         self._qc, self._qh = qb + _Q_CLOSED, qb + _Q_HANDLED
         self._qhb, self._qbs = qb + _Q_HEARTBEAT, qb + _Q_BUSY_SINCE
+        self._qt = qb + _Q_TAKEN
         self._ia, self._iw = ib + _I_ACTIVE, ib + _I_WANT_CREDIT
 
     @property
@@ -134,6 +140,16 @@ class SlotView:
     def want_credit(self):
         return self._i[self._ib + _I_WANT_CREDIT]
 
+    @property
+    def capacity(self):
+        """Requests the worker can run at once (0 = not declared)."""
+        return self._i[self._ib + _I_CAPACITY]
+
+    @property
+    def taken(self):
+        """Connections the worker has read from its channel."""
+        return self._q[self._qb + _Q_TAKEN]
+
     # -- worker-side writers ------------------------------------------------
     def set_pid(self, pid):
         self._i[self._ib + _I_PID] = pid & _U32
@@ -152,6 +168,9 @@ class SlotView:
         qv[self._qhb] = now
 
     def request_finished(self):
+        """Ends a request. Returns True when the primary asked for credit
+        (want_credit was set; it is cleared here): the caller must then send
+        MSG_CREDIT, since a finished request is room to start another."""
         # busy_since_ns is "busy without progress since": a finished request is
         # progress, so with requests still in progress it moves to now. That
         # keeps a steadily loaded async worker from looking stuck.
@@ -165,20 +184,36 @@ class SlotView:
         qv[qh] = (qv[qh] + 1) & _U64
         qv[self._qbs] = now if active else 0
         qv[self._qhb] = now
+        # active is written before want_credit is read: the primary sets
+        # want_credit and then re-reads active, so one of the two sees the other.
+        w = self._iw
+        if iv[w]:
+            iv[w] = 0
+            return True
+        return False
 
     def conn_closed(self, n=1):
         """Counts ``n`` closed connections. Returns True when the primary asked
         for credit (want_credit was set; it is cleared here): the caller must
         then send MSG_CREDIT on its channel."""
         qc, qv = self._qc, self._q
-        # closed is written before want_credit is read: the primary sets
-        # want_credit and then re-reads closed, so one of the two sees the other.
+        # closed is written before want_credit is read (as in request_finished).
         qv[qc] = (qv[qc] + n) & _U64
         w, iv = self._iw, self._i
         if iv[w]:
             iv[w] = 0
             return True
         return False
+
+    def conn_taken(self, n=1):
+        """Counts ``n`` connections read from the channel (no longer queued).
+        Frees no room, so it never owes a CREDIT."""
+        qt, qv = self._qt, self._q
+        qv[qt] = (qv[qt] + n) & _U64
+
+    def set_capacity(self, capacity):
+        """The number of requests this worker can run at once (written before READY)."""
+        self._i[self._ib + _I_CAPACITY] = capacity & _U32
 
     # -- primary-side -------------------------------------------------------
     def request_credit(self):
@@ -192,6 +227,7 @@ class SlotView:
             self._q[qb + k] = 0
 
     def __repr__(self):
-        return ("SlotView(%d, pid=%d, closed=%d, handled=%d, active=%d, busy_since_ns=%d)"
+        return ("SlotView(%d, pid=%d, closed=%d, handled=%d, active=%d, busy_since_ns=%d, "
+                "taken=%d, capacity=%d)"
                 % (self.index, self.pid, self.closed, self.handled, self.active,
-                   self.busy_since_ns))
+                   self.busy_since_ns, self.taken, self.capacity))

@@ -74,6 +74,32 @@ def app(sock, addr):
 app.pyfork_interface = "raw"
 '''
 
+# The asyncio interface, whose /block stalls the worker's event loop in a blocking call: an
+# asyncio worker is sent up to its capacity (100) at once, so connections sent to it meanwhile
+# stay unread in its channel (a sync worker is sent none while it runs a request).
+LOOP_APP = r'''
+import json, os, time
+import pyfork.worker
+
+async def app(reader, writer):
+    try:
+        data = await reader.readuntil(b"\r\n\r\n")
+    except Exception:
+        writer.close()
+        return
+    if data.split(b" ", 2)[1] == b"/block":
+        with open("blocked.pid", "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(3600)          # blocks the event loop: nothing more is taken from the channel
+    body = json.dumps({"pid": os.getpid(), "id": pyfork.worker.current().id}).encode()
+    writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                 b"Connection: close\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    writer.close()
+
+app.pyfork_interface = "asyncio"
+'''
+
 # Imports fine in the primary (which only checks it), raises in every worker.
 BAD_IN_WORKER_APP = r'''
 import pyfork.worker
@@ -95,6 +121,7 @@ def write_apps(tmp_path):
     (tmp_path / "app.py").write_text(RAW_APP)
     (tmp_path / "badapp.py").write_text(BAD_IN_WORKER_APP)
     (tmp_path / "markapp.py").write_text(MARKER_APP)
+    (tmp_path / "loopapp.py").write_text(LOOP_APP)
 
 
 def matches(rec, fields):

@@ -70,9 +70,10 @@ def _sent(ctl):
 
 def test_sigkilled_worker_replaced_and_queued_connections_not_lost(apps, backend):
     ctl = str(apps / "ctl.sock")
-    with H.Server(apps, backend.BACKEND, "--control", ctl) as srv:
+    with H.Server(apps, backend.BACKEND, "--control", ctl, "--interface", "asyncio", app="loopapp:app") as srv:
         srv.start(ready=2)
-        # Stall one worker inside a handler: connections sent to it queue in its channel.
+        # Stall one asyncio worker's event loop: connections sent to it (it has room for 100)
+        # queue in its channel, unread.
         blocker = threading.Thread(target=lambda: _swallow(H.http_get, srv.port, "/block", 60), daemon=True)
         blocker.start()
         marker = apps / "blocked.pid"

@@ -11,11 +11,12 @@ The Dispatcher is an epoll loop over listeners, worker channels and watched
 fds, written after csrc/dispatch*.c function by function. Accepted fds wait
 in a pending ring of max_pending entries while a worker is chosen (rr, or
 least from the scoreboard), then go out in batches of up to MAX_FDS per
-sendmsg and the primary closes its copies. A worker is full when sent minus
-closed (closed is what the worker wrote on the shared scoreboard) reaches
-max_inflight; a full worker that is skipped gets want_credit set, and its
-next close sends MSG_CREDIT, which wakes the loop (a 10 ms re-check covers
-the race). Back-pressure: listeners are in the poll set only while nothing
+sendmsg and the primary closes its copies. A worker gets a connection only
+when it can start it now: queued (sent minus the scoreboard's taken) plus
+active below the capacity it declared, and below the separate open-connection
+cap (sent minus closed < max_inflight); a worker skipped for want of room gets
+want_credit set, and its next finished request or close sends MSG_CREDIT,
+which wakes the loop (a 10 ms re-check covers the race). Back-pressure: listeners are in the poll set only while nothing
 waits in the ring, so at most accept_batch fds are held and the kernel
 backlog carries the rest. A channel at EAGAIN is busy until EPOLLOUT; EPIPE
 means gone (one HANGUP event). EMFILE/ENFILE spend a reserve fd to accept

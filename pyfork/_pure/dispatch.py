@@ -104,7 +104,7 @@ def _recover(d, psock):
 class Dispatcher:
     """Accept loop + worker table, fixed capacity. See the module docstring."""
 
-    def __init__(self, capacity, policy="rr", max_inflight=1000, max_listeners=16,
+    def __init__(self, capacity, policy="rr", max_inflight=None, max_listeners=16,
                  max_watch=16, max_pending=1024, accept_batch=32,
                  emfile_pause_ms=_api.EMFILE_PAUSE_MS):
         self._d = None  # closed until everything below exists (close() is a no-op)

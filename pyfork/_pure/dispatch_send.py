@@ -4,17 +4,25 @@ Theory of operation: accepted (or recovered) fds wait in the pending ring
 (a deque of at most max_pending). flush(d) repeatedly picks a worker by
 policy, takes a batch of fds from the front of the ring and sends them in
 ONE sendmsg (up to MAX_FDS), then closes the primary's copies. A worker is
-a candidate when it is READY, not blocked, and has room:
-sent - scoreboard.closed < max_inflight.
+a candidate when it is READY, not blocked, and can start a connection now
+(the central queue, M/G/k; see csrc/dispatch_send.c):
+  queued + active < capacity, queued = sent - scoreboard.taken,
+and it gets at most capacity - (queued + active) fds (one for a sync worker).
+A worker that declared no capacity (0) is limited only by the separate,
+large open-connection cap: sent - scoreboard.closed < max_inflight.
   rr     round robin over candidates; each gets a fair share
-         floor(pending / ready) of the batch (one sendmsg per worker, not
-         one per fd).
-  least  the candidate with the lowest score: connections in flight plus
-         one for every _LEAST_AGE_NS its request in progress has been running
-         (a worker stuck on one long request must not get the next one); ties
-         go to an idle one, then to the one whose request in progress started
-         most recently, then to the next after the last one chosen; it gets
+         floor(pending / ready) of the batch, capped by its room.
+  least  the candidate with the lowest load: queued + active (open
+         connections without a declared capacity) plus one for every
+         LEAST_AGE_NS its request in progress has been running; ties go to
+         an idle one, then to the one whose request in progress started most
+         recently, then to the next after the last one chosen; it gets
          enough fds to catch up with the runner-up.
+Skipping a worker for lack of room sets its want_credit; it sends MSG_CREDIT
+when it next frees room. When no worker can start, the fds stay in the ring
+(at most accept_batch) and the loop leaves the listeners out of the poll set:
+the ring and then the kernel's backlog are the central FIFO (why listeners
+stay polled while the ring is empty: csrc/dispatch_send.c).
 sendmsg errno triage: EAGAIN = that worker is busy, arm EPOLLOUT and try
 the next; EPIPE & co = the worker is gone, HANGUP it and the same fds go to
 the next; anything else = transient, retry on the recheck timer. Every
@@ -37,27 +45,47 @@ from pyfork._pure.internal import (
 _GONE_ERRNOS = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN))
 
 
-def _load(d, s):
+def _open(d, s):
+    """Connections open on slot s: sent - closed (clamped at 0)."""
     closed = d.slots[s].closed
     sent = d.workers[s].sent
     return 0 if closed >= sent else sent - closed
 
 
+def _work(d, s):
+    """Queued (sent - taken, clamped) plus running on slot s."""
+    slot = d.slots[s]
+    taken = slot.taken
+    sent = d.workers[s].sent
+    return (0 if taken >= sent else sent - taken) + slot.active
+
+
+def _busy(d, s):
+    """least's load: work, or open connections without a declared capacity."""
+    return _work(d, s) if d.slots[s].capacity else _open(d, s)
+
+
+def _free(d, s):
+    """How many fds slot s can start now, within the open-connection cap."""
+    room = d.cfg.max_inflight - _open(d, s)
+    cap = d.slots[s].capacity
+    if cap == 0:
+        return room
+    return min(cap - _work(d, s), room)
+
+
 def _room(d, s):
-    """How many more fds slot s may take now; 0 = full, a busy skip. When
-    full it asks for a CREDIT (want_credit), then looks again: a close that
-    raced the skip either shows up here or sends the CREDIT (and the 10 ms
-    recheck covers what Python cannot fence)."""
-    max_inflight = d.cfg.max_inflight
-    room = max_inflight - _load(d, s)
+    """How many more fds slot s may take now; 0 = none (skip it). With no
+    room it asks for a CREDIT (want_credit), then looks again: room freed
+    meanwhile (a request finished, a connection closed) either shows up here
+    or sends the CREDIT (and the 10 ms recheck covers what Python cannot
+    fence)."""
+    room = _free(d, s)
     if room > 0:
         return room
     d.slots[s].request_credit()
-    room = max_inflight - _load(d, s)
-    if room > 0:
-        return room
-    d.st["busy_skips"] += 1
-    return 0
+    room = _free(d, s)
+    return room if room > 0 else 0
 
 
 def _candidate(d, s):
@@ -73,6 +101,7 @@ def _pick_rr(d, share):
             continue
         room = _room(d, s)
         if room == 0:
+            d.st["busy_skips"] += 1
             continue
         d.rr_next = s + 1
         return s, min(share, room, MAX_FDS)
@@ -97,7 +126,6 @@ def _pick_least(d):
     second = None
     now = time.monotonic_ns()
     hi = d.hi
-    max_inflight = d.cfg.max_inflight
     for i in range(hi):
         # From after the last slot chosen: full ties take turns.
         s = (d.rr_next + i) % hi
@@ -105,10 +133,11 @@ def _pick_least(d):
             continue
         room = _room(d, s)
         if room == 0:
+            d.st["busy_skips"] += 1
             continue
         since = d.slots[s].busy_since_ns
         age = (now - since) // LEAST_AGE_NS if 0 < since < now else 0
-        load = max_inflight - room + age
+        load = _busy(d, s) + age
         if best < 0 or _better(d, s, load, best, bload):
             if best >= 0:
                 second = bload if second is None else min(second, bload)

@@ -114,8 +114,8 @@ class State:
     __slots__ = (
         "cfg", "least", "pause_s", "ep", "reserve", "reserve_wanted", "map", "view", "board",
         "slots", "workers", "by_chan", "hi", "n_ready", "rr_next", "n_hup", "listeners",
-        "watches", "pend", "accepting", "stopping", "drained", "drained_unreported", "more",
-        "pause_until", "recheck_at", "out", "st")
+        "watches", "pend", "accepting", "stopping", "drained", "drained_unreported",
+        "more", "pause_until", "recheck_at", "out", "st")
 
     def __init__(self, cfg, least):
         self.cfg = cfg

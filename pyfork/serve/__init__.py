@@ -1,7 +1,9 @@
 """Interfaces: how a worker serves an app on the sockets the primary hands it.
 
 Theory of operation: each interface is a module `pyfork.serve.<name>` exposing
-`NAME`, `detect(app) -> bool` and `serve(app, rt)`; `rt` implements the runtime
+`NAME`, `CAPACITY` (requests a worker can run at once: 1 for the inline wsgi and raw
+loops; the dispatcher sends a worker a connection only while it has room),
+`detect(app) -> bool` and `serve(app, rt)`; `rt` implements the runtime
 contract, the `Runtime` protocol in pyfork/serve/runtime.py (`rt.take()` gives
 connected sockets, `rt.closed()` is called once per socket, and so on). `resolve()` picks the module for an app: explicitly by name,
 from an `app.pyfork_interface` attribute, or by asking each auto-detectable

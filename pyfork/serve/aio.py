@@ -33,6 +33,10 @@ from .detect import async_callable, positional_params
 from .runtime import Runtime
 
 NAME = "asyncio"
+# Connections a worker is sent at once (queued plus running): an event loop starts each
+# at once, so this only bounds the burst one worker takes; 100 keeps a burst spread over
+# the workers.
+CAPACITY = 100
 
 DRAIN_POLL = 0.05  # s; how often a draining worker checks whether it is done (only while draining)
 

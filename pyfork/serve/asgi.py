@@ -84,6 +84,9 @@ from .detect import async_callable, positional_params
 from .runtime import Runtime
 
 NAME = "asgi"
+# Requests a worker is sent at once (running plus not yet taken): the event loop starts
+# each at once; 100 keeps a burst spread over the workers (pyfork.serve.aio.CAPACITY).
+CAPACITY = 100
 
 DRAIN_POLL = aio.DRAIN_POLL
 

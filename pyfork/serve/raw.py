@@ -20,6 +20,8 @@ import time
 from .runtime import Runtime
 
 NAME = "raw"
+# One connection at a time (see the module docstring): the dispatcher sends one only when idle.
+CAPACITY = 1
 
 
 def detect(app):

@@ -64,6 +64,9 @@ from .runtime import Runtime
 from .wsgi_adapter import FileWrapper, base_environ, conn_environ, respond  # noqa: F401 - re-exported
 
 NAME = "wsgi"
+# Requests a worker runs at once: one, inline (the dispatcher sends a connection only to a
+# worker that can start it now, so none waits here behind a slow request).
+CAPACITY = 1
 
 RECV_SIZE = 65536
 LINGER_MAX = 1 << 20             # bytes discarded after an error response before giving up

@@ -181,6 +181,8 @@ def _boot(spec) -> int:
     except Exception:
         log.error("%s: no interface for the app:\n%s", where, traceback.format_exc().rstrip())
         return EXIT_LOAD_ERROR
+    # What the dispatcher may send us at once (before READY, which the interface sends).
+    w.set_capacity(iface.CAPACITY)
     # READY goes out when the interface first asks for connections (Worker.ready()).
     spec.board_slot.heartbeat()
     iface.serve(app, w)

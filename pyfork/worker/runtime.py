@@ -14,9 +14,19 @@ With ``rr``/``least`` connections arrive as MSG_CONN on the channel and
 for itself: ``fileno()`` is a private epoll fd watching the channel and the
 listeners, so one readable fd covers both (epoll fds are pollable).
 
+A worker takes from its channel only what it can start: at most its free
+capacity (``set_capacity``, declared by the interface before READY: 1 for the
+sync WSGI and raw interfaces, more for asyncio/ASGI) minus the requests it is
+running, and counts every fd it reads in the scoreboard's ``taken``. The
+primary sends no more than that either, so a connection waits in the kernel's
+accept queue (or the primary's ring) rather than behind a slow request here,
+and a SIGKILLed worker loses only what it was running: what is still in its
+channel is read back by the primary and re-dispatched. request_finished() and
+closed() send MSG_CREDIT when the primary, finding no room, asked for one.
+
 The per-connection path is kept lean because with ``Connection: close`` it
-runs once per request: take() reads every queued channel message in one call
-(bounded by READ_BATCH); a received fd becomes a socket object without a
+runs once per request: take() reads the queued channel messages it can start
+in one call (bounded by READ_BATCH); a received fd becomes a socket object without a
 syscall when the listeners' family is known (the dispatcher already made it
 non-blocking and set TCP_NODELAY, which ``tcp_nodelay`` tells the interfaces),
 and of a class whose ``family``/``type`` are plain class attributes, so interfaces and the event loop read
@@ -60,6 +70,9 @@ LEAVE_FALLBACK = 2.0
 ACCEPT_BATCH = 16
 # Channel messages read per take(): bounded so a flood cannot starve the loop.
 READ_BATCH = 256
+# Connections a worker can start at once when its interface declares nothing
+# (the dispatcher then applies only its open-connection cap).
+NO_CAPACITY = 0
 # In shared/reuseport mode a worker stops accepting above this many open
 # connections (the dispatcher's max_inflight does the same for rr/least).
 MAX_OPEN = 1000
@@ -252,8 +265,9 @@ class Worker:
         # one only to count towards max_requests.
         writer = self._writer = backend.SlotWriter(board_slot.line)
         self.request_started = writer.request_started
-        if not max_requests:
-            self.request_finished = writer.request_finished
+        self._request_done = writer.request_finished     # true: the primary wants a CREDIT
+        self._conn_taken = writer.conn_taken
+        self._capacity = NO_CAPACITY
         # Per take(): a backend Receiver (set up once; None, not BlockingIOError, when empty).
         self._recv = backend.Receiver(chan).recv
         if self._self_accept:
@@ -335,8 +349,11 @@ class Worker:
     def request_started(self) -> None:     # replaced per instance in __init__
         self._writer.request_started()
 
-    def request_finished(self) -> None:    # replaced per instance in __init__ without max_requests
-        self._writer.request_finished()
+    def request_finished(self) -> None:
+        # A finished request is room to start another: a primary that found none
+        # asked for a CREDIT (want_credit) and may have stopped accepting.
+        if self._request_done() and not self._self_accept:
+            self._send(self._b.MSG_CREDIT, wait=0.0)
         if self._max_requests and self.handled >= self._max_requests and not self._recycle_sent:
             self._recycle_sent = True
             self._ctl({"recycle": self.handled})
@@ -372,6 +389,17 @@ class Worker:
         if (self._self_accept and not self._listening and not self.draining and self._open < MAX_OPEN
                 and now >= self._accept_paused_until):
             self._set_listening(True)
+
+    def set_capacity(self, capacity: int) -> None:
+        """Declares how many requests this worker can run at once (the interface's
+        CAPACITY; pyfork.worker.boot calls it before READY): the dispatcher sends it
+        a connection only while queued + running < capacity, and take() reads at
+        most that many."""
+        capacity = int(capacity)
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._capacity = capacity
+        self._writer.set_capacity(capacity)
 
     # ---- app-facing API ------------------------------------------------------------
     def send(self, obj) -> None:
@@ -459,7 +487,14 @@ class Worker:
     def _read_channel(self, out: list) -> None:
         b = self._b
         recv, msg_conn = self._recv, b.MSG_CONN
+        # Only what we can start (the primary sends no more than that either): at
+        # most capacity - running fds, but at least one message, or a readable
+        # channel would spin the interface's loop.
+        cap = self._capacity
+        room = max(1, cap - self._board.active) if cap else READ_BATCH * b.MAX_FDS
         for _ in range(READ_BATCH):
+            if room <= 0:
+                return
             try:
                 msg = recv()
             except (BlockingIOError, InterruptedError):
@@ -473,6 +508,9 @@ class Worker:
                 return
             mtype, _arg, payload, fds = msg
             if mtype == msg_conn:
+                n = len(fds)
+                room -= n
+                self._conn_taken(n)       # no longer queued: ours to serve (or close)
                 if self.draining:
                     # The primary promised no CONN after DRAIN; account and close.
                     for fd in fds:
@@ -480,7 +518,7 @@ class Worker:
                     self._writer.conn_closed(len(fds))
                     continue
                 out += fds
-                self._open += len(fds)
+                self._open += n
                 continue
             for fd in fds:
                 os.close(fd)

@@ -1,0 +1,202 @@
+/* test_capacity.c -- the candidate rule: a worker gets a connection only
+ * when it can start it now (queued + active < capacity).
+ *
+ * Theory of operation: the workers are the test's ends of SEQPACKET pairs;
+ * the test plays each worker's part of the scoreboard with the real writers
+ * of slot.c (pf_slot_conn_taken, request_started/finished, set_capacity), so
+ * the handshake the dispatcher relies on (want_credit -> CREDIT) is the one
+ * pyfork's workers run. Real loopback clients; no timing assertions beyond
+ * the liveness bound in dispatch_util.h.
+ */
+#include "dispatch_util.h"
+
+/* Worker side: reads ONE queued message from wend; stores the client ids in
+ * ids[], closes the connections and returns how many the message carried
+ * (0 when the channel is empty). */
+static int take_message(int wend, int *ids)
+{
+    pf_msg_hdr h;
+    int fds[PF_MAX_FDS];
+    int k = pf_recv_msg(wend, &h, NULL, 0, fds, PF_MAX_FDS);
+
+    if (k == -EAGAIN)
+        return 0;
+    CHECK_OK(k);
+    CHECK_EQ(h.type, PF_MSG_CONN);
+    for (int i = 0; i < k; i++) {
+        ids[i] = read_id(fds[i]);
+        close(fds[i]);
+    }
+    return k;
+}
+
+/* The worker's part after reading n connections: taken + n, and n requests
+ * started (each connection's request begins at once). */
+static void worker_starts(pf_slot *s, int n)
+{
+    pf_slot_conn_taken(s, (uint32_t)n);
+    for (int i = 0; i < n; i++)
+        pf_slot_request_started(s);
+}
+
+/* The worker's part when a request ends and its connection closes; sends
+ * the CREDIT the primary asked for, as pyfork's runtime does. */
+static void worker_finishes(pf_slot *s, int wend)
+{
+    int credit = pf_slot_request_finished(s);
+
+    credit |= pf_slot_conn_closed(s, 1);
+    if (credit)
+        CHECK_OK(pf_send_msg(wend, PF_MSG_CREDIT, 0, NULL, 0, NULL, 0));
+}
+
+/* Runs for ms and checks nothing was accepted meanwhile. */
+static void run_idle(pf_dispatcher *d, int ms)
+{
+    pf_event ev[4];
+    uint64_t accepted = stats(d).accepted;
+
+    CHECK_EQ(pf_dispatcher_run(d, ms, ev, 4), 0);
+    CHECK_EQ(stats(d).accepted, accepted);
+}
+
+/* Two sync workers (capacity 1), rr: a connection never waits in a busy
+ * worker's channel; with both busy it waits in the primary (then the
+ * kernel's backlog) and goes to whichever worker finishes first. */
+static void test_sync_workers_central_queue(void)
+{
+    struct disp_fx f;
+    pf_slot *board;
+    int cl[4], ids[PF_MAX_FDS], a;
+
+    fx_setup(&f, 2, PF_POLICY_RR, 2, 0);
+    board = pf_dispatcher_scoreboard(f.d, NULL);
+    pf_slot_set_capacity(&board[0], 1);
+    pf_slot_set_capacity(&board[1], 1);
+
+    /* Worker a takes client 0 and is inside its (slow) request. */
+    a = dispatch_one(f.d, f.port, f.w, 2, 0, &cl[0]);
+    worker_starts(&board[a], 1);
+    /* Client 1 goes to the other worker, whatever rr's turn says; it sits in
+     * that worker's channel (queued, not taken yet). */
+    cl[1] = client(f.port, 1);
+    run_until_dispatched(f.d, 2);
+    CHECK_EQ(take_message(f.w[a], ids), 0);
+    /* Neither can start one now: client 2 waits in the primary's ring (the
+     * listeners leave the poll set, the backlog holds the next ones), and
+     * both workers were asked for a CREDIT. */
+    cl[2] = client(f.port, 2);
+    run_until_accepted(f.d, 3);
+    run_idle(f.d, 100);
+    CHECK_EQ(stats(f.d).accepting, 0);
+    CHECK_EQ(stats(f.d).pending, 1);
+    CHECK_EQ(stats(f.d).dispatched, 2);
+    CHECK_EQ(board[0].want_credit, 1);
+    CHECK_EQ(board[1].want_credit, 1);
+
+    /* Worker a finishes: its CREDIT wakes the primary, which sends client 2
+     * to a -- never behind client 1 in the other worker's channel. */
+    worker_finishes(&board[a], f.w[a]);
+    run_until_dispatched(f.d, 3);
+    CHECK_EQ(take_message(f.w[a], ids), 1);
+    CHECK_EQ(ids[0], 2);
+    CHECK_EQ(take_message(f.w[1 - a], ids), 1);
+    CHECK_EQ(ids[0], 1);
+    worker_starts(&board[a], 1);
+    worker_starts(&board[1 - a], 1);
+
+    /* The other worker takes client 1 (a take frees no room) and finishes it:
+     * the next client goes there. */
+    worker_finishes(&board[1 - a], f.w[1 - a]);
+    cl[3] = client(f.port, 3);
+    run_until_dispatched(f.d, 4);
+    CHECK_EQ(take_message(f.w[1 - a], ids), 1);
+    CHECK_EQ(ids[0], 3);
+    CHECK_EQ(take_message(f.w[a], ids), 0);
+    fx_teardown(&f, cl, 4);
+}
+
+/* A worker's batch is at most its free capacity: five backlogged clients on
+ * a worker of capacity 3 go 3 in one message, then one per finished request. */
+static void test_batch_capped_by_free_capacity(void)
+{
+    struct disp_fx f;
+    pf_slot *board;
+    int cl[5], ids[PF_MAX_FDS];
+
+    fx_init(&f, 1, PF_POLICY_RR);
+    f.d = new_disp(&f.c);
+    f.w[0] = add_worker(f.d, 0, 0, 1);
+    f.nw = 1;
+    board = pf_dispatcher_scoreboard(f.d, NULL);
+    pf_slot_set_capacity(&board[0], 3);
+    for (int i = 0; i < 5; i++)
+        cl[i] = client(f.port, (unsigned char)i);
+    CHECK_OK(pf_dispatcher_add_listener(f.d, f.lfd));
+
+    run_until_dispatched(f.d, 3);
+    CHECK_EQ(take_message(f.w[0], ids), 3);
+    CHECK_EQ(ids[0], 0);
+    CHECK_EQ(ids[2], 2);
+    worker_starts(&board[0], 3);
+    run_idle(f.d, 50);          /* no room: nothing more accepted or sent */
+    CHECK_EQ(stats(f.d).dispatched, 3);
+    CHECK_EQ(take_message(f.w[0], ids), 0);
+
+    /* One request ends: exactly one more, in accept order. */
+    worker_finishes(&board[0], f.w[0]);
+    run_until_dispatched(f.d, 4);
+    CHECK_EQ(take_message(f.w[0], ids), 1);
+    CHECK_EQ(ids[0], 3);
+    worker_starts(&board[0], 1);
+    worker_finishes(&board[0], f.w[0]);
+    worker_finishes(&board[0], f.w[0]);
+    run_until_dispatched(f.d, 5);
+    CHECK_EQ(take_message(f.w[0], ids), 1);
+    CHECK_EQ(ids[0], 4);
+    fx_teardown(&f, cl, 5);
+}
+
+/* least: the candidate with the least work (queued + active) wins; a worker
+ * at its capacity is never chosen however light the others look. */
+static void test_least_by_work(void)
+{
+    struct disp_fx f;
+    pf_slot *board;
+    int cl[3], ids[PF_MAX_FDS];
+
+    fx_setup(&f, 3, PF_POLICY_LEAST, 3, 0);
+    board = pf_dispatcher_scoreboard(f.d, NULL);
+    pf_slot_set_capacity(&board[0], 1);     /* sync, and busy */
+    pf_slot_set_capacity(&board[1], 8);
+    pf_slot_set_capacity(&board[2], 8);
+    pf_slot_request_started(&board[0]);
+    for (int i = 0; i < 3; i++)
+        pf_slot_request_started(&board[1]);
+    pf_slot_request_started(&board[2]);
+    /* Requests that have run for no time at all (start times a minute ahead
+     * count as age 0 however slow this machine is); slot 1's the latest. */
+    board[0].busy_since_ns = board[2].busy_since_ns = pf__now_ns() + pf__ms_to_ns(60000);
+    board[1].busy_since_ns = board[0].busy_since_ns + pf__ms_to_ns(1000);
+    /* Work 1/1 (full), 3/8, 1/8: slot 2. */
+    CHECK_EQ(dispatch_one(f.d, f.port, f.w, 3, 0, &cl[0]), 2);
+    /* Slot 2 has one queued now (2/8) and is still lighter than slot 1. */
+    CHECK_EQ(dispatch_one(f.d, f.port, f.w, 3, 1, &cl[1]), 2);
+    /* worker_take in dispatch_one read them without telling the scoreboard:
+     * 2 queued + 1 active = 3 ties with slot 1's 3; slot 2's request started
+     * earlier, so slot 1 (busy since later = less likely stuck) wins. */
+    CHECK_EQ(dispatch_one(f.d, f.port, f.w, 3, 2, &cl[2]), 1);
+    CHECK_EQ(take_message(f.w[0], ids), 0);
+    fx_teardown(&f, cl, 3);
+}
+
+static const struct pf_test_case tests[] = {
+    PF_CASE(test_sync_workers_central_queue), PF_CASE(test_batch_capped_by_free_capacity),
+    PF_CASE(test_least_by_work),
+};
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    return pf_run_cases(tests, PF_NCASES(tests), argc, argv);
+}

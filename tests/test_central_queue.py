@@ -1,0 +1,167 @@
+"""The central queue: a connection goes only to a worker that can start it now (issue 10),
+and back-pressure counts work, not open connections (issue 18).
+
+Real primaries and workers (tests/supervisor_harness.py), real clients; both backends.
+With the old dispatch, a connection could be sent to a worker that was inside a slow request
+and wait there (rr sent every other one); and 2,000 open connections on 2 workers stopped the
+primary from accepting at all. Observed through HTTP answers (which pid served) and the
+control socket's per-worker counters (connections sent, requests handled).
+"""
+
+import json
+import resource
+import selectors
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from pyfork.primary import control
+
+import supervisor_harness as H
+
+pytestmark = [pytest.mark.usefixtures("fd_guard"), pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def apps(tmp_path):
+    H.write_apps(tmp_path)
+    return tmp_path
+
+
+def _workers(ctl):
+    """pid -> the control status row of that worker."""
+    return {w["pid"]: w for w in control.request(ctl, {"cmd": "status"}, timeout=20)["workers"]}
+
+
+def test_new_connections_go_to_the_idle_worker_while_the_other_is_busy(apps, backend):
+    ctl = str(apps / "ctl.sock")
+    with H.Server(apps, backend.BACKEND, "--control", ctl) as srv:
+        srv.start(ready=2)
+        blocker = threading.Thread(target=lambda: _swallow(H.http_get, srv.port, "/block", 60),
+                                   daemon=True)
+        blocker.start()
+        marker = apps / "blocked.pid"
+        H.wait_until(lambda: marker.exists() and marker.read_text(), what="a blocked worker")
+        busy = int(marker.read_text())
+        before = _workers(ctl)
+        # One by one, then 6 at once: every one is answered by the idle worker; none waits
+        # behind the blocked request (rr used to send every other one there, for ever).
+        pids = [H.pid_of(srv.port) for _ in range(6)]
+        results = []
+        lock = threading.Lock()
+
+        def one():
+            try:
+                r = H.pid_of(srv.port)
+            except (OSError, AssertionError) as e:
+                r = repr(e)
+            with lock:
+                results.append(r)
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        pids += results
+        idle = [pid for pid in before if pid != busy]
+        assert len(idle) == 1
+        assert pids == idle * 12, pids
+        after = _workers(ctl)
+        assert after[busy]["sent"] == before[busy]["sent"]     # nothing queued at the busy one
+        # each of the 12 connections was sent once and served once
+        assert after[idle[0]]["sent"] - before[idle[0]]["sent"] == 12
+        H.wait_until(lambda: _workers(ctl)[idle[0]]["handled"] - before[idle[0]]["handled"] == 12,
+                     what="12 requests handled by the idle worker")
+        srv.signal(signal.SIGQUIT)         # stop at once: the blocked request never ends
+        srv.wait()
+        blocker.join(30)
+
+
+def _swallow(fn, *a):
+    try:
+        fn(*a)
+    except OSError:
+        pass
+
+
+KEEPALIVE_CONNS = 2500     # more than the old cap: 1000 open connections per worker, 2 workers
+_REQUEST = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _raise_nofile(need):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, hard
+
+
+def _open_kept_alive(port, n):
+    """n connections that each got one response on HTTP/1.1 and stay open, idle."""
+    socks = []
+    sel = selectors.DefaultSelector()
+    pending = {}
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            socks.append(s)
+            s.sendall(_REQUEST)
+            s.setblocking(False)
+            pending[s] = b""
+            sel.register(s, selectors.EVENT_READ)
+        deadline = time.monotonic() + 120
+        while pending:
+            assert time.monotonic() < deadline, f"{len(pending)} of {n} unanswered"
+            for key, _ in sel.select(1.0):
+                s = key.fileobj
+                data = s.recv(65536)
+                assert data, "a kept-alive connection was closed before its response"
+                pending[s] += data
+                head, sep, body = pending[s].partition(b"\r\n\r\n")
+                if sep:
+                    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+                    if len(body) >= length:
+                        assert head.startswith(b"HTTP/1.1 200"), head
+                        assert b"connection: close" not in head.lower()
+                        del pending[s]
+                        sel.unregister(s)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    finally:
+        sel.close()
+    return socks
+
+
+def test_idle_kept_alive_connections_do_not_lock_out_a_new_client(apps, backend):
+    soft, hard = _raise_nofile(2 * KEEPALIVE_CONNS + 200)
+    socks = []
+    try:
+        with H.Server(apps, backend.BACKEND, "--interface", "wsgi",
+                      env={"PYFORK_KEEPALIVE_TIMEOUT": "300"}, app="pyfork.demo:app") as srv:
+            srv.start(ready=2)
+            socks = _open_kept_alive(srv.port, KEEPALIVE_CONNS)
+            # 2,500 open and idle: the workers are free, so a new client is served at once.
+            status, body = H.http_get(srv.port, "/health", timeout=30)
+            assert status == 200, body
+            assert json.loads(body)["status"] == "healthy"
+            # and the kept-alive ones still work
+            for s in socks[:3] + socks[-3:]:
+                s.setblocking(True)
+                s.settimeout(30)
+                s.sendall(_REQUEST)
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            for s in socks:
+                s.close()
+            socks = []
+            srv.signal(signal.SIGTERM)
+            assert srv.wait() == 0
+    finally:
+        for s in socks:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
