@@ -139,6 +139,14 @@ static void worker_main(int chan, pf_slot *line, pid_t primary)
     signal(SIGINT, SIG_IGN);            /* Ctrl-C hits the group; the primary orchestrates */
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
+    /* Wait in poll(), never inside a blocking recvmsg: a worker SIGKILLed
+     * while blocked in recvmsg can still dequeue a CONN that arrives before it
+     * gets the CPU to die (the kernel retries the receive after the wake-up),
+     * and that connection dies with it. Woken in poll() it dies without
+     * reading, the CONN stays queued and pf_dispatcher_remove_worker hands it
+     * to another worker. (The dispatcher sets this end non-blocking too when it
+     * recovers, so sharing the file description with it changes nothing.) */
+    fcntl(chan, F_SETFL, fcntl(chan, F_GETFL) | O_NONBLOCK);
     line->pid = (uint32_t)getpid();
     if (pf_send_msg(chan, PF_MSG_READY, 0, NULL, 0, NULL, 0) < 0)
         _exit(1);
