@@ -38,10 +38,19 @@ __all__ = ["Connections", "ReportingSocket", "run_asyncio", "worker_body"]
 INTERFACE = "embed"
 
 
-def worker_body(fn: Callable[[Runtime], None]) -> Callable[[Runtime], None]:
-    """Marks `fn(rt)` as a worker body (sets `fn.pyfork_interface = "embed"`); returns fn."""
-    fn.pyfork_interface = INTERFACE
-    return fn
+def worker_body(fn: Optional[Callable[[Runtime], None]] = None, *, capacity: int = 100):
+    """Marks `fn(rt)` as a worker body (sets `fn.pyfork_interface = "embed"`); returns fn.
+    `capacity`: requests the body can run at once (the central queue sends a worker no more
+    than it can start): 100 for an event-loop server, 1 for one that serves one at a time.
+    Use as `@worker_body` or `@worker_body(capacity=1)`."""
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+        raise ValueError(f"capacity must be an int >= 1, not {capacity!r}")
+
+    def mark(f):
+        f.pyfork_interface = INTERFACE
+        f.pyfork_capacity = capacity
+        return f
+    return mark(fn) if fn is not None else mark
 
 
 class ReportingSocket(socket.socket):

@@ -124,3 +124,21 @@ def test_worker_body_marks_the_embed_interface():
     assert pyfork.serve.resolve(main).NAME == "embed"
     with pytest.raises(ValueError):
         pyfork.serve.resolve(lambda rt: None)     # a bare one-argument callable is never guessed
+
+
+def test_worker_body_declares_interface_and_capacity():
+    # The central queue sends a worker no more than its capacity: a body declares it.
+    from pyfork import embed
+
+    @embed.worker_body
+    def loop_body(rt):
+        pass
+
+    @embed.worker_body(capacity=1)
+    def one_at_a_time(rt):
+        pass
+
+    assert (loop_body.pyfork_interface, loop_body.pyfork_capacity) == ("embed", 100)
+    assert (one_at_a_time.pyfork_interface, one_at_a_time.pyfork_capacity) == ("embed", 1)
+    with pytest.raises(ValueError):
+        embed.worker_body(capacity=0)

@@ -14,6 +14,11 @@ Never guessed from a signature (any one-argument callable would match): choose i
 from .runtime import Runtime
 
 NAME = "embed"
+# Requests a worker body can run at once, for the central queue (README "Nothing waits behind
+# a slow request"): the servers embedded here (Tornado, aiohttp) run an event loop, like the
+# asyncio interface. A body that serves one request at a time sets `pyfork_capacity = 1`
+# (pyfork.embed.worker_body(capacity=1)).
+CAPACITY = 100
 
 
 def detect(app) -> bool:

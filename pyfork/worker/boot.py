@@ -182,7 +182,9 @@ def _boot(spec) -> int:
         log.error("%s: no interface for the app:\n%s", where, traceback.format_exc().rstrip())
         return EXIT_LOAD_ERROR
     # What the dispatcher may send us at once (before READY, which the interface sends).
-    w.set_capacity(iface.CAPACITY)
+    # An app may declare its own, as it may declare its interface (pyfork.embed.worker_body).
+    declared = getattr(app, "pyfork_capacity", None)
+    w.set_capacity(declared if isinstance(declared, int) and declared >= 1 else iface.CAPACITY)
     # READY goes out when the interface first asks for connections (Worker.ready()).
     spec.board_slot.heartbeat()
     iface.serve(app, w)
