@@ -346,17 +346,25 @@ class Load:
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
+    def fetch(self):
+        """One request: (status, response headers or None). Subclasses send it elsewhere."""
+        status, _ = http_get(self.port, self.path, timeout=30)
+        return status, None
+
+    def answered(self, headers) -> None:
+        """Called (under the lock) for each 200; subclasses count more about it."""
+
     def _run(self):
         while not self._stop.is_set():
             try:
-                status, _ = http_get(self.port, self.path, timeout=30)
-                good = status == 200
-                err = None if good else f"status {status}"
+                status, headers = self.fetch()
+                err = None if status == 200 else f"status {status}"
             except OSError as e:
-                good, err = False, repr(e)
+                err, headers = repr(e), None
             with self._lock:
-                if good:
+                if err is None:
                     self.ok += 1
+                    self.answered(headers)
                 else:
                     self.failed.append(err)
 

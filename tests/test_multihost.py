@@ -27,14 +27,13 @@ import socket
 import string
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import redis_server as _redis_helper
+import supervisor_harness as H
 from supervisor_harness import Server, wait_until
 
 redis_server = _redis_helper.redis_server       # module-scoped fixture: a private real redis-server
@@ -265,48 +264,26 @@ def haproxy_status(rig):
     return out
 
 
-class Load:
+class Load(H.Load):
     """`threads` clients sending GET `path` through the balancer in a loop, each with at
-    most one request in flight; counts the answers and the failures."""
+    most one request in flight; counts the answers, per host, and the failures."""
 
     def __init__(self, port, threads=4, path="/"):
-        self.port, self.path = port, path
-        self.ok = 0
-        self.failed = []
+        super().__init__(port, threads, path)
         self.by_host = {}
         self.in_flight = threads
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                status, headers, _ = get(self.port, self.path)
-                err = None if status == 200 else f"status {status}"
-            except OSError as e:
-                err, headers = repr(e), {}
-            with self._lock:
-                if err is None:
-                    self.ok += 1
-                    host = headers.get("x-pyfork-host")
-                    self.by_host[host] = self.by_host.get(host, 0) + 1
-                else:
-                    self.failed.append(err)
+    def fetch(self):
+        status, headers, _ = get(self.port, self.path)
+        return status, headers
+
+    def answered(self, headers) -> None:
+        host = headers.get("x-pyfork-host")
+        self.by_host[host] = self.by_host.get(host, 0) + 1
 
     def wait_for(self, n):
         start = self.ok
         wait_until(lambda: self.ok >= start + n, timeout=LIVENESS, what=f"{n} more answers")
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join(LIVENESS)
 
 
 # ---- the tests ------------------------------------------------------------------------------
