@@ -197,7 +197,9 @@ def cmd_serve(args) -> int:
                       limit_concurrency=s.limit_concurrency, backlog=s.backlog, keep_alive=s.keep_alive,
                       proxy_protocol=s.proxy_protocol, proxy_allow_from=s.proxy_allow_from,
                       proxy_timeout=s.proxy_timeout, forwarded_allow_ips=s.forwarded_allow_ips,
-                      health_path=s.health_path, drain_delay=s.drain_delay)
+                      health_path=s.health_path, drain_delay=s.drain_delay,
+                      certfile=s.certfile, keyfile=s.keyfile, ca_certs=s.ca_certs, ssl_ciphers=s.ssl_ciphers,
+                      cert_reqs=s.cert_reqs)
     try:
         cluster.prepare()
     except StartupError as e:

@@ -58,7 +58,8 @@ class Cluster:
                  proxy_protocol: bool = False,
                  proxy_allow_from: str = config.LOOPBACK, proxy_timeout: float = 5.0,
                  forwarded_allow_ips: str = config.LOOPBACK, health_path: Optional[str] = None,
-                 drain_delay: float = 0.0):
+                 drain_delay: float = 0.0, certfile: Optional[str] = None, keyfile: Optional[str] = None,
+                 ca_certs: Optional[str] = None, ssl_ciphers: Optional[str] = None, cert_reqs: str = "none"):
         """``target`` is a "module:attr" string (re-imported by every new worker,
         so HUP runs new code) or the app object itself (inherited through fork).
         ``events`` ("fd://N" or a file path; default: $PYFORK_EVENTS) gets every event as
@@ -69,7 +70,9 @@ class Cluster:
         worker, 0 = off), ``backlog`` (default: net.core.somaxconn) and ``keep_alive``
         (seconds, 0 = none) are README "Limits". ``proxy_protocol``, ``proxy_allow_from``,
         ``proxy_timeout``, ``forwarded_allow_ips``, ``health_path`` and ``drain_delay`` are the
-        load-balancer options (README "More than one machine"). Bad values raise ValueError
+        load-balancer options (README "More than one machine"); ``certfile``, ``keyfile``,
+        ``ca_certs``, ``ssl_ciphers`` and ``cert_reqs`` (none | optional | required) turn on TLS
+        in the workers (README "TLS"). Bad values raise ValueError
         (pyfork.config.ConfigError) here, before anything runs."""
         if bind is None or isinstance(bind, str):
             bind = [bind] if bind else None
@@ -84,7 +87,8 @@ class Cluster:
             metrics=metrics, access_log=access_log, access_log_format=access_log_format,
             limit_concurrency=limit_concurrency, backlog=backlog, keep_alive=keep_alive,
             proxy_protocol=proxy_protocol, proxy_allow_from=proxy_allow_from, proxy_timeout=proxy_timeout,
-            forwarded_allow_ips=forwarded_allow_ips, health_path=health_path, drain_delay=drain_delay)
+            forwarded_allow_ips=forwarded_allow_ips, health_path=health_path, drain_delay=drain_delay,
+            certfile=certfile, keyfile=keyfile, ca_certs=ca_certs, ssl_ciphers=ssl_ciphers, cert_reqs=cert_reqs)
         from pyfork.configfile import HOOKS
         hooks = dict(hooks or {})
         for name, fn in hooks.items():

@@ -189,6 +189,19 @@ OPTIONS: List[Option] = [
     Option("drain_delay", ("--drain-delay",), _float, 0.0,
            "after TERM, keep serving S seconds (the health path says 503) before the graceful stop (0)",
            metavar="S"),
+    # TLS in the worker (issue 14)
+    Option("certfile", ("--certfile",), _str, None,
+           "PEM certificate (chain) to serve TLS on every listener; the handshake runs in the workers",
+           metavar="PATH"),
+    Option("keyfile", ("--keyfile",), _str, None,
+           "PEM private key of --certfile (default: the key is in --certfile)", metavar="PATH"),
+    Option("ca_certs", ("--ca-certs",), _str, None,
+           "PEM CA bundle that client certificates must chain to (with --cert-reqs)", metavar="PATH"),
+    Option("ssl_ciphers", ("--ssl-ciphers",), _str, None,
+           "OpenSSL cipher string for TLS 1.2 (default: OpenSSL's; TLS 1.3 suites are not affected)",
+           metavar="CIPHERS"),
+    Option("cert_reqs", ("--cert-reqs",), _str, "none",
+           "client certificates: none | optional | required (none; optional/required need --ca-certs)"),
 ]
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -236,6 +249,12 @@ class Settings:
     forwarded_allow_ips: str = LOOPBACK
     health_path: Optional[str] = None
     drain_delay: float = 0.0
+    # TLS (issue 14): all None when off
+    certfile: Optional[str] = None
+    keyfile: Optional[str] = None
+    ca_certs: Optional[str] = None
+    ssl_ciphers: Optional[str] = None
+    cert_reqs: str = "none"
 
 
 _HOSTPORT = re.compile(r"^(?P<host>[^:\[\]]*):(?P<port>[0-9]+)$")
@@ -296,7 +315,8 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
              metrics=None, access_log=None, access_log_format=None, log_level="info",
              log_format="text", limit_concurrency=0, backlog=None, keep_alive=5.0, proxy_protocol=False,
              proxy_allow_from=LOOPBACK, proxy_timeout=5.0, forwarded_allow_ips=LOOPBACK, health_path=None,
-             drain_delay=0.0, **procmgmt) -> Settings:
+             drain_delay=0.0, certfile=None, keyfile=None, ca_certs=None, ssl_ciphers=None,
+             cert_reqs="none", **procmgmt) -> Settings:
     """Checks every value; returns Settings or raises ConfigError (one line)."""
     if isinstance(app, str):
         if not app.strip():
@@ -343,7 +363,12 @@ def validate(*, app=DEFAULT_APP, bind=None, workers=None, policy="rr", backend="
     edge = validate_edge(proxy_protocol=proxy_protocol, proxy_allow_from=proxy_allow_from,
                          proxy_timeout=proxy_timeout, forwarded_allow_ips=forwarded_allow_ips,
                          health_path=health_path, drain_delay=drain_delay)
-    return Settings(**obs, **edge, app=app, bind=addrs, workers=workers, policy=policy, backend=backend, interface=interface,
+    tls = validate_tls(certfile=certfile, keyfile=keyfile, ca_certs=ca_certs, ssl_ciphers=ssl_ciphers,
+                       cert_reqs=cert_reqs)
+    if tls["certfile"] is not None and edge["proxy_protocol"]:
+        raise ConfigError("--proxy-protocol with --certfile is not supported: let the balancer "
+                          "terminate TLS, or pass TLS through without the PROXY header")
+    return Settings(**obs, **edge, **tls, app=app, bind=addrs, workers=workers, policy=policy, backend=backend, interface=interface,
                     graceful_timeout=float(graceful_timeout), timeout=float(timeout), min_uptime=float(min_uptime),
                     max_restarts=max_restarts, give_up_cooldown=float(give_up_cooldown), max_requests=max_requests,
                     max_requests_jitter=max_requests_jitter, control=control, ready_timeout=float(ready_timeout),
@@ -451,6 +476,39 @@ def validate_edge(*, proxy_protocol=False, proxy_allow_from=LOOPBACK, proxy_time
     return {"proxy_protocol": proxy_protocol, "proxy_allow_from": proxy_allow_from,
             "proxy_timeout": float(proxy_timeout), "forwarded_allow_ips": forwarded_allow_ips,
             "health_path": health_path, "drain_delay": float(drain_delay)}
+
+
+def validate_tls(*, certfile=None, keyfile=None, ca_certs=None, ssl_ciphers=None, cert_reqs="none") -> dict:
+    """The TLS options (issue 14), checked by building the server's SSLContext once here in
+    the primary (pyfork.serve.tls; the workers build their own); a dict of Settings fields."""
+    for name, val in (("certfile", certfile), ("keyfile", keyfile), ("ca_certs", ca_certs),
+                      ("ssl_ciphers", ssl_ciphers)):
+        if val is not None and (not isinstance(val, str) or not val):
+            raise ConfigError(f"bad --{name.replace('_', '-')} {val!r}: expected a "
+                              f"{'cipher string' if name == 'ssl_ciphers' else 'path'}")
+    from pyfork.serve import tls
+    if cert_reqs is None:
+        cert_reqs = "none"
+    cert_reqs = tls.CERT_REQS_NUMBERS.get(str(cert_reqs).strip(), str(cert_reqs).strip().lower())
+    cert_reqs = _choice("cert_reqs", cert_reqs, tuple(tls.CERT_REQS))
+    off = dict(certfile=None, keyfile=None, ca_certs=None, ssl_ciphers=None, cert_reqs="none")
+    if certfile is None:
+        given = [n for n, v in (("keyfile", keyfile), ("ca_certs", ca_certs), ("ssl_ciphers", ssl_ciphers))
+                 if v is not None] + (["cert_reqs"] if cert_reqs != "none" else [])
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} needs --certfile (TLS is off without it)")
+        return off
+    if cert_reqs != "none" and ca_certs is None:
+        raise ConfigError(f"--cert-reqs {cert_reqs} needs --ca-certs (the CAs client certificates must chain to)")
+    # Absolute: the workers read the files again, after a --chdir.
+    certfile, keyfile, ca_certs = (None if p is None else os.path.abspath(p) for p in (certfile, keyfile, ca_certs))
+    cfg = tls.TLSConfig(certfile, keyfile, ca_certs, ssl_ciphers, cert_reqs)
+    try:
+        tls.check(cfg)
+    except tls.TLSError as e:
+        raise ConfigError(str(e)) from None
+    return dict(certfile=certfile, keyfile=keyfile, ca_certs=ca_certs, ssl_ciphers=ssl_ciphers,
+                cert_reqs=cert_reqs)
 
 
 def from_env(environ=None) -> dict:

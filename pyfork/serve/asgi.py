@@ -59,6 +59,12 @@ starts (and sets its `client`); such connections are taken as sockets, uncorked.
 headers from --forwarded-allow-ips are applied to the scope by a layer around the app
 (pyfork.serve.forwarded), outside the access log's, so the log shows the client too.
 
+TLS (--certfile, pyfork.serve.tls): each connection is adopted with
+`loop.connect_accepted_socket(..., ssl=context)`, so the loop (uvloop or asyncio) runs the
+handshake in the worker, within tls.HANDSHAKE_TIMEOUT; one that fails ends that connection
+only (`aio.Connect` reports it closed). Such connections are taken as sockets, uncorked, and
+keep uvicorn's own `connection_made`, which sets the scope's `scheme` to https.
+
 Knobs (environment, read once per worker): PYFORK_UVLOOP=0 (asyncio's loop),
 PYFORK_ASGI_HTTP=httptools|h11 (protocol class; default httptools when importable).
 Proxy headers are off (pyfork is not a proxy-aware server by default) and uvicorn's
@@ -79,7 +85,7 @@ import socket
 import time
 from email.utils import formatdate
 
-from . import accesslog, aio, aio_proxy, asgi_protocol, connlimits, edge, forwarded, health, inflight
+from . import accesslog, aio, aio_proxy, asgi_protocol, connlimits, edge, forwarded, health, inflight, tls
 from .detect import async_callable, positional_params
 from .runtime import Runtime
 
@@ -383,11 +389,12 @@ class _Worker:
         self.live: set = set()            # HTTP protocols whose socket is not yet reported closed
         self.connect_tasks: set = set()
         self.nodelay = aio.needs_nodelay(rt)
+        self.tls_context = tls.server_context(self.edge.tls)     # None: plain TCP
         # Connections as bare fds (no socket object each) where that is safe: uvloop,
         # a runtime that offers them with a known family and has set TCP_NODELAY.
         self.conn_family = rt.conn_family
         self.takes_fds = (aio.is_uvloop(loop) and self.conn_family is not None and not self.nodelay
-                          and not self.edge.proxy_protocol)
+                          and not self.edge.proxy_protocol and self.tls_context is None)
         # TCP_CORK for responses that end with a close (asgi_protocol.corked): TCP fds from
         # take_fds, and httptools' protocol.
         self.tcp_cork = None
@@ -402,7 +409,8 @@ class _Worker:
         worker = self
         base_lost = base.connection_lost
         live, closed = self.live, self.rt.closed
-        made = asgi_protocol.connection_made(base)
+        # With TLS uvicorn's own connection_made runs: it finds the sslcontext (scheme https).
+        made = asgi_protocol.connection_made(base) if self.tls_context is None else None
 
         class PyforkHTTPProtocol(base):
             _pf_reported = False
@@ -444,12 +452,26 @@ class _Worker:
         if self.draining:
             protocol.app = _last_response_closes(self.request_app, protocol)
         self.live.add(protocol)
+        if self.tls_context is not None:
+            self.adopt_tls(sock, protocol)
+            return
         if self.edge.proxy_protocol:
             wrapper = aio_proxy.ProxyHeaderProtocol(protocol, self.edge, self.loop, self.report_closed)
             aio.adopt_socket(self.loop, self.connect_tasks, sock, wrapper,
                              lambda _wrapper: self.report_closed(protocol), self.nodelay)
             return
         aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay)
+
+    def adopt_tls(self, sock, protocol) -> None:
+        """adopt() with --certfile: the loop runs the handshake, then connection_made."""
+        if self.nodelay:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        connect = self.loop.connect_accepted_socket(lambda: protocol, sock, ssl=self.tls_context,
+                                                    ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT)
+        aio.Connect(self.loop, connect, sock, protocol, self.report_closed, self.connect_tasks)
 
     def adopt_fd(self, fd: int) -> None:
         """adopt() for a bare fd from rt.take_fds() (uvloop only, see aio.AcceptedFd);

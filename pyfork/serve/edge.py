@@ -3,7 +3,8 @@
 Theory of operation. The options (--proxy-protocol, --proxy-allow-from, --proxy-timeout,
 --forwarded-allow-ips) are checked by pyfork/config.py before any fork; the primary then calls
 `configure()` once, and every worker, forked from it, reads the same `EdgeConfig` with
-`for_worker()` (the access log does the same, pyfork.serve.accesslog). The interfaces use it
+`for_worker()` (the access log does the same, pyfork.serve.accesslog). With --certfile it
+also carries the TLS files (`tls`, a pyfork.serve.tls.TLSConfig) each worker builds its context from. The interfaces use it
 through two small hooks: the PROXY header is read before the first request byte
 (`ProxyState`, fed by the interface's own read loop), and forwarded headers are applied per
 request (pyfork.serve.forwarded).
@@ -75,22 +76,31 @@ class EdgeConfig:
     """The edge options of this server, as the workers use them."""
 
     __slots__ = ("proxy_protocol", "proxy_allow_from", "proxy_timeout", "forwarded_allow_ips",
-                 "health_path", "stopping")
+                 "health_path", "stopping", "tls")
 
     def __init__(self, proxy_protocol=False, proxy_allow_from=LOOPBACK, proxy_timeout=PROXY_TIMEOUT,
-                 forwarded_allow_ips=LOOPBACK, health_path=None):
+                 forwarded_allow_ips=LOOPBACK, health_path=None, tls=None):
         self.proxy_protocol = bool(proxy_protocol)
         self.proxy_allow_from = _networks(proxy_allow_from)
         self.proxy_timeout = float(proxy_timeout)
         self.forwarded_allow_ips = _networks(forwarded_allow_ips, allow_empty=True)
         self.health_path = health_path or None
         self.stopping = StopFlag()
+        self.tls = tls                   # a pyfork.serve.tls.TLSConfig, or None (plain TCP)
 
     @classmethod
     def from_settings(cls, s) -> "EdgeConfig":
         return cls(getattr(s, "proxy_protocol", False), getattr(s, "proxy_allow_from", LOOPBACK),
                    getattr(s, "proxy_timeout", PROXY_TIMEOUT), getattr(s, "forwarded_allow_ips", LOOPBACK),
-                   getattr(s, "health_path", None))
+                   getattr(s, "health_path", None), _tls_config(s))
+
+
+def _tls_config(s):
+    """--certfile & co. as the workers need them (None: TLS is off)."""
+    if getattr(s, "certfile", None) is None:
+        return None
+    from .tls import TLSConfig
+    return TLSConfig(s.certfile, s.keyfile, s.ca_certs, s.ssl_ciphers, s.cert_reqs)
 
 
 def _networks(value, allow_empty=False) -> Networks:

@@ -47,6 +47,13 @@ unanswered. Its client address becomes REMOTE_ADDR/REMOTE_PORT. Forwarded header
 --forwarded-allow-ips are applied per request by a thin layer around the app
 (pyfork.serve.forwarded).
 
+TLS (--certfile, pyfork.serve.tls): every connection is wrapped when taken and its handshake
+runs in this loop, step by step as the socket becomes ready (`Conn.handshaking`), within
+tls.HANDSHAKE_TIMEOUT; a failed one (plain HTTP on the TLS port, a refused client
+certificate) closes that connection only. Then reads and writes are the same as for plain
+TCP (the TLS socket raises BlockingIOError as a plain one does); wsgi.url_scheme is https and
+file_wrapper bodies are sent through TLS, not sendfile().
+
 Layout: this module is the loop (connections, reading, writing, timers, draining);
 wsgi_adapter is the application side (environ, start_response, the body iterable).
 """
@@ -57,7 +64,7 @@ import selectors
 import socket
 import time
 
-from . import accesslog, connlimits, edge, forwarded, health, http1
+from . import accesslog, connlimits, edge, forwarded, health, http1, tls
 from .http1 import COMPLETE, HEAD, NEED_DATA, HttpError, Limits, RequestReader, error_response
 from .proxyproto import ProxyHeaderError
 from .runtime import Runtime
@@ -104,7 +111,7 @@ class Conn:
 
     __slots__ = ("sock", "fd", "reader", "env", "out", "out_len", "resume", "deadline",
                  "busy_since", "nreq", "closing", "linger", "dead", "events", "lingered", "closed",
-                 "counted", "proxy")
+                 "counted", "proxy", "tls", "handshaking")
 
     def __init__(self, sock, reader, env):
         self.sock = sock
@@ -125,6 +132,8 @@ class Conn:
         self.closed = False         # closed: events still queued for it are stale
         self.counted = False        # in Server.in_progress (--limit-concurrency)
         self.proxy = None           # edge.ProxyState until the PROXY header is read
+        self.tls = False            # a TLS connection (no sendfile(); no hand-back of the fd)
+        self.handshaking = False    # its TLS handshake is not complete yet
 
 
 class Server:
@@ -147,6 +156,9 @@ class Server:
         self.sweep_every = max(0.02, min(0.5, shortest / 4))
         self.tick_every = min(rt.tick_interval, 1.0) / 2
         self.base_env = base_environ()
+        self.tls_context = tls.server_context(self.edge.tls)     # None: plain TCP
+        if self.tls_context is not None:
+            self.base_env["wsgi.url_scheme"] = "https"
         self.access = accesslog.for_worker()     # None when --access-log is off
         # --limit-concurrency (0: off, nothing counted) and --keep-alive 0 (no keep-alive)
         self.limit = conn_limits.limit_concurrency if conn_limits is not None else 0
@@ -231,7 +243,11 @@ class Server:
         limits, base_env, conns = self.limits, self.base_env, self.conns
         deadline = now + limits.request_timeout
         proxy_protocol = self.edge.proxy_protocol
+        tls_context = self.tls_context
         for sock in socks:
+            if tls_context is not None:
+                self.start_tls(tls_context, sock, now)
+                continue
             conn = Conn(sock, RequestReader(limits), conn_environ(base_env, sock))
             conn.deadline = deadline
             conn.busy_since = now
@@ -245,8 +261,44 @@ class Server:
                 conn.events = _R
                 self.sel.register(conn.fd, _R, conn)
 
+    # -- TLS --------------------------------------------------------------------------------
+    def start_tls(self, context, sock, now):
+        """A connection taken with --certfile: wrap it and begin its handshake."""
+        try:
+            sock = tls.wrap(context, sock)
+        except OSError:                         # the peer is already gone
+            sock.close()
+            self.rt.closed()
+            return
+        conn = Conn(sock, RequestReader(self.limits), conn_environ(self.base_env, sock))
+        conn.tls = conn.handshaking = True
+        conn.deadline = now + tls.HANDSHAKE_TIMEOUT
+        conn.busy_since = now
+        self.conns[conn.fd] = conn
+        self.continue_handshake(conn)
+
+    def continue_handshake(self, conn):
+        """One handshake step; once it is done, the request that may have come with it is read."""
+        try:
+            want = tls.handshake_step(conn.sock)
+        except OSError as exc:                  # ssl.SSLError: not TLS, refused certificate, ...
+            self.log.debug("TLS handshake with %s failed: %s", conn.env.get("REMOTE_ADDR") or "-", exc)
+            self.close(conn)
+            return
+        if want:
+            self.watch(conn, _R if want == tls.WANT_READ else _W)
+            return
+        conn.handshaking = False
+        conn.deadline = time.monotonic() + self.limits.request_timeout
+        if conn.events != _R:
+            self.watch(conn, _R)
+        self.on_readable(conn)
+
     # -- reading ----------------------------------------------------------------------------
     def on_readable(self, conn):
+        if conn.handshaking:
+            self.continue_handshake(conn)
+            return
         try:
             data = conn.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -457,6 +509,9 @@ class Server:
             raise ConnectionError("client disconnected")
 
     def on_writable(self, conn):
+        if conn.handshaking:
+            self.continue_handshake(conn)
+            return
         if not self.flush(conn):
             return
         gen = conn.resume

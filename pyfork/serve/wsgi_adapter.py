@@ -243,7 +243,7 @@ def respond(server, conn, req):
                 else:
                     for data in result:
                         server.send(conn, resp.frame(_as_bytes(data)))
-            elif (type(result) is FileWrapper and not resp.head_sent
+            elif (type(result) is FileWrapper and not resp.head_sent and not conn.tls
                   and req.method != "HEAD" and _regular_fd(result.filelike) is not None):
                 yield from _sendfile(server, conn, resp, result.filelike)
             else:
