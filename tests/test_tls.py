@@ -47,6 +47,27 @@ async def asgi(scope, receive, send):
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})
+
+def _reply(scheme):
+    body = json.dumps({"scheme": scheme, "path": "/"}).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+def raw(sock, addr):
+    import ssl
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return
+        buf += chunk
+    sock.sendall(_reply("https" if isinstance(sock, ssl.SSLSocket) else "http"))
+raw.pyfork_interface = "raw"
+
+async def aio(reader, writer):
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(_reply("https" if writer.get_extra_info("sslcontext") is not None else "http"))
+    await writer.drain()
 '''
 
 # (interface option, app, extra environment)
@@ -55,6 +76,7 @@ INTERFACES = {
     "asgi": ("asgi", "tlsapp:asgi", {}),
     "asgi-asyncio": ("asgi", "tlsapp:asgi", {"PYFORK_UVLOOP": "0"}),
 }
+OTHER_INTERFACES = {"raw": ("raw", "tlsapp:raw", {}), "asyncio": ("asyncio", "tlsapp:aio", {})}
 TIMEOUT = 20.0
 
 
@@ -105,7 +127,7 @@ def app_dir(tmp_path, pki):
 
 
 def serve(app_dir, kind, *args, workers=1):
-    interface, app, env = INTERFACES[kind]
+    interface, app, env = INTERFACES.get(kind) or OTHER_INTERFACES[kind]
     return Server(app_dir, "c" if _c_backend() else "python", "--interface", interface,
                   "--certfile", "server.pem", "--keyfile", "server.key", *args,
                   app=app, env=env, workers=workers).start()
@@ -133,9 +155,9 @@ def https_get(port, ctx, path="/", host="localhost"):
     conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=TIMEOUT)
     try:
         conn.request("GET", path)
+        cert = conn.sock.getpeercert()           # (the socket is dropped after a close response)
         resp = conn.getresponse()
         body = resp.read()
-        cert = conn.sock.getpeercert()
         return resp.status, json.loads(body), cert
     finally:
         conn.close()
@@ -228,6 +250,19 @@ def test_plain_http_and_bad_handshakes_close_only_their_connection(app_dir, pki,
         assert https_get(srv.port, ctx)[0] == 200
         # Every connection is closed in the worker too.
         wait_until(lambda: worker_sockets(srv) == sockets_before, timeout=TIMEOUT, what="the worker's sockets back")
+
+
+@pytest.mark.usefixtures("fd_guard")
+@pytest.mark.parametrize("kind", OTHER_INTERFACES)
+def test_raw_and_asyncio_handlers_get_tls(app_dir, pki, kind):
+    """The raw handler gets a TLS socket (handshake done), the asyncio one TLS streams."""
+    with serve(app_dir, kind) as srv:
+        ctx = client_context(pki)
+        assert https_get(srv.port, ctx)[:2] == (200, {"scheme": "https", "path": "/"})
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert not _read_all(plain).startswith(b"HTTP/")
+        assert https_get(srv.port, ctx)[1]["scheme"] == "https"
 
 
 @pytest.mark.usefixtures("fd_guard")

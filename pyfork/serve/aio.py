@@ -17,7 +17,8 @@ Here each adopted socket gets a `StreamReader`/`StreamWriter` pair and a task ru
 the handler, exactly as `asyncio.start_server` would call it. When the handler
 returns the writer is closed (start_server would leave that to the handler and leak
 the socket until GC); when the transport is gone `rt.closed()` is called, once.
-Drain: stop taking, wait for every handler task and connection to end (as Node's
+With --certfile the loop runs each connection's TLS handshake first (pyfork.serve.tls); the
+handler's streams then carry plaintext. Drain: stop taking, wait for every handler task and connection to end (as Node's
 `server.close()`: open connections are not cut; the supervisor's graceful timeout
 bounds a handler that never ends), then return.
 """
@@ -29,6 +30,7 @@ import signal
 import socket
 import threading
 
+from . import edge, tls
 from .detect import async_callable, positional_params
 from .runtime import Runtime
 
@@ -228,8 +230,10 @@ def needs_nodelay(rt: Runtime) -> bool:
     return not rt.tcp_nodelay
 
 
-def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure, nodelay: bool = True) -> None:
-    """Hands `sock` to `protocol` on the loop; `on_failure(protocol)` if the loop refuses it.
+def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure, nodelay: bool = True,
+                 ssl_context=None) -> None:
+    """Hands `sock` to `protocol` on the loop; `on_failure(protocol)` if the loop refuses it
+    (or, with `ssl_context` (--certfile), the TLS handshake the loop runs first fails).
 
     connect_accepted_socket is a coroutine (it waits for connection_made); `Connect`
     runs it at once, without a Task. `tasks` holds it until it is done (drain waits
@@ -248,7 +252,12 @@ def adopt_socket(loop, tasks: set, sock: socket.socket, protocol, on_failure, no
         except OSError:
             pass
 
-    Connect(loop, loop.connect_accepted_socket(lambda: protocol, sock), sock, protocol, on_failure, tasks)
+    if ssl_context is not None:
+        connect = loop.connect_accepted_socket(lambda: protocol, sock, ssl=ssl_context,
+                                               ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT)
+    else:
+        connect = loop.connect_accepted_socket(lambda: protocol, sock)
+    Connect(loop, connect, sock, protocol, on_failure, tasks)
 
 
 class Connect:
@@ -320,12 +329,14 @@ class _StreamServer:
         self.handler_tasks: set = set()
         self.connect_tasks: set = set()
         self.nodelay = needs_nodelay(rt)
+        self.tls_context = tls.server_context(edge.for_worker().tls)     # None: plain TCP
 
     def adopt(self, sock: socket.socket) -> None:
         reader = asyncio.StreamReader(limit=2 ** 16, loop=self.loop)  # start_server's default limit
         protocol = _StreamProtocol(reader, self._run_handler, self)
         self.live.add(protocol)
-        adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay)
+        adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay,
+                     self.tls_context)
 
     def report_closed(self, protocol) -> None:
         if protocol._pf_reported:

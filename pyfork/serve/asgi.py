@@ -60,7 +60,7 @@ headers from --forwarded-allow-ips are applied to the scope by a layer around th
 (pyfork.serve.forwarded), outside the access log's, so the log shows the client too.
 
 TLS (--certfile, pyfork.serve.tls): each connection is adopted with
-`loop.connect_accepted_socket(..., ssl=context)`, so the loop (uvloop or asyncio) runs the
+`loop.connect_accepted_socket(..., ssl=context)` (aio.adopt_socket), so the loop (uvloop or asyncio) runs the
 handshake in the worker, within tls.HANDSHAKE_TIMEOUT; one that fails ends that connection
 only (`aio.Connect` reports it closed). Such connections are taken as sockets, uncorked, and
 keep uvicorn's own `connection_made`, which sets the scope's `scheme` to https.
@@ -453,7 +453,8 @@ class _Worker:
             protocol.app = _last_response_closes(self.request_app, protocol)
         self.live.add(protocol)
         if self.tls_context is not None:
-            self.adopt_tls(sock, protocol)
+            aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay,
+                             self.tls_context)
             return
         if self.edge.proxy_protocol:
             wrapper = aio_proxy.ProxyHeaderProtocol(protocol, self.edge, self.loop, self.report_closed)
@@ -461,17 +462,6 @@ class _Worker:
                              lambda _wrapper: self.report_closed(protocol), self.nodelay)
             return
         aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay)
-
-    def adopt_tls(self, sock, protocol) -> None:
-        """adopt() with --certfile: the loop runs the handshake, then connection_made."""
-        if self.nodelay:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        connect = self.loop.connect_accepted_socket(lambda: protocol, sock, ssl=self.tls_context,
-                                                    ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT)
-        aio.Connect(self.loop, connect, sock, protocol, self.report_closed, self.connect_tasks)
 
     def adopt_fd(self, fd: int) -> None:
         """adopt() for a bare fd from rt.take_fds() (uvloop only, see aio.AcceptedFd);

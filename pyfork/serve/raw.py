@@ -10,6 +10,10 @@ arbiter's --timeout replaces it.
 Draining: the loop stops taking connections; sockets already taken are still handled (the
 kernel accepted them before the stop), then serve() returns.
 
+With --certfile (pyfork.serve.tls) the handler gets a blocking TLS socket: the handshake runs
+first, in `_handle`, bounded by tls.HANDSHAKE_TIMEOUT; a failed one closes the connection and
+the handler is not called.
+
 Raw is never auto-detected from a signature (any 2-argument callable looks like WSGI);
 choose it with --interface raw, or mark the handler with `handler.pyfork_interface = "raw"`.
 """
@@ -17,6 +21,7 @@ choose it with --interface raw, or mark the handler with `handler.pyfork_interfa
 import selectors
 import time
 
+from . import edge, tls
 from .runtime import Runtime
 
 NAME = "raw"
@@ -35,6 +40,7 @@ def serve(app, rt: Runtime):
     listen_fd = rt.fileno()
     sel.register(listen_fd, selectors.EVENT_READ, "take")
     sel.register(rt.wakeup_fd(), selectors.EVENT_READ, "wakeup")
+    tls_context = tls.server_context(edge.for_worker().tls)     # None: plain TCP
     tick_every = min(rt.tick_interval, 1.0) / 2
     next_tick = time.monotonic() + tick_every
     listening = True
@@ -50,7 +56,7 @@ def serve(app, rt: Runtime):
                     rt.tick()
                 elif not rt.draining:
                     for sock in rt.take():
-                        _handle(app, rt, sock)
+                        _handle(app, rt, sock, tls_context)
                         if time.monotonic() >= next_tick:   # a burst must not starve ticks
                             rt.tick()
                             next_tick = time.monotonic() + tick_every
@@ -61,10 +67,16 @@ def serve(app, rt: Runtime):
         sel.close()
 
 
-def _handle(app, rt: Runtime, sock):
+def _handle(app, rt: Runtime, sock, tls_context=None):
     rt.request_started()
     try:
         sock.setblocking(True)
+        if tls_context is not None:
+            try:
+                sock = tls.handshake_blocking(tls_context, sock)
+            except OSError as exc:          # ssl.SSLError, a timeout: that connection only
+                rt.log.debug("TLS handshake failed: %s", exc)
+                return
         try:
             addr = sock.getpeername()
         except OSError:

@@ -9,8 +9,10 @@ from the same files when it starts serving (`server_context`), so a rolling rest
 picks up a renewed certificate, and a worker that cannot read it fails to boot (the reload
 is aborted and the old workers keep serving).
 
-The ASGI interface gives the context to the event loop (connect_accepted_socket(ssl=...)),
-which runs the handshake and the records. The WSGI interface is one selectors loop per
+The ASGI and asyncio interfaces give the context to the event loop
+(connect_accepted_socket(ssl=...)), which runs the handshake and the records; the raw
+interface, one blocking connection at a time, handshakes before calling its handler
+(`handshake_blocking`). The WSGI interface is one selectors loop per
 worker: a connection is wrapped with `wrap()` (nothing is sent yet), `handshake_step()` is
 called whenever the socket is ready until it reports done, and the socket's recv()/send()
 then raise BlockingIOError when TLS wants the socket, as a plain non-blocking socket does.
@@ -109,6 +111,16 @@ def wrap(ctx: ssl.SSLContext, sock):
     """The accepted `sock` as a server-side TLS socket; the handshake is not started (the
     original socket object is detached: the returned one owns the fd)."""
     return ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+
+
+def handshake_blocking(ctx: ssl.SSLContext, sock):
+    """For the raw interface (one blocking connection at a time): the handshake, within
+    HANDSHAKE_TIMEOUT; returns the blocking TLS socket. OSError (ssl.SSLError, a timeout)
+    when it failed; the fd is closed then (the original socket object is detached either way)."""
+    sock.settimeout(HANDSHAKE_TIMEOUT)
+    tls_sock = ctx.wrap_socket(sock, server_side=True)
+    tls_sock.settimeout(None)
+    return tls_sock
 
 
 WANT_READ, WANT_WRITE = 1, 2
