@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import ipaddress
 import mmap
+import socket
+import time
 from typing import Optional, Tuple
 
 from pyfork.config import LOOPBACK
@@ -165,3 +167,39 @@ class ProxyState:
 def peer_allowed(cfg: EdgeConfig, peer_host) -> bool:
     """May this peer (the balancer) send a PROXY header? `peer_host` is "" for a Unix socket."""
     return peer_host in cfg.proxy_allow_from
+
+
+def read_header_blocking(sock, timeout: float) -> proxyproto.ProxyHeader:
+    """The PROXY header at the start of a blocking socket (the raw interface), taking exactly
+    its bytes: what arrived is peeked at, and only what parse() says belongs to the header is
+    read, so the handler reads the request from its first byte. Raises ProxyHeaderError (not
+    a header, or EOF inside it) or OSError (socket.timeout after `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout(f"no complete PROXY header in {timeout:g} s")
+            sock.settimeout(left)
+            peek = sock.recv(proxyproto.V2_HEADER + 0xFFFF, socket.MSG_PEEK)
+            if not peek:
+                raise proxyproto.ProxyHeaderError("the connection ended inside the PROXY header")
+            header = proxyproto.parse(buf + peek)
+            if header is None:            # all of it is header: take it, wait for the rest
+                buf += _recv_exactly(sock, len(peek))
+                continue
+            _recv_exactly(sock, header.length - len(buf))
+            return header
+    finally:
+        sock.settimeout(None)
+
+
+def _recv_exactly(sock, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise proxyproto.ProxyHeaderError("the connection ended inside the PROXY header")
+        out += chunk
+    return out

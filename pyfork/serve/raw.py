@@ -14,6 +14,11 @@ With --certfile (pyfork.serve.tls) the handler gets a blocking TLS socket: the h
 first, in `_handle`, bounded by tls.HANDSHAKE_TIMEOUT; a failed one closes the connection and
 the handler is not called.
 
+With --proxy-protocol (pyfork.serve.edge) the PROXY header is read first, exactly (the handler
+reads the request from its first byte), from a peer in --proxy-allow-from and within
+--proxy-timeout; `addr` is then the client it names. A bad, missing or late header closes
+the connection and the handler is not called.
+
 Raw is never auto-detected from a signature (any 2-argument callable looks like WSGI);
 choose it with --interface raw, or mark the handler with `handler.pyfork_interface = "raw"`.
 """
@@ -22,6 +27,7 @@ import selectors
 import time
 
 from . import edge, tls
+from .proxyproto import ProxyHeaderError
 from .runtime import Runtime
 
 NAME = "raw"
@@ -40,7 +46,9 @@ def serve(app, rt: Runtime):
     listen_fd = rt.fileno()
     sel.register(listen_fd, selectors.EVENT_READ, "take")
     sel.register(rt.wakeup_fd(), selectors.EVENT_READ, "wakeup")
-    tls_context = tls.server_context(edge.for_worker().tls)     # None: plain TCP
+    edge_config = edge.for_worker()
+    tls_context = tls.server_context(edge_config.tls)     # None: plain TCP
+    proxy = edge_config if edge_config.proxy_protocol else None
     tick_every = min(rt.tick_interval, 1.0) / 2
     next_tick = time.monotonic() + tick_every
     listening = True
@@ -56,7 +64,7 @@ def serve(app, rt: Runtime):
                     rt.tick()
                 elif not rt.draining:
                     for sock in rt.take():
-                        _handle(app, rt, sock, tls_context)
+                        _handle(app, rt, sock, tls_context, proxy)
                         if time.monotonic() >= next_tick:   # a burst must not starve ticks
                             rt.tick()
                             next_tick = time.monotonic() + tick_every
@@ -67,20 +75,27 @@ def serve(app, rt: Runtime):
         sel.close()
 
 
-def _handle(app, rt: Runtime, sock, tls_context=None):
+def _handle(app, rt: Runtime, sock, tls_context=None, proxy=None):
     rt.request_started()
     try:
         sock.setblocking(True)
+        client = None
+        if proxy is not None:
+            client = _read_proxy_header(rt, sock, proxy)
+            if client is False:
+                return
         if tls_context is not None:
             try:
                 sock = tls.handshake_blocking(tls_context, sock)
             except OSError as exc:          # ssl.SSLError, a timeout: that connection only
                 rt.log.debug("TLS handshake failed: %s", exc)
                 return
-        try:
-            addr = sock.getpeername()
-        except OSError:
-            addr = None
+        addr = client
+        if addr is None:
+            try:
+                addr = sock.getpeername()
+            except OSError:
+                addr = None
         app(sock, addr)
     except Exception:
         rt.log.exception("error in raw handler")
@@ -90,3 +105,21 @@ def _handle(app, rt: Runtime, sock, tls_context=None):
         finally:
             rt.request_finished()
             rt.closed()
+
+
+def _read_proxy_header(rt: Runtime, sock, cfg):
+    """--proxy-protocol: the client the header names (None: the connection's own), or False
+    when the connection must be closed unanswered."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return False
+    host = peer[0] if isinstance(peer, tuple) else ""
+    if not edge.peer_allowed(cfg, host):
+        rt.log.warning("closing a connection from %s: not in --proxy-allow-from", host or "a unix socket")
+        return False
+    try:
+        return edge.read_header_blocking(sock, cfg.proxy_timeout).client
+    except (ProxyHeaderError, OSError) as exc:
+        rt.log.info("closing a connection from %s: %s", host or "-", exc)
+        return False
