@@ -17,6 +17,9 @@ Here each adopted socket gets a `StreamReader`/`StreamWriter` pair and a task ru
 the handler, exactly as `asyncio.start_server` would call it. When the handler
 returns the writer is closed (start_server would leave that to the handler and leak
 the socket until GC); when the transport is gone `rt.closed()` is called, once.
+With --proxy-protocol each connection is adopted through aio_proxy.ProxyHeaderProtocol, which
+reads the PROXY header (or closes the connection: the handler never runs); the handler's
+`writer.get_extra_info("peername")` is then the client it names.
 With --certfile the loop runs each connection's TLS handshake first (pyfork.serve.tls); the
 handler's streams then carry plaintext. Drain: stop taking, wait for every handler task and connection to end (as Node's
 `server.close()`: open connections are not cut; the supervisor's graceful timeout
@@ -30,7 +33,7 @@ import signal
 import socket
 import threading
 
-from . import edge, tls
+from . import aio_proxy, edge, tls
 from .detect import async_callable, positional_params
 from .runtime import Runtime
 
@@ -308,16 +311,35 @@ class Connect:
 class _StreamProtocol(asyncio.StreamReaderProtocol):
     """start_server's protocol, plus exactly one rt.closed() when the transport goes."""
 
-    def __init__(self, reader, callback, server):
-        super().__init__(reader, callback)
+    client = None     # with --proxy-protocol: the client the header named (set by aio_proxy)
+
+    def __init__(self, reader, server):
+        super().__init__(reader, self._connected)
         self._pf_server = server
         self._pf_reported = False
+
+    def _connected(self, reader, writer):
+        return self._pf_server._run_handler(reader, writer, self)
 
     def connection_lost(self, exc):
         try:
             super().connection_lost(exc)
         finally:
             self._pf_server.report_closed(self)
+
+
+class _ProxiedWriter(asyncio.StreamWriter):
+    """The handler's writer when a PROXY header named the client: the same transport and
+    protocol, but get_extra_info("peername") is that client, not the balancer."""
+
+    def __init__(self, writer, protocol, reader, loop):
+        super().__init__(writer.transport, protocol, reader, loop)
+        self._pf_client = protocol.client
+
+    def get_extra_info(self, name, default=None):
+        if name == "peername":
+            return self._pf_client
+        return super().get_extra_info(name, default)
 
 
 class _StreamServer:
@@ -329,12 +351,18 @@ class _StreamServer:
         self.handler_tasks: set = set()
         self.connect_tasks: set = set()
         self.nodelay = needs_nodelay(rt)
-        self.tls_context = tls.server_context(edge.for_worker().tls)     # None: plain TCP
+        self.edge = edge.for_worker()
+        self.tls_context = tls.server_context(self.edge.tls)     # None: plain TCP
 
     def adopt(self, sock: socket.socket) -> None:
         reader = asyncio.StreamReader(limit=2 ** 16, loop=self.loop)  # start_server's default limit
-        protocol = _StreamProtocol(reader, self._run_handler, self)
+        protocol = _StreamProtocol(reader, self)
         self.live.add(protocol)
+        if self.edge.proxy_protocol:
+            wrapper = aio_proxy.ProxyHeaderProtocol(protocol, self.edge, self.loop, self.report_closed)
+            adopt_socket(self.loop, self.connect_tasks, sock, wrapper, lambda _wrapper: self.report_closed(protocol),
+                         self.nodelay)
+            return
         adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay,
                      self.tls_context)
 
@@ -345,13 +373,17 @@ class _StreamServer:
         self.live.discard(protocol)
         self.rt.closed()
 
-    def _run_handler(self, reader, writer):
-        task = self.loop.create_task(self._handler_task(reader, writer))
+    def _run_handler(self, reader, writer, protocol):
+        task = self.loop.create_task(self._handler_task(reader, writer, protocol))
         self.handler_tasks.add(task)
         task.add_done_callback(self.handler_tasks.discard)
         return None  # not a coroutine: StreamReaderProtocol must not make a second task
 
-    async def _handler_task(self, reader, writer) -> None:
+    async def _handler_task(self, reader, writer, protocol) -> None:
+        # The task starts after connection_made has returned, so a PROXY header's client is
+        # known by now (aio_proxy sets it right after; these loops run no eager tasks).
+        if protocol.client is not None:
+            writer = _ProxiedWriter(writer, protocol, reader, self.loop)
         try:
             await self.handler(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:

@@ -1,8 +1,9 @@
-"""PROXY protocol on the raw interface, end to end: `pyfork serve --interface raw
---proxy-protocol` in a subprocess, a TCP client that writes the header a load balancer would.
+"""PROXY protocol on the raw and asyncio interfaces, end to end: `pyfork serve --interface
+raw|asyncio --proxy-protocol` in a subprocess, a TCP client that writes the header a load
+balancer would.
 
-The handler must get the client the header names as `addr` and read the request from its
-first byte (the header taken exactly, however it was split); a missing, malformed, truncated
+The handler must get the client the header names (raw: `addr`; asyncio:
+`writer.get_extra_info("peername")`) and read the request from its first byte (the header taken exactly, however it was split); a missing, malformed, truncated
 or late header, or a peer outside --proxy-allow-from, closes the connection and the handler
 never runs (it counts its calls)."""
 import json
@@ -29,7 +30,17 @@ def handler(sock, addr):
                        "calls": CALLS[0]}).encode()
     sock.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 handler.pyfork_interface = "raw"
+
+async def aio(reader, writer):
+    CALLS[0] += 1
+    buf = await reader.readuntil(b"\r\n\r\n")
+    addr = writer.get_extra_info("peername")
+    body = json.dumps({"addr": list(addr[:2]) if addr else None, "first": buf[:4].decode("latin-1"),
+                       "calls": CALLS[0]}).encode()
+    writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
 '''
+APPS = {"raw": "rawapp:handler", "asyncio": "rawapp:aio"}
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 TIMEOUT = 20.0
 
@@ -62,10 +73,10 @@ def answer(raw):
     return json.loads(body)
 
 
-def serve(tmp_path, *args):
+def serve(tmp_path, interface, *args):
     (tmp_path / "rawapp.py").write_text(APP)
-    return Server(tmp_path, "c" if _c_backend() else "python", "--proxy-protocol", *args,
-                  app="rawapp:handler", workers=1).start()
+    return Server(tmp_path, "c" if _c_backend() else "python", "--proxy-protocol", "--interface", interface,
+                  *args, app=APPS[interface], workers=1).start()
 
 
 def _c_backend():
@@ -78,8 +89,9 @@ def _c_backend():
 
 
 @pytest.mark.usefixtures("fd_guard")
-def test_raw_handler_gets_the_client_of_the_proxy_header(tmp_path):
-    with serve(tmp_path, "--proxy-timeout", "0.5") as srv:
+@pytest.mark.parametrize("interface", APPS)
+def test_handler_gets_the_client_of_the_proxy_header(tmp_path, interface):
+    with serve(tmp_path, interface, "--proxy-timeout", "0.5") as srv:
         got = answer(exchange(srv.port, encode_v1(("192.0.2.7", 51000), ("10.0.0.1", 80)) + GET))
         assert got["addr"] == ["192.0.2.7", 51000] and got["first"] == "GET "
         header = encode_v2(("2001:db8::5", 40000), ("2001:db8::1", 80))
@@ -99,8 +111,9 @@ def test_raw_handler_gets_the_client_of_the_proxy_header(tmp_path):
 
 
 @pytest.mark.usefixtures("fd_guard")
-def test_raw_proxy_header_from_a_peer_not_allowed_is_refused(tmp_path):
-    with serve(tmp_path, "--proxy-allow-from", "127.0.0.2/32") as srv:
+@pytest.mark.parametrize("interface", APPS)
+def test_proxy_header_from_a_peer_not_allowed_is_refused(tmp_path, interface):
+    with serve(tmp_path, interface, "--proxy-allow-from", "127.0.0.2/32") as srv:
         header = encode_v1(("192.0.2.7", 51000), ("10.0.0.1", 80))
         assert exchange(srv.port, header + GET, source="127.0.0.1") == b""
         got = answer(exchange(srv.port, header + GET, source="127.0.0.2"))
