@@ -262,6 +262,13 @@ def test_raw_and_asyncio_handlers_get_tls(app_dir, pki, kind):
         with socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT) as plain:
             plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert not _read_all(plain).startswith(b"HTTP/")
+        # A client that keeps its end open after the answer does not hold the (single)
+        # worker: closing our end says close_notify without waiting for the client's.
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT),
+                             server_hostname="localhost") as lingering:
+            lingering.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert lingering.recv(65536).startswith(b"HTTP/1.1 200")
+            assert https_get(srv.port, ctx)[1]["scheme"] == "https"
         assert https_get(srv.port, ctx)[1]["scheme"] == "https"
 
 

@@ -163,6 +163,9 @@ class NonBlockingTLSSocket(ssl.SSLSocket):
     def close(self):
         if self.fileno() >= 0:
             try:
+                # Non-blocking first: unwrap() on a blocking socket would wait for the peer's
+                # close_notify, which a client keeping its connection open never sends.
+                self.setblocking(False)
                 self.unwrap()           # sends close_notify; the peer's is not waited for
             except (OSError, ValueError):
                 pass                    # not connected, handshake unfinished, peer gone
