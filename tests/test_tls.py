@@ -195,6 +195,7 @@ def _read_all(sock):
 @pytest.mark.parametrize("kind", INTERFACES)
 def test_verified_client_sees_https(app_dir, pki, kind):
     with serve(app_dir, kind) as srv:
+        assert f"Listening at https://" in srv.log()      # the URL a user would copy
         ctx = client_context(pki)
         for path in ("/", "/two"):
             status, body, cert = https_get(srv.port, ctx, path)

@@ -294,7 +294,10 @@ class Arbiter:
                                       timeout=cfg.timeout, graceful_timeout=cfg.graceful_timeout,
                                       ready_timeout=cfg.ready_timeout, give_up_cooldown=cfg.give_up_cooldown,
                                       max_workers=max(1, (self.capacity - 8) // 2))
-            log.info("Listening at %s (policy %s, backend %s, %d workers)", self.listeners.urls(),
+            urls = self.listeners.urls()
+            if cfg.certfile:     # the workers speak TLS on every listener
+                urls = urls.replace("http://", "https://")
+            log.info("Listening at %s (policy %s, backend %s, %d workers)", urls,
                      cfg.policy, self.backend.BACKEND, cfg.workers)
             nofile = self.nofile
             if nofile is not None and nofile.soft > nofile.before:
