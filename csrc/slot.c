@@ -15,7 +15,7 @@
  * already reads the clock (a vDSO call), and the rest is a few stores to the
  * worker's own line. The runtime's request_started()/request_finished() pair
  * names no request, so a finished request's start is taken as the mean start
- * of the requests in progress (started_sum_ns / active), which is exact when
+ * of the requests in progress (now - their mean age), which is exact when
  * a worker runs one request at a time, and keeps duration_sum_ns exact in
  * every case: the estimated starts subtracted over a busy period add up to
  * the real starts added in it.
@@ -89,14 +89,18 @@ int pf_slot_request_finished(pf_slot *s)
 {
     uint64_t now = pf__now_ns();
     uint32_t active = s->active;
-    uint64_t started = now;   /* a finish with none started counts as 0 s */
+    uint64_t age = 0;         /* a finish with none started counts as 0 s */
 
     if (active) {
-        started = s->started_sum_ns / active;
-        __atomic_store_n(&s->started_sum_ns, s->started_sum_ns - started, __ATOMIC_RELAXED);
+        /* The mean age of the requests in progress, in wrapping arithmetic:
+         * active * now - started_sum is the sum of their ages, exact however
+         * large the sum of start times grows (it wraps with enough requests
+         * after months of uptime; the sum of ages does not). */
+        age = ((uint64_t)active * now - s->started_sum_ns) / active;
+        __atomic_store_n(&s->started_sum_ns, s->started_sum_ns - (now - age), __ATOMIC_RELAXED);
         __atomic_store_n(&s->active, --active, __ATOMIC_RELAXED);
     }
-    pf__count_duration(s, now > started ? now - started : 0);
+    pf__count_duration(s, age);
     __atomic_store_n(&s->handled, s->handled + 1, __ATOMIC_RELAXED);
     __atomic_store_n(&s->busy_since_ns, active ? now : 0, __ATOMIC_RELAXED);
     __atomic_store_n(&s->heartbeat_ns, now, __ATOMIC_RELAXED);

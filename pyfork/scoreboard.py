@@ -17,8 +17,8 @@ primary wakes up. The first 64 bytes hold everything the dispatcher reads per
 connection; the next 128 the request-duration histogram (``duration_le``,
 ``duration_sum_ns``), which the worker counts into in ``request_finished`` with
 the clock reading it already makes, and the primary reads only for a metrics
-scrape. A finished request's start is the mean start of the requests in
-progress (``started_sum_ns / active``): exact for one request at a time, and
+scrape. A finished request's age is the mean age of the requests in progress
+(``now - started_sum_ns / active``): exact for one request at a time, and
 the sum of durations stays exact either way (csrc/slot.c says why).
 
 Fields are accessed through memoryview casts ("Q"/"I" in native byte order,
@@ -188,9 +188,10 @@ class SlotView:
         now = _monotonic_ns()
         active = iv[ia]
         if active == 0:
-            qv[self._qbs] = now
-        qss = self._qss
-        qv[qss] = ((qv[qss] if active else 0) + now) & _U64
+            qv[self._qbs] = qv[self._qss] = now
+        else:
+            qss = self._qss
+            qv[qss] = (qv[qss] + now) & _U64
         iv[ia] = (active + 1) & _U32
         qv[self._qhb] = now
 
@@ -204,18 +205,26 @@ class SlotView:
         ia, iv, qv = self._ia, self._i, self._q
         now = _monotonic_ns()
         active = iv[ia]
-        started = now                       # a finish with none started counts as 0 s
-        if active:
+        if active == 1:                     # one at a time: the common case, exact
             qss = self._qss
-            started = qv[qss] // active     # the mean start of those in progress
-            qv[qss] = qv[qss] - started
+            ns = (now - qv[qss]) & _U64
+            qv[qss] = 0
+            active = 0
+            iv[ia] = 0
+        elif active:
+            # the mean age of those in progress, in wrapping u64 arithmetic as in
+            # csrc/slot.c: active * now - started_sum is the sum of their ages
+            qss = self._qss
+            ns = ((active * now - qv[qss]) & _U64) // active
+            qv[qss] = (qv[qss] - (now - ns)) & _U64
             active -= 1
             iv[ia] = active
-        ns = now - started if now > started else 0
+        else:
+            ns = 0                          # a finish with none started counts as 0 s
         b = self._qle + _bisect_left(HIST_BOUNDS_NS, ns)
-        qv[b] = (qv[b] + 1) & _U64
+        qv[b] += 1                          # u64 counts and ns sums: no wrap in 500 years
         qds = self._qds
-        qv[qds] = (qv[qds] + ns) & _U64
+        qv[qds] += ns
         qh = self._qh
         qv[qh] = (qv[qh] + 1) & _U64
         qv[self._qbs] = now if active else 0

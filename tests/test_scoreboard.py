@@ -99,7 +99,7 @@ def _finish_after(board_buf, index, writer, ns):
     off = index * SLOT_SIZE
     writer.request_started()
     (started,) = struct.unpack_from("<Q", board_buf, off + 64)
-    struct.pack_into("<Q", board_buf, off + 64, started - ns)
+    struct.pack_into("<Q", board_buf, off + 64, (started - ns) % 2**64)   # u64 arithmetic wraps
     before = struct.unpack_from("<14Q", board_buf, off + 80)
     writer.request_finished()
     after = struct.unpack_from("<14Q", board_buf, off + 80)
@@ -136,7 +136,7 @@ def test_duration_buckets_by_upper_bound(backend, writer_kind):
         t1 = sv.heartbeat_ns
         writer.request_finished()
         t2 = sv.heartbeat_ns
-        assert sv.durations()["sum_ns"] - s0 == t1 + t2 - starts
+        assert sv.durations()["sum_ns"] - s0 == (t1 + t2 - starts) % 2**64
         assert sv.active == 0 and struct.unpack_from("<Q", d.scoreboard, SLOT_SIZE + 64)[0] == 0
         assert board.slot(0).durations() == {"counts": [0] * HIST_BUCKETS, "sum_ns": 0}   # only its line
         del writer, sv
