@@ -25,12 +25,12 @@
 
 #include "pf_internal.h"
 
-_Static_assert(sizeof(pf_slot) == 64, "pf_slot is one cache line");
+_Static_assert(sizeof(pf_slot) == 192, "pf_slot is three cache lines (pyfork._api.SLOT_SIZE)");
 _Static_assert(sizeof(pf_event) == 16, "pf_event layout is shared with Python");
 
 /* The ranges pyfork.h documents for pf_config. They are sanity bounds, not
  * tuning: a value outside one is a caller's bug. capacity <= 4096 keeps the
- * scoreboard (64 bytes a slot) at 256 KiB and the O(capacity) scans short;
+ * scoreboard (192 bytes a slot) at 768 KiB and the O(capacity) scans short;
  * max_listeners and max_watch <= 64 because those tables are searched
  * linearly on every wakeup; max_inflight <= 2^20 and max_pending <= 65536
  * bound what a typo can mean or allocate (the ring is 8 bytes an entry, so

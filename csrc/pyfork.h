@@ -22,7 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define PF_VERSION 2
+#define PF_VERSION 3
 
 /* ---- channel messages ------------------------------------------------ */
 /* One SOCK_SEQPACKET datagram = pf_msg_hdr + payload, with 0..nfds fds in a
@@ -82,8 +82,10 @@ int pf_listen_unix(const char *path, int backlog, int mode);
 int pf_listen_adopt(int fd);
 
 /* ---- scoreboard -------------------------------------------------------- */
-/* One cache line per worker slot in a MAP_SHARED|MAP_ANONYMOUS region mapped
- * at pf_dispatcher_new, so forked workers write it and the primary reads it
+/* One line of three cache lines per worker slot in a MAP_SHARED|MAP_ANONYMOUS
+ * region mapped at pf_dispatcher_new (the first cache line holds all the
+ * dispatcher reads per connection; the others the duration histogram, read
+ * only by a metrics scrape), so forked workers write it and the primary reads it
  * with no syscall (Apache httpd's scoreboard). The worker is the only writer
  * of every field except want_credit, which the primary sets.
  * The dispatcher sends a worker a connection only when it can start it now:
@@ -104,7 +106,19 @@ typedef struct pf_slot {
                                by the worker before READY; 0 = not declared */
     uint64_t taken;         /* connections the worker has read from its channel (monotonic) */
     uint64_t reserved;
-} pf_slot;                  /* 64 bytes */
+    /* -- cache lines 2 and 3: the request-duration histogram, written by the worker in
+     * pf_slot_request_finished with the clock it already reads (no syscall) -- */
+    uint64_t started_sum_ns; /* sum of the start times of the requests in progress */
+    uint64_t duration_sum_ns;/* sum of the durations of finished requests */
+    uint64_t duration_le[14];/* finished requests per duration bucket (not cumulative):
+                                bucket i counts durations up to the i-th bound below
+                                and above the one before; the last one is +Inf */
+} pf_slot;                  /* 192 bytes: three cache lines */
+
+/* The histogram's upper bounds in microseconds, Prometheus-style (1 ms .. 10 s),
+ * then +Inf: 1000 2500 5000 10000 25000 50000 100000 250000 500000 1000000
+ * 2500000 5000000 10000000. pyfork/scoreboard.py HIST_BOUNDS_NS says the same. */
+#define PF_HIST_BUCKETS 14
 
 /* Worker-side writers of the worker's own line (slot.c), as pyfork/scoreboard.py's
  * SlotView methods of the same names: a request began; a request ended,

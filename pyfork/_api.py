@@ -28,7 +28,7 @@ MAX_FDS = 32            # PF_MAX_FDS: fds per message (batching limit)
 MAX_PAYLOAD = 65536     # PF_MAX_PAYLOAD: bytes after the header
 MSG_CONN, MSG_READY, MSG_CREDIT, MSG_DRAIN, MSG_USER, MSG_CTL = 1, 2, 3, 4, 5, 6
 STATE_FREE, STATE_SPAWNING, STATE_READY, STATE_DRAINING, STATE_GONE = 0, 1, 2, 3, 4
-SLOT_SIZE = 64          # sizeof(pf_slot): one cache line per worker slot
+SLOT_SIZE = 192         # sizeof(pf_slot): three cache lines per worker slot (the first is all dispatch reads)
 U32_MAX = 0xFFFFFFFF
 
 PUBLIC_NAMES = (

@@ -32,23 +32,24 @@ from pyfork._api import check_backlog as _check_backlog
 from pyfork._api import index_arg as _index
 from pyfork._api import ranged_arg as _ranged
 from pyfork._api import u32_arg as _u32
+from pyfork.scoreboard import HIST_BUCKETS as _HIST_BUCKETS
 from pyfork._pyfork_cffi import ffi as _ffi
 from pyfork._pyfork_cffi import lib as _lib
 
 # The compiled core and this binding must speak the same ABI (cryptography
 # and argon2-cffi-bindings check a version constant the same way), and the
 # constants pyfork._api gives both backends must be the core's.
-if _lib.PF_VERSION != 2:
-    raise ImportError("pyfork._pyfork_cffi has PF_VERSION %d, this binding expects 2; "
+if _lib.PF_VERSION != 3:
+    raise ImportError("pyfork._pyfork_cffi has PF_VERSION %d, this binding expects 3; "
                       "rebuild pyfork" % _lib.PF_VERSION)
 if ((_lib.PF_MAX_FDS, _lib.PF_MAX_PAYLOAD, _ffi.sizeof("pf_slot"),
      _lib.PF_MSG_CONN, _lib.PF_MSG_READY, _lib.PF_MSG_CREDIT, _lib.PF_MSG_DRAIN,
      _lib.PF_MSG_USER, _lib.PF_MSG_CTL, _lib.PF_WORKER_FREE, _lib.PF_WORKER_SPAWNING,
      _lib.PF_WORKER_READY, _lib.PF_WORKER_DRAINING, _lib.PF_WORKER_GONE,
-     _lib.PF_POLICY_RR, _lib.PF_POLICY_LEAST)
+     _lib.PF_POLICY_RR, _lib.PF_POLICY_LEAST, _lib.PF_HIST_BUCKETS)
         != (MAX_FDS, MAX_PAYLOAD, SLOT_SIZE, MSG_CONN, MSG_READY, MSG_CREDIT, MSG_DRAIN,
             MSG_USER, MSG_CTL, STATE_FREE, STATE_SPAWNING, STATE_READY, STATE_DRAINING,
-            STATE_GONE, _api.POLICIES.index("rr"), _api.POLICIES.index("least"))):
+            STATE_GONE, _api.POLICIES.index("rr"), _api.POLICIES.index("least"), _HIST_BUCKETS)):
     raise ImportError("pyfork._pyfork_cffi disagrees with pyfork._api on a constant of "
                       "csrc/pyfork.h; rebuild pyfork")
 

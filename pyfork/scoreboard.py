@@ -1,7 +1,7 @@
-"""The shared scoreboard: one 64-byte line per worker slot (Apache httpd's idea).
+"""The shared scoreboard: one 192-byte line per worker slot (Apache httpd's idea).
 
 Theory of operation: the dispatcher maps a MAP_SHARED|MAP_ANONYMOUS region of
-``capacity * 64`` bytes before the first fork, so every worker inherits the
+``capacity * SLOT_SIZE`` bytes before the first fork, so every worker inherits the
 same pages. Each worker writes only its own line (``pf_slot`` in
 csrc/pyfork.h) and the primary reads it at dispatch time with no syscall:
 ``taken`` gives the connections a worker has read from its channel (queued =
@@ -13,7 +13,13 @@ closed, under a large safety cap); ``heartbeat_ns`` says it is alive. The one
 field the primary writes is ``want_credit``: set when it skipped this worker
 for lack of room, cleared by the worker when it next frees room (a request
 finished, a connection closed), which then sends PF_MSG_CREDIT so a blocked
-primary wakes up.
+primary wakes up. The first 64 bytes hold everything the dispatcher reads per
+connection; the next 128 the request-duration histogram (``duration_le``,
+``duration_sum_ns``), which the worker counts into in ``request_finished`` with
+the clock reading it already makes, and the primary reads only for a metrics
+scrape. A finished request's age is the mean age of the requests in progress
+(``now - started_sum_ns / active``): exact for one request at a time, and
+the sum of durations stays exact either way (csrc/slot.c says why).
 
 Fields are accessed through memoryview casts ("Q"/"I" in native byte order,
 which is the little-endian layout the C struct has on the targets we build
@@ -22,23 +28,33 @@ for), so every read and write is one aligned machine load or store.
 
 import sys
 import time
+from bisect import bisect_left as _bisect_left
 
 from pyfork._api import SLOT_SIZE
 
 # pf_slot offsets (bytes): closed 0, handled 8, heartbeat_ns 16,
-# busy_since_ns 24, active 32, pid 36, want_credit 40, capacity 44, taken 48.
+# busy_since_ns 24, active 32, pid 36, want_credit 40, capacity 44, taken 48,
+# reserved 56, started_sum_ns 64, duration_sum_ns 72, duration_le[14] 80..191.
 # As indexes into the u64 and u32 views of one line:
 _Q_CLOSED, _Q_HANDLED, _Q_HEARTBEAT, _Q_BUSY_SINCE, _Q_TAKEN = 0, 1, 2, 3, 6
+_Q_STARTED_SUM, _Q_DURATION_SUM, _Q_DURATION_LE = 8, 9, 10
 _I_ACTIVE, _I_PID, _I_WANT_CREDIT, _I_CAPACITY = 8, 9, 10, 11
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 
 _monotonic_ns = time.monotonic_ns
 
+# Upper bounds (ns) of the duration buckets, the same as csrc/slot.c's
+# (Prometheus' usual 1 ms .. 10 s spread); one more bucket, +Inf, follows.
+HIST_BOUNDS_NS = (1_000_000, 2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000,
+                  100_000_000, 250_000_000, 500_000_000, 1_000_000_000, 2_500_000_000,
+                  5_000_000_000, 10_000_000_000)
+HIST_BUCKETS = len(HIST_BOUNDS_NS) + 1
+
 if sys.byteorder != "little":  # the layout is documented as little-endian
     raise ImportError("pyfork.scoreboard supports little-endian hosts only")
 
-__all__ = ["SLOT_SIZE", "Scoreboard", "SlotView"]
+__all__ = ["SLOT_SIZE", "HIST_BOUNDS_NS", "HIST_BUCKETS", "Scoreboard", "SlotView"]
 
 
 class Scoreboard:
@@ -92,7 +108,7 @@ class SlotView:
     """One worker's line. Worker-side writers, anyone-side readers."""
 
     __slots__ = ("index", "_q", "_i", "_qb", "_ib",
-                 "_qc", "_qh", "_qhb", "_qbs", "_qt", "_ia", "_iw")
+                 "_qc", "_qh", "_qhb", "_qbs", "_qt", "_ia", "_iw", "_qss", "_qds", "_qle")
 
     def __init__(self, board, index):
         self.index = index
@@ -105,10 +121,11 @@ class SlotView:
         self._qhb, self._qbs = qb + _Q_HEARTBEAT, qb + _Q_BUSY_SINCE
         self._qt = qb + _Q_TAKEN
         self._ia, self._iw = ib + _I_ACTIVE, ib + _I_WANT_CREDIT
+        self._qss, self._qds, self._qle = qb + _Q_STARTED_SUM, qb + _Q_DURATION_SUM, qb + _Q_DURATION_LE
 
     @property
     def line(self):
-        """This slot's 64 bytes (a writable memoryview), for a backend's SlotWriter."""
+        """This slot's SLOT_SIZE bytes (a writable memoryview), for a backend's SlotWriter."""
         return self._q[self._qb:self._qb + SLOT_SIZE // 8]
 
     # -- readers -----------------------------------------------------------
@@ -150,6 +167,14 @@ class SlotView:
         """Connections the worker has read from its channel."""
         return self._q[self._qb + _Q_TAKEN]
 
+    def durations(self):
+        """The request-duration histogram: ``{"counts": [...], "sum_ns": n}``, counts per
+        bucket (not cumulative: one per HIST_BOUNDS_NS bound, then +Inf), sum of the
+        durations in ns. Read while the worker writes: each value is current, the
+        sum may be a request ahead of or behind the counts."""
+        qle = self._qle
+        return {"counts": self._q[qle:qle + HIST_BUCKETS].tolist(), "sum_ns": self._q[self._qds]}
+
     # -- worker-side writers ------------------------------------------------
     def set_pid(self, pid):
         self._i[self._ib + _I_PID] = pid & _U32
@@ -163,7 +188,10 @@ class SlotView:
         now = _monotonic_ns()
         active = iv[ia]
         if active == 0:
-            qv[self._qbs] = now
+            qv[self._qbs] = qv[self._qss] = now
+        else:
+            qss = self._qss
+            qv[qss] = (qv[qss] + now) & _U64
         iv[ia] = (active + 1) & _U32
         qv[self._qhb] = now
 
@@ -177,9 +205,26 @@ class SlotView:
         ia, iv, qv = self._ia, self._i, self._q
         now = _monotonic_ns()
         active = iv[ia]
-        if active:
+        if active == 1:                     # one at a time: the common case, exact
+            qss = self._qss
+            ns = (now - qv[qss]) & _U64
+            qv[qss] = 0
+            active = 0
+            iv[ia] = 0
+        elif active:
+            # the mean age of those in progress, in wrapping u64 arithmetic as in
+            # csrc/slot.c: active * now - started_sum is the sum of their ages
+            qss = self._qss
+            ns = ((active * now - qv[qss]) & _U64) // active
+            qv[qss] = (qv[qss] - (now - ns)) & _U64
             active -= 1
             iv[ia] = active
+        else:
+            ns = 0                          # a finish with none started counts as 0 s
+        b = self._qle + _bisect_left(HIST_BOUNDS_NS, ns)
+        qv[b] += 1                          # u64 counts and ns sums: no wrap in 500 years
+        qds = self._qds
+        qv[qds] += ns
         qh = self._qh
         qv[qh] = (qv[qh] + 1) & _U64
         qv[self._qbs] = now if active else 0

@@ -15,6 +15,8 @@ def app(environ, start_response):
     path = environ["PATH_INFO"]
     if path == "/stuck":
         stuck_in_this_function()
+    if path == "/sleep":                   # /sleep?ms=N: answers after N ms
+        time.sleep(int(environ["QUERY_STRING"].partition("ms=")[2] or 0) / 1000)
     body = json.dumps({"pid": os.getpid(), "q": environ.get("QUERY_STRING", "")}).encode()
     status = "404 Not Found" if path.startswith("/missing") else "200 OK"
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),

@@ -4,6 +4,8 @@ Real forks, a real HTTP client, the output parsed by prometheus_client.parser. C
 compared exactly with the requests the test sent; order is waited for through the event
 stream and the scrape itself, never slept for.
 """
+import json
+import os
 import signal
 import threading
 
@@ -92,6 +94,53 @@ def test_requests_total_is_exact_across_a_killed_worker(apps, backend):
         assert srv.wait() == 0
 
 
+def _histogram(m, name="pyfork_request_duration_seconds"):
+    """({le: cumulative count}, sum, count) of a histogram in a parsed scrape."""
+    le = {dict(labels)["le"]: v for (n, labels), v in m.items() if n == name + "_bucket"}
+    return le, O.total(m, name + "_sum"), O.total(m, name + "_count")
+
+
+def _wait_count(url, want):
+    return H.wait_until(lambda: _histogram(O.scrape(url))[2] == want or None,
+                        what=f"pyfork_request_duration_seconds_count == {want}")
+
+
+def test_request_duration_histogram_counts_each_request_once_across_a_kill(apps, backend):
+    with _serve(apps, backend) as srv:
+        srv.start(ready=2)
+        url = srv.started["metrics"]
+        le0, sum0, count0 = _histogram(O.scrape(url))
+        assert list(le0) == ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5",
+                             "1.0", "2.5", "5.0", "10.0", "+Inf"]
+        assert count0 == le0["+Inf"] == O.total(O.scrape(url), "pyfork_requests_total")
+        pids = set()
+        for _ in range(20):                      # each one sleeps 30 ms: above the 25 ms bound
+            status, body = O.request(srv.port, "/sleep?ms=30")
+            assert status == 200
+            pids.add(json.loads(body)["pid"])
+        _wait_count(url, count0 + 20)
+        m = O.scrape(url)
+        le, total_s, count = _histogram(m)
+        assert count == count0 + 20 == le["+Inf"]
+        assert le["0.025"] == le0["0.025"]       # none of them took 25 ms or less
+        assert total_s - sum0 >= 20 * 0.030
+        assert all(le[a] <= le[b] for a, b in zip(list(le), list(le)[1:]))     # cumulative
+        # a dead worker's buckets stay in its slot: the histogram never goes back
+        victim = sorted(pids)[0]
+        os.kill(victim, signal.SIGKILL)
+        srv.wait_event("exit", pid=victim, signal=signal.SIGKILL)
+        srv.wait_event("ready", n=3)
+        assert _histogram(O.scrape(url)) == (le, total_s, count)
+        for _ in range(30):
+            assert O.request(srv.port, "/")[0] == 200
+        _wait_count(url, count0 + 50)
+        le2, _, count2 = _histogram(O.scrape(url))
+        assert count2 == count0 + 50 == le2["+Inf"]
+        assert all(le2[k] >= le[k] for k in le)
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0
+
+
 def test_restarts_counted_by_cause_kill_timeout_max_requests(apps, backend):
     import os
     with _serve(apps, backend, "--timeout", "3", "--max-requests", "30") as srv:
@@ -144,6 +193,9 @@ def test_status_json_shows_the_same_numbers(apps, backend, tmp_path):
         from pyfork.primary import control
         st = control.request(ctl, {"cmd": "status"})
         assert sum(st["totals"]["requests"].values()) == 10
+        dur = st["totals"]["request_duration"]
+        assert dur["count"] == dur["le"]["+Inf"] == 10 and dur["sum_seconds"] > 0
+        assert sum(sum(w["durations"]["counts"]) for w in st["workers"]) == 10
         assert set(st["totals"]["restarts"]) >= {"crash", "signal", "timeout", "max_requests"}
         assert st["dispatch"]["accepted"] == 10
         assert all(w["rss"] > 0 for w in st["workers"])

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from pyfork.scoreboard import Scoreboard
+from pyfork.scoreboard import HIST_BOUNDS_NS, HIST_BUCKETS, SLOT_SIZE, Scoreboard
 
 from backend_harness import seqpacket_pair
 
@@ -32,14 +32,19 @@ def test_scoreboard_layout_and_sharing(backend, procs):
             sv.conn_closed(3)
 
         assert os.waitstatus_to_exitcode(procs.wait(procs.fork(child))) == 0
-        raw = bytes(d.scoreboard[2 * 64:3 * 64])
+        assert SLOT_SIZE == 192 and HIST_BUCKETS == 14
+        raw = bytes(d.scoreboard[2 * SLOT_SIZE:3 * SLOT_SIZE])
         closed, handled, hb, busy, active, pid, want = struct.unpack_from("<QQQQIII", raw)
         assert (closed, handled, active, pid, want) == (3, 1, 1, 4242, 0)
         assert hb > 0 and busy > 0
         assert (sv.closed, sv.handled, sv.active, sv.pid) == (3, 1, 1, 4242)
+        # the histogram from byte 64: started_sum_ns, duration_sum_ns, 14 bucket counts
+        started_sum, duration_sum, *buckets = struct.unpack_from("<QQ14Q", raw, 64)
+        assert 0 < started_sum <= hb and sum(buckets) == 1 and duration_sum < hb
+        assert sv.durations() == {"counts": buckets, "sum_ns": duration_sum}
         assert sv.conn_closed() is False
         sv.request_credit()
-        assert struct.unpack_from("<I", d.scoreboard, 2 * 64 + 40)[0] == 1
+        assert struct.unpack_from("<I", d.scoreboard, 2 * SLOT_SIZE + 40)[0] == 1
         assert sv.conn_closed(2) is True and sv.want_credit == 0
         assert sv.closed == 6
         sv.request_finished()
@@ -85,4 +90,54 @@ def test_slot_writer_matches_slotview(backend, procs):
         with pytest.raises(ValueError):
             backend.SlotWriter(bytearray(8))
         del writer
+        board.release()
+
+
+def _finish_after(board_buf, index, writer, ns):
+    """Starts a request through ``writer``, moves its start ``ns`` back (the started_sum_ns
+    field at byte 64 of the line), finishes it; returns the bucket it was counted in."""
+    off = index * SLOT_SIZE
+    writer.request_started()
+    (started,) = struct.unpack_from("<Q", board_buf, off + 64)
+    struct.pack_into("<Q", board_buf, off + 64, (started - ns) % 2**64)   # u64 arithmetic wraps
+    before = struct.unpack_from("<14Q", board_buf, off + 80)
+    writer.request_finished()
+    after = struct.unpack_from("<14Q", board_buf, off + 80)
+    grew = [i for i in range(HIST_BUCKETS) if after[i] != before[i]]
+    assert len(grew) == 1 and after[grew[0]] == before[grew[0]] + 1
+    return grew[0]
+
+
+@pytest.mark.parametrize("writer_kind", ["slotview", "slotwriter"])
+def test_duration_buckets_by_upper_bound(backend, writer_kind):
+    # Both writers (SlotView in Python, the backend's SlotWriter: csrc/slot.c for C) count
+    # a duration into the first bucket whose bound it does not exceed. The start is moved
+    # back by hand, so a duration is known from below (a slow machine only lengthens it):
+    # "at least this bucket" always holds; "at most" only where the slack is 125 ms or more.
+    with backend.Dispatcher(2) as d:
+        board = Scoreboard(d.scoreboard, 2)
+        sv = board.slot(1)
+        writer = sv if writer_kind == "slotview" else backend.SlotWriter(sv.line)
+        for i, bound in enumerate(HIST_BOUNDS_NS):
+            assert _finish_after(d.scoreboard, 1, writer, bound + bound // 5) >= i + 1
+            below = _finish_after(d.scoreboard, 1, writer, bound // 2)
+            if bound >= 250_000_000:
+                assert below == i
+        assert _finish_after(d.scoreboard, 1, writer, 3600 * 10**9) == HIST_BUCKETS - 1   # +Inf
+        dur = sv.durations()
+        assert sum(dur["counts"]) == sv.handled == 2 * len(HIST_BOUNDS_NS) + 1
+        assert dur["sum_ns"] >= 3600 * 10**9 + sum(b + b // 5 + b // 2 for b in HIST_BOUNDS_NS)
+        # overlapping requests: the sum is exact (finish times minus start times)
+        writer.request_started()
+        writer.request_started()
+        (starts,) = struct.unpack_from("<Q", d.scoreboard, SLOT_SIZE + 64)
+        s0 = sv.durations()["sum_ns"]
+        writer.request_finished()
+        t1 = sv.heartbeat_ns
+        writer.request_finished()
+        t2 = sv.heartbeat_ns
+        assert sv.durations()["sum_ns"] - s0 == (t1 + t2 - starts) % 2**64
+        assert sv.active == 0 and struct.unpack_from("<Q", d.scoreboard, SLOT_SIZE + 64)[0] == 0
+        assert board.slot(0).durations() == {"counts": [0] * HIST_BUCKETS, "sum_ns": 0}   # only its line
+        del writer, sv
         board.release()

@@ -45,7 +45,7 @@ def worker_runtime(backend):
     line), without the fork: the contract is the object's. Yields it and the primary's end
     of the channel."""
     chan, primary_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    board = Scoreboard(bytearray(64), 1)
+    board = Scoreboard(bytearray(backend.SLOT_SIZE), 1)
     try:
         yield Worker(wid=1, slot=0, chan=chan.fileno(), backend=backend, board_slot=board.slot(0),
                      primary_pid=os.getppid(), conn_family=socket.AF_INET), primary_end

@@ -1,6 +1,7 @@
 /* test_slot.c -- the worker-side scoreboard writers (slot.c): counters,
  * busy_since_ns as "busy without progress since", and the want_credit
- * handshake, as pyfork/scoreboard.py's SlotView does them.
+ * handshake, the request-duration histogram, as pyfork/scoreboard.py's
+ * SlotView does them.
  *
  * Theory of operation: each test zeroes a pf_slot on its own stack (the
  * writers do not care whether the line is shared memory), calls the writers
@@ -59,8 +60,97 @@ static void test_conn_closed_and_credit(void)
     CHECK_EQ(s.active, 0);
 }
 
+/* Returns the total of the histogram's buckets. */
+static uint64_t hist_count(const pf_slot *s)
+{
+    uint64_t n = 0;
+
+    for (int i = 0; i < PF_HIST_BUCKETS; i++)
+        n += s->duration_le[i];
+    return n;
+}
+
+/* Returns the index of the one non-empty bucket, or -1 when there are 0 or several. */
+static int only_bucket(const pf_slot *s)
+{
+    int found = -1;
+
+    for (int i = 0; i < PF_HIST_BUCKETS; i++) {
+        if (s->duration_le[i] == 0)
+            continue;
+        if (found >= 0 || s->duration_le[i] != 1)
+            return -1;
+        found = i;
+    }
+    return found;
+}
+
+#define MS 1000000ull
+
+/* One request at a time: its duration is now - its start, in the bucket
+ * whose bound it does not exceed. The start is moved back by hand so the
+ * duration is known from below (a slow machine only makes it longer, so
+ * only "at least this bucket" is checked where that could matter). */
+static void test_duration_one_at_a_time(void)
+{
+    pf_slot s;
+    uint64_t start;
+    int b;
+
+    memset(&s, 0, sizeof(s));
+    CHECK_EQ(sizeof(pf_slot) % 64, 0);
+    pf_slot_request_started(&s);
+    start = s.started_sum_ns;
+    CHECK_EQ(start, s.busy_since_ns);
+    s.started_sum_ns = start - 30 * MS;     /* began 30 ms ago: above the 25 ms bound */
+    pf_slot_request_finished(&s);
+    b = only_bucket(&s);
+    CHECK(b >= 5);                          /* bucket 5 is (25 ms, 50 ms] */
+    CHECK_EQ(s.duration_sum_ns, s.heartbeat_ns - (start - 30 * MS));
+    CHECK(s.duration_sum_ns >= 30 * MS);
+    CHECK_EQ(s.started_sum_ns, 0);
+    memset(&s, 0, sizeof(s));
+    pf_slot_request_started(&s);
+    s.started_sum_ns -= 20000 * MS;         /* 20 s: beyond the last bound, +Inf */
+    pf_slot_request_finished(&s);
+    CHECK_EQ(only_bucket(&s), PF_HIST_BUCKETS - 1);
+    pf_slot_request_finished(&s);           /* a finish with none started: 0 s */
+    CHECK_EQ(s.duration_le[0], 1);
+    CHECK_EQ(hist_count(&s), s.handled);
+}
+
+/* Overlapping requests: each finish counts the mean start of those in
+ * progress, and the sum of durations is exact: the finish times minus the
+ * start times. */
+static void test_duration_overlapping_sum_is_exact(void)
+{
+    pf_slot s;
+    uint64_t starts, t1, t2;
+
+    memset(&s, 0, sizeof(s));
+    pf_slot_request_started(&s);
+    s.started_sum_ns -= 100 * MS;           /* A began 100 ms ago */
+    pf_slot_request_started(&s);
+    s.started_sum_ns -= 10 * MS;            /* B began 10 ms ago */
+    starts = s.started_sum_ns;
+    pf_slot_request_finished(&s);           /* counted as 55 ms or more */
+    t1 = s.heartbeat_ns;
+    CHECK(s.duration_sum_ns >= 55 * MS);
+    CHECK_EQ(s.duration_le[0] + s.duration_le[1] + s.duration_le[2] + s.duration_le[3] +
+             s.duration_le[4] + s.duration_le[5], 0);     /* above 50 ms */
+    pf_slot_request_finished(&s);
+    t2 = s.heartbeat_ns;
+    CHECK_EQ(s.duration_sum_ns, t1 + t2 - starts);
+    CHECK_EQ(hist_count(&s), 2);
+    CHECK_EQ(s.started_sum_ns, 0);
+    CHECK_EQ(s.active, 0);
+    pf_slot_request_started(&s);            /* idle again: the sum starts afresh */
+    CHECK_EQ(s.started_sum_ns, s.busy_since_ns);
+}
+
 static const struct pf_test_case tests[] = {
     PF_CASE(test_requests_and_heartbeat), PF_CASE(test_conn_closed_and_credit),
+    PF_CASE(test_duration_one_at_a_time), PF_CASE(test_duration_overlapping_sum_is_exact),
 };
 
 int main(int argc, char **argv)

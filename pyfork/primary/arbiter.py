@@ -568,7 +568,8 @@ class Arbiter:
             self._emit_disconnect(h)
             self.events.emit("exit", h, code=code, signal=sig, cause=self._exit_cause(p, code, sig),
                              uptime=round(time.monotonic() - h.started, 6), ready=p.ready,
-                             handled=p.board.handled if p.board is not None else 0, cpu=round(cpu, 6))
+                             handled=p.board.handled if p.board is not None else 0, cpu=round(cpu, 6),
+                             durations=p.board.durations() if p.board is not None else None)
         self._feed(P.Exited(wid, code, sig))
 
     @staticmethod
@@ -747,7 +748,7 @@ class Arbiter:
                 "restarts": slot.restarts if slot else 0,
                 "generation": rec.generation if rec else 0,
                 "cpu": round(proc[0], 3) if proc else 0.0, "rss": proc[1] if proc else 0,
-                "busy_since_ns": p.board.busy_since_ns,
+                "busy_since_ns": p.board.busy_since_ns, "durations": p.board.durations(),
             })
         slots = []
         if pol:

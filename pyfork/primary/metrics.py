@@ -7,7 +7,8 @@ loop returns to Python when one is readable; pyfork.primary.watched accepts and 
 this module answers, without ever blocking (non-blocking sockets, a request head of at most MAX_HEAD bytes, at
 most MAX_CLIENTS scrapers, an idle one dropped after IDLE_TIMEOUT). Workers never see a
 scrape, and a stuck app cannot delay one: every value is read by the primary from what it
-already has -- the scoreboard (requests handled), the dispatcher's counters (connections,
+already has -- the scoreboard (requests handled, the request-duration buckets each
+worker counts into in its own line), the dispatcher's counters (connections,
 pending, back-pressure skips, fd exhaustion, per-worker inflight), /proc (RSS, CPU), and
 the tally of reaped workers (pyfork.primary.tally) -- all through ``Arbiter.status()``,
 which is what ``pyfork status --json`` prints too. A scrape costs the primary about a
@@ -60,7 +61,7 @@ class StatusCollector:
         return []      # unchecked collector: the families depend on the live slots
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         st = self.status()
         if not st:
             return
@@ -115,6 +116,12 @@ class StatusCollector:
         for s, n in sorted(rss.items()):
             g.add_metric([s], n)
         yield g
+        dur = totals.get("request_duration")
+        if dur:
+            yield HistogramMetricFamily(
+                "pyfork_request_duration_seconds", "Time from a request's start to its end in the "
+                "worker, counted into buckets in the worker's scoreboard line (reaped workers included)",
+                buckets=list(dur["le"].items()), sum_value=dur["sum_seconds"])
         yield from limit_families(st)
 
 
