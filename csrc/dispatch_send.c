@@ -7,8 +7,9 @@
  * a candidate when it is READY, not blocked, and can start a connection now
  * (the central queue, M/G/k: gunicorn sync gets its tail from a worker that
  * accepts only when idle, bench/README.md "Mixed load"):
- *   queued + active < capacity, queued = sent - scoreboard.taken,
- * and it gets at most capacity - (queued + active) fds, so a sync worker
+ *   queued + fresh + active < capacity, queued = sent - scoreboard.taken,
+ * (fresh: taken, first request not begun yet; pyfork.h) and it gets at most
+ * capacity - (queued + fresh + active) fds, so a sync worker
  * (capacity 1) gets exactly one, when idle. Nothing waits in a busy worker's
  * channel while another worker could start it: when no worker can start,
  * the fds stay in the ring (at most accept_batch) and the loop stops polling
@@ -148,15 +149,36 @@ static int64_t pf__open(const pf_dispatcher *d, int s)
     return closed >= sent ? 0 : (int64_t)(sent - closed);
 }
 
+/* Fresh connections on slot s that still count as work: taken, first request
+ * not begun, for at most PF_SLOT_FRESH_MS since fresh rose from 0 (pyfork.h).
+ * The clock is read only when there is one (vDSO: no syscall). */
+static int64_t pf__fresh(const pf_dispatcher *d, int s)
+{
+    uint32_t fresh = __atomic_load_n(&d->board[s].fresh, __ATOMIC_ACQUIRE);
+    uint32_t since, now_ms;
+
+    if (fresh == 0)
+        return 0;
+    since = __atomic_load_n(&d->board[s].fresh_ms, __ATOMIC_RELAXED);
+    now_ms = (uint32_t)(pf__now_ns() / PF__NS_PER_MS);
+    /* Signed: wrap-safe, and a time ahead of ours (tests set one) is young. */
+    return (int32_t)(now_ms - since) < PF_SLOT_FRESH_MS ? (int64_t)fresh : 0;
+}
+
 /* Work on slot s: connections queued in its channel (sent - taken, clamped:
- * the worker may read a batch before we add it to sent) plus requests running. */
+ * the worker may read a batch before we add it to sent), fresh ones, and
+ * requests running. The loads go taken, fresh, active: the worker moves a
+ * connection along those counts adding it to the next before taking it off
+ * the previous (slot.c), so with acquire loads in this order we may count it
+ * twice (harmless: one look later it is right) but never miss it. */
 static int64_t pf__work(const pf_dispatcher *d, int s)
 {
     uint64_t taken = __atomic_load_n(&d->board[s].taken, __ATOMIC_ACQUIRE);
     uint64_t sent = d->workers[s].sent;
+    int64_t fresh = pf__fresh(d, s);
     uint32_t active = __atomic_load_n(&d->board[s].active, __ATOMIC_RELAXED);
 
-    return (taken >= sent ? 0 : (int64_t)(sent - taken)) + (int64_t)active;
+    return (taken >= sent ? 0 : (int64_t)(sent - taken)) + fresh + (int64_t)active;
 }
 
 /* How busy slot s is, for least: its work, or its open connections when it
@@ -183,12 +205,14 @@ static int64_t pf__free(const pf_dispatcher *d, int s)
 
 /* Returns how many more fds slot s may take now (0 = none: skip it).
  * With no room it asks for a CREDIT, then looks again: we store want_credit,
- * fence, load active/taken/closed; the worker stores active (a request
- * finished) or closed, fences, loads want_credit (slot.c). With both fences
- * one side always sees the other's store (Dekker), so room that frees up
- * while we skip either shows up here or sends the CREDIT. (A take lowers
- * queued without freeing room -- the connection is about to start -- so it
- * needs no CREDIT.) */
+ * fence, load taken/fresh/active/closed; the worker stores active (a request
+ * finished) or fresh and closed (a connection closed), fences, loads
+ * want_credit (slot.c). With both fences one side always sees the other's
+ * store (Dekker), so room that frees up while we skip either shows up here or
+ * sends the CREDIT. (A take or a request start moves a connection from one
+ * count to the next without freeing room, so it needs no CREDIT. A fresh
+ * connection that ages past PF_SLOT_FRESH_MS frees room with no store at
+ * all: the loop's PF__RECHECK_MS poll while fds wait finds it.) */
 static int64_t pf__room(pf_dispatcher *d, int s)
 {
     int64_t room = pf__free(d, s);

@@ -9,6 +9,8 @@ control socket's per-worker counters (connections sent, requests handled).
 """
 
 import json
+import os
+import struct
 import resource
 import selectors
 import signal
@@ -165,3 +167,92 @@ def test_idle_kept_alive_connections_do_not_lock_out_a_new_client(apps, backend)
         for s in socks:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ---- fresh connections: taken, first request not begun (issue 10's last 1 %) -------------
+
+def _writer(backend, e, slot):
+    from pyfork.scoreboard import Scoreboard
+    return backend.SlotWriter(Scoreboard(e.d.scoreboard, len(e.ends)).slot(slot).line)
+
+
+def _pump(e, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        e.d.run(0.01)
+
+
+@pytest.mark.parametrize("policy", ["rr", "least"])
+def test_a_connection_taken_but_not_yet_started_counts_as_work(backend, ends, policy):
+    """A sync worker that took a connection whose request has not begun (its bytes may not
+    have arrived) is not idle: the next connection must not queue behind it (if the first
+    turns out slow, the second waits for all of it). With the other worker busy, it waits in
+    the primary until the fresh one closes unstarted (the CREDIT sends it on) or stops
+    counting because it never starts (PF_SLOT_FRESH_MS: an idle preconnect holds no worker)."""
+    from pyfork.scoreboard import SLOT_SIZE
+    e = ends(2, policy=policy)
+    w = [_writer(backend, e, s) for s in range(2)]
+    for s in range(2):
+        w[s].set_capacity(1)
+    held = []
+    try:
+        e.connect()
+        e.pump_until_dispatched(1)
+        a = 0 if e.d.worker_stats(0)["sent"] else 1
+        b = 1 - a
+        held += [fd for m in e.take(a) for fd in m]
+        w[a].conn_taken(1)
+        # young for a minute however slow the machine (a time ahead of now counts as age 0)
+        struct.pack_into("<I", e.d.scoreboard, a * SLOT_SIZE + 60,
+                         (time.monotonic_ns() // 1_000_000 + 60_000) & 0xFFFFFFFF)
+        e.connect()
+        e.pump_until_dispatched(2)
+        assert e.d.worker_stats(b)["sent"] == 1
+        held += [fd for m in e.take(b) for fd in m]
+        w[b].conn_taken(1)
+        w[b].request_started()                 # b runs a long request
+
+        e.connect()                            # a: fresh, b: busy -> waits in the primary
+        _pump(e, 0.2)
+        st = e.d.stats()
+        assert st["dispatched"] == 2 and st["pending"] == 1, st
+        assert e.take(a) == [] and e.take(b) == []
+
+        os.close(held.pop(0))                  # a's connection closes before any request
+        if w[a].conn_closed(1):
+            backend.send_msg(e.ends[a].fileno(), backend.MSG_CREDIT)
+        e.pump_until_dispatched(3)
+        got = e.take(a)
+        assert [len(m) for m in got] == [1]
+        held += got[0]
+        w[a].conn_taken(1)                     # fresh again, with the real time
+
+        e.connect()                            # it never sends: after PF_SLOT_FRESH_MS, a is free
+        e.pump_until_dispatched(4)
+        got = e.take(a)
+        held += [fd for m in got for fd in m]
+        assert [len(m) for m in got] == [1] and e.take(b) == []
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def test_fresh_ms_matches_the_c_core():
+    from pyfork.scoreboard import FRESH_MS
+    core = pytest.importorskip("pyfork._core")
+    assert core._lib.PF_SLOT_FRESH_MS == FRESH_MS
+
+
+def test_an_idle_connection_does_not_hold_a_sync_worker(apps, backend):
+    """A client that connects and sends nothing (a browser's preconnect) is taken by the only
+    worker and counts as its work only briefly: a real request behind it is answered."""
+    with H.Server(apps, backend.BACKEND, "--interface", "wsgi", app="pyfork.demo:app",
+                  workers=1) as srv:
+        srv.start(ready=1)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as idle:
+            status, body = H.http_get(srv.port, "/health", timeout=30)
+            assert status == 200, body
+            idle.sendall(_REQUEST)             # and the idle one is still served
+            assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0

@@ -190,9 +190,72 @@ static void test_least_by_work(void)
     fx_teardown(&f, cl, 3);
 }
 
+/* A connection taken but not started yet is work (issue 10's last 1 %): a
+ * sync worker that read a connection whose request has not begun is not sent
+ * a second one (it could wait behind the first, if that one is slow); with
+ * the other worker busy, the next waits in the primary until the fresh one
+ * closes unstarted (its CREDIT sends it on at once) or, never starting,
+ * stops counting after PF_SLOT_FRESH_MS (an idle preconnect holds no worker;
+ * the loop rechecks while fds wait). Both policies. */
+static void fresh_counts_as_work(int policy)
+{
+    struct disp_fx f;
+    pf_slot *board;
+    int cl[4], ids[PF_MAX_FDS], a, b;
+
+    fx_setup(&f, 2, policy, 2, 0);
+    board = pf_dispatcher_scoreboard(f.d, NULL);
+    pf_slot_set_capacity(&board[0], 1);
+    pf_slot_set_capacity(&board[1], 1);
+
+    a = dispatch_one(f.d, f.port, f.w, 2, 0, &cl[0]);   /* read, request not begun */
+    pf_slot_conn_taken(&board[a], 1);
+    /* Young for a minute, however slow this machine is (a time ahead counts as age 0). */
+    board[a].fresh_ms = (uint32_t)(pf__now_ns() / PF__NS_PER_MS) + 60000;
+    b = dispatch_one(f.d, f.port, f.w, 2, 1, &cl[1]);
+    CHECK_EQ(b, 1 - a);
+    pf_slot_conn_taken(&board[b], 1);
+    pf_slot_request_started(&board[b]);  /* b runs a long request */
+
+    /* Client 2: a holds a fresh connection, b is busy: it waits in the primary. */
+    cl[2] = client(f.port, 2);
+    run_until_accepted(f.d, 3);
+    run_idle(f.d, 50);
+    CHECK_EQ(stats(f.d).pending, 1);
+    CHECK_EQ(stats(f.d).dispatched, 2);
+    CHECK_EQ(board[a].want_credit, 1);
+    /* a's connection closes before any request: room, and the CREDIT owed. */
+    if (pf_slot_conn_closed(&board[a], 1))
+        CHECK_OK(pf_send_msg(f.w[a], PF_MSG_CREDIT, 0, NULL, 0, NULL, 0));
+    run_until_dispatched(f.d, 3);
+    CHECK_EQ(take_message(f.w[a], ids), 1);
+    CHECK_EQ(ids[0], 2);
+    pf_slot_conn_taken(&board[a], 1);    /* fresh again, with the real time */
+
+    /* Client 3: client 2 never sends its request; after PF_SLOT_FRESH_MS it
+     * no longer holds a, and client 3 goes there (b is still busy). */
+    cl[3] = client(f.port, 3);
+    run_until_dispatched(f.d, 4);
+    CHECK_EQ(take_message(f.w[a], ids), 1);
+    CHECK_EQ(ids[0], 3);
+    CHECK_EQ(take_message(f.w[b], ids), 0);
+    fx_teardown(&f, cl, 4);
+}
+
+static void test_fresh_counts_as_work_rr(void)
+{
+    fresh_counts_as_work(PF_POLICY_RR);
+}
+
+static void test_fresh_counts_as_work_least(void)
+{
+    fresh_counts_as_work(PF_POLICY_LEAST);
+}
+
 static const struct pf_test_case tests[] = {
     PF_CASE(test_sync_workers_central_queue), PF_CASE(test_batch_capped_by_free_capacity),
-    PF_CASE(test_least_by_work),
+    PF_CASE(test_least_by_work), PF_CASE(test_fresh_counts_as_work_rr),
+    PF_CASE(test_fresh_counts_as_work_least),
 };
 
 int main(int argc, char **argv)

@@ -6,8 +6,9 @@ policy, takes a batch of fds from the front of the ring and sends them in
 ONE sendmsg (up to MAX_FDS), then closes the primary's copies. A worker is
 a candidate when it is READY, not blocked, and can start a connection now
 (the central queue, M/G/k; see csrc/dispatch_send.c):
-  queued + active < capacity, queued = sent - scoreboard.taken,
-and it gets at most capacity - (queued + active) fds (one for a sync worker).
+  queued + fresh + active < capacity, queued = sent - scoreboard.taken,
+(fresh: taken, first request not begun yet; csrc/pyfork.h) and it gets at
+most capacity - (queued + fresh + active) fds (one for a sync worker).
 A worker that declared no capacity (0) is limited only by the separate,
 large open-connection cap: sent - scoreboard.closed < max_inflight.
   rr     round robin over candidates; each gets a fair share
@@ -53,11 +54,12 @@ def _open(d, s):
 
 
 def _work(d, s):
-    """Queued (sent - taken, clamped) plus running on slot s."""
+    """Queued (sent - taken, clamped), fresh (taken, first request not begun, for at most
+    FRESH_MS) and running on slot s, read in that order (csrc/dispatch_send.c says why)."""
     slot = d.slots[s]
     taken = slot.taken
     sent = d.workers[s].sent
-    return (0 if taken >= sent else sent - taken) + slot.active
+    return (0 if taken >= sent else sent - taken) + slot.fresh_work() + slot.active
 
 
 def _busy(d, s):
