@@ -338,6 +338,7 @@ static void pf__tick(pf_dispatcher *d, uint64_t now)
         pf__clear_retry(d);
     if (d->pause_until_ns != 0 && now >= d->pause_until_ns)
         d->pause_until_ns = 0;
+    pf__take_back_due(d, now);
     if (d->pcount > 0)
         pf__flush(d);
     pf__reserve_open(d);        /* after the flush freed what it could */
@@ -365,6 +366,8 @@ static int pf__wait_ms(const pf_dispatcher *d, uint64_t now, uint64_t deadline)
         w = pf__ms_until(now, d->pause_until_ns);
     if (d->recheck_ns != 0 && (w < 0 || pf__ms_until(now, d->recheck_ns) < w))
         w = pf__ms_until(now, d->recheck_ns);
+    if (d->takeback_ns != 0 && (w < 0 || pf__ms_until(now, d->takeback_ns) < w))
+        w = pf__ms_until(now, d->takeback_ns);
     /* Stalled with someone who could take: poll for freed room, not spin. */
     if (d->pcount > 0 && d->n_ready > 0 && (w < 0 || w > PF__RECHECK_MS))
         w = PF__RECHECK_MS;

@@ -19,7 +19,15 @@
  * CREDIT at every request's end, a message per request even on kept-alive
  * connections that never need the primary -- measured: keep-alive req/s
  * fell to 0.56 x Node's cluster, bench/README.md "After the central queue".
- * Credits are asked for only while a connection waits.) A worker that never declared a capacity
+ * Credits are asked for only while a connection waits.)
+ * Prefetch with take-back: when no worker can start one, up to
+ * PF__PREFETCH_MAX connections, one per message, may wait in the channel of
+ * a worker that is idle or whose request began < PF__PREFETCH_US ago
+ * (pf_internal.h says why); once that request has run PF__TAKEBACK_US,
+ * pf__take_back_due reads them back from the worker's end we hold and they go
+ * to the first worker that can start them. So a sync worker under a
+ * saturating load goes from one connection to the next without sleeping,
+ * and a light request waits behind a slow one for ~1-2 ms, not for all of it. A worker that never declared a capacity
  * (0) is limited only by the open-connection cap. That cap, sent -
  * scoreboard.closed < max_inflight, is a separate safety bound, large by
  * default: idle kept-alive connections cost a worker memory, not a slot.
@@ -45,8 +53,10 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "pf_internal.h"
@@ -63,6 +73,19 @@ int pf__pend_push(pf_dispatcher *d, int fd, int recovered)
     p = &d->pend[(d->phead + d->pcount) % d->cfg.max_pending];
     p->fd = fd;
     p->recovered = recovered;
+    d->pcount++;
+    return 0;
+}
+
+/* Puts fd back at the front of the ring (it was accepted before everything
+ * there). Returns 0, or -ENOSPC when the ring is full. */
+static int pf__pend_push_front(pf_dispatcher *d, int fd)
+{
+    if (d->pcount >= d->cfg.max_pending)
+        return -ENOSPC;
+    d->phead = (d->phead + d->cfg.max_pending - 1) % d->cfg.max_pending;
+    d->pend[d->phead].fd = fd;
+    d->pend[d->phead].recovered = 1;
     d->pcount++;
     return 0;
 }
@@ -237,6 +260,47 @@ static int64_t pf__min64(int64_t a, int64_t b)
     return a < b ? a : b;
 }
 
+/* Prefetch (pf_internal.h): no worker can start one now. The candidate
+ * whose end we hold (only there can a connection be taken back) with a
+ * declared capacity, fewer than PF__PREFETCH_MAX connections beyond it,
+ * room under the open-connection cap, and either idle (what it holds is
+ * about to start) or running a request that began < PF__PREFETCH_US ago; of
+ * those, the one with the fewest beyond its capacity, then the idle or most
+ * recently started (the least likely to be stuck). Returns the slot, or -1. */
+static int pf__pick_prefetch(pf_dispatcher *d)
+{
+    uint64_t now = pf__now_ns(), bsince = 0;
+    int64_t bextra = 0;
+    int best = -1;
+
+    for (int s = 0; s < d->hi; s++) {
+        uint32_t cap;
+        uint64_t since;
+        int64_t extra;
+
+        if (!pf__candidate(d, s) || d->workers[s].peer < 0)
+            continue;
+        cap = __atomic_load_n(&d->board[s].capacity, __ATOMIC_ACQUIRE);
+        if (cap == 0 || d->cfg.max_inflight - pf__open(d, s) <= 0)
+            continue;
+        since = __atomic_load_n(&d->board[s].busy_since_ns, __ATOMIC_RELAXED);
+        if (since != 0 && since + (uint64_t)PF__PREFETCH_US * PF__NS_PER_US <= now)
+            continue;
+        extra = pf__work(d, s) - (int64_t)cap;
+        if (extra >= PF__PREFETCH_MAX)
+            continue;
+        if (since == 0)
+            since = UINT64_MAX;     /* idle: as young as it gets */
+        if (best < 0 || extra < bextra || (extra == bextra && since > bsince))
+            best = s, bextra = extra, bsince = since;
+    }
+    if (best >= 0 && !d->workers[best].behind) {
+        d->workers[best].behind = 1;
+        d->n_behind++;
+    }
+    return best;
+}
+
 /* rr: the next candidate after the last one served. Returns the slot and
  * the batch size in *n (share capped by room and PF_MAX_FDS), or -1. */
 static int pf__pick_rr(pf_dispatcher *d, int share, int *n)
@@ -379,8 +443,103 @@ void pf__flush(pf_dispatcher *d)
         int n = 0;
         int s = d->cfg.policy == PF_POLICY_LEAST ? pf__pick_least(d, &n)
                                                  : pf__pick_rr(d, share, &n);
+        if (s < 0) {
+            s = pf__pick_prefetch(d);
+            n = 1;
+        }
         if (s < 0)
             return;
         pf__send_batch(d, s, n);
+    }
+}
+
+/* ---- take-back ---------------------------------------------------------------- */
+
+/* Reads one CONN queued to slot s back from the worker's end we hold into
+ * fds[]; returns how many fds it carried (0: none, or not safe to read).
+ * SEQPACKET gives each datagram to one reader: either we get it or the
+ * worker does. Only from a non-blocking file description (pyfork's workers
+ * make theirs so): the worker may empty the queue between our look and our
+ * read. If what we read is not a CONN (the worker took the CONN between the
+ * peek and the read, and a message for it came next), it goes back. */
+static int pf__take_back_one(pf_dispatcher *d, int s, int *fds)
+{
+    pf__worker *w = &d->workers[s];
+    pf_msg_hdr h;
+    int n;
+    ssize_t k;
+
+    do
+        k = recv(w->peer, &h, sizeof(h), MSG_PEEK | MSG_DONTWAIT);
+    while (k < 0 && errno == EINTR);
+    if (k != (ssize_t)sizeof(h) || h.magic != PF_MSG_MAGIC || h.type != PF_MSG_CONN)
+        return 0;
+    n = pf_recv_msg(w->peer, &h, d->scratch, PF_MAX_PAYLOAD, fds, PF_MAX_FDS);
+    if (n <= 0)
+        return 0;               /* EAGAIN: the worker took it first */
+    if (h.type != PF_MSG_CONN) {
+        if (pf_send_msg(w->chan, h.type, h.arg, d->scratch, h.len, fds, n) < 0)
+            d->st.dropped += (uint64_t)n;
+        for (int i = 0; i < n; i++)
+            close(fds[i]);
+        return 0;
+    }
+    w->sent -= (uint64_t)n;     /* never reached the worker */
+    return n;
+}
+
+/* Takes back what waits in slot s's channel, oldest first, to the front of
+ * the ring (they were accepted before anything there), in their order. */
+static void pf__take_back(pf_dispatcher *d, int s)
+{
+    int fds[PF__PREFETCH_MAX * PF_MAX_FDS], n = 0, fl;
+
+    if (d->workers[s].peer < 0)
+        return;
+    fl = fcntl(d->workers[s].peer, F_GETFL);
+    if (fl < 0 || !(fl & O_NONBLOCK))
+        return;
+    while (n + PF_MAX_FDS <= (int)(sizeof(fds) / sizeof(fds[0])) &&
+           d->cfg.max_pending - d->pcount - n >= PF_MAX_FDS) {
+        int k = pf__take_back_one(d, s, fds + n);
+
+        if (k == 0)
+            break;
+        n += k;
+    }
+    while (n > 0)
+        pf__pend_push_front(d, fds[--n]);     /* room checked above */
+}
+
+/* Returns nothing; for every worker that may hold prefetched connections:
+ * forgets it once its channel is empty (or it is no longer READY), takes
+ * back what waits there once its request in progress has run
+ * PF__TAKEBACK_US, and sets takeback_ns to the next look: that request's
+ * due time, or PF__TAKEBACK_US from now for an idle worker (it is about to
+ * start one, whose length we cannot know yet). */
+void pf__take_back_due(pf_dispatcher *d, uint64_t now)
+{
+    const uint64_t age = (uint64_t)PF__TAKEBACK_US * PF__NS_PER_US;
+
+    d->takeback_ns = 0;
+    for (int s = 0; s < d->hi && d->n_behind > 0; s++) {
+        pf__worker *w = &d->workers[s];
+        uint64_t since, due, taken;
+
+        if (!w->behind)
+            continue;
+        taken = __atomic_load_n(&d->board[s].taken, __ATOMIC_ACQUIRE);
+        since = __atomic_load_n(&d->board[s].busy_since_ns, __ATOMIC_RELAXED);
+        if (w->state == PF_WORKER_READY && taken < w->sent) {
+            due = since != 0 ? since + age : now + age;
+            if (now < due) {
+                if (d->takeback_ns == 0 || due < d->takeback_ns)
+                    d->takeback_ns = due;
+                continue;
+            }
+            pf__take_back(d, s);
+        }
+        w->behind = 0;
+        d->n_behind--;
     }
 }

@@ -180,7 +180,8 @@ typedef struct pf_event {
 typedef struct pf_stats {
     uint64_t accepted;      /* connections accepted */
     uint64_t dispatched;    /* fds sent to a worker (re-dispatches included) */
-    uint64_t redispatched;  /* fds recovered from a removed worker's queue and sent again */
+    uint64_t redispatched;  /* fds recovered from a removed worker's queue, or taken back
+                               from a busy one's (prefetch), and sent again */
     uint64_t busy_skips;    /* times a worker was skipped: channel EAGAIN, no capacity, cap */
     uint64_t fd_exhaustion; /* EMFILE/ENFILE events */
     uint64_t accept_errors; /* other accept errors (ECONNABORTED etc.) */

@@ -176,62 +176,70 @@ def _writer(backend, e, slot):
     return backend.SlotWriter(Scoreboard(e.d.scoreboard, len(e.ends)).slot(slot).line)
 
 
+def _busy_since(e, slot, ns):
+    """Sets slot's busy_since_ns (when its request in progress began)."""
+    from pyfork.scoreboard import SLOT_SIZE
+    struct.pack_into("<Q", e.d.scoreboard, slot * SLOT_SIZE + 24, ns)
+
+
+def _pump_until(e, cond, what):
+    deadline = time.monotonic() + 30
+    while not cond():
+        assert time.monotonic() < deadline, (what, e.d.stats())
+        e.d.run(0.01)
+
+
 def _pump(e, seconds):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         e.d.run(0.01)
 
 
-@pytest.mark.parametrize("policy", ["rr", "least"])
-def test_a_connection_taken_but_not_yet_started_counts_as_work(backend, ends, policy):
+def test_a_connection_taken_but_not_yet_started_counts_as_work(backend, ends):
     """A sync worker that took a connection whose request has not begun (its bytes may not
-    have arrived) is not idle: the next connection must not queue behind it (if the first
-    turns out slow, the second waits for all of it). With the other worker busy, it waits in
-    the primary until the fresh one closes unstarted (the CREDIT sends it on) or stops
-    counting because it never starts (PF_SLOT_FRESH_MS: an idle preconnect holds no worker)."""
+    have arrived) is not idle: a new connection goes to a worker that can start it, even
+    when round robin's turn says otherwise (if the first turned out slow, the second would
+    wait behind it). Once the fresh one closes unstarted, the worker is a candidate again."""
     from pyfork.scoreboard import SLOT_SIZE
-    e = ends(2, policy=policy)
+    e = ends(2)
     w = [_writer(backend, e, s) for s in range(2)]
     for s in range(2):
         w[s].set_capacity(1)
     held = []
     try:
-        e.connect()
-        e.pump_until_dispatched(1)
-        a = 0 if e.d.worker_stats(0)["sent"] else 1
-        b = 1 - a
-        held += [fd for m in e.take(a) for fd in m]
-        w[a].conn_taken(1)
+        for i in range(2):                     # rr: client 0 -> slot 0, client 1 -> slot 1
+            e.connect()
+            e.pump_until_dispatched(i + 1)
+        assert [e.d.worker_stats(s)["sent"] for s in range(2)] == [1, 1]
+        held += [fd for m in e.take(0) for fd in m]
+        w[0].conn_taken(1)                     # slot 0: taken, request not begun
         # young for a minute however slow the machine (a time ahead of now counts as age 0)
-        struct.pack_into("<I", e.d.scoreboard, a * SLOT_SIZE + 60,
+        struct.pack_into("<I", e.d.scoreboard, 0 * SLOT_SIZE + 60,
                          (time.monotonic_ns() // 1_000_000 + 60_000) & 0xFFFFFFFF)
-        e.connect()
-        e.pump_until_dispatched(2)
-        assert e.d.worker_stats(b)["sent"] == 1
-        held += [fd for m in e.take(b) for fd in m]
-        w[b].conn_taken(1)
-        w[b].request_started()                 # b runs a long request
-
-        e.connect()                            # a: fresh, b: busy -> waits in the primary
-        _pump(e, 0.2)
-        st = e.d.stats()
-        assert st["dispatched"] == 2 and st["pending"] == 1, st
-        assert e.take(a) == [] and e.take(b) == []
-
-        os.close(held.pop(0))                  # a's connection closes before any request
-        if w[a].conn_closed(1):
-            backend.send_msg(e.ends[a].fileno(), backend.MSG_CREDIT)
+        for fd in [fd for m in e.take(1) for fd in m]:
+            os.close(fd)                       # slot 1: served and closed its connection
+        w[1].conn_taken(1)
+        w[1].request_started()
+        w[1].request_finished()
+        w[1].conn_closed(1)
+        e.connect()                            # rr's turn is slot 0, which is not idle
         e.pump_until_dispatched(3)
-        got = e.take(a)
-        assert [len(m) for m in got] == [1]
-        held += got[0]
-        w[a].conn_taken(1)                     # fresh again, with the real time
-
-        e.connect()                            # it never sends: after PF_SLOT_FRESH_MS, a is free
+        assert [e.d.worker_stats(s)["sent"] for s in range(2)] == [1, 2]
+        assert e.take(0) == []
+        for fd in [fd for m in e.take(1) for fd in m]:
+            os.close(fd)
+        w[1].conn_taken(1)
+        w[1].request_started()                 # slot 1 busy now; slot 0's fresh one closes
+        _busy_since(e, 1, time.monotonic_ns() - 10**9)
+        os.close(held.pop())
+        w[0].conn_closed(1)
+        from pyfork.scoreboard import Scoreboard
+        assert Scoreboard(e.d.scoreboard, 2).slot(0).fresh == 0
+        e.connect()
         e.pump_until_dispatched(4)
-        got = e.take(a)
+        got = e.take(0)
         held += [fd for m in got for fd in m]
-        assert [len(m) for m in got] == [1] and e.take(b) == []
+        assert [len(m) for m in got] == [1]
     finally:
         for fd in held:
             os.close(fd)
@@ -256,3 +264,53 @@ def test_an_idle_connection_does_not_hold_a_sync_worker(apps, backend):
             assert idle.recv(65536).startswith(b"HTTP/1.1 200")
         srv.signal(signal.SIGTERM)
         assert srv.wait() == 0
+
+
+def test_a_connection_queued_behind_a_request_that_became_long_is_served_by_another_worker(
+        backend, ends):
+    """With every worker busy, connections may be prefetched behind a request that has just
+    begun (the worker then goes on to them without a round trip through the primary). If
+    that request turns out long, the primary takes them back from the worker's channel
+    (through the end it holds) and the first worker that frees up serves them: they never
+    wait for the slow request. Nothing is lost, reordered or delivered twice."""
+    e = ends(2)
+    w = [_writer(backend, e, s) for s in range(2)]
+    for s in range(2):
+        w[s].set_capacity(1)
+    held = []
+    try:
+        for i in range(2):
+            e.connect()
+            e.pump_until_dispatched(i + 1)
+        a, b = 0, 1
+        for s in (a, b):
+            held += [fd for m in e.take(s) for fd in m]
+            w[s].conn_taken(1)
+            w[s].request_started()
+        _busy_since(e, a, time.monotonic_ns() - 10**9)       # a: long past the prefetch age
+        _busy_since(e, b, time.monotonic_ns() + 2 * 10**9)   # b: young for 2 s, then long
+        e.connect(2)
+        e.pump_until_dispatched(4)
+        assert e.d.worker_stats(b)["sent"] == 3                # prefetched behind b's request
+        assert e.d.worker_stats(a)["sent"] == 1
+        # b's request runs long: the prefetched connections come back to the primary
+        _pump_until(e, lambda: e.d.stats()["pending"] == 2, "taken back")
+        assert e.take(b) == []
+        assert e.d.worker_stats(b)["sent"] == 1
+        # a frees up first: it gets both, one per message, in their order
+        if w[a].request_finished():
+            backend.send_msg(e.ends[a].fileno(), backend.MSG_CREDIT)
+        e.pump_until_dispatched(6)
+        got = e.take(a)
+        held += [fd for m in got for fd in m]
+        assert [len(m) for m in got] == [1, 1]
+        assert e.d.stats()["redispatched"] == 2 and e.d.stats()["pending"] == 0
+        for fd, client in zip(got, e.clients[2:]):
+            peer = socket.socket(fileno=os.dup(fd[0]))
+            try:
+                assert peer.getpeername() == client.getsockname()
+            finally:
+                peer.close()
+    finally:
+        for fd in held:
+            os.close(fd)
