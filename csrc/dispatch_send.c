@@ -286,6 +286,11 @@ static int pf__pick_prefetch(pf_dispatcher *d)
         since = __atomic_load_n(&d->board[s].busy_since_ns, __ATOMIC_RELAXED);
         if (since != 0 && since + (uint64_t)PF__PREFETCH_US * PF__NS_PER_US <= now)
             continue;
+        if (d->workers[s].barred) {
+            if (since == d->workers[s].barred_since)
+                continue;       /* what we just took back would come straight back */
+            d->workers[s].barred = 0;   /* it moved on: a new request, or idle again */
+        }
         extra = pf__work(d, s) - (int64_t)cap;
         if (extra >= PF__PREFETCH_MAX)
             continue;
@@ -514,9 +519,9 @@ static void pf__take_back(pf_dispatcher *d, int s)
 /* Returns nothing; for every worker that may hold prefetched connections:
  * forgets it once its channel is empty (or it is no longer READY), takes
  * back what waits there once its request in progress has run
- * PF__TAKEBACK_US, and sets takeback_ns to the next look: that request's
- * due time, or PF__TAKEBACK_US from now for an idle worker (it is about to
- * start one, whose length we cannot know yet). */
+ * PF__TAKEBACK_US -- or once it has looked idle that long with them still
+ * queued (a worker that reports no requests, or one that took a connection
+ * whose request has not begun) -- and sets takeback_ns to the next one due. */
 void pf__take_back_due(pf_dispatcher *d, uint64_t now)
 {
     const uint64_t age = (uint64_t)PF__TAKEBACK_US * PF__NS_PER_US;
@@ -531,15 +536,22 @@ void pf__take_back_due(pf_dispatcher *d, uint64_t now)
         taken = __atomic_load_n(&d->board[s].taken, __ATOMIC_ACQUIRE);
         since = __atomic_load_n(&d->board[s].busy_since_ns, __ATOMIC_RELAXED);
         if (w->state == PF_WORKER_READY && taken < w->sent) {
-            due = since != 0 ? since + age : now + age;
+            if (since == 0 && w->idle_seen_ns == 0)
+                w->idle_seen_ns = now;
+            else if (since != 0)
+                w->idle_seen_ns = 0;
+            due = (since != 0 ? since : w->idle_seen_ns) + age;
             if (now < due) {
                 if (d->takeback_ns == 0 || due < d->takeback_ns)
                     d->takeback_ns = due;
                 continue;
             }
             pf__take_back(d, s);
+            w->barred = 1;
+            w->barred_since = since;
         }
         w->behind = 0;
+        w->idle_seen_ns = 0;
         d->n_behind--;
     }
 }

@@ -82,6 +82,9 @@ typedef struct pf__worker {
     uint8_t hup_pending;  /* HANGUP owed to the caller */
     uint64_t sent;        /* fds sent since add_worker */
     uint8_t behind;       /* prefetched connections may wait in its channel */
+    uint64_t idle_seen_ns;  /* take-back scan first saw it idle with some queued, 0 = not */
+    uint8_t barred;       /* taken back from: no prefetch while busy_since is ... */
+    uint64_t barred_since;  /* ... still this (the request, or idleness, they waited behind) */
 } pf__worker;
 
 typedef struct pf__listener {

@@ -124,6 +124,11 @@ def _pick_prefetch(d):
         since = slot.busy_since_ns
         if since and since + PREFETCH_NS <= now:
             continue
+        w = d.workers[s]
+        if w.barred_since is not None:
+            if since == w.barred_since:
+                continue        # what we just took back would come straight back
+            w.barred_since = None   # it moved on: a new request, or idle again
         extra = _work(d, s) - cap
         if extra >= PREFETCH_MAX:
             continue
@@ -334,7 +339,8 @@ def _take_back(d, s):
 def take_back_due(d):
     """For every worker that may hold prefetched connections: forgets it once its channel
     is empty (or it is not READY), takes back what waits there once its request has run
-    TAKEBACK_NS, and sets takeback_at to the next look (csrc/dispatch_send.c)."""
+    TAKEBACK_NS (or it has looked idle that long with them queued), and sets takeback_at
+    to the next one due (csrc/dispatch_send.c pf__take_back_due)."""
     d.takeback_at = 0.0
     if not d.n_behind:
         return
@@ -346,12 +352,18 @@ def take_back_due(d):
         slot = d.slots[s]
         taken, since = slot.taken, slot.busy_since_ns
         if w.state == STATE_READY and taken < w.sent:
-            due = since + TAKEBACK_NS if since else now + TAKEBACK_NS
+            if not since and not w.idle_seen_ns:
+                w.idle_seen_ns = now
+            elif since:
+                w.idle_seen_ns = 0
+            due = (since or w.idle_seen_ns) + TAKEBACK_NS
             if now < due:
                 at = time.monotonic() + (due - now) / 1e9
                 if not d.takeback_at or at < d.takeback_at:
                     d.takeback_at = at
                 continue
             _take_back(d, s)
+            w.barred_since = since
         w.behind = False
+        w.idle_seen_ns = 0
         d.n_behind -= 1

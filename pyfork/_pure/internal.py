@@ -87,7 +87,7 @@ class Worker:
     """One slot of the worker table (pf__worker)."""
 
     __slots__ = ("chan", "peer", "sock", "psock", "state", "blocked", "in_epoll",
-                 "out_armed", "hup_pending", "sent", "behind")
+                 "out_armed", "hup_pending", "sent", "behind", "idle_seen_ns", "barred_since")
 
     def __init__(self):
         self.reset()
@@ -100,6 +100,8 @@ class Worker:
         self.in_epoll = self.out_armed = self.hup_pending = False
         self.sent = 0                   # fds sent since add_worker
         self.behind = False             # prefetched connections may wait in its channel
+        self.idle_seen_ns = 0           # take-back scan first saw it idle with some queued
+        self.barred_since = None        # taken back from: no prefetch while busy_since is this
 
 
 class Listener:
