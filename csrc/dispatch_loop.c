@@ -6,7 +6,8 @@
  * pass, put listeners in or out of the poll set, owe HANGUP/DRAINED events),
  * returns if any event is owed, and otherwise sleeps in epoll_wait for
  * exactly as long as the earliest of: the caller's deadline, the EMFILE
- * pause end, the 10 ms recheck while fds are stalled. Readiness is handled
+ * pause end, the 10 ms recheck while fds are stalled, the next take-back of
+ * prefetched connections (dispatch_send.c). Readiness is handled
  * per kind:
  *   listener   accept4 until EAGAIN or accept_batch, then flush to workers;
  *   channel    EPOLLOUT clears "busy"; CREDIT messages are eaten here;

@@ -6,7 +6,8 @@ failures, flush pending fds, the stop/drain pass, put listeners in or out
 of the poll set, owe HANGUP/DRAINED events), returns if any event is owed,
 and otherwise sleeps in epoll for exactly as long as the earliest of: the
 caller's deadline, the EMFILE pause end, the 10 ms recheck while fds are
-stalled. Readiness is handled per kind:
+stalled, the next take-back of prefetched connections (dispatch_send.py).
+Readiness is handled per kind:
   listener   accept until EAGAIN or accept_batch, then flush to workers;
              EMFILE/ENFILE spend the reserve fd on one connection, then pause;
   channel    EPOLLOUT clears "busy"; CREDIT messages are eaten here; any
