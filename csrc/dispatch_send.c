@@ -519,12 +519,14 @@ static void pf__take_back(pf_dispatcher *d, int s)
 /* Returns nothing; for every worker that may hold prefetched connections:
  * forgets it once its channel is empty (or it is no longer READY), takes
  * back what waits there once its request in progress has run
- * PF__TAKEBACK_US -- or once it has looked idle that long with them still
- * queued (a worker that reports no requests, or one that took a connection
- * whose request has not begun) -- and sets takeback_ns to the next one due. */
+ * PF__TAKEBACK_US -- or once it has looked idle for PF__TAKEBACK_IDLE_US
+ * with them still queued (it is not reading) -- and sets takeback_ns to the
+ * next look: every PF__TAKEBACK_US while a worker is idle (its next request
+ * may start, and run long, any moment). */
 void pf__take_back_due(pf_dispatcher *d, uint64_t now)
 {
     const uint64_t age = (uint64_t)PF__TAKEBACK_US * PF__NS_PER_US;
+    const uint64_t idle_age = (uint64_t)PF__TAKEBACK_IDLE_US * PF__NS_PER_US;
 
     d->takeback_ns = 0;
     for (int s = 0; s < d->hi && d->n_behind > 0; s++) {
@@ -540,10 +542,13 @@ void pf__take_back_due(pf_dispatcher *d, uint64_t now)
                 w->idle_seen_ns = now;
             else if (since != 0)
                 w->idle_seen_ns = 0;
-            due = (since != 0 ? since : w->idle_seen_ns) + age;
+            due = since != 0 ? since + age : w->idle_seen_ns + idle_age;
             if (now < due) {
-                if (d->takeback_ns == 0 || due < d->takeback_ns)
-                    d->takeback_ns = due;
+                /* idle: look again soon, a request may start meanwhile */
+                uint64_t look = since == 0 && now + age < due ? now + age : due;
+
+                if (d->takeback_ns == 0 || look < d->takeback_ns)
+                    d->takeback_ns = look;
                 continue;
             }
             pf__take_back(d, s);

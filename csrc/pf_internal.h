@@ -67,6 +67,13 @@
 #define PF__PREFETCH_MAX 8
 #define PF__PREFETCH_US 500
 #define PF__TAKEBACK_US 1000
+/* An idle worker (no request in progress) with connections still queued is
+ * about to read them; one that stays so this long is not reading (it may
+ * report no requests at all, or be starved of CPU): take them back too. Not
+ * PF__TAKEBACK_US: under CPU contention a worker often waits a few ms for a
+ * core, and taking its queue then only costs syscalls and a sleep (measured:
+ * 22-29 % of connections taken back at 1 ms, 9-18 % without an idle rule). */
+#define PF__TAKEBACK_IDLE_US 10000
 
 /* epoll_wait batch: level-triggered, so readiness beyond it simply comes
  * back on the next call; 256 keeps the buffer small for 4096 slots. */

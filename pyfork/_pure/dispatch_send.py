@@ -50,7 +50,7 @@ from pyfork._api import MAX_FDS, MSG_CONN, STATE_FREE, STATE_GONE, STATE_READY
 from pyfork._pure.fdpass import HDR, HDR_SIZE, MSG_MAGIC, recv_on, send_on
 from pyfork._pure.internal import (
     BLK_NONE, BLK_OUT, BLK_RETRY, CHAN_EVENTS, LEAST_AGE_NS, PREFETCH_MAX, PREFETCH_NS, RECHECK_S,
-    TAKEBACK_NS, close_all, unregister,
+    TAKEBACK_IDLE_NS, TAKEBACK_NS, close_all, unregister,
 )
 
 _U64_MAX = (1 << 64) - 1
@@ -339,8 +339,8 @@ def _take_back(d, s):
 def take_back_due(d):
     """For every worker that may hold prefetched connections: forgets it once its channel
     is empty (or it is not READY), takes back what waits there once its request has run
-    TAKEBACK_NS (or it has looked idle that long with them queued), and sets takeback_at
-    to the next one due (csrc/dispatch_send.c pf__take_back_due)."""
+    TAKEBACK_NS (or it has looked idle for TAKEBACK_IDLE_NS with them queued), and sets
+    takeback_at to the next look (csrc/dispatch_send.c pf__take_back_due)."""
     d.takeback_at = 0.0
     if not d.n_behind:
         return
@@ -356,9 +356,11 @@ def take_back_due(d):
                 w.idle_seen_ns = now
             elif since:
                 w.idle_seen_ns = 0
-            due = (since or w.idle_seen_ns) + TAKEBACK_NS
+            due = since + TAKEBACK_NS if since else w.idle_seen_ns + TAKEBACK_IDLE_NS
             if now < due:
-                at = time.monotonic() + (due - now) / 1e9
+                # idle: look again soon, a request may start meanwhile
+                look = min(due, now + TAKEBACK_NS) if not since else due
+                at = time.monotonic() + (look - now) / 1e9
                 if not d.takeback_at or at < d.takeback_at:
                     d.takeback_at = at
                 continue

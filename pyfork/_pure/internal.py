@@ -35,6 +35,7 @@ LEAST_AGE_NS = 5_000_000
 PREFETCH_MAX = 8
 PREFETCH_NS = 500_000
 TAKEBACK_NS = 1_000_000
+TAKEBACK_IDLE_NS = 10_000_000    # PF__TAKEBACK_IDLE_US: an idle worker that does not read
 
 EPOLLIN = select.EPOLLIN
 BLK_NONE, BLK_OUT, BLK_RETRY = 0, 1, 2      # why a READY worker is skipped (PF__BLK_*)
