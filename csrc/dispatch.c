@@ -70,7 +70,8 @@ int pf_dispatcher_new(const pf_config *cfg, pf_dispatcher **out)
     d->watches = calloc((size_t)cfg->max_watch + 1, sizeof(*d->watches));
     d->pend = calloc((size_t)cfg->max_pending, sizeof(*d->pend));
     d->evbuf = calloc((size_t)d->evcap, sizeof(*d->evbuf));
-    if (!d->workers || !d->listeners || !d->watches || !d->pend || !d->evbuf)
+    d->scratch = malloc(PF_MAX_PAYLOAD);
+    if (!d->workers || !d->listeners || !d->watches || !d->pend || !d->evbuf || !d->scratch)
         goto fail;
     for (int s = 0; s < cfg->capacity; s++)
         d->workers[s].chan = d->workers[s].peer = -1;
@@ -128,6 +129,7 @@ void pf_dispatcher_free(pf_dispatcher *d)
     free(d->watches);
     free(d->pend);
     free(d->evbuf);
+    free(d->scratch);
     free(d);
 }
 
@@ -391,6 +393,8 @@ int pf_dispatcher_remove_worker(pf_dispatcher *d, int slot)
         d->n_ready--;
     if (w.hup_pending)
         d->n_hup--;
+    if (w.behind)
+        d->n_behind--;
     if (w.in_epoll)
         epoll_ctl(d->epfd, EPOLL_CTL_DEL, w.chan, NULL);
     memset(&d->workers[slot], 0, sizeof(pf__worker));

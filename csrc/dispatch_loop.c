@@ -6,7 +6,8 @@
  * pass, put listeners in or out of the poll set, owe HANGUP/DRAINED events),
  * returns if any event is owed, and otherwise sleeps in epoll_wait for
  * exactly as long as the earliest of: the caller's deadline, the EMFILE
- * pause end, the 10 ms recheck while fds are stalled. Readiness is handled
+ * pause end, the 10 ms recheck while fds are stalled, the next take-back of
+ * prefetched connections (dispatch_send.c). Readiness is handled
  * per kind:
  *   listener   accept4 until EAGAIN or accept_batch, then flush to workers;
  *   channel    EPOLLOUT clears "busy"; CREDIT messages are eaten here;
@@ -338,6 +339,7 @@ static void pf__tick(pf_dispatcher *d, uint64_t now)
         pf__clear_retry(d);
     if (d->pause_until_ns != 0 && now >= d->pause_until_ns)
         d->pause_until_ns = 0;
+    pf__take_back_due(d, now);
     if (d->pcount > 0)
         pf__flush(d);
     pf__reserve_open(d);        /* after the flush freed what it could */
@@ -365,6 +367,8 @@ static int pf__wait_ms(const pf_dispatcher *d, uint64_t now, uint64_t deadline)
         w = pf__ms_until(now, d->pause_until_ns);
     if (d->recheck_ns != 0 && (w < 0 || pf__ms_until(now, d->recheck_ns) < w))
         w = pf__ms_until(now, d->recheck_ns);
+    if (d->takeback_ns != 0 && (w < 0 || pf__ms_until(now, d->takeback_ns) < w))
+        w = pf__ms_until(now, d->takeback_ns);
     /* Stalled with someone who could take: poll for freed room, not spin. */
     if (d->pcount > 0 && d->n_ready > 0 && (w < 0 || w > PF__RECHECK_MS))
         w = PF__RECHECK_MS;

@@ -7,8 +7,9 @@
  * a candidate when it is READY, not blocked, and can start a connection now
  * (the central queue, M/G/k: gunicorn sync gets its tail from a worker that
  * accepts only when idle, bench/README.md "Mixed load"):
- *   queued + active < capacity, queued = sent - scoreboard.taken,
- * and it gets at most capacity - (queued + active) fds, so a sync worker
+ *   queued + fresh + active < capacity, queued = sent - scoreboard.taken,
+ * (fresh: taken, first request not begun yet; pyfork.h) and it gets at most
+ * capacity - (queued + fresh + active) fds, so a sync worker
  * (capacity 1) gets exactly one, when idle. Nothing waits in a busy worker's
  * channel while another worker could start it: when no worker can start,
  * the fds stay in the ring (at most accept_batch) and the loop stops polling
@@ -18,7 +19,15 @@
  * CREDIT at every request's end, a message per request even on kept-alive
  * connections that never need the primary -- measured: keep-alive req/s
  * fell to 0.56 x Node's cluster, bench/README.md "After the central queue".
- * Credits are asked for only while a connection waits.) A worker that never declared a capacity
+ * Credits are asked for only while a connection waits.)
+ * Prefetch with take-back: when no worker can start one, up to
+ * PF__PREFETCH_MAX connections, one per message, may wait in the channel of
+ * a worker that is idle or whose request began < PF__PREFETCH_US ago
+ * (pf_internal.h says why); once that request has run PF__TAKEBACK_US,
+ * pf__take_back_due reads them back from the worker's end we hold and they go
+ * to the first worker that can start them. So a sync worker under a
+ * saturating load goes from one connection to the next without sleeping,
+ * and a light request waits behind a slow one for ~1-2 ms, not for all of it. A worker that never declared a capacity
  * (0) is limited only by the open-connection cap. That cap, sent -
  * scoreboard.closed < max_inflight, is a separate safety bound, large by
  * default: idle kept-alive connections cost a worker memory, not a slot.
@@ -44,8 +53,10 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "pf_internal.h"
@@ -62,6 +73,19 @@ int pf__pend_push(pf_dispatcher *d, int fd, int recovered)
     p = &d->pend[(d->phead + d->pcount) % d->cfg.max_pending];
     p->fd = fd;
     p->recovered = recovered;
+    d->pcount++;
+    return 0;
+}
+
+/* Puts fd back at the front of the ring (it was accepted before everything
+ * there). Returns 0, or -ENOSPC when the ring is full. */
+static int pf__pend_push_front(pf_dispatcher *d, int fd)
+{
+    if (d->pcount >= d->cfg.max_pending)
+        return -ENOSPC;
+    d->phead = (d->phead + d->cfg.max_pending - 1) % d->cfg.max_pending;
+    d->pend[d->phead].fd = fd;
+    d->pend[d->phead].recovered = 1;
     d->pcount++;
     return 0;
 }
@@ -148,15 +172,36 @@ static int64_t pf__open(const pf_dispatcher *d, int s)
     return closed >= sent ? 0 : (int64_t)(sent - closed);
 }
 
+/* Fresh connections on slot s that still count as work: taken, first request
+ * not begun, for at most PF_SLOT_FRESH_MS since fresh rose from 0 (pyfork.h).
+ * The clock is read only when there is one (vDSO: no syscall). */
+static int64_t pf__fresh(const pf_dispatcher *d, int s)
+{
+    uint32_t fresh = __atomic_load_n(&d->board[s].fresh, __ATOMIC_ACQUIRE);
+    uint32_t since, now_ms;
+
+    if (fresh == 0)
+        return 0;
+    since = __atomic_load_n(&d->board[s].fresh_ms, __ATOMIC_RELAXED);
+    now_ms = (uint32_t)(pf__now_ns() / PF__NS_PER_MS);
+    /* Signed: wrap-safe, and a time ahead of ours (tests set one) is young. */
+    return (int32_t)(now_ms - since) < PF_SLOT_FRESH_MS ? (int64_t)fresh : 0;
+}
+
 /* Work on slot s: connections queued in its channel (sent - taken, clamped:
- * the worker may read a batch before we add it to sent) plus requests running. */
+ * the worker may read a batch before we add it to sent), fresh ones, and
+ * requests running. The loads go taken, fresh, active: the worker moves a
+ * connection along those counts adding it to the next before taking it off
+ * the previous (slot.c), so with acquire loads in this order we may count it
+ * twice (harmless: one look later it is right) but never miss it. */
 static int64_t pf__work(const pf_dispatcher *d, int s)
 {
     uint64_t taken = __atomic_load_n(&d->board[s].taken, __ATOMIC_ACQUIRE);
     uint64_t sent = d->workers[s].sent;
+    int64_t fresh = pf__fresh(d, s);
     uint32_t active = __atomic_load_n(&d->board[s].active, __ATOMIC_RELAXED);
 
-    return (taken >= sent ? 0 : (int64_t)(sent - taken)) + (int64_t)active;
+    return (taken >= sent ? 0 : (int64_t)(sent - taken)) + fresh + (int64_t)active;
 }
 
 /* How busy slot s is, for least: its work, or its open connections when it
@@ -183,12 +228,14 @@ static int64_t pf__free(const pf_dispatcher *d, int s)
 
 /* Returns how many more fds slot s may take now (0 = none: skip it).
  * With no room it asks for a CREDIT, then looks again: we store want_credit,
- * fence, load active/taken/closed; the worker stores active (a request
- * finished) or closed, fences, loads want_credit (slot.c). With both fences
- * one side always sees the other's store (Dekker), so room that frees up
- * while we skip either shows up here or sends the CREDIT. (A take lowers
- * queued without freeing room -- the connection is about to start -- so it
- * needs no CREDIT.) */
+ * fence, load taken/fresh/active/closed; the worker stores active (a request
+ * finished) or fresh and closed (a connection closed), fences, loads
+ * want_credit (slot.c). With both fences one side always sees the other's
+ * store (Dekker), so room that frees up while we skip either shows up here or
+ * sends the CREDIT. (A take or a request start moves a connection from one
+ * count to the next without freeing room, so it needs no CREDIT. A fresh
+ * connection that ages past PF_SLOT_FRESH_MS frees room with no store at
+ * all: the loop's PF__RECHECK_MS poll while fds wait finds it.) */
 static int64_t pf__room(pf_dispatcher *d, int s)
 {
     int64_t room = pf__free(d, s);
@@ -211,6 +258,52 @@ static int pf__candidate(const pf_dispatcher *d, int s)
 static int64_t pf__min64(int64_t a, int64_t b)
 {
     return a < b ? a : b;
+}
+
+/* Prefetch (pf_internal.h): no worker can start one now. The candidate
+ * whose end we hold (only there can a connection be taken back) with a
+ * declared capacity, fewer than PF__PREFETCH_MAX connections beyond it,
+ * room under the open-connection cap, and either idle (what it holds is
+ * about to start) or running a request that began < PF__PREFETCH_US ago; of
+ * those, the one with the fewest beyond its capacity, then the idle or most
+ * recently started (the least likely to be stuck). Returns the slot, or -1. */
+static int pf__pick_prefetch(pf_dispatcher *d)
+{
+    uint64_t now = pf__now_ns(), bsince = 0;
+    int64_t bextra = 0;
+    int best = -1;
+
+    for (int s = 0; s < d->hi; s++) {
+        uint32_t cap;
+        uint64_t since;
+        int64_t extra;
+
+        if (!pf__candidate(d, s) || d->workers[s].peer < 0)
+            continue;
+        cap = __atomic_load_n(&d->board[s].capacity, __ATOMIC_ACQUIRE);
+        if (cap == 0 || d->cfg.max_inflight - pf__open(d, s) <= 0)
+            continue;
+        since = __atomic_load_n(&d->board[s].busy_since_ns, __ATOMIC_RELAXED);
+        if (since != 0 && since + (uint64_t)PF__PREFETCH_US * PF__NS_PER_US <= now)
+            continue;
+        if (d->workers[s].barred) {
+            if (since == d->workers[s].barred_since)
+                continue;       /* what we just took back would come straight back */
+            d->workers[s].barred = 0;   /* it moved on: a new request, or idle again */
+        }
+        extra = pf__work(d, s) - (int64_t)cap;
+        if (extra >= PF__PREFETCH_MAX)
+            continue;
+        if (since == 0)
+            since = UINT64_MAX;     /* idle: as young as it gets */
+        if (best < 0 || extra < bextra || (extra == bextra && since > bsince))
+            best = s, bextra = extra, bsince = since;
+    }
+    if (best >= 0 && !d->workers[best].behind) {
+        d->workers[best].behind = 1;
+        d->n_behind++;
+    }
+    return best;
 }
 
 /* rr: the next candidate after the last one served. Returns the slot and
@@ -355,8 +448,115 @@ void pf__flush(pf_dispatcher *d)
         int n = 0;
         int s = d->cfg.policy == PF_POLICY_LEAST ? pf__pick_least(d, &n)
                                                  : pf__pick_rr(d, share, &n);
+        if (s < 0) {
+            s = pf__pick_prefetch(d);
+            n = 1;
+        }
         if (s < 0)
             return;
         pf__send_batch(d, s, n);
+    }
+}
+
+/* ---- take-back ---------------------------------------------------------------- */
+
+/* Reads one CONN queued to slot s back from the worker's end we hold into
+ * fds[]; returns how many fds it carried (0: none, or not safe to read).
+ * SEQPACKET gives each datagram to one reader: either we get it or the
+ * worker does. Only from a non-blocking file description (pyfork's workers
+ * make theirs so): the worker may empty the queue between our look and our
+ * read. If what we read is not a CONN (the worker took the CONN between the
+ * peek and the read, and a message for it came next), it goes back. */
+static int pf__take_back_one(pf_dispatcher *d, int s, int *fds)
+{
+    pf__worker *w = &d->workers[s];
+    pf_msg_hdr h;
+    int n;
+    ssize_t k;
+
+    do
+        k = recv(w->peer, &h, sizeof(h), MSG_PEEK | MSG_DONTWAIT);
+    while (k < 0 && errno == EINTR);
+    if (k != (ssize_t)sizeof(h) || h.magic != PF_MSG_MAGIC || h.type != PF_MSG_CONN)
+        return 0;
+    n = pf_recv_msg(w->peer, &h, d->scratch, PF_MAX_PAYLOAD, fds, PF_MAX_FDS);
+    if (n <= 0)
+        return 0;               /* EAGAIN: the worker took it first */
+    if (h.type != PF_MSG_CONN) {
+        if (pf_send_msg(w->chan, h.type, h.arg, d->scratch, h.len, fds, n) < 0)
+            d->st.dropped += (uint64_t)n;
+        for (int i = 0; i < n; i++)
+            close(fds[i]);
+        return 0;
+    }
+    w->sent -= (uint64_t)n;     /* never reached the worker */
+    return n;
+}
+
+/* Takes back what waits in slot s's channel, oldest first, to the front of
+ * the ring (they were accepted before anything there), in their order. */
+static void pf__take_back(pf_dispatcher *d, int s)
+{
+    int fds[PF__PREFETCH_MAX * PF_MAX_FDS], n = 0, fl;
+
+    if (d->workers[s].peer < 0)
+        return;
+    fl = fcntl(d->workers[s].peer, F_GETFL);
+    if (fl < 0 || !(fl & O_NONBLOCK))
+        return;
+    while (n + PF_MAX_FDS <= (int)(sizeof(fds) / sizeof(fds[0])) &&
+           d->cfg.max_pending - d->pcount - n >= PF_MAX_FDS) {
+        int k = pf__take_back_one(d, s, fds + n);
+
+        if (k == 0)
+            break;
+        n += k;
+    }
+    while (n > 0)
+        pf__pend_push_front(d, fds[--n]);     /* room checked above */
+}
+
+/* Returns nothing; for every worker that may hold prefetched connections:
+ * forgets it once its channel is empty (or it is no longer READY), takes
+ * back what waits there once its request in progress has run
+ * PF__TAKEBACK_US -- or once it has looked idle for PF__TAKEBACK_IDLE_US
+ * with them still queued (it is not reading) -- and sets takeback_ns to the
+ * next look: every PF__TAKEBACK_US while a worker is idle (its next request
+ * may start, and run long, any moment). */
+void pf__take_back_due(pf_dispatcher *d, uint64_t now)
+{
+    const uint64_t age = (uint64_t)PF__TAKEBACK_US * PF__NS_PER_US;
+    const uint64_t idle_age = (uint64_t)PF__TAKEBACK_IDLE_US * PF__NS_PER_US;
+
+    d->takeback_ns = 0;
+    for (int s = 0; s < d->hi && d->n_behind > 0; s++) {
+        pf__worker *w = &d->workers[s];
+        uint64_t since, due, taken;
+
+        if (!w->behind)
+            continue;
+        taken = __atomic_load_n(&d->board[s].taken, __ATOMIC_ACQUIRE);
+        since = __atomic_load_n(&d->board[s].busy_since_ns, __ATOMIC_RELAXED);
+        if (w->state == PF_WORKER_READY && taken < w->sent) {
+            if (since == 0 && w->idle_seen_ns == 0)
+                w->idle_seen_ns = now;
+            else if (since != 0)
+                w->idle_seen_ns = 0;
+            due = since != 0 ? since + age : w->idle_seen_ns + idle_age;
+            if (now < due) {
+                /* idle: look again soon, a request may start meanwhile */
+                uint64_t look = since == 0 && now + age < due ? now + age : due;
+
+                if (d->takeback_ns == 0 || look < d->takeback_ns)
+                    d->takeback_ns = look;
+                continue;
+            }
+            pf__take_back(d, s);
+            w->barred = 1;
+            w->barred_since = since;
+        }
+        w->behind = 0;
+        w->idle_seen_ns = 0;
+        d->n_behind--;
     }
 }

@@ -89,9 +89,16 @@ int pf_listen_adopt(int fd);
  * with no syscall (Apache httpd's scoreboard). The worker is the only writer
  * of every field except want_credit, which the primary sets.
  * The dispatcher sends a worker a connection only when it can start it now:
- * queued + active < capacity, where queued = sent (the primary's count) -
- * taken (the worker's). capacity 0 = not declared: only the open-connection
- * cap (pf_config.max_inflight) applies. */
+ * queued + fresh + active < capacity, where queued = sent (the primary's
+ * count) - taken (the worker's), and fresh counts connections the worker has
+ * taken whose first request has not begun yet (its bytes may not even have
+ * arrived): without it a sync worker that took a connection looks idle until
+ * the request starts, and a second connection sent meanwhile waits behind it
+ * if it is a slow one (bench/README.md "Close path after fresh"). fresh counts
+ * only for PF_SLOT_FRESH_MS after it last rose from 0, so a client that
+ * connects and sends nothing (a browser's preconnect) holds no worker.
+ * capacity 0 = not declared: only the open-connection cap
+ * (pf_config.max_inflight) applies. */
 typedef struct pf_slot {
     uint64_t closed;        /* connections the worker has closed (monotonic) */
     uint64_t handled;       /* requests the worker has completed (monotonic) */
@@ -105,7 +112,10 @@ typedef struct pf_slot {
     uint32_t capacity;      /* requests the worker can run at once (1 = sync), written
                                by the worker before READY; 0 = not declared */
     uint64_t taken;         /* connections the worker has read from its channel (monotonic) */
-    uint64_t reserved;
+    uint32_t fresh;         /* taken connections whose first request has not begun (an
+                               estimate, never above the truth: any request start or
+                               connection close lowers it) */
+    uint32_t fresh_ms;      /* CLOCK_MONOTONIC in ms, low 32 bits, when fresh rose from 0 */
     /* -- cache lines 2 and 3: the request-duration histogram, written by the worker in
      * pf_slot_request_finished with the clock it already reads (no syscall) -- */
     uint64_t started_sum_ns; /* sum of the start times of the requests in progress */
@@ -120,11 +130,18 @@ typedef struct pf_slot {
  * 2500000 5000000 10000000. pyfork/scoreboard.py HIST_BOUNDS_NS says the same. */
 #define PF_HIST_BUCKETS 14
 
+/* How long a taken connection with no request yet counts as work (ms). On
+ * loopback or behind a proxy its request arrives within microseconds; 5 ms
+ * covers a descheduled worker on a loaded machine, and is all an idle
+ * preconnect can hold a worker for. */
+#define PF_SLOT_FRESH_MS 5
+
 /* Worker-side writers of the worker's own line (slot.c), as pyfork/scoreboard.py's
- * SlotView methods of the same names: a request began; a request ended,
- * returning 1 when the primary asked for a CREDIT; n connections were closed,
- * returning 1 when the primary asked for a CREDIT; n connections were read from
- * the channel; the worker's capacity. */
+ * SlotView methods of the same names: a request began (a fresh connection, if
+ * any, is fresh no more); a request ended, returning 1 when the primary asked
+ * for a CREDIT; n connections were closed (as many fresh ones as there are, up
+ * to n, are no more), returning 1 when the primary asked for a CREDIT; n
+ * connections were read from the channel (fresh + n); the worker's capacity. */
 void pf_slot_request_started(pf_slot *s);
 int pf_slot_request_finished(pf_slot *s);
 int pf_slot_conn_closed(pf_slot *s, uint32_t n);
@@ -177,7 +194,8 @@ typedef struct pf_event {
 typedef struct pf_stats {
     uint64_t accepted;      /* connections accepted */
     uint64_t dispatched;    /* fds sent to a worker (re-dispatches included) */
-    uint64_t redispatched;  /* fds recovered from a removed worker's queue and sent again */
+    uint64_t redispatched;  /* fds recovered from a removed worker's queue, or taken back
+                               from a busy one's (prefetch), and sent again */
     uint64_t busy_skips;    /* times a worker was skipped: channel EAGAIN, no capacity, cap */
     uint64_t fd_exhaustion; /* EMFILE/ENFILE events */
     uint64_t accept_errors; /* other accept errors (ECONNABORTED etc.) */

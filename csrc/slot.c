@@ -6,8 +6,10 @@
  * both backends, so this file has no pure twin. With the C backend a worker
  * calls these instead (pyfork/_core.py SlotWriter), one cffi call each.
  * Semantics are scoreboard.py's, field by field: the primary reads these
- * fields with no lock, so each store is a single aligned store, and the one
- * handshake (a store that frees room -- active down, closed up -- vs
+ * fields with no lock, so each store is a single aligned store, a
+ * connection moving from one count to another (taken -> fresh -> active) is
+ * added to the new one before it leaves the old, and the one handshake (a
+ * store that frees room -- active or fresh down, closed up -- vs
  * want_credit) has the fence dispatch_send.c expects.
  * Times are pf_clock.h's, the clock the primary reads them with.
  *
@@ -62,17 +64,26 @@ static int pf__credit_wanted(pf_slot *s)
 }
 
 /* Returns nothing; a request began: active + 1, busy since now if it was
- * idle, its start added to started_sum_ns, heartbeat now. */
+ * idle, its start added to started_sum_ns, heartbeat now, and one fresh
+ * connection fewer (if any): usually the
+ * request is a fresh connection's first; when it is a kept-alive one's
+ * instead, fresh drops below the truth, which only makes the worker look
+ * less busy, as it did before fresh existed. active rises before fresh
+ * falls (release), and the primary loads fresh before active (acquire), so
+ * it never sees the connection in neither. */
 void pf_slot_request_started(pf_slot *s)
 {
     uint64_t now = pf__now_ns();
     uint32_t active = s->active;
+    uint32_t fresh = s->fresh;
 
     if (active == 0)
         __atomic_store_n(&s->busy_since_ns, now, __ATOMIC_RELAXED);
     __atomic_store_n(&s->started_sum_ns, (active ? s->started_sum_ns : 0) + now, __ATOMIC_RELAXED);
     __atomic_store_n(&s->active, active + 1, __ATOMIC_RELAXED);
     __atomic_store_n(&s->heartbeat_ns, now, __ATOMIC_RELAXED);
+    if (fresh)
+        __atomic_store_n(&s->fresh, fresh - 1, __ATOMIC_RELEASE);
 }
 
 /* Returns 1 when the primary asked for a CREDIT (want_credit was set; it
@@ -108,18 +119,34 @@ int pf_slot_request_finished(pf_slot *s)
 }
 
 /* Returns 1 when the primary asked for a CREDIT, else 0, after adding n to
- * closed (room under the open-connection cap). Same handshake as above. */
+ * closed (room under the open-connection cap) and taking up to n off fresh
+ * (a connection closed before its first request is no work any more; when
+ * the closed ones were kept-alive ones, fresh drops below the truth, see
+ * request_started). Same handshake as above: both stores free room. */
 int pf_slot_conn_closed(pf_slot *s, uint32_t n)
 {
+    uint32_t fresh = s->fresh;
+
+    if (fresh)
+        __atomic_store_n(&s->fresh, fresh > n ? fresh - n : 0, __ATOMIC_RELAXED);
     __atomic_store_n(&s->closed, s->closed + n, __ATOMIC_RELEASE);
     return pf__credit_wanted(s);
 }
 
 /* Returns nothing; n connections were read from the channel: no longer
- * queued. Frees no room (queued + active is unchanged until a request
- * ends), so no handshake. */
+ * queued, but fresh (work until their first request begins). Frees no room
+ * (queued + fresh + active is unchanged), so no handshake. fresh (and its
+ * time, when it rises from 0) is stored before taken (release), and the
+ * primary loads taken before fresh (acquire): it never sees the connection
+ * in neither. */
 void pf_slot_conn_taken(pf_slot *s, uint32_t n)
 {
+    uint32_t fresh = s->fresh;
+
+    if (fresh == 0)
+        __atomic_store_n(&s->fresh_ms, (uint32_t)(pf__now_ns() / PF__NS_PER_MS),
+                         __ATOMIC_RELAXED);
+    __atomic_store_n(&s->fresh, fresh + n, __ATOMIC_RELEASE);
     __atomic_store_n(&s->taken, s->taken + n, __ATOMIC_RELEASE);
 }
 

@@ -5,10 +5,13 @@ Theory of operation: the dispatcher maps a MAP_SHARED|MAP_ANONYMOUS region of
 same pages. Each worker writes only its own line (``pf_slot`` in
 csrc/pyfork.h) and the primary reads it at dispatch time with no syscall:
 ``taken`` gives the connections a worker has read from its channel (queued =
-sent - taken), ``active``/``busy_since_ns`` say how busy it is and
-``capacity`` how many requests it can run at once, so the primary sends a
-connection only to a worker that can start it now (queued + active <
-capacity); ``closed`` gives the connections it has finished (open = sent -
+sent - taken), ``fresh`` those of them whose first request has not begun yet
+(work: a sync worker that took one is not idle, even before the request's
+bytes arrive; it counts for FRESH_MS after it rose from 0, at ``fresh_ms``, so
+an idle preconnect holds no worker), ``active``/``busy_since_ns`` say how busy
+it is and ``capacity`` how many requests it can run at once, so the primary
+sends a connection only to a worker that can start it now (queued + fresh +
+active < capacity); ``closed`` gives the connections it has finished (open = sent -
 closed, under a large safety cap); ``heartbeat_ns`` says it is alive. The one
 field the primary writes is ``want_credit``: set when it skipped this worker
 for lack of room, cleared by the worker when it next frees room (a request
@@ -34,13 +37,16 @@ from pyfork._api import SLOT_SIZE
 
 # pf_slot offsets (bytes): closed 0, handled 8, heartbeat_ns 16,
 # busy_since_ns 24, active 32, pid 36, want_credit 40, capacity 44, taken 48,
-# reserved 56, started_sum_ns 64, duration_sum_ns 72, duration_le[14] 80..191.
+# fresh 56, fresh_ms 60, started_sum_ns 64, duration_sum_ns 72, duration_le[14] 80..191.
 # As indexes into the u64 and u32 views of one line:
 _Q_CLOSED, _Q_HANDLED, _Q_HEARTBEAT, _Q_BUSY_SINCE, _Q_TAKEN = 0, 1, 2, 3, 6
 _Q_STARTED_SUM, _Q_DURATION_SUM, _Q_DURATION_LE = 8, 9, 10
-_I_ACTIVE, _I_PID, _I_WANT_CREDIT, _I_CAPACITY = 8, 9, 10, 11
+_I_ACTIVE, _I_PID, _I_WANT_CREDIT, _I_CAPACITY, _I_FRESH, _I_FRESH_MS = 8, 9, 10, 11, 14, 15
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
+# PF_SLOT_FRESH_MS (csrc/pyfork.h, where the number is explained): how long a taken
+# connection whose first request has not begun counts as work.
+FRESH_MS = 5
 
 _monotonic_ns = time.monotonic_ns
 
@@ -54,7 +60,7 @@ HIST_BUCKETS = len(HIST_BOUNDS_NS) + 1
 if sys.byteorder != "little":  # the layout is documented as little-endian
     raise ImportError("pyfork.scoreboard supports little-endian hosts only")
 
-__all__ = ["SLOT_SIZE", "HIST_BOUNDS_NS", "HIST_BUCKETS", "Scoreboard", "SlotView"]
+__all__ = ["FRESH_MS", "SLOT_SIZE", "HIST_BOUNDS_NS", "HIST_BUCKETS", "Scoreboard", "SlotView"]
 
 
 class Scoreboard:
@@ -108,7 +114,7 @@ class SlotView:
     """One worker's line. Worker-side writers, anyone-side readers."""
 
     __slots__ = ("index", "_q", "_i", "_qb", "_ib",
-                 "_qc", "_qh", "_qhb", "_qbs", "_qt", "_ia", "_iw", "_qss", "_qds", "_qle")
+                 "_qc", "_qh", "_qhb", "_qbs", "_qt", "_ia", "_iw", "_qss", "_qds", "_qle", "_if", "_ifm")
 
     def __init__(self, board, index):
         self.index = index
@@ -122,6 +128,7 @@ class SlotView:
         self._qt = qb + _Q_TAKEN
         self._ia, self._iw = ib + _I_ACTIVE, ib + _I_WANT_CREDIT
         self._qss, self._qds, self._qle = qb + _Q_STARTED_SUM, qb + _Q_DURATION_SUM, qb + _Q_DURATION_LE
+        self._if, self._ifm = ib + _I_FRESH, ib + _I_FRESH_MS
 
     @property
     def line(self):
@@ -175,6 +182,28 @@ class SlotView:
         qle = self._qle
         return {"counts": self._q[qle:qle + HIST_BUCKETS].tolist(), "sum_ns": self._q[self._qds]}
 
+    @property
+    def fresh(self):
+        """Taken connections whose first request has not begun (an estimate, never above
+        the truth: any request start or connection close lowers it)."""
+        return self._i[self._if]
+
+    @property
+    def fresh_ms(self):
+        """CLOCK_MONOTONIC in ms (low 32 bits) when ``fresh`` last rose from 0."""
+        return self._i[self._ifm]
+
+    def fresh_work(self, now_ns=None):
+        """``fresh`` while it counts as work (younger than FRESH_MS), else 0."""
+        fresh = self._i[self._if]
+        if not fresh:
+            return 0
+        now_ms = ((_monotonic_ns() if now_ns is None else now_ns) // 1_000_000) & _U32
+        age = (now_ms - self._i[self._ifm]) & _U32
+        if age >= 1 << 31:
+            age -= 1 << 32      # signed, as the C core: a time ahead of ours is young
+        return fresh if age < FRESH_MS else 0
+
     # -- worker-side writers ------------------------------------------------
     def set_pid(self, pid):
         self._i[self._ib + _I_PID] = pid & _U32
@@ -184,6 +213,10 @@ class SlotView:
         self._q[self._qb + _Q_HEARTBEAT] = time.monotonic_ns()
 
     def request_started(self):
+        """A request began: active + 1 and one fresh connection fewer (if any; when the
+        request is a kept-alive connection's, fresh drops below the truth, which only makes
+        the worker look less busy). active rises before fresh falls: the primary reads
+        fresh before active, so it never sees the connection in neither."""
         ia, iv, qv = self._ia, self._i, self._q
         now = _monotonic_ns()
         active = iv[ia]
@@ -194,6 +227,9 @@ class SlotView:
             qv[qss] = (qv[qss] + now) & _U64
         iv[ia] = (active + 1) & _U32
         qv[self._qhb] = now
+        fresh = iv[self._if]
+        if fresh:
+            iv[self._if] = fresh - 1
 
     def request_finished(self):
         """Ends a request. Returns True when the primary asked for credit
@@ -241,18 +277,28 @@ class SlotView:
         """Counts ``n`` closed connections. Returns True when the primary asked
         for credit (want_credit was set; it is cleared here): the caller must
         then send MSG_CREDIT on its channel."""
-        qc, qv = self._qc, self._q
-        # closed is written before want_credit is read (as in request_finished).
+        qc, qv, iv = self._qc, self._q, self._i
+        # A connection closed before its first request is work no more (as in
+        # request_started, a kept-alive one's close may lower fresh below the truth).
+        fresh = iv[self._if]
+        if fresh:
+            iv[self._if] = fresh - n if fresh > n else 0
+        # fresh and closed are written before want_credit is read (as in request_finished).
         qv[qc] = (qv[qc] + n) & _U64
-        w, iv = self._iw, self._i
+        w = self._iw
         if iv[w]:
             iv[w] = 0
             return True
         return False
 
     def conn_taken(self, n=1):
-        """Counts ``n`` connections read from the channel (no longer queued).
-        Frees no room, so it never owes a CREDIT."""
+        """Counts ``n`` connections read from the channel: no longer queued, but fresh
+        (work until their first request begins). Frees no room, so it never owes a
+        CREDIT. fresh is written before taken: the primary reads taken first."""
+        iv, fresh = self._i, self._i[self._if]
+        if not fresh:
+            iv[self._ifm] = (_monotonic_ns() // 1_000_000) & _U32
+        iv[self._if] = (fresh + n) & _U32
         qt, qv = self._qt, self._q
         qv[qt] = (qv[qt] + n) & _U64
 
@@ -273,6 +319,6 @@ class SlotView:
 
     def __repr__(self):
         return ("SlotView(%d, pid=%d, closed=%d, handled=%d, active=%d, busy_since_ns=%d, "
-                "taken=%d, capacity=%d)"
+                "taken=%d, fresh=%d, capacity=%d)"
                 % (self.index, self.pid, self.closed, self.handled, self.active,
-                   self.busy_since_ns, self.taken, self.capacity))
+                   self.busy_since_ns, self.taken, self.fresh, self.capacity))

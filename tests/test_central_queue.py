@@ -9,6 +9,8 @@ control socket's per-worker counters (connections sent, requests handled).
 """
 
 import json
+import os
+import struct
 import resource
 import selectors
 import signal
@@ -165,3 +167,166 @@ def test_idle_kept_alive_connections_do_not_lock_out_a_new_client(apps, backend)
         for s in socks:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ---- fresh connections: taken, first request not begun (issue 10's last 1 %) -------------
+
+def _writer(backend, e, slot):
+    from pyfork.scoreboard import Scoreboard
+    return backend.SlotWriter(Scoreboard(e.d.scoreboard, len(e.ends)).slot(slot).line)
+
+
+def _busy_since(e, slot, ns):
+    """Sets slot's busy_since_ns (when its request in progress began)."""
+    from pyfork.scoreboard import SLOT_SIZE
+    struct.pack_into("<Q", e.d.scoreboard, slot * SLOT_SIZE + 24, ns)
+
+
+def _pump_until(e, cond, what):
+    deadline = time.monotonic() + 30
+    while not cond():
+        assert time.monotonic() < deadline, (what, e.d.stats())
+        e.d.run(0.01)
+
+
+def _pump(e, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        e.d.run(0.01)
+
+
+def test_a_connection_taken_but_not_yet_started_counts_as_work(backend, ends):
+    """A sync worker that took a connection whose request has not begun (its bytes may not
+    have arrived) is not idle: a new connection goes to a worker that can start it, even
+    when round robin's turn says otherwise (if the first turned out slow, the second would
+    wait behind it). Once the fresh one closes unstarted, the worker is a candidate again."""
+    from pyfork.scoreboard import SLOT_SIZE
+    e = ends(2)
+    w = [_writer(backend, e, s) for s in range(2)]
+    for s in range(2):
+        w[s].set_capacity(1)
+    held = []
+    try:
+        for i in range(2):                     # rr: client 0 -> slot 0, client 1 -> slot 1
+            e.connect()
+            e.pump_until_dispatched(i + 1)
+        assert [e.d.worker_stats(s)["sent"] for s in range(2)] == [1, 1]
+        held += [fd for m in e.take(0) for fd in m]
+        w[0].conn_taken(1)                     # slot 0: taken, request not begun
+        # young for a minute however slow the machine (a time ahead of now counts as age 0)
+        struct.pack_into("<I", e.d.scoreboard, 0 * SLOT_SIZE + 60,
+                         (time.monotonic_ns() // 1_000_000 + 60_000) & 0xFFFFFFFF)
+        for fd in [fd for m in e.take(1) for fd in m]:
+            os.close(fd)                       # slot 1: served and closed its connection
+        w[1].conn_taken(1)
+        w[1].request_started()
+        w[1].request_finished()
+        w[1].conn_closed(1)
+        e.connect()                            # rr's turn is slot 0, which is not idle
+        e.pump_until_dispatched(3)
+        assert [e.d.worker_stats(s)["sent"] for s in range(2)] == [1, 2]
+        assert e.take(0) == []
+        for fd in [fd for m in e.take(1) for fd in m]:
+            os.close(fd)
+        w[1].conn_taken(1)
+        w[1].request_started()                 # slot 1 busy now; slot 0's fresh one closes
+        _busy_since(e, 1, time.monotonic_ns() - 10**9)
+        os.close(held.pop())
+        w[0].conn_closed(1)
+        from pyfork.scoreboard import Scoreboard
+        assert Scoreboard(e.d.scoreboard, 2).slot(0).fresh == 0
+        e.connect()
+        e.pump_until_dispatched(4)
+        got = e.take(0)
+        held += [fd for m in got for fd in m]
+        assert [len(m) for m in got] == [1]
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def test_fresh_ms_matches_the_c_core():
+    from pyfork.scoreboard import FRESH_MS
+    core = pytest.importorskip("pyfork._core")
+    assert core._lib.PF_SLOT_FRESH_MS == FRESH_MS
+
+
+def test_an_idle_connection_does_not_hold_a_sync_worker(apps, backend):
+    """A client that connects and sends nothing (a browser's preconnect) is taken by the only
+    worker and counts as its work only briefly: a real request behind it is answered."""
+    with H.Server(apps, backend.BACKEND, "--interface", "wsgi", app="pyfork.demo:app",
+                  workers=1) as srv:
+        srv.start(ready=1)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as idle:
+            status, body = H.http_get(srv.port, "/health", timeout=30)
+            assert status == 200, body
+            idle.sendall(_REQUEST)             # and the idle one is still served
+            assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0
+
+
+def test_a_connection_queued_behind_a_request_that_became_long_is_served_by_another_worker(
+        backend, ends):
+    """With every worker busy, connections may be prefetched behind a request that has just
+    begun (the worker then goes on to them without a round trip through the primary). If
+    that request turns out long, the primary takes them back from the worker's channel
+    (through the end it holds) and the first worker that frees up serves them: they never
+    wait for the slow request. Nothing is lost, reordered or delivered twice."""
+    e = ends(2)
+    w = [_writer(backend, e, s) for s in range(2)]
+    for s in range(2):
+        w[s].set_capacity(1)
+    held = []
+    try:
+        for i in range(2):
+            e.connect()
+            e.pump_until_dispatched(i + 1)
+        a, b = 0, 1
+        for s in (a, b):
+            held += [fd for m in e.take(s) for fd in m]
+            w[s].conn_taken(1)
+            w[s].request_started()
+        _busy_since(e, a, time.monotonic_ns() - 10**9)       # a: long past the prefetch age
+        _busy_since(e, b, time.monotonic_ns() + 2 * 10**9)   # b: young for 2 s, then long
+        e.connect(2)
+        e.pump_until_dispatched(4)
+        assert e.d.worker_stats(b)["sent"] == 3                # prefetched behind b's request
+        assert e.d.worker_stats(a)["sent"] == 1
+        # b's request runs long: the prefetched connections come back to the primary
+        _pump_until(e, lambda: e.d.stats()["pending"] == 2, "taken back")
+        assert e.take(b) == []
+        assert e.d.worker_stats(b)["sent"] == 1
+        # a frees up first: client 2 (the older) is the first it gets
+        if w[a].request_finished():
+            backend.send_msg(e.ends[a].fileno(), backend.MSG_CREDIT)
+        e.pump_until_dispatched(5)
+        got = [fd for m in e.take(a) for fd in m]
+        held += got
+        w[a].conn_taken(len(got))
+        w[a].request_started()                                 # and runs long too
+        _busy_since(e, a, time.monotonic_ns() - 10**9)
+        if w[b].request_finished():                            # b frees up
+            backend.send_msg(e.ends[b].fileno(), backend.MSG_CREDIT)
+
+        def peer_of(fd):
+            with socket.socket(fileno=os.dup(fd)) as p:
+                return p.getpeername()
+
+        want = [c.getsockname() for c in e.clients[2:]]
+        assert peer_of(got[0]) == want[0]
+        # client 3 reaches a worker once (if it was queued behind a's new long request,
+        # it is taken back from there first): nothing lost, nothing delivered twice
+        deadline = time.monotonic() + 30
+        while len(got) < 2:
+            assert time.monotonic() < deadline, e.d.stats()
+            e.d.run(0.01)
+            more = [fd for m in e.take(b) for fd in m]
+            held += more
+            got += more
+        assert [peer_of(fd) for fd in got] == want
+        _pump(e, 0.05)
+        assert e.take(a) == [] and e.take(b) == [] and e.d.stats()["pending"] == 0
+    finally:
+        for fd in held:
+            os.close(fd)

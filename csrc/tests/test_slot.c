@@ -148,9 +148,41 @@ static void test_duration_overlapping_sum_is_exact(void)
     CHECK_EQ(s.started_sum_ns, s.busy_since_ns);
 }
 
+/* fresh: a taken connection counts until its first request starts or it
+ * closes; any start or close lowers it, never below 0; its time is set only
+ * when it rises from 0. */
+static void test_fresh_connections(void)
+{
+    pf_slot s;
+    uint32_t t0;
+
+    memset(&s, 0, sizeof(s));
+    pf_slot_conn_taken(&s, 2);
+    CHECK_EQ(s.taken, 2);
+    CHECK_EQ(s.fresh, 2);
+    t0 = s.fresh_ms;
+    pf_slot_request_started(&s);           /* one of them began */
+    CHECK_EQ(s.fresh, 1);
+    CHECK_EQ(s.active, 1);
+    pf_slot_conn_taken(&s, 1);             /* not from 0: time unchanged */
+    CHECK_EQ(s.fresh, 2);
+    CHECK_EQ(s.fresh_ms, t0);
+    s.want_credit = 1;
+    CHECK_EQ(pf_slot_conn_closed(&s, 1), 1);   /* closed unstarted: room, CREDIT owed */
+    CHECK_EQ(s.fresh, 1);
+    CHECK_EQ(pf_slot_conn_closed(&s, 5), 0);   /* clamps at 0 */
+    CHECK_EQ(s.fresh, 0);
+    CHECK_EQ(s.closed, 6);
+    pf_slot_request_started(&s);           /* a kept-alive request: fresh stays 0 */
+    CHECK_EQ(s.fresh, 0);
+    CHECK_EQ(s.active, 2);
+    CHECK_EQ(s.taken, 3);
+}
+
 static const struct pf_test_case tests[] = {
     PF_CASE(test_requests_and_heartbeat), PF_CASE(test_conn_closed_and_credit),
     PF_CASE(test_duration_one_at_a_time), PF_CASE(test_duration_overlapping_sum_is_exact),
+    PF_CASE(test_fresh_connections),
 };
 
 int main(int argc, char **argv)

@@ -301,6 +301,8 @@ class Dispatcher:
             d.n_ready -= 1
         if w.hup_pending:
             d.n_hup -= 1
+        if w.behind:
+            d.n_behind -= 1
         if w.in_epoll:
             unregister(d, w.chan)
         sock, psock, chan = w.sock, w.psock, w.chan

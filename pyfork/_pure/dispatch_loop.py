@@ -6,7 +6,8 @@ failures, flush pending fds, the stop/drain pass, put listeners in or out
 of the poll set, owe HANGUP/DRAINED events), returns if any event is owed,
 and otherwise sleeps in epoll for exactly as long as the earliest of: the
 caller's deadline, the EMFILE pause end, the 10 ms recheck while fds are
-stalled. Readiness is handled per kind:
+stalled, the next take-back of prefetched connections (dispatch_send.py).
+Readiness is handled per kind:
   listener   accept until EAGAIN or accept_batch, then flush to workers;
              EMFILE/ENFILE spend the reserve fd on one connection, then pause;
   channel    EPOLLOUT clears "busy"; CREDIT messages are eaten here; any
@@ -26,7 +27,7 @@ import time
 from pyfork._api import (
     ACCEPT_CONTINUE, ACCEPT_DEAD, ACCEPT_FD_EXHAUSTED, MAX_FDS, MSG_CREDIT, Event,
 )
-from pyfork._pure.dispatch_send import chan_events, clear_retry, flush, mark_gone
+from pyfork._pure.dispatch_send import chan_events, clear_retry, flush, mark_gone, take_back_due
 from pyfork._pure.fdpass import HDR, HDR_SIZE, MSG_MAGIC, recv_on
 from pyfork._pure.internal import (
     BLK_NONE, BLK_OUT, EPOLLIN, RECHECK_S, close_all, find_listener, unregister, wrap_fd,
@@ -252,6 +253,7 @@ def _tick(d, now):
         clear_retry(d)
     if d.pause_until and now >= d.pause_until:
         d.pause_until = 0.0
+    take_back_due(d)
     if d.pend:
         flush(d)
     _reserve_open(d)  # after the flush freed what it could
@@ -267,7 +269,7 @@ def _wait(d, now, deadline):
     if d.more:
         return 0
     w = -1 if deadline is None else max(0.0, deadline - now)
-    for t in (d.pause_until, d.recheck_at):
+    for t in (d.pause_until, d.recheck_at, d.takeback_at):
         if t and (w < 0 or t - now < w):
             w = max(0.0, t - now)
     # Stalled with someone who could take: poll for freed room, not spin.

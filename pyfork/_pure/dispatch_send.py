@@ -6,8 +6,9 @@ policy, takes a batch of fds from the front of the ring and sends them in
 ONE sendmsg (up to MAX_FDS), then closes the primary's copies. A worker is
 a candidate when it is READY, not blocked, and can start a connection now
 (the central queue, M/G/k; see csrc/dispatch_send.c):
-  queued + active < capacity, queued = sent - scoreboard.taken,
-and it gets at most capacity - (queued + active) fds (one for a sync worker).
+  queued + fresh + active < capacity, queued = sent - scoreboard.taken,
+(fresh: taken, first request not begun yet; csrc/pyfork.h) and it gets at
+most capacity - (queued + fresh + active) fds (one for a sync worker).
 A worker that declared no capacity (0) is limited only by the separate,
 large open-connection cap: sent - scoreboard.closed < max_inflight.
   rr     round robin over candidates; each gets a fair share
@@ -18,6 +19,12 @@ large open-connection cap: sent - scoreboard.closed < max_inflight.
          an idle one, then to the one whose request in progress started most
          recently, then to the next after the last one chosen; it gets
          enough fds to catch up with the runner-up.
+Prefetch with take-back: when no worker can start one, up to PREFETCH_MAX,
+one per message, may wait in the channel of a worker that is idle or whose
+request began < PREFETCH_NS ago; once that request has run TAKEBACK_NS,
+take_back_due reads them back through the worker's end the primary holds,
+for the first worker that can start them (csrc/dispatch_send.c and
+pf_internal.h say why).
 Skipping a worker for lack of room sets its want_credit; it sends MSG_CREDIT
 when it next frees room. When no worker can start, the fds stay in the ring
 (at most accept_batch) and the loop leaves the listeners out of the poll set:
@@ -32,16 +39,21 @@ ones the other modules call (pf_internal.h declares the same four).
 """
 
 import errno
+import fcntl
 import itertools
+import os
 import select
+import socket
 import time
 
 from pyfork._api import MAX_FDS, MSG_CONN, STATE_FREE, STATE_GONE, STATE_READY
-from pyfork._pure.fdpass import send_on
+from pyfork._pure.fdpass import HDR, HDR_SIZE, MSG_MAGIC, recv_on, send_on
 from pyfork._pure.internal import (
-    BLK_NONE, BLK_OUT, BLK_RETRY, CHAN_EVENTS, LEAST_AGE_NS, RECHECK_S, close_all, unregister,
+    BLK_NONE, BLK_OUT, BLK_RETRY, CHAN_EVENTS, LEAST_AGE_NS, PREFETCH_MAX, PREFETCH_NS, RECHECK_S,
+    TAKEBACK_IDLE_NS, TAKEBACK_NS, close_all, unregister,
 )
 
+_U64_MAX = (1 << 64) - 1
 _GONE_ERRNOS = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN))
 
 
@@ -53,11 +65,12 @@ def _open(d, s):
 
 
 def _work(d, s):
-    """Queued (sent - taken, clamped) plus running on slot s."""
+    """Queued (sent - taken, clamped), fresh (taken, first request not begun, for at most
+    FRESH_MS) and running on slot s, read in that order (csrc/dispatch_send.c says why)."""
     slot = d.slots[s]
     taken = slot.taken
     sent = d.workers[s].sent
-    return (0 if taken >= sent else sent - taken) + slot.active
+    return (0 if taken >= sent else sent - taken) + slot.fresh_work() + slot.active
 
 
 def _busy(d, s):
@@ -91,6 +104,41 @@ def _room(d, s):
 def _candidate(d, s):
     w = d.workers[s]
     return w.state == STATE_READY and w.blocked == BLK_NONE
+
+
+def _pick_prefetch(d):
+    """No worker can start one now: the candidate whose end we hold (only there can one be
+    taken back) with a declared capacity, fewer than PREFETCH_MAX beyond it, room under the
+    open-connection cap, and idle or running a request that began < PREFETCH_NS ago; of
+    those the fewest beyond capacity, then the idle or most recently started. Returns the
+    slot or -1 (csrc/dispatch_send.c pf__pick_prefetch)."""
+    best, bextra, bsince = -1, 0, 0
+    now = time.monotonic_ns()
+    for s in range(d.hi):
+        if not _candidate(d, s) or d.workers[s].psock is None:
+            continue
+        slot = d.slots[s]
+        cap = slot.capacity
+        if not cap or d.cfg.max_inflight - _open(d, s) <= 0:
+            continue
+        since = slot.busy_since_ns
+        if since and since + PREFETCH_NS <= now:
+            continue
+        w = d.workers[s]
+        if w.barred_since is not None:
+            if since == w.barred_since:
+                continue        # what we just took back would come straight back
+            w.barred_since = None   # it moved on: a new request, or idle again
+        extra = _work(d, s) - cap
+        if extra >= PREFETCH_MAX:
+            continue
+        since = since or _U64_MAX       # idle: as young as it gets
+        if best < 0 or extra < bextra or (extra == bextra and since > bsince):
+            best, bextra, bsince = s, extra, since
+    if best >= 0 and not d.workers[best].behind:
+        d.workers[best].behind = True
+        d.n_behind += 1
+    return best
 
 
 def _pick_rr(d, share):
@@ -232,5 +280,92 @@ def flush(d):
         else:
             s, n = _pick_rr(d, share)
         if s < 0:
+            s, n = _pick_prefetch(d), 1
+        if s < 0:
             return
         _send_batch(d, s, n)
+
+
+# ---- take-back ------------------------------------------------------------------
+
+def _take_back_one(d, w):
+    """One CONN read back from worker w's end into a list of fds ([]: none, or not safe);
+    see csrc/dispatch_send.c pf__take_back_one."""
+    psock = w.psock
+    try:
+        head = psock.recv(HDR_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return []
+    if len(head) != HDR_SIZE:
+        return []
+    magic, mtype = HDR.unpack(head)[:2]
+    if magic != MSG_MAGIC or mtype != MSG_CONN:
+        return []
+    try:
+        msg = recv_on(psock, MAX_FDS, socket.MSG_DONTWAIT)
+    except OSError:
+        return []               # EAGAIN: the worker took it first
+    if msg.type != MSG_CONN:    # the worker took the CONN first: give this one back
+        try:
+            send_on(w.sock, msg.type, msg.arg, msg.payload, msg.fds)
+        except OSError:
+            d.st["dropped"] += len(msg.fds)
+        close_all(msg.fds)
+        return []
+    w.sent -= len(msg.fds)      # never reached the worker
+    return msg.fds
+
+
+def _take_back(d, s):
+    """Takes back what waits in slot s's channel, oldest first, to the front of the ring."""
+    w = d.workers[s]
+    if w.psock is None:
+        return
+    try:
+        if not fcntl.fcntl(w.peer, fcntl.F_GETFL) & os.O_NONBLOCK:
+            return
+    except OSError:
+        return
+    got = []
+    while (len(got) + MAX_FDS <= PREFETCH_MAX * MAX_FDS
+           and d.cfg.max_pending - len(d.pend) - len(got) >= MAX_FDS):
+        fds = _take_back_one(d, w)
+        if not fds:
+            break
+        got += fds
+    d.pend.extendleft((fd, True) for fd in reversed(got))
+
+
+def take_back_due(d):
+    """For every worker that may hold prefetched connections: forgets it once its channel
+    is empty (or it is not READY), takes back what waits there once its request has run
+    TAKEBACK_NS (or it has looked idle for TAKEBACK_IDLE_NS with them queued), and sets
+    takeback_at to the next look (csrc/dispatch_send.c pf__take_back_due)."""
+    d.takeback_at = 0.0
+    if not d.n_behind:
+        return
+    now = time.monotonic_ns()
+    for s in range(d.hi):
+        w = d.workers[s]
+        if not w.behind:
+            continue
+        slot = d.slots[s]
+        taken, since = slot.taken, slot.busy_since_ns
+        if w.state == STATE_READY and taken < w.sent:
+            if not since and not w.idle_seen_ns:
+                w.idle_seen_ns = now
+            elif since:
+                w.idle_seen_ns = 0
+            due = since + TAKEBACK_NS if since else w.idle_seen_ns + TAKEBACK_IDLE_NS
+            if now < due:
+                # idle: look again soon, a request may start meanwhile
+                look = min(due, now + TAKEBACK_NS) if not since else due
+                at = time.monotonic() + (look - now) / 1e9
+                if not d.takeback_at or at < d.takeback_at:
+                    d.takeback_at = at
+                continue
+            _take_back(d, s)
+            w.barred_since = since
+        w.behind = False
+        w.idle_seen_ns = 0
+        d.n_behind -= 1

@@ -28,6 +28,14 @@ RECHECK_S = 0.010
 # least: a request running this long counts as one more connection in flight
 # (PF__LEAST_AGE_MS in csrc/pf_internal.h, where the number is explained).
 LEAST_AGE_NS = 5_000_000
+# Prefetch with take-back (PF__PREFETCH_MAX / _US, PF__TAKEBACK_US in csrc/pf_internal.h,
+# where the numbers are explained): when no worker can start one, up to PREFETCH_MAX may
+# wait behind a request younger than PREFETCH_NS (or an idle worker's next one); they are
+# taken back once that request is TAKEBACK_NS old.
+PREFETCH_MAX = 8
+PREFETCH_NS = 500_000
+TAKEBACK_NS = 1_000_000
+TAKEBACK_IDLE_NS = 10_000_000    # PF__TAKEBACK_IDLE_US: an idle worker that does not read
 
 EPOLLIN = select.EPOLLIN
 BLK_NONE, BLK_OUT, BLK_RETRY = 0, 1, 2      # why a READY worker is skipped (PF__BLK_*)
@@ -80,7 +88,7 @@ class Worker:
     """One slot of the worker table (pf__worker)."""
 
     __slots__ = ("chan", "peer", "sock", "psock", "state", "blocked", "in_epoll",
-                 "out_armed", "hup_pending", "sent")
+                 "out_armed", "hup_pending", "sent", "behind", "idle_seen_ns", "barred_since")
 
     def __init__(self):
         self.reset()
@@ -92,6 +100,9 @@ class Worker:
         self.blocked = BLK_NONE
         self.in_epoll = self.out_armed = self.hup_pending = False
         self.sent = 0                   # fds sent since add_worker
+        self.behind = False             # prefetched connections may wait in its channel
+        self.idle_seen_ns = 0           # take-back scan first saw it idle with some queued
+        self.barred_since = None        # taken back from: no prefetch while busy_since is this
 
 
 class Listener:
@@ -115,7 +126,7 @@ class State:
         "cfg", "least", "pause_s", "ep", "reserve", "reserve_wanted", "map", "view", "board",
         "slots", "workers", "by_chan", "hi", "n_ready", "rr_next", "n_hup", "listeners",
         "watches", "pend", "accepting", "stopping", "drained", "drained_unreported",
-        "more", "pause_until", "recheck_at", "out", "st")
+        "more", "pause_until", "recheck_at", "n_behind", "takeback_at", "out", "st")
 
     def __init__(self, cfg, least):
         self.cfg = cfg
@@ -142,6 +153,8 @@ class State:
         self.more = False           # a drain pass has work left: poll without sleeping
         self.pause_until = 0.0      # EMFILE pause end (monotonic s), 0 = none
         self.recheck_at = 0.0       # BLK_RETRY flags clear then, 0 = none
+        self.n_behind = 0           # workers with behind set
+        self.takeback_at = 0.0      # earliest take-back due (monotonic s), 0 = none
         self.out = None             # the run call's event list
         self.st = dict.fromkeys(("accepted", "dispatched", "redispatched", "busy_skips",
                                  "fd_exhaustion", "accept_errors", "dropped", "wakeups"), 0)

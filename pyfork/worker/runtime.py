@@ -17,8 +17,11 @@ listeners, so one readable fd covers both (epoll fds are pollable).
 A worker takes from its channel only what it can start: at most its free
 capacity (``set_capacity``, declared by the interface before READY: 1 for the
 sync WSGI and raw interfaces, more for asyncio/ASGI) minus the requests it is
-running, and counts every fd it reads in the scoreboard's ``taken``. The
-primary sends no more than that either, so a connection waits in the kernel's
+running and the connections it took whose first request has not begun, and
+counts every fd it reads in the scoreboard's ``taken`` and ``fresh`` (the
+writers of slot.c: a request start or a close ends a connection's freshness,
+so a sync worker that took a connection is not idle before its request's
+bytes arrive). The primary sends no more than that either, so a connection waits in the kernel's
 accept queue (or the primary's ring) rather than behind a slow request here,
 and a SIGKILLed worker loses only what it was running: what is still in its
 channel is read back by the primary and re-dispatched. request_finished() and
@@ -488,10 +491,11 @@ class Worker:
         b = self._b
         recv, msg_conn = self._recv, b.MSG_CONN
         # Only what we can start (the primary sends no more than that either): at
-        # most capacity - running fds, but at least one message, or a readable
-        # channel would spin the interface's loop.
+        # most capacity - (running + fresh: taken, first request not begun) fds, but
+        # at least one message, or a readable channel would spin the interface's loop.
         cap = self._capacity
-        room = max(1, cap - self._board.active) if cap else READ_BATCH * b.MAX_FDS
+        board = self._board
+        room = max(1, cap - board.active - board.fresh) if cap else READ_BATCH * b.MAX_FDS
         for _ in range(READ_BATCH):
             if room <= 0:
                 return
