@@ -48,6 +48,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
+import compare_conns  # noqa: E402
 import compare_mixed  # noqa: E402
 import compare_report  # noqa: E402
 from compare_scenarios import (calibrate, run_close, run_fairness, run_keepalive,  # noqa: E402
@@ -55,7 +56,7 @@ from compare_scenarios import (calibrate, run_close, run_fairness, run_keepalive
                                summarize_tail)
 
 ALL_PEERS = ("pyfork", "floor", "gunicorn", "uvicorn", "node")
-ALL_SCENARIOS = ("close", "keepalive", "memory", "fairness", "tail", "recovery", "mixed")
+ALL_SCENARIOS = ("close", "keepalive", "memory", "fairness", "tail", "recovery", "mixed", "conns")
 FULL = {"close", "keepalive", "memory", "fairness", "tail"}
 BASELINE = "pyfork rr c"
 
@@ -184,8 +185,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     ap.add_argument("--peers", default=",".join(ALL_PEERS),
                     help="comma list of " + ",".join(ALL_PEERS) + " (all)")
-    ap.add_argument("--scenarios", default=",".join(s for s in ALL_SCENARIOS if s != "mixed"),
-                    help="comma list of " + ",".join(ALL_SCENARIOS) + " (all but mixed)")
+    ap.add_argument("--scenarios", default=",".join(s for s in ALL_SCENARIOS
+                                                    if s not in ("mixed", "conns")),
+                    help="comma list of " + ",".join(ALL_SCENARIOS) + " (all but mixed, conns)")
     ap.add_argument("--policies", default="rr,least,shared,reuseport")
     ap.add_argument("--backends", default="c,python",
                     help="pyfork backends; the first one also runs fairness/tail/recovery")
@@ -210,6 +212,17 @@ def parse_args(argv=None):
                     help="fixed /fibonacci n for Python servers instead of calibrating it "
                          "(calibration on a busy machine picks a smaller n)")
     ap.add_argument("--recovery-conns", type=int, default=16)
+    # conns (issue 18): runs on its own (compare_conns.py), servers started per N
+    ap.add_argument("--conns-n", default="1000,5000,10000",
+                    help="conns: open active keep-alive connections per measurement")
+    ap.add_argument("--conns-rate", type=float, default=2000.0,
+                    help="conns: total req/s of the N connections at most (each sends every "
+                         "max(0.5 s, N/rate)) (2000)")
+    ap.add_argument("--conns-keepalive", type=float, default=30.0,
+                    help="conns: keep-alive timeout given to every server, s (30)")
+    ap.add_argument("--conns-probes", type=int, default=200, help="conns: fresh-client probes (200)")
+    ap.add_argument("--conns-rounds", type=int, default=1, help="conns: rounds (1)")
+    ap.add_argument("--conns-policies", default="rr", help="conns: pyfork policies (rr)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="short runs for a smoke test")
     ap.add_argument("--out", default=None,
@@ -222,13 +235,19 @@ def parse_args(argv=None):
     args.backends = [b for b in args.backends.split(",") if b]
     args.only = [o for o in args.only.split(",") if o]
     args.fair_conc = [int(c) for c in args.fair_conc.split(",") if c]
+    args.conns_argv = [a for a in (argv if argv is not None else sys.argv[1:])
+                       if a not in ("--scenarios", "conns")]
+    args.conns_n = [int(n) for n in args.conns_n.split(",") if n]
+    args.conns_policies = [p for p in args.conns_policies.split(",") if p]
     for name in args.peers:
         if name not in ALL_PEERS:
             ap.error(f"unknown peer {name!r}")
     for name in args.scenarios:
         if name not in ALL_SCENARIOS:
             ap.error(f"unknown scenario {name!r}")
-    if args.out is None:
+    if "conns" in args.scenarios and args.scenarios != ["conns"]:
+        ap.error("the conns scenario runs on its own: --scenarios conns")
+    if args.out is None and args.scenarios != ["conns"]:    # compare_conns picks its own
         only_mixed = args.scenarios == ["mixed"]
         args.out = os.path.join(benchlib.RESULTS_DIR, "compare-mixed" if only_mixed else "compare")
     if args.quick:
@@ -238,6 +257,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.scenarios == ["conns"]:
+        return compare_conns.run(args)       # its own servers and client; no wrk
     if not benchlib.wrk_path():
         print(benchlib.WRK_HINT, file=sys.stderr)
         return 2

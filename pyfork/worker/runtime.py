@@ -76,8 +76,12 @@ READ_BATCH = 256
 # Connections a worker can start at once when its interface declares nothing
 # (the dispatcher then applies only its open-connection cap).
 NO_CAPACITY = 0
-# In shared/reuseport mode a worker stops accepting above this many open
-# connections (the dispatcher's max_inflight does the same for rr/least).
+# In shared/reuseport mode a worker accepts only while it runs fewer requests than its
+# capacity, as the primary sends for rr/least (work, not open connections: an idle
+# kept-alive connection or a WebSocket costs memory, not a slot; issue 18, where a cap of
+# 1000 open connections per worker locked new clients out behind 2,000 active keep-alive
+# ones). MAX_OPEN caps open connections only for an interface that declares no capacity
+# (the dispatcher's max_inflight does the same for rr/least).
 MAX_OPEN = 1000
 SEND_WAIT = 5.0   # seconds a worker waits for room in a full channel before dropping a message
 
@@ -345,9 +349,8 @@ class Worker:
         self._open -= n
         if self._writer.conn_closed(n) and not self._self_accept:
             self._send(self._b.MSG_CREDIT, wait=0.0)
-        if (self._self_accept and not self._listening and not self.draining and self._open < MAX_OPEN
-                and time.monotonic() >= self._accept_paused_until):
-            self._set_listening(True)
+        if self._self_accept and not self._listening:
+            self._resume_accepting(time.monotonic())
 
     def request_started(self) -> None:     # replaced per instance in __init__
         self._writer.request_started()
@@ -357,6 +360,8 @@ class Worker:
         # asked for a CREDIT (want_credit) and may have stopped accepting.
         if self._request_done() and not self._self_accept:
             self._send(self._b.MSG_CREDIT, wait=0.0)
+        if self._self_accept and not self._listening:     # room to accept again
+            self._resume_accepting(time.monotonic())
         if self._max_requests and self.handled >= self._max_requests and not self._recycle_sent:
             self._recycle_sent = True
             self._ctl({"recycle": self.handled})
@@ -389,9 +394,8 @@ class Worker:
         rejected = connlimits.take_rejections()
         if rejected:    # --limit-concurrency 503s: one message per tick, never per request
             self._ctl({"rejected": rejected})
-        if (self._self_accept and not self._listening and not self.draining and self._open < MAX_OPEN
-                and now >= self._accept_paused_until):
-            self._set_listening(True)
+        if self._self_accept and not self._listening:
+            self._resume_accepting(now)
 
     def set_capacity(self, capacity: int) -> None:
         """Declares how many requests this worker can run at once (the interface's
@@ -431,9 +435,24 @@ class Worker:
                 self._ep.unregister(ls.fileno())
         self._listening = on
 
+    def _accept_room(self) -> int:
+        """Connections this self-accepting worker may accept now: a batch while it runs
+        fewer requests than its capacity, none when it is full; room under MAX_OPEN for an
+        interface without a capacity. A batch, not capacity minus running: a sync worker
+        (capacity 1) then accepted one connection per wake-up, and Connection: close
+        throughput fell by a third under `shared` (measured here; the old cap accepted a
+        batch too)."""
+        if self._capacity:
+            return ACCEPT_BATCH if self._board.active < self._capacity else 0
+        return MAX_OPEN - self._open
+
+    def _resume_accepting(self, now: float) -> None:
+        if not self.draining and now >= self._accept_paused_until and self._accept_room() > 0:
+            self._set_listening(True)
+
     def _accept(self, out: list) -> None:
         for acc in list(self._acceptors):
-            room = MAX_OPEN - self._open
+            room = self._accept_room()
             if room <= 0:
                 self._set_listening(False)
                 return
@@ -451,7 +470,7 @@ class Worker:
                 log.warning("worker %d: listener fd %d is no longer listening; dropped",
                             self.id, acc.sock.fileno())
                 self._drop_acceptor(acc)
-        if self._open >= MAX_OPEN:
+        if self._accept_room() <= 0:
             self._set_listening(False)
 
     def _drop_acceptor(self, acc: Acceptor) -> None:
