@@ -117,6 +117,7 @@ void pf_dispatcher_free(pf_dispatcher *d)
         d->phead = (d->phead + 1) % d->cfg.max_pending;
         d->pcount--;
     }
+    pf__park_free(d);           /* parked connections are idle: closed */
     if (d->epfd >= 0)
         close(d->epfd);
     if (d->reserve_fd >= 0)

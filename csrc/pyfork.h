@@ -22,7 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define PF_VERSION 2
+#define PF_VERSION 3
 
 /* ---- channel messages ------------------------------------------------ */
 /* One SOCK_SEQPACKET datagram = pf_msg_hdr + payload, with 0..nfds fds in a
@@ -43,6 +43,9 @@
 #define PF_MSG_DRAIN  4  /* primary -> worker: no connection follows this message */
 #define PF_MSG_USER   5  /* either way: JSON payload (user messages) */
 #define PF_MSG_CTL    6  /* worker -> primary: JSON payload (runtime requests, e.g. recycle) */
+#define PF_MSG_PARK   7  /* worker -> primary: nfds idle kept-alive connections handed back
+                            while the worker is stuck in a long request; consumed by the
+                            dispatcher itself (park.c), no payload */
 
 typedef struct pf_msg_hdr {
     uint32_t magic;   /* PF_MSG_MAGIC */
@@ -171,6 +174,12 @@ typedef struct pf_stats {
     uint64_t wakeups;       /* epoll_wait returns */
     int32_t pending;        /* fds accepted and not yet sent */
     int32_t accepting;      /* 1 while listeners are in the poll set */
+    uint64_t parks;         /* idle connections workers handed back (PF_MSG_PARK) */
+    uint64_t unparks;       /* parked connections that became readable and went to the ring */
+    uint64_t park_closed;   /* parked connections closed: client hung up, idle timeout,
+                               stopping, or no room anywhere */
+    int32_t parked;         /* connections parked now */
+    int32_t park_cap;       /* parking table size (pf_dispatcher_set_parking), 0 = off */
 } pf_stats;
 
 typedef struct pf_worker_stats {
@@ -222,6 +231,14 @@ int pf_dispatcher_stop_accepting(pf_dispatcher *d);
  * timeout_ms (-1 = no limit). Returns the number of events written to ev
  * (1..max_ev), 0 on timeout, or -errno. */
 int pf_dispatcher_run(pf_dispatcher *d, int timeout_ms, pf_event *ev, int max_ev);
+
+/* Parking (park.c): idle kept-alive connections a stuck worker hands back
+ * with PF_MSG_PARK wait in the dispatcher's epoll until their next request,
+ * then are dispatched like a new connection. Sizes the table (max_parked
+ * entries, 0..1<<20, 0 = off: parked fds go straight to the pending ring)
+ * and the idle timeout (1..86400000 ms) after which a parked connection is
+ * closed. Returns 0, -EINVAL, -ENOMEM, -EBUSY while connections are parked. */
+int pf_dispatcher_set_parking(pf_dispatcher *d, int max_parked, int idle_timeout_ms);
 
 /* Returns 0 and fills *out. */
 int pf_dispatcher_stats(const pf_dispatcher *d, pf_stats *out);

@@ -79,7 +79,7 @@ def test_import_pyfork_is_lazy(tmp_path):
 def test_backend_interface(backend):
     assert backend.MAX_FDS == 32 and backend.MAX_PAYLOAD == 65536 and backend.SLOT_SIZE == 64
     assert (backend.MSG_CONN, backend.MSG_READY, backend.MSG_CREDIT, backend.MSG_DRAIN,
-            backend.MSG_USER, backend.MSG_CTL) == (1, 2, 3, 4, 5, 6)
+            backend.MSG_USER, backend.MSG_CTL, backend.MSG_PARK) == (1, 2, 3, 4, 5, 6, 7)
     assert (backend.STATE_FREE, backend.STATE_SPAWNING, backend.STATE_READY,
             backend.STATE_DRAINING, backend.STATE_GONE) == (0, 1, 2, 3, 4)
     assert backend.Message._fields == ("type", "arg", "payload", "fds")

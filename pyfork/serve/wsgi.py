@@ -37,6 +37,27 @@ has sent nothing yet, nor one closing). A request whose head completes while N o
 in progress gets `503 Service Unavailable` with `Connection: close` at once, before the
 application or a `100 Continue`; the count is kept per transition in settle() and close().
 
+Parking (issue 10): a kept-alive connection lives on one worker, and this worker runs one
+request at a time, so while a request runs long the worker's other idle connections would
+wait for it. When a request is still running PARK_AFTER after it started, those connections
+are handed back to the primary (rt.park, MSG_PARK), which watches them and sends each one's
+next request to a worker that can start it (csrc/park.c). Only a connection with nothing
+buffered here may leave (bytes still in the kernel travel with the fd, so pipelined requests
+keep their order); one with buffered bytes, output queued, a request in progress, or closing
+stays. The hand-back must run while the main thread is inside the application, so it runs
+in a SIGALRM handler: Python runs it in the main thread between two bytecodes (a blocking
+sleep or select in the application is interrupted and resumed, PEP 475; the handler is
+installed with SA_RESTART so other system calls of C extensions are restarted, not failed
+with EINTR). The races, and why each is harmless: the timer is armed (setitimer, one system
+call each way) only around the application call and only when this worker holds another
+connection, so keep-alive off or one connection costs nothing; the handler acts only while
+`running` names the connection in the application (a signal delivered after the disarm finds
+None); the application's frames touch only that connection, so the handler may change the
+others, the connection table and the selector under it; a parked connection is marked
+closed, which the loop already checks for events left in a batch; the handler never logs
+(the application may hold the logging lock) and never raises into the application. Not used
+when the application installed its own SIGALRM handler.
+
 Expect: 100-continue: since the body is read before the application runs, `100 Continue` is
 sent as soon as the head is accepted (and not when the body is too large: 413 instead).
 
@@ -54,6 +75,7 @@ wsgi_adapter is the application side (environ, start_response, the body iterable
 import inspect
 import select
 import selectors
+import signal
 import socket
 import time
 
@@ -67,6 +89,14 @@ NAME = "wsgi"
 # Requests a worker runs at once: one, inline (the dispatcher sends a connection only to a
 # worker that can start it now, so none waits here behind a slow request).
 CAPACITY = 1
+
+# A request still running this long parks the worker's idle kept-alive connections. A light
+# request takes well under 1 ms of application time here (hello world: p99 <= 0.05 ms,
+# bench/README.md "Mixed load"), so 2 ms marks a slow one without reacting to noise; a false
+# alarm costs ~11 us of system calls per connection parked (bench/park_cost.c) and a primary
+# round trip for its next request, so parking on every response would cost ~10 % of
+# keep-alive throughput: only on demand.
+PARK_AFTER = 0.002
 
 RECV_SIZE = 65536
 LINGER_MAX = 1 << 20             # bytes discarded after an error response before giving up
@@ -152,6 +182,8 @@ class Server:
         self.limit = conn_limits.limit_concurrency if conn_limits is not None else 0
         self.no_keep_alive = conn_limits is not None and conn_limits.keep_alive == 0
         self.in_progress = 0                     # connections with a request in progress
+        self.running = None                      # the connection in the application (parking)
+        self.parks = rt.parks and not self.no_keep_alive and self.install_park_timer()
 
     # -- loop -------------------------------------------------------------------------------
     def run(self):
@@ -193,11 +225,73 @@ class Server:
                     self.sweep(now)
                     next_sweep = now + self.sweep_every
         finally:
+            if self.parks:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
             for conn in list(self.conns.values()):
                 self.close(conn)
             sel.close()
             if self.access is not None:
                 self.access.close()          # a graceful stop loses no line
+
+    # -- parking (see the module docstring) ----------------------------------------------
+    def install_park_timer(self):
+        """True when the SIGALRM handler is ours (not in the main thread, or the application
+        has its own: no parking)."""
+        try:
+            handler = signal.getsignal(signal.SIGALRM)
+            if (handler not in (signal.SIG_DFL, None)
+                    and getattr(handler, "__func__", None) is not Server.on_park_timer):
+                return False
+            signal.signal(signal.SIGALRM, self.on_park_timer)
+            signal.siginterrupt(signal.SIGALRM, False)
+        except ValueError:
+            return False
+        return True
+
+    def step(self, conn, gen):
+        """next(gen) of conn's respond() generator, which runs the application: with the park
+        timer armed while this worker holds other connections that could wait behind it."""
+        if not self.parks or len(self.conns) < 2:
+            return next(gen)
+        self.running = conn
+        signal.setitimer(signal.ITIMER_REAL, PARK_AFTER)
+        try:
+            return next(gen)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.running = None
+
+    def on_park_timer(self, signum, frame):
+        running = self.running
+        if running is None:
+            return                 # the request ended before the handler ran
+        try:
+            self.park_idle(running)
+        except Exception:          # noqa: BLE001 -- never into the application; no logging here
+            pass
+
+    def park_idle(self, running):
+        """Hands every idle connection but `running` back to the primary; returns how many."""
+        idle = [c for c in self.conns.values()
+                if c is not running and c.busy_since is None and c.reader.idle and not c.out
+                and c.resume is None and not c.closing and not c.linger and not c.counted
+                and c.proxy is None and not c.closed]
+        if not idle:
+            return 0
+        k = self.rt.park([c.fd for c in idle])
+        for conn in idle[:k]:
+            # Handed over: ours no more. Marked closed (events left in a batch are skipped);
+            # not reported with rt.closed(): park() accounted for it.
+            conn.closed = conn.dead = True
+            del self.conns[conn.fd]
+            if conn.events:
+                try:
+                    self.sel.unregister(conn.fd)
+                except (KeyError, ValueError):
+                    pass
+            conn.sock.close()
+        return k
 
     def check_drain(self):
         if self.draining or not self.rt.draining:
@@ -213,6 +307,8 @@ class Server:
 
     def sweep(self, now):
         for conn in [c for c in self.conns.values() if c.deadline <= now]:
+            if conn.closed:
+                continue                         # parked or closed by an earlier one
             if (conn.reader.idle and not conn.out and conn.resume is None and not conn.linger
                     and not conn.closing):
                 # A request may have arrived while the application held the loop; it is
@@ -328,7 +424,7 @@ class Server:
             if event is COMPLETE:
                 gen = respond(self, conn, req)
                 try:
-                    next(gen)
+                    self.step(conn, gen)
                 except StopIteration:
                     conn.busy_since = None       # response done: timers restart in settle()
                     continue
@@ -462,7 +558,7 @@ class Server:
         gen = conn.resume
         if gen is not None and not conn.dead:
             try:
-                next(gen)
+                self.step(conn, gen)
                 self.settle(conn)
                 return
             except StopIteration:
