@@ -162,6 +162,11 @@ def test_set_parking_arguments(backend):
 
 APP = r'''
 import json, os, time
+import pyfork.serve.wsgi
+# A longer threshold than the 2 ms default, so that on a loaded test machine a light request
+# never runs long enough to park connections early (correct, but it would move them away
+# from the worker the test blocks); /block runs far longer.
+pyfork.serve.wsgi.PARK_AFTER = 0.25
 
 def app(environ, start_response):
     path = environ["PATH_INFO"]
@@ -263,6 +268,7 @@ def test_kept_alive_connection_of_a_stuck_worker_is_served_by_the_other(app_dir,
         by_pid = _spread(srv.port)
         clients = [c for cs in by_pid.values() for c in cs]
         try:
+            assert _status(ctl)["dispatch"]["parks"] == 0       # fast requests park nothing
             stuck = max(by_pid, key=lambda p: len(by_pid[p]))   # >= 3 of the 6 are on it
             blocker, *others = by_pid[stuck]
             # A response leaves before its request is counted: wait for the 6 to be.
@@ -303,34 +309,67 @@ def pid_of_other(by_pid, stuck):
     return other
 
 
-def test_parked_connections_are_closed_on_hang_up_and_idle_timeout(app_dir, backend):
-    argv, ctl = _serve_argv(app_dir, backend, 2)
+def _block_one_worker(app_dir, ctl, port):
+    """6 kept-alive clients spread over the 2 workers, then /block on one of the worker with
+    most; returns (blocker, the others, every client) once the others on it are parked."""
+    by_pid = _spread(port)
+    clients = [c for cs in by_pid.values() for c in cs]
+    stuck = max(by_pid, key=lambda p: len(by_pid[p]))
+    blocker, *others = by_pid[stuck]
+    blocker.send("/block")
+    H.wait_until(lambda: (app_dir / "blocked.pid").exists(), what="blocked")
+    H.wait_until(lambda: _parked(ctl) >= len(others), what="parked")
+    return blocker, [c for c in clients if c is not blocker], clients
+
+
+def test_parked_connections_whose_clients_hang_up_are_closed(app_dir, backend):
+    argv, ctl = _serve_argv(app_dir, backend, 30)     # no idle timeout within the test
     with H.Server(app_dir, backend.BACKEND, argv=argv) as srv:
         srv.start(ready=2)
         primary = srv.proc.pid
         _status(ctl)                            # the control connection's fds come and go
         base = _fd_count(primary)
-        by_pid = _spread(srv.port)
-        clients = [c for cs in by_pid.values() for c in cs]
+        blocker, others, clients = _block_one_worker(app_dir, ctl, srv.port)
         try:
-            stuck = max(by_pid, key=lambda p: len(by_pid[p]))
-            blocker, *others = by_pid[stuck]
-            blocker.send("/block")
-            H.wait_until(lambda: _parked(ctl) >= len(others), what="parked")
-            gone = others[0]
-            gone.close()                        # the client hangs up a parked connection
-            clients.remove(gone)
-            H.wait_until(lambda: _parked(ctl) == len(others) - 1, what="closed on hang-up")
-            # The rest idle out (--keep-alive 2): the primary closes them.
-            H.wait_until(lambda: _parked(ctl) == 0, what="idle timeout")
-            for c in others[1:]:
-                assert c.eof()
+            closed = _status(ctl)["dispatch"]["park_closed"]
+            parked = _parked(ctl)
+            for c in others:
+                c.close()                       # every client hangs up
+            H.wait_until(lambda: _parked(ctl) == 0, what="parked connections closed on hang-up")
+            assert _status(ctl)["dispatch"]["park_closed"] - closed == parked
             (app_dir / "release").write_text("")
-            assert blocker.response()["pid"] == stuck
+            assert blocker.response()["q"] == ""       # the blocked request's answer
+            assert blocker.get("/?after")["q"] == "after"
         finally:
             for c in clients:
                 c.close()
         # Every connection is gone: the primary holds no more fds than before.
+        H.wait_until(lambda: _fd_count(primary) <= base, what="primary fds back to %d" % base)
+        srv.signal(2)
+        assert srv.wait() == 0
+
+
+def test_parked_connections_idle_out(app_dir, backend):
+    argv, ctl = _serve_argv(app_dir, backend, 2)
+    with H.Server(app_dir, backend.BACKEND, argv=argv) as srv:
+        srv.start(ready=2)
+        primary = srv.proc.pid
+        _status(ctl)
+        base = _fd_count(primary)
+        blocker, others, clients = _block_one_worker(app_dir, ctl, srv.port)
+        try:
+            closed = _status(ctl)["dispatch"]["park_closed"]
+            parked = _parked(ctl)
+            # --keep-alive 2: the primary closes the parked ones (their workers close the rest).
+            H.wait_until(lambda: _parked(ctl) == 0, what="idle timeout")
+            assert _status(ctl)["dispatch"]["park_closed"] - closed == parked
+            for c in others:
+                assert c.eof()
+            (app_dir / "release").write_text("")
+            assert blocker.response()["pid"] == int((app_dir / "blocked.pid").read_text())
+        finally:
+            for c in clients:
+                c.close()
         H.wait_until(lambda: _fd_count(primary) <= base, what="primary fds back to %d" % base)
         srv.signal(2)
         assert srv.wait() == 0
