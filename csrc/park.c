@@ -20,9 +20,15 @@
  *                worker that can start it takes it and waits for its bytes);
  *                ring full as well: readable entries wait flagged `ready`
  *                and move on in a later tick;
- *   stopping     nothing more is dispatched: a parked connection that turns
- *                readable, or arrives, is closed; the rest are idle and are
- *                closed with the dispatcher after the in-flight requests.
+ *   stopping     every parked connection goes back to the ring at once, so
+ *                the workers (still READY until DRAINED) take them and apply
+ *                their drain rules: a request that arrives is answered with
+ *                Connection: close, an idle one is closed between requests.
+ *                Closing them here could reset a request already in flight.
+ *                Each worker's scoreboard line gets park_off, so no more
+ *                are handed back (the one race left: a PARK the worker sent
+ *                just before it saw the flag, arriving after DRAINED, is
+ *                held in the ring and closed with the dispatcher).
  * Measured price (bench/park_cost.c): ~11 us of syscalls per parked request,
  * so workers park only on demand, never after every response.
  * Pure twin: pyfork/_pure/park.py.
@@ -69,7 +75,7 @@ static void pf__park_drop(pf_dispatcher *d, int fd)
 /* Hands fd to the pending ring (it is the ring's now), or drops it. */
 static void pf__park_to_ring(pf_dispatcher *d, int fd)
 {
-    if (d->stopping || pf__pend_push(d, fd, 0) < 0) {
+    if (pf__pend_push(d, fd, 0) < 0) {
         pf__park_drop(d, fd);
         return;
     }
@@ -110,7 +116,7 @@ static void pf__park_add(pf_dispatcher *d, int fd, uint64_t now)
 
     d->st.parks++;
     if (pk->tab == NULL || i < 0 || d->stopping) {
-        /* Off, full, or stopping: never lose it silently (see the header). */
+        /* Off, full, or stopping: to a worker now (see the header). */
         pf__park_to_ring(d, fd);
         return;
     }
@@ -175,7 +181,7 @@ void pf__park_on_event(pf_dispatcher *d, int id, uint32_t events)
         }
         /* A request followed by a half-close: serve the request. */
     }
-    if (d->pcount >= d->cfg.max_pending && !d->stopping) {
+    if (d->pcount >= d->cfg.max_pending) {
         epoll_ctl(d->epfd, EPOLL_CTL_DEL, p->fd, NULL);
         p->ready = 1;
         d->park.nready++;
@@ -184,20 +190,25 @@ void pf__park_on_event(pf_dispatcher *d, int id, uint32_t events)
     pf__park_to_ring(d, pf__park_take(d, id));
 }
 
-/* Returns nothing; moves ready entries to the ring while it has room and,
- * when the sweep is due, closes entries idle past the timeout (and, once
- * stopping, ready ones: nothing more is dispatched). */
+/* Returns nothing; moves ready entries (once stopping, every entry) to the
+ * ring while it has room and, when the sweep is due, closes entries idle
+ * past the timeout. */
 void pf__park_tick(pf_dispatcher *d, uint64_t now)
 {
     pf__parking *pk = &d->park;
+    int all = d->stopping && d->st.parked > 0;
 
-    for (int i = 0; i < pk->hi && pk->nready > 0; i++) {
-        if (pk->tab[i].fd < 0 || !pk->tab[i].ready)
+    if (d->stopping && !pk->off_told) {
+        /* Workers stop handing connections back: one that arrived after
+         * DRAINED would find no READY worker left to take it. */
+        for (int s = 0; s < d->hi; s++)
+            __atomic_store_n(&d->board[s].park_off, 1, __ATOMIC_RELEASE);
+        pk->off_told = 1;
+    }
+
+    for (int i = 0; i < pk->hi && (pk->nready > 0 || all); i++) {
+        if (pk->tab[i].fd < 0 || !(pk->tab[i].ready || all))
             continue;
-        if (d->stopping) {
-            pf__park_drop(d, pf__park_take(d, i));
-            continue;
-        }
         if (d->pcount >= d->cfg.max_pending)
             break;
         pf__park_to_ring(d, pf__park_take(d, i));

@@ -100,6 +100,7 @@ typedef struct pf__parking {
     int nready;           /* entries with ready set */
     uint64_t idle_ns;     /* idle timeout */
     uint64_t sweep_ns;    /* next idle sweep, 0 = none due (nothing parked) */
+    int off_told;         /* stopping: park_off set on every scoreboard line */
 } pf__parking;
 
 typedef struct pf__pend {

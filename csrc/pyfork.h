@@ -88,7 +88,7 @@ int pf_listen_adopt(int fd);
 /* One cache line per worker slot in a MAP_SHARED|MAP_ANONYMOUS region mapped
  * at pf_dispatcher_new, so forked workers write it and the primary reads it
  * with no syscall (Apache httpd's scoreboard). The worker is the only writer
- * of every field except want_credit, which the primary sets.
+ * of every field except want_credit and park_off, which the primary sets.
  * The dispatcher sends a worker a connection only when it can start it now:
  * queued + active < capacity, where queued = sent (the primary's count) -
  * taken (the worker's). capacity 0 = not declared: only the open-connection
@@ -106,7 +106,9 @@ typedef struct pf_slot {
     uint32_t capacity;      /* requests the worker can run at once (1 = sync), written
                                by the worker before READY; 0 = not declared */
     uint64_t taken;         /* connections the worker has read from its channel (monotonic) */
-    uint64_t reserved;
+    uint32_t park_off;      /* set by the primary once it is stopping: the worker hands
+                               no more connections back (PF_MSG_PARK), park.c */
+    uint32_t reserved;
 } pf_slot;                  /* 64 bytes */
 
 /* Worker-side writers of the worker's own line (slot.c), as pyfork/scoreboard.py's

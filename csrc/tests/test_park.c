@@ -149,13 +149,15 @@ static void test_off_or_full_dispatches_at_once(void)
     fx_teardown(&f, cl, 3);                 /* closes the one still parked */
 }
 
-/* Once stopping, nothing more is dispatched: a parked connection whose
- * request arrives is closed (a graceful stop closes idle connections). */
-static void test_stopping_closes(void)
+/* Once stopping, every parked connection goes back to a worker at once (it
+ * applies its drain rules): closing it here could reset a request in flight. */
+static void test_stopping_returns_them_to_workers(void)
 {
     struct disp_fx f;
-    int cl;
-    char c = 'x';
+    int cl, ids[PF_MAX_FDS], n = 0;
+    unsigned char c = 9;
+    pf_event ev[8];
+    uint64_t t0;
 
     fx_setup(&f, 2, PF_POLICY_RR, 1, 0);
     CHECK_OK(pf_dispatcher_set_parking(f.d, 8, 30000));
@@ -163,10 +165,22 @@ static void test_stopping_closes(void)
     run_until_dispatched(f.d, 1);
     park(f.w[0], take_conn(f.w[0]));
     run_until_stat(f.d, offsetof(pf_stats, parks), 1);
+    CHECK(write(cl, &c, 1) == 1);       /* its next request, in flight */
     CHECK_OK(pf_dispatcher_stop_accepting(f.d));
-    CHECK(write(cl, &c, 1) == 1);
-    run_until_stat(f.d, offsetof(pf_stats, park_closed), 1);
-    CHECK_EQ(stats(f.d).dispatched, 1);
+    t0 = now_ms();
+    for (;;) {                          /* DRAINED comes after it was sent */
+        int k = pf_dispatcher_run(f.d, 20, ev, 8);
+
+        CHECK(k >= 0);
+        if (k > 0 && ev[0].type == PF_EV_DRAINED)
+            break;
+        CHECK(now_ms() - t0 < LIVENESS_MS);
+    }
+    CHECK_EQ(stats(f.d).dispatched, 2);
+    CHECK_EQ(stats(f.d).parked, 0);
+    worker_take(f.w[0], ids, &n);       /* the request's byte is intact */
+    CHECK_EQ(n, 1);
+    CHECK_EQ(ids[0], 9);
     fx_teardown(&f, &cl, 1);
 }
 
@@ -193,7 +207,7 @@ static const struct pf_test_case tests[] = {
     PF_CASE(test_parked_hang_up),
     PF_CASE(test_parked_idle_timeout),
     PF_CASE(test_off_or_full_dispatches_at_once),
-    PF_CASE(test_stopping_closes),
+    PF_CASE(test_stopping_returns_them_to_workers),
     PF_CASE(test_set_parking_arguments),
 };
 

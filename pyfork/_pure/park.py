@@ -12,8 +12,10 @@ poll set before it leaves the table, so a connection is never held or sent twice
   idle       a coarse sweep closes entries parked longer than the idle timeout;
   no room    parking off or full: to the ring at once; ring full as well:
              readable entries wait flagged ready and move on in a later tick;
-  stopping   nothing more is dispatched: one that turns readable, or arrives,
-             is closed; the idle rest close with the dispatcher.
+  stopping   every parked fd goes back to the ring at once, so the workers
+             (READY until DRAINED) take them and apply their drain rules;
+             closing them here could reset a request already in flight; each
+             worker's scoreboard line gets park_off, so none are handed back.
 The functions take the dispatcher's State as ``d``, as the C ones take pf_dispatcher.
 """
 
@@ -23,10 +25,11 @@ import select
 import socket
 import time
 
-from pyfork._api import MAX_FDS
+from pyfork._api import MAX_FDS, SLOT_SIZE
 from pyfork._pure.fdpass import recv_on
 from pyfork._pure.internal import unregister
 
+PARK_OFF_WORD = 14      # pf_slot.park_off: byte offset 56, as a 32-bit word of the line
 PARK_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 _HUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 # The sweep runs every idle_timeout / 4 within [10 ms, 1 s] (as PF__PARK_SWEEP_*).
@@ -36,7 +39,7 @@ _SWEEP_MIN, _SWEEP_MAX = 0.010, 1.0
 class Parking:
     """The parking table (pf__parking): fd -> parked-at time, and the ready set."""
 
-    __slots__ = ("cap", "idle", "since", "ready", "sweep_at")
+    __slots__ = ("cap", "idle", "since", "ready", "sweep_at", "off_told")
 
     def __init__(self, cap, idle):
         self.cap = cap
@@ -44,6 +47,7 @@ class Parking:
         self.since = {}             # fd -> time.monotonic() when parked (in the poll set)
         self.ready = []             # readable fds waiting for room in the ring (out of it)
         self.sweep_at = 0.0         # next idle sweep, 0 = none due
+        self.off_told = False       # stopping: park_off set on every scoreboard line
 
     def period(self):
         return min(_SWEEP_MAX, max(_SWEEP_MIN, self.idle / 4))
@@ -65,7 +69,7 @@ def _drop(d, fd):
 
 
 def _to_ring(d, fd):
-    if d.stopping or len(d.pend) >= d.cfg.max_pending:
+    if len(d.pend) >= d.cfg.max_pending:
         _drop(d, fd)
         return
     d.pend.append((fd, False))
@@ -76,7 +80,7 @@ def _add(d, fd, now):
     d.st["parks"] += 1
     pk = d.park
     if pk is None or count(d) >= pk.cap or d.stopping:
-        _to_ring(d, fd)     # off, full, or stopping: never lose it silently
+        _to_ring(d, fd)     # off, full, or stopping: to a worker now
         return
     try:
         d.ep.register(fd, PARK_EVENTS)
@@ -131,21 +135,36 @@ def on_event(d, fd, events):
         # a request followed by a half-close: serve the request
     del pk.since[fd]
     unregister(d, fd)
-    if len(d.pend) >= d.cfg.max_pending and not d.stopping:
+    if len(d.pend) >= d.cfg.max_pending:
         pk.ready.append(fd)
         return
     _to_ring(d, fd)
 
 
 def tick(d, now):
-    """Ready fds to the ring while it has room; the idle sweep when due."""
+    """Ready fds (once stopping, every one) to the ring while it has room; the
+    idle sweep when due."""
     pk = d.park
     if pk is None:
         return
+    if d.stopping and not pk.off_told:
+        # Workers stop handing connections back: one that arrived after DRAINED
+        # would find no READY worker left to take it.
+        words = d.view.cast("I")
+        try:
+            for s in range(d.hi):
+                words[s * (SLOT_SIZE // 4) + PARK_OFF_WORD] = 1
+        finally:
+            words.release()
+        pk.off_told = True
+    if d.stopping:
+        for fd in list(pk.since):
+            if len(d.pend) + len(pk.ready) >= d.cfg.max_pending:
+                break
+            del pk.since[fd]
+            unregister(d, fd)
+            pk.ready.append(fd)
     while pk.ready:
-        if d.stopping:
-            _drop(d, pk.ready.pop(0))
-            continue
         if len(d.pend) >= d.cfg.max_pending:
             break
         _to_ring(d, pk.ready.pop(0))

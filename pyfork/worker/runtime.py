@@ -76,6 +76,7 @@ NO_CAPACITY = 0
 # In shared/reuseport mode a worker stops accepting above this many open
 # connections (the dispatcher's max_inflight does the same for rr/least).
 MAX_OPEN = 1000
+_PARK_OFF_WORD = 14   # pf_slot.park_off (csrc/pyfork.h): byte 56 of the line, as a 32-bit word
 SEND_WAIT = 5.0   # seconds a worker waits for room in a full channel before dropping a message
 
 def current():
@@ -271,6 +272,8 @@ class Worker:
         self._request_done = writer.request_finished     # true: the primary wants a CREDIT
         self._conn_taken = writer.conn_taken
         self._capacity = NO_CAPACITY
+        # park(): pf_slot.park_off, the primary's "stopping: hand nothing back" (byte 56).
+        self._line_words = board_slot.line.cast("B").cast("I")
         # Per take(): a backend Receiver (set up once; None, not BlockingIOError, when empty).
         self._recv = backend.Receiver(chan).recv
         if self._self_accept:
@@ -354,7 +357,7 @@ class Worker:
         the first k of fds, k returned; see Runtime.park. Non-blocking and silent because the
         WSGI interface calls it from a SIGALRM handler while the application runs: a full
         channel keeps the rest here. Counted as closed on our line (they left this worker)."""
-        if not self.parks or self.draining or not fds:
+        if not self.parks or self.draining or not fds or self._line_words[_PARK_OFF_WORD]:
             return 0
         b = self._b
         max_fds = b.MAX_FDS
