@@ -400,6 +400,7 @@ int pf_dispatcher_remove_worker(pf_dispatcher *d, int slot)
         got = pf__recover(d, w.peer);
         close(w.peer);
     }
+    pf__park_salvage(d, w.chan);    /* connections it handed back, not yet read */
     close(w.chan);
     return got;
 }

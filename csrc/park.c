@@ -150,6 +150,33 @@ void pf__park_recv(pf_dispatcher *d, int chan)
         pf__park_add(d, fds[i], now);
 }
 
+/* Returns nothing; reads what a removed worker's channel still holds and
+ * parks the connections of its PARK messages (other messages are dropped):
+ * a worker that handed connections back and exited at once must not lose
+ * them when the caller reaps it and closes the channel before the loop has
+ * read them. Bounded, in case the peer is alive and still writing. */
+void pf__park_salvage(pf_dispatcher *d, int chan)
+{
+    uint64_t now = pf__now_ns();
+
+    for (int m = 0; m < 4096; m++) {
+        pf_msg_hdr h;
+        int fds[PF_MAX_FDS];
+        int n = pf_recv_msg(chan, &h, NULL, 0, fds, PF_MAX_FDS);
+
+        if (n == -EBADMSG || n == -EMSGSIZE)
+            continue;           /* consumed (a control message's payload); next */
+        if (n < 0)
+            return;             /* EAGAIN: empty; EPIPE: EOF */
+        for (int i = 0; i < n; i++) {
+            if (h.type == PF_MSG_PARK)
+                pf__park_add(d, fds[i], now);
+            else
+                close(fds[i]);
+        }
+    }
+}
+
 /* Returns nothing; entry id reported events (once: ONESHOT). Data waiting:
  * to the ring (or flagged ready while the ring is full). Hung up with
  * nothing to read: closed. */

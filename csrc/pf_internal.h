@@ -163,6 +163,7 @@ int pf__chan_events(pf_dispatcher *d, int slot, uint32_t events);
 
 /* park.c */
 void pf__park_recv(pf_dispatcher *d, int chan);
+void pf__park_salvage(pf_dispatcher *d, int chan);
 void pf__park_on_event(pf_dispatcher *d, int id, uint32_t events);
 void pf__park_tick(pf_dispatcher *d, uint64_t now);
 uint64_t pf__park_due_ns(const pf_dispatcher *d);

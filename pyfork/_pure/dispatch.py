@@ -310,6 +310,7 @@ class Dispatcher:
         if psock is not None:
             got = _recover(d, psock)
             psock.close()
+        park.salvage(d, sock)   # connections it handed back, not yet read
         sock.close()
         return got
 

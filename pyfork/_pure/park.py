@@ -25,7 +25,7 @@ import select
 import socket
 import time
 
-from pyfork._api import MAX_FDS, SLOT_SIZE
+from pyfork._api import MAX_FDS, MSG_PARK, SLOT_SIZE
 from pyfork._pure.fdpass import recv_on
 from pyfork._pure.internal import unregister
 
@@ -101,6 +101,25 @@ def recv(d, sock):
     now = time.monotonic()
     for fd in msg.fds:
         _add(d, fd, now)
+
+
+def salvage(d, sock):
+    """Parks the connections of the PARK messages a removed worker's channel still
+    holds (other messages are dropped): it may have handed them back and exited before
+    the loop read them. Bounded, in case the peer is alive and still writing."""
+    now = time.monotonic()
+    for _ in range(4096):
+        try:
+            msg = recv_on(sock, MAX_FDS)
+        except OSError as exc:
+            if exc.errno == errno.EBADMSG:
+                continue        # consumed; next
+            return              # EAGAIN: empty; EPIPE: EOF
+        for fd in msg.fds:
+            if msg.type == MSG_PARK:
+                _add(d, fd, now)
+            else:
+                os.close(fd)
 
 
 def is_parked(d, fd):
