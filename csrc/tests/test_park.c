@@ -184,6 +184,32 @@ static void test_stopping_returns_them_to_workers(void)
     fx_teardown(&f, &cl, 1);
 }
 
+/* A worker that parks and is removed before the loop read its message: the
+ * connection is salvaged from its channel, not lost with it. */
+static void test_remove_worker_salvages_parks(void)
+{
+    struct disp_fx f;
+    int cl, w1, fd;
+    char c = 'y';
+
+    fx_setup(&f, 2, PF_POLICY_RR, 1, 0);
+    CHECK_OK(pf_dispatcher_set_parking(f.d, 8, 30000));
+    cl = client(f.port, 1);
+    run_until_dispatched(f.d, 1);
+    park(f.w[0], take_conn(f.w[0]));
+    CHECK_OK(pf_dispatcher_remove_worker(f.d, 0));     /* no run in between */
+    CHECK_EQ(stats(f.d).parks, 1);
+    CHECK_EQ(stats(f.d).parked, 1);
+    w1 = add_worker(f.d, 1, 0, 1);
+    CHECK(write(cl, &c, 1) == 1);
+    run_until_dispatched(f.d, 2);
+    fd = take_conn_id(w1, 0);
+    CHECK_EQ(read_id(fd), 'y');
+    close(fd);
+    close(w1);
+    fx_teardown(&f, &cl, 1);
+}
+
 /* Bad arguments: -EINVAL; 0 turns parking off. */
 static void test_set_parking_arguments(void)
 {
@@ -208,6 +234,7 @@ static const struct pf_test_case tests[] = {
     PF_CASE(test_parked_idle_timeout),
     PF_CASE(test_off_or_full_dispatches_at_once),
     PF_CASE(test_stopping_returns_them_to_workers),
+    PF_CASE(test_remove_worker_salvages_parks),
     PF_CASE(test_set_parking_arguments),
 };
 
