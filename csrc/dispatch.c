@@ -25,12 +25,12 @@
 
 #include "pf_internal.h"
 
-_Static_assert(sizeof(pf_slot) == 192, "pf_slot is three cache lines (pyfork._api.SLOT_SIZE)");
+_Static_assert(sizeof(pf_slot) == 256, "pf_slot is four cache lines (pyfork._api.SLOT_SIZE)");
 _Static_assert(sizeof(pf_event) == 16, "pf_event layout is shared with Python");
 
 /* The ranges pyfork.h documents for pf_config. They are sanity bounds, not
  * tuning: a value outside one is a caller's bug. capacity <= 4096 keeps the
- * scoreboard (192 bytes a slot) at 768 KiB and the O(capacity) scans short;
+ * scoreboard (256 bytes a slot) at 1 MiB and the O(capacity) scans short;
  * max_listeners and max_watch <= 64 because those tables are searched
  * linearly on every wakeup; max_inflight <= 2^20 and max_pending <= 65536
  * bound what a typo can mean or allocate (the ring is 8 bytes an entry, so
@@ -118,6 +118,7 @@ void pf_dispatcher_free(pf_dispatcher *d)
         d->phead = (d->phead + 1) % d->cfg.max_pending;
         d->pcount--;
     }
+    pf__park_free(d);           /* parked connections are idle: closed */
     if (d->epfd >= 0)
         close(d->epfd);
     if (d->reserve_fd >= 0)
@@ -403,6 +404,7 @@ int pf_dispatcher_remove_worker(pf_dispatcher *d, int slot)
         got = pf__recover(d, w.peer);
         close(w.peer);
     }
+    pf__park_salvage(d, w.chan);    /* connections it handed back, not yet read */
     close(w.chan);
     return got;
 }

@@ -10,8 +10,10 @@
  * prefetched connections (dispatch_send.c). Readiness is handled
  * per kind:
  *   listener   accept4 until EAGAIN or accept_batch, then flush to workers;
- *   channel    EPOLLOUT clears "busy"; CREDIT messages are eaten here;
- *              any other message is left unread and reported; EOF = HANGUP;
+ *   channel    EPOLLOUT clears "busy"; CREDIT messages are eaten here, PARK
+ *              messages parked (park.c); any other message is left unread
+ *              and reported; EOF = HANGUP;
+ *   parked     a parked connection's next request: to the ring (park.c);
  *   watch      reported with the caller's tag.
  * Everything is level-triggered, so anything we leave (a full event array,
  * an unread message, a listener over its batch) simply comes back next turn.
@@ -269,6 +271,10 @@ static void pf__read_chan(pf_dispatcher *d, int slot)
             pf__eat_credit(w->chan);
             continue;
         }
+        if ((size_t)n == sizeof(h) && h.magic == PF_MSG_MAGIC && h.type == PF_MSG_PARK) {
+            pf__park_recv(d, w->chan);
+            continue;
+        }
         pf__emit(d, PF_EV_MESSAGE, slot, 0);
         return;
     }
@@ -313,6 +319,8 @@ static void pf__on_event(pf_dispatcher *d, const struct epoll_event *ev)
         pf__on_chan(d, id, ev->events);
     else if (kind == PF__K_WATCH)
         pf__on_watch(d, id);
+    else if (kind == PF__K_PARK)
+        pf__park_on_event(d, id, ev->events);
 }
 
 /* ---- the loop -------------------------------------------------------------- */
@@ -340,6 +348,7 @@ static void pf__tick(pf_dispatcher *d, uint64_t now)
     if (d->pause_until_ns != 0 && now >= d->pause_until_ns)
         d->pause_until_ns = 0;
     pf__take_back_due(d, now);
+    pf__park_tick(d, now);
     if (d->pcount > 0)
         pf__flush(d);
     pf__reserve_open(d);        /* after the flush freed what it could */
@@ -369,6 +378,8 @@ static int pf__wait_ms(const pf_dispatcher *d, uint64_t now, uint64_t deadline)
         w = pf__ms_until(now, d->recheck_ns);
     if (d->takeback_ns != 0 && (w < 0 || pf__ms_until(now, d->takeback_ns) < w))
         w = pf__ms_until(now, d->takeback_ns);
+    if (pf__park_due_ns(d) != 0 && (w < 0 || pf__ms_until(now, pf__park_due_ns(d)) < w))
+        w = pf__ms_until(now, pf__park_due_ns(d));
     /* Stalled with someone who could take: poll for freed room, not spin. */
     if (d->pcount > 0 && d->n_ready > 0 && (w < 0 || w > PF__RECHECK_MS))
         w = PF__RECHECK_MS;

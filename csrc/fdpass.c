@@ -36,7 +36,7 @@ typedef union pf__cmsgbuf {
 
 static int pf__valid_type(uint32_t type)
 {
-    return type >= PF_MSG_CONN && type <= PF_MSG_CTL;
+    return type >= PF_MSG_CONN && type <= PF_MSG_PARK;
 }
 
 /* Returns 0, or -errno. */

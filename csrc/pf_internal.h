@@ -8,7 +8,9 @@
  *   dispatch_send.c  the pending ring, worker choice (rr / least), batching
  *                    and the sendmsg errno triage;
  *   dispatch_loop.c  pf_dispatcher_run: epoll, accept triage, EMFILE, credit,
- *                    channel events, draining.
+ *                    channel events, draining;
+ *   park.c           idle kept-alive connections handed back by a stuck
+ *                    worker, watched until their next request.
  * A function one of them defines and another calls is declared here, once,
  * under the file that defines it; no .c file declares another's functions.
  * The clock is pf_clock.h. Nothing here is public API; names are pf__.
@@ -28,6 +30,7 @@
 #define PF__K_LISTENER 1u
 #define PF__K_WORKER   2u
 #define PF__K_WATCH    3u
+#define PF__K_PARK     4u   /* id = index in the parking table */
 #define PF__EV_DATA(kind, id) (((uint64_t)(kind) << 32) | (uint32_t)(id))
 
 /* A worker channel's poll mask: data and EOF (EPOLLRDHUP: the worker shut
@@ -108,6 +111,27 @@ typedef struct pf__watch {
     uint32_t tag;
 } pf__watch;
 
+/* One parked connection (park.c). fd -1 = free; a free entry's next_free
+ * links the free list, so parking and unparking are O(1) with no allocation. */
+typedef struct pf__park {
+    int fd;
+    int next_free;        /* free list link, -1 = end */
+    uint64_t since_ns;    /* parked at (the idle timeout counts from here) */
+    uint8_t ready;        /* readable, waiting for room in the pending ring */
+} pf__park;
+
+/* The parking table (pf_dispatcher_set_parking), NULL/0 while off. */
+typedef struct pf__parking {
+    pf__park *tab;
+    int cap;
+    int hi;               /* entries >= hi were never used: scans stop there */
+    int free_head;        /* -1 = full */
+    int nready;           /* entries with ready set */
+    uint64_t idle_ns;     /* idle timeout */
+    uint64_t sweep_ns;    /* next idle sweep, 0 = none due (nothing parked) */
+    int off_told;         /* stopping: park_off set on every scoreboard line */
+} pf__parking;
+
 typedef struct pf__pend {
     int fd;
     int recovered;        /* came back from a removed worker's queue */
@@ -155,6 +179,7 @@ struct pf_dispatcher {
     int nout, maxout;
 
     pf_stats st;
+    pf__parking park;     /* park.c; its counters live in st */
 };
 
 /* dispatch.c */
@@ -169,5 +194,13 @@ void pf__mark_gone(pf_dispatcher *d, int slot);
 void pf__clear_retry(pf_dispatcher *d);
 int pf__chan_events(pf_dispatcher *d, int slot, uint32_t events);
 void pf__take_back_due(pf_dispatcher *d, uint64_t now);
+
+/* park.c */
+void pf__park_recv(pf_dispatcher *d, int chan);
+void pf__park_salvage(pf_dispatcher *d, int chan);
+void pf__park_on_event(pf_dispatcher *d, int id, uint32_t events);
+void pf__park_tick(pf_dispatcher *d, uint64_t now);
+uint64_t pf__park_due_ns(const pf_dispatcher *d);
+void pf__park_free(pf_dispatcher *d);
 
 #endif

@@ -43,6 +43,9 @@
 #define PF_MSG_DRAIN  4  /* primary -> worker: no connection follows this message */
 #define PF_MSG_USER   5  /* either way: JSON payload (user messages) */
 #define PF_MSG_CTL    6  /* worker -> primary: JSON payload (runtime requests, e.g. recycle) */
+#define PF_MSG_PARK   7  /* worker -> primary: nfds idle kept-alive connections handed back
+                            while the worker is stuck in a long request; consumed by the
+                            dispatcher itself (park.c), no payload */
 
 typedef struct pf_msg_hdr {
     uint32_t magic;   /* PF_MSG_MAGIC */
@@ -82,12 +85,12 @@ int pf_listen_unix(const char *path, int backlog, int mode);
 int pf_listen_adopt(int fd);
 
 /* ---- scoreboard -------------------------------------------------------- */
-/* One line of three cache lines per worker slot in a MAP_SHARED|MAP_ANONYMOUS
+/* One line of four cache lines per worker slot in a MAP_SHARED|MAP_ANONYMOUS
  * region mapped at pf_dispatcher_new (the first cache line holds all the
- * dispatcher reads per connection; the others the duration histogram, read
- * only by a metrics scrape), so forked workers write it and the primary reads it
+ * dispatcher reads per connection; the next two the duration histogram, read
+ * only by a metrics scrape; the last park_off), so forked workers write it and the primary reads it
  * with no syscall (Apache httpd's scoreboard). The worker is the only writer
- * of every field except want_credit, which the primary sets.
+ * of every field except want_credit and park_off, which the primary sets.
  * The dispatcher sends a worker a connection only when it can start it now:
  * queued + fresh + active < capacity, where queued = sent (the primary's
  * count) - taken (the worker's), and fresh counts connections the worker has
@@ -123,7 +126,12 @@ typedef struct pf_slot {
     uint64_t duration_le[14];/* finished requests per duration bucket (not cumulative):
                                 bucket i counts durations up to the i-th bound below
                                 and above the one before; the last one is +Inf */
-} pf_slot;                  /* 192 bytes: three cache lines */
+    /* -- cache line 4: what the primary writes rarely -- */
+    uint32_t park_off;      /* set by the primary once it is stopping: the worker hands
+                               no more connections back (PF_MSG_PARK), park.c */
+    uint32_t reserved32;
+    uint64_t reserved[7];
+} pf_slot;                  /* 256 bytes: four cache lines */
 
 /* The histogram's upper bounds in microseconds, Prometheus-style (1 ms .. 10 s),
  * then +Inf: 1000 2500 5000 10000 25000 50000 100000 250000 500000 1000000
@@ -203,6 +211,12 @@ typedef struct pf_stats {
     uint64_t wakeups;       /* epoll_wait returns */
     int32_t pending;        /* fds accepted and not yet sent */
     int32_t accepting;      /* 1 while listeners are in the poll set */
+    uint64_t parks;         /* idle connections workers handed back (PF_MSG_PARK) */
+    uint64_t unparks;       /* parked connections that became readable and went to the ring */
+    uint64_t park_closed;   /* parked connections closed: client hung up, idle timeout,
+                               stopping, or no room anywhere */
+    int32_t parked;         /* connections parked now */
+    int32_t park_cap;       /* parking table size (pf_dispatcher_set_parking), 0 = off */
 } pf_stats;
 
 typedef struct pf_worker_stats {
@@ -254,6 +268,14 @@ int pf_dispatcher_stop_accepting(pf_dispatcher *d);
  * timeout_ms (-1 = no limit). Returns the number of events written to ev
  * (1..max_ev), 0 on timeout, or -errno. */
 int pf_dispatcher_run(pf_dispatcher *d, int timeout_ms, pf_event *ev, int max_ev);
+
+/* Parking (park.c): idle kept-alive connections a stuck worker hands back
+ * with PF_MSG_PARK wait in the dispatcher's epoll until their next request,
+ * then are dispatched like a new connection. Sizes the table (max_parked
+ * entries, 0..1<<20, 0 = off: parked fds go straight to the pending ring)
+ * and the idle timeout (1..86400000 ms) after which a parked connection is
+ * closed. Returns 0, -EINVAL, -ENOMEM, -EBUSY while connections are parked. */
+int pf_dispatcher_set_parking(pf_dispatcher *d, int max_parked, int idle_timeout_ms);
 
 /* Returns 0 and fills *out. */
 int pf_dispatcher_stats(const pf_dispatcher *d, pf_stats *out);

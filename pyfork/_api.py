@@ -26,26 +26,27 @@ from typing import NamedTuple
 
 MAX_FDS = 32            # PF_MAX_FDS: fds per message (batching limit)
 MAX_PAYLOAD = 65536     # PF_MAX_PAYLOAD: bytes after the header
-MSG_CONN, MSG_READY, MSG_CREDIT, MSG_DRAIN, MSG_USER, MSG_CTL = 1, 2, 3, 4, 5, 6
+MSG_CONN, MSG_READY, MSG_CREDIT, MSG_DRAIN, MSG_USER, MSG_CTL, MSG_PARK = 1, 2, 3, 4, 5, 6, 7
 STATE_FREE, STATE_SPAWNING, STATE_READY, STATE_DRAINING, STATE_GONE = 0, 1, 2, 3, 4
-SLOT_SIZE = 192         # sizeof(pf_slot): three cache lines per worker slot (the first is all dispatch reads)
+SLOT_SIZE = 256         # sizeof(pf_slot): four cache lines per worker slot (the first is all dispatch reads)
 U32_MAX = 0xFFFFFFFF
 
 PUBLIC_NAMES = (
     "BACKEND", "MAX_FDS", "MAX_PAYLOAD", "SLOT_SIZE", "Message", "Event", "Dispatcher",
     "send_msg", "recv_msg", "Receiver", "SlotWriter", "tcp_cork",
     "listen_tcp", "listen_unix", "adopt_listener",
-    "MSG_CONN", "MSG_READY", "MSG_CREDIT", "MSG_DRAIN", "MSG_USER", "MSG_CTL",
+    "MSG_CONN", "MSG_READY", "MSG_CREDIT", "MSG_DRAIN", "MSG_USER", "MSG_CTL", "MSG_PARK",
     "STATE_FREE", "STATE_SPAWNING", "STATE_READY", "STATE_DRAINING", "STATE_GONE",
 )
 
 __all__ = [
     "MAX_FDS", "MAX_PAYLOAD", "SLOT_SIZE", "U32_MAX", "PUBLIC_NAMES",
-    "MSG_CONN", "MSG_READY", "MSG_CREDIT", "MSG_DRAIN", "MSG_USER", "MSG_CTL",
+    "MSG_CONN", "MSG_READY", "MSG_CREDIT", "MSG_DRAIN", "MSG_USER", "MSG_CTL", "MSG_PARK",
     "STATE_FREE", "STATE_SPAWNING", "STATE_READY", "STATE_DRAINING", "STATE_GONE",
     "Message", "Event", "index_arg", "ranged_arg", "u32_arg", "check_backlog",
     "check_timeout", "POLICIES", "EMFILE_PAUSE_MS", "check_pause_ms", "DispatcherConfig",
     "dispatcher_config", "ACCEPT_CONTINUE", "ACCEPT_FD_EXHAUSTED", "ACCEPT_DEAD",
+    "PARK_MAX", "check_parking",
 ]
 
 
@@ -166,6 +167,24 @@ def dispatcher_config(capacity, policy, max_inflight, max_listeners, max_watch,
     return DispatcherConfig(capacity, POLICIES.index(policy), max_inflight, max_listeners,
                             max_watch, max_pending, accept_batch,
                             check_pause_ms(emfile_pause_ms))
+
+
+# ---- parking (csrc/park.c) --------------------------------------------------------
+PARK_MAX = 1 << 20               # table entries (PF__PARK_MAX)
+PARK_MAX_TIMEOUT = 86400.0       # seconds (PF__PARK_MAX_TIMEOUT_MS)
+
+
+def check_parking(max_parked, idle_timeout):
+    """Dispatcher.set_parking's arguments: (entries, timeout in whole ms >= 1)."""
+    max_parked = ranged_arg("max_parked", max_parked, 0, PARK_MAX)
+    try:
+        idle_timeout = float(idle_timeout)
+    except (TypeError, ValueError):
+        raise ValueError("idle_timeout must be seconds, got %r" % (idle_timeout,)) from None
+    if not 0 < idle_timeout <= PARK_MAX_TIMEOUT:   # NaN too
+        raise ValueError("idle_timeout must be > 0 and <= %g s, got %r"
+                         % (PARK_MAX_TIMEOUT, idle_timeout))
+    return max_parked, max(1, int(round(idle_timeout * 1000)))
 
 
 # ---- accept(2) errno triage (csrc/dispatch_loop.c, pf__accept_some) ----------------

@@ -24,8 +24,8 @@ import threading as _threading
 # underscore names so this module's public names are exactly PUBLIC_NAMES.
 from pyfork import _api
 from pyfork._api import (
-    MAX_FDS, MAX_PAYLOAD, MSG_CONN, MSG_CREDIT, MSG_CTL, MSG_DRAIN, MSG_READY, MSG_USER,
-    SLOT_SIZE, STATE_DRAINING, STATE_FREE, STATE_GONE, STATE_READY, STATE_SPAWNING, Event,
+    MAX_FDS, MAX_PAYLOAD, MSG_CONN, MSG_CREDIT, MSG_CTL, MSG_DRAIN, MSG_PARK, MSG_READY,
+    MSG_USER, SLOT_SIZE, STATE_DRAINING, STATE_FREE, STATE_GONE, STATE_READY, STATE_SPAWNING, Event,
     Message,
 )
 from pyfork._api import check_backlog as _check_backlog
@@ -44,14 +44,17 @@ if _lib.PF_VERSION != 3:
                       "rebuild pyfork" % _lib.PF_VERSION)
 if ((_lib.PF_MAX_FDS, _lib.PF_MAX_PAYLOAD, _ffi.sizeof("pf_slot"),
      _lib.PF_MSG_CONN, _lib.PF_MSG_READY, _lib.PF_MSG_CREDIT, _lib.PF_MSG_DRAIN,
-     _lib.PF_MSG_USER, _lib.PF_MSG_CTL, _lib.PF_WORKER_FREE, _lib.PF_WORKER_SPAWNING,
+     _lib.PF_MSG_USER, _lib.PF_MSG_CTL, _lib.PF_MSG_PARK, _lib.PF_WORKER_FREE, _lib.PF_WORKER_SPAWNING,
      _lib.PF_WORKER_READY, _lib.PF_WORKER_DRAINING, _lib.PF_WORKER_GONE,
      _lib.PF_POLICY_RR, _lib.PF_POLICY_LEAST, _lib.PF_HIST_BUCKETS)
         != (MAX_FDS, MAX_PAYLOAD, SLOT_SIZE, MSG_CONN, MSG_READY, MSG_CREDIT, MSG_DRAIN,
-            MSG_USER, MSG_CTL, STATE_FREE, STATE_SPAWNING, STATE_READY, STATE_DRAINING,
+            MSG_USER, MSG_CTL, MSG_PARK, STATE_FREE, STATE_SPAWNING, STATE_READY, STATE_DRAINING,
             STATE_GONE, _api.POLICIES.index("rr"), _api.POLICIES.index("least"), _HIST_BUCKETS)):
     raise ImportError("pyfork._pyfork_cffi disagrees with pyfork._api on a constant of "
                       "csrc/pyfork.h; rebuild pyfork")
+from pyfork.scoreboard import PARK_OFF_WORD as _PARK_OFF_WORD
+if _ffi.offsetof("pf_slot", "park_off") != 4 * _PARK_OFF_WORD:
+    raise ImportError("pyfork.scoreboard disagrees with csrc/pyfork.h on pf_slot.park_off")
 
 BACKEND = "c"
 
@@ -61,7 +64,8 @@ _INT_MAX = 0x7FFFFFFF
 # Indexed by pf_event.type (PF_EV_WATCH = 1 ... PF_EV_DRAINED = 4).
 _KINDS = (None, "watch", "message", "hangup", "drained")
 _STATS = ("accepted", "dispatched", "redispatched", "busy_skips", "fd_exhaustion",
-          "accept_errors", "dropped", "wakeups", "pending", "accepting")
+          "accept_errors", "dropped", "wakeups", "pending", "accepting",
+          "parks", "unparks", "park_closed", "parked", "park_cap")
 
 
 def _check(rc):
@@ -321,6 +325,13 @@ class Dispatcher:
 
     def stop_accepting(self):
         _check(_lib.pf_dispatcher_stop_accepting(self._h()))
+
+    def set_parking(self, max_parked, idle_timeout):
+        """Idle kept-alive connections workers hand back (MSG_PARK) wait in the loop,
+        at most max_parked (0 = off: dispatched at once), and are closed after
+        idle_timeout seconds (csrc/park.c). OSError(EBUSY) to resize while some are parked."""
+        max_parked, ms = _api.check_parking(max_parked, idle_timeout)
+        _check(_lib.pf_dispatcher_set_parking(self._h(), max_parked, ms))
 
     # -- the loop -------------------------------------------------------------
     def run(self, timeout=None):

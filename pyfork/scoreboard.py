@@ -1,4 +1,4 @@
-"""The shared scoreboard: one 192-byte line per worker slot (Apache httpd's idea).
+"""The shared scoreboard: one 256-byte line per worker slot (Apache httpd's idea).
 
 Theory of operation: the dispatcher maps a MAP_SHARED|MAP_ANONYMOUS region of
 ``capacity * SLOT_SIZE`` bytes before the first fork, so every worker inherits the
@@ -37,11 +37,14 @@ from pyfork._api import SLOT_SIZE
 
 # pf_slot offsets (bytes): closed 0, handled 8, heartbeat_ns 16,
 # busy_since_ns 24, active 32, pid 36, want_credit 40, capacity 44, taken 48,
-# fresh 56, fresh_ms 60, started_sum_ns 64, duration_sum_ns 72, duration_le[14] 80..191.
-# As indexes into the u64 and u32 views of one line:
+# fresh 56, fresh_ms 60, started_sum_ns 64, duration_sum_ns 72, duration_le[14] 80..191,
+# park_off 192 (then reserved to 255). As indexes into the u64 and u32 views of one line:
 _Q_CLOSED, _Q_HANDLED, _Q_HEARTBEAT, _Q_BUSY_SINCE, _Q_TAKEN = 0, 1, 2, 3, 6
 _Q_STARTED_SUM, _Q_DURATION_SUM, _Q_DURATION_LE = 8, 9, 10
 _I_ACTIVE, _I_PID, _I_WANT_CREDIT, _I_CAPACITY, _I_FRESH, _I_FRESH_MS = 8, 9, 10, 11, 14, 15
+# pf_slot.park_off as a u32 index into one line: the primary sets it when it stops, and a
+# worker then hands no connection back (pyfork/_pure/park.py, pyfork/worker/runtime.py).
+PARK_OFF_WORD = 48
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 # PF_SLOT_FRESH_MS (csrc/pyfork.h, where the number is explained): how long a taken
@@ -60,7 +63,7 @@ HIST_BUCKETS = len(HIST_BOUNDS_NS) + 1
 if sys.byteorder != "little":  # the layout is documented as little-endian
     raise ImportError("pyfork.scoreboard supports little-endian hosts only")
 
-__all__ = ["FRESH_MS", "SLOT_SIZE", "HIST_BOUNDS_NS", "HIST_BUCKETS", "Scoreboard", "SlotView"]
+__all__ = ["FRESH_MS", "PARK_OFF_WORD", "SLOT_SIZE", "HIST_BOUNDS_NS", "HIST_BUCKETS", "Scoreboard", "SlotView"]
 
 
 class Scoreboard:

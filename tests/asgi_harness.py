@@ -42,6 +42,7 @@ class FakeRuntime:
 
     tick_interval = 1.0
     conn_family = None
+    parks = False       # no primary: park() hands nothing back
 
     def __init__(self, listen_sock: socket.socket, worker_id: int = 1, nodelay: bool = True,
                  events_fd: int = -1):
@@ -102,6 +103,9 @@ class FakeRuntime:
 
     def closed(self, n: int = 1) -> None:
         self.closed_count += n
+
+    def park(self, fds) -> int:
+        return 0
 
     def request_started(self) -> None:
         self.started += 1

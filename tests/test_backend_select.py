@@ -54,7 +54,7 @@ def test_import_pyfork_is_lazy(tmp_path):
             " if m in sys.modules]\n"
             "assert not heavy, heavy\n"
             "assert pyfork.backend.name('python') == 'python'\n"
-            "assert pyfork.scoreboard.SLOT_SIZE == 192\n")
+            "assert pyfork.scoreboard.SLOT_SIZE == 256\n")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
@@ -77,9 +77,9 @@ def test_import_pyfork_is_lazy(tmp_path):
 
 
 def test_backend_interface(backend):
-    assert backend.MAX_FDS == 32 and backend.MAX_PAYLOAD == 65536 and backend.SLOT_SIZE == 192
+    assert backend.MAX_FDS == 32 and backend.MAX_PAYLOAD == 65536 and backend.SLOT_SIZE == 256
     assert (backend.MSG_CONN, backend.MSG_READY, backend.MSG_CREDIT, backend.MSG_DRAIN,
-            backend.MSG_USER, backend.MSG_CTL) == (1, 2, 3, 4, 5, 6)
+            backend.MSG_USER, backend.MSG_CTL, backend.MSG_PARK) == (1, 2, 3, 4, 5, 6, 7)
     assert (backend.STATE_FREE, backend.STATE_SPAWNING, backend.STATE_READY,
             backend.STATE_DRAINING, backend.STATE_GONE) == (0, 1, 2, 3, 4)
     assert backend.Message._fields == ("type", "arg", "payload", "fds")

@@ -70,7 +70,7 @@ def test_send_limits(backend):
         with pytest.raises(OSError) as ei:
             backend.send_msg(a.fileno(), backend.MSG_CONN, 0, b"", [0] * (backend.MAX_FDS + 1))
         assert ei.value.errno == errno.EMSGSIZE
-        for bad in (0, 7, 99):
+        for bad in (0, backend.MSG_PARK + 1, 99):
             with pytest.raises(OSError) as ei:
                 backend.send_msg(a.fileno(), bad)
             assert ei.value.errno == errno.EINVAL
@@ -140,7 +140,7 @@ GARBAGE = {
     "short": lambda n: hdr(nfds=n)[:10],
     "bad-magic": lambda n: hdr(nfds=n, magic=0xDEADBEEF),
     "bad-type-0": lambda n: hdr(type=0, nfds=n),
-    "bad-type-7": lambda n: hdr(type=7, nfds=n),
+    "bad-type-8": lambda n: hdr(type=8, nfds=n),
     "len-too-big": lambda n: hdr(nfds=n, length=10) + b"12345",
     "len-too-small": lambda n: hdr(nfds=n, length=2) + b"12345",
     "nfds-mismatch": lambda n: hdr(nfds=n + 1),

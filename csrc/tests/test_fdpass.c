@@ -174,8 +174,8 @@ static void test_payload_roundtrip(void)
     CHECK_EQ(hdr.len, 3);
     CHECK(memcmp(buf, "abc", 3) == 0);
 
-    /* No payload, no buffer. Every type 1..6 is legal. */
-    for (uint32_t t = PF_MSG_CONN; t <= PF_MSG_CTL; t++) {
+    /* No payload, no buffer. Every type 1..7 is legal. */
+    for (uint32_t t = PF_MSG_CONN; t <= PF_MSG_PARK; t++) {
         CHECK_OK(pf_send_msg(sv[0], t, t * 10, NULL, 0, NULL, 0));
         CHECK_EQ(pf_recv_msg(sv[1], &hdr, NULL, 0, NULL, 0), 0);
         CHECK_EQ(hdr.type, t);
@@ -213,7 +213,7 @@ static void test_send_validation(void)
 
     before = counted_pair(sv);
     CHECK_EQ(pf_send_msg(sv[0], 0, 0, NULL, 0, NULL, 0), -EINVAL);
-    CHECK_EQ(pf_send_msg(sv[0], 7, 0, NULL, 0, NULL, 0), -EINVAL);
+    CHECK_EQ(pf_send_msg(sv[0], PF_MSG_PARK + 1, 0, NULL, 0, NULL, 0), -EINVAL);
     CHECK_EQ(pf_send_msg(sv[0], 0x10001, 0, NULL, 0, NULL, 0), -EINVAL);
     CHECK_EQ(pf_send_msg(sv[0], PF_MSG_USER, 0, big, PF_MAX_PAYLOAD + 1, NULL, 0), -EMSGSIZE);
     CHECK_EQ(pf_send_msg(sv[0], PF_MSG_CONN, 0, NULL, 0, many, PF_MAX_FDS + 1), -EMSGSIZE);
@@ -382,7 +382,7 @@ static void test_bad_header_fields(void)
     /*            magic         type         nfds len plen sent cap maxfds */
     expect_badmsg(0xdeadbeef,   PF_MSG_CONN, 1,   0,  0,  1, 64, 4);  /* magic */
     expect_badmsg(PF_MSG_MAGIC, 0,           0,   0,  0,  0, 64, 4);  /* type 0 */
-    expect_badmsg(PF_MSG_MAGIC, 7,           1,   0,  0,  1, 64, 4);  /* type 7 */
+    expect_badmsg(PF_MSG_MAGIC, PF_MSG_PARK + 1, 1, 0, 0, 1, 64, 4);  /* type 8 */
     expect_badmsg(PF_MSG_MAGIC, PF_MSG_USER, 0,  10,  5,  0, 64, 4);  /* len > sent */
     expect_badmsg(PF_MSG_MAGIC, PF_MSG_USER, 1,   5, 10,  1, 64, 4);  /* len < sent */
     /* A lying length bigger than the caller's cap is still a lie, not

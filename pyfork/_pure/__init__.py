@@ -41,11 +41,12 @@ class (see internal.py):
   dispatch.py       csrc/dispatch.c       Dispatcher: lifetime and tables
   dispatch_send.py  csrc/dispatch_send.c  pending ring, rr/least, batched sends
   dispatch_loop.py  csrc/dispatch_loop.c  run(): accept triage, EMFILE, credits, drain
+  park.py           csrc/park.c           idle kept-alive connections parked until readable
 Constants, Message, Event and the argument checks are pyfork._api's.
 """
 
 from pyfork._api import (
-    MAX_FDS, MAX_PAYLOAD, MSG_CONN, MSG_CREDIT, MSG_CTL, MSG_DRAIN, MSG_READY, MSG_USER,
+    MAX_FDS, MAX_PAYLOAD, MSG_CONN, MSG_CREDIT, MSG_CTL, MSG_DRAIN, MSG_PARK, MSG_READY, MSG_USER,
     PUBLIC_NAMES as _PUBLIC_NAMES, SLOT_SIZE, STATE_DRAINING, STATE_FREE, STATE_GONE,
     STATE_READY, STATE_SPAWNING, Event, Message,
 )

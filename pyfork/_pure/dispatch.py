@@ -27,7 +27,7 @@ from pyfork._api import (
     MAX_FDS, MSG_CONN, SLOT_SIZE, STATE_DRAINING, STATE_FREE, STATE_GONE, STATE_READY,
     STATE_SPAWNING, index_arg, u32_arg,
 )
-from pyfork._pure import dispatch_loop
+from pyfork._pure import dispatch_loop, park
 from pyfork._pure.dispatch_send import flush
 from pyfork._pure.fdpass import recv_on
 from pyfork._pure.internal import (
@@ -312,6 +312,7 @@ class Dispatcher:
         if psock is not None:
             got = _recover(d, psock)
             psock.close()
+        park.salvage(d, sock)   # connections it handed back, not yet read
         sock.close()
         return got
 
@@ -323,6 +324,14 @@ class Dispatcher:
         d.accepting = False  # the next turn takes them out of the poll set
         for lst in d.listeners:
             lst.at_eagain = False
+
+    def set_parking(self, max_parked, idle_timeout):
+        """Idle kept-alive connections workers hand back (MSG_PARK) wait in the loop,
+        at most max_parked (0 = off: dispatched at once), and are closed after
+        idle_timeout seconds (park.py). OSError(EBUSY) to resize while some are parked."""
+        d = self._h()
+        max_parked, ms = _api.check_parking(max_parked, idle_timeout)
+        park.set_parking(d, max_parked, ms)
 
     # -- the loop -------------------------------------------------------------
     def run(self, timeout=None):
@@ -337,6 +346,7 @@ class Dispatcher:
         st = dict(d.st)
         st["pending"] = len(d.pend)
         st["accepting"] = 1 if d.accepting and d.listeners else 0
+        st.update(park.stats(d))
         return st
 
     def worker_stats(self, slot):
@@ -366,6 +376,7 @@ class Dispatcher:
         d.by_chan.clear()
         close_all(fd for fd, _ in d.pend)
         d.pend.clear()
+        park.close_all_parked(d)    # parked connections are idle: closed
         for lst in d.listeners:
             lst.sock.detach()  # the caller's fd
         d.listeners = []

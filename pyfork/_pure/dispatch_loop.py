@@ -10,8 +10,10 @@ stalled, the next take-back of prefetched connections (dispatch_send.py).
 Readiness is handled per kind:
   listener   accept until EAGAIN or accept_batch, then flush to workers;
              EMFILE/ENFILE spend the reserve fd on one connection, then pause;
-  channel    EPOLLOUT clears "busy"; CREDIT messages are eaten here; any
-             other message is left unread and reported; EOF = HANGUP;
+  channel    EPOLLOUT clears "busy"; CREDIT messages are eaten here, PARK
+             messages parked (park.py); any other message is left unread and
+             reported; EOF = HANGUP;
+  parked     a parked connection's next request: to the ring (park.py);
   watch      reported with the caller's tag.
 Everything is level-triggered, so anything left comes back next turn. run(d,
 timeout) is the one function other modules call; all of them take the
@@ -25,8 +27,9 @@ import socket
 import time
 
 from pyfork._api import (
-    ACCEPT_CONTINUE, ACCEPT_DEAD, ACCEPT_FD_EXHAUSTED, MAX_FDS, MSG_CREDIT, Event,
+    ACCEPT_CONTINUE, ACCEPT_DEAD, ACCEPT_FD_EXHAUSTED, MAX_FDS, MSG_CREDIT, MSG_PARK, Event,
 )
+from pyfork._pure import park
 from pyfork._pure.dispatch_send import chan_events, clear_retry, flush, mark_gone, take_back_due
 from pyfork._pure.fdpass import HDR, HDR_SIZE, MSG_MAGIC, recv_on
 from pyfork._pure.internal import (
@@ -209,6 +212,9 @@ def _read_chan(d, s):
             if magic == MSG_MAGIC and mtype == MSG_CREDIT:
                 _eat_credit(w.sock)
                 continue
+            if magic == MSG_MAGIC and mtype == MSG_PARK:
+                park.recv(d, w.sock)
+                continue
         # Anything else is the caller's to recv_msg; left in the channel.
         _emit(d, "message", s, 0)
         return
@@ -254,6 +260,7 @@ def _tick(d, now):
     if d.pause_until and now >= d.pause_until:
         d.pause_until = 0.0
     take_back_due(d)
+    park.tick(d, now)
     if d.pend:
         flush(d)
     _reserve_open(d)  # after the flush freed what it could
@@ -269,7 +276,7 @@ def _wait(d, now, deadline):
     if d.more:
         return 0
     w = -1 if deadline is None else max(0.0, deadline - now)
-    for t in (d.pause_until, d.recheck_at, d.takeback_at):
+    for t in (d.pause_until, d.recheck_at, d.takeback_at, park.due(d)):
         if t and (w < 0 or t - now < w):
             w = max(0.0, t - now)
     # Stalled with someone who could take: poll for freed room, not spin.
@@ -304,6 +311,8 @@ def run(d, timeout):
                 lst = find_listener(d, fd)
                 if lst is not None:
                     _on_listener(d, lst)
+                elif park.is_parked(d, fd):
+                    park.on_event(d, fd, events)
                 else:
                     _on_watch(d, fd)
             now = time.monotonic()

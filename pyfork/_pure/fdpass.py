@@ -17,7 +17,7 @@ import struct
 from array import array
 
 from pyfork._api import (
-    MAX_FDS, MAX_PAYLOAD, MSG_CONN, MSG_CTL, Message, index_arg, ranged_arg, u32_arg,
+    MAX_FDS, MAX_PAYLOAD, MSG_CONN, MSG_PARK, Message, index_arg, ranged_arg, u32_arg,
 )
 from pyfork._pure.internal import borrow_fd, close_all, oserror
 
@@ -35,7 +35,7 @@ def _pack(type, arg, payload, fds):
     type = index_arg("type", type)
     arg = u32_arg("arg", arg)
     payload = memoryview(payload).cast("B")
-    if not MSG_CONN <= type <= MSG_CTL:
+    if not MSG_CONN <= type <= MSG_PARK:
         raise oserror(errno.EINVAL)
     if payload.nbytes > MAX_PAYLOAD or len(fds) > MAX_FDS:
         raise oserror(errno.EMSGSIZE)
@@ -92,7 +92,7 @@ def _parse(data, anc, flags, max_fds):
         if len(data) < HDR_SIZE:
             raise oserror(errno.EBADMSG)
         magic, mtype, nfds, length, arg = HDR.unpack_from(data)
-        if magic != MSG_MAGIC or not MSG_CONN <= mtype <= MSG_CTL:
+        if magic != MSG_MAGIC or not MSG_CONN <= mtype <= MSG_PARK:
             raise oserror(errno.EBADMSG)
         if length > MAX_PAYLOAD or length != len(data) - HDR_SIZE or nfds != len(fds):
             raise oserror(errno.EBADMSG)

@@ -126,7 +126,7 @@ class State:
         "cfg", "least", "pause_s", "ep", "reserve", "reserve_wanted", "map", "view", "board",
         "slots", "workers", "by_chan", "hi", "n_ready", "rr_next", "n_hup", "listeners",
         "watches", "pend", "accepting", "stopping", "drained", "drained_unreported",
-        "more", "pause_until", "recheck_at", "n_behind", "takeback_at", "out", "st")
+        "more", "pause_until", "recheck_at", "n_behind", "takeback_at", "out", "st", "park")
 
     def __init__(self, cfg, least):
         self.cfg = cfg
@@ -157,7 +157,9 @@ class State:
         self.takeback_at = 0.0      # earliest take-back due (monotonic s), 0 = none
         self.out = None             # the run call's event list
         self.st = dict.fromkeys(("accepted", "dispatched", "redispatched", "busy_skips",
-                                 "fd_exhaustion", "accept_errors", "dropped", "wakeups"), 0)
+                                 "fd_exhaustion", "accept_errors", "dropped", "wakeups",
+                                 "parks", "unparks", "park_closed"), 0)
+        self.park = None            # park.Parking once set_parking sized it
 
 
 def find_listener(d, fd):

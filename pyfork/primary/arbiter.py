@@ -54,6 +54,8 @@ from pyfork.primary.tally import Tally
 from pyfork.primary.wakeup import Wakeup
 
 log = logging.getLogger("pyfork.arbiter")
+# Parked idle connections at most (--keep-alive with rr/least; csrc/park.c): 1.5 MiB of table.
+PARK_TABLE_MAX = 65536
 
 EXIT_OK, EXIT_INTERNAL, EXIT_STARTUP, EXIT_GAVE_UP = 0, 1, 2, 3
 TAG_WAKEUP = 0                           # the control socket uses tags >= 1 (pyfork.primary.control)
@@ -257,6 +259,10 @@ class Arbiter:
         self.capacity = min(4096, max(256, 4 * cfg.workers + 8))
         disp_policy = cfg.policy if cfg.policy in ("rr", "least") else "rr"
         self.disp = self.backend.Dispatcher(self.capacity, policy=disp_policy, max_watch=64)
+        if cfg.keep_alive > 0 and cfg.policy in ("rr", "least"):
+            # Idle kept-alive connections a stuck worker hands back wait here (csrc/park.c)
+            # for at most --keep-alive, as they would have in the worker.
+            self.disp.set_parking(self._park_table_size(), cfg.keep_alive)
         from pyfork.scoreboard import Scoreboard
         self.board = Scoreboard(self.disp.scoreboard, self.capacity)
         self.free_phys = list(range(self.capacity - 1, -1, -1))
@@ -266,6 +272,14 @@ class Arbiter:
         self.wake = Wakeup()
         self.disp.watch(self.wake.r, TAG_WAKEUP)
         self.channels = WorkerChannels(self.backend, self.events, self._feed)
+
+    def _park_table_size(self) -> int:
+        """Parked connections the primary may hold: half its fd limit (the other half is for
+        its own fds: two per worker channel, listeners, the pending ring), at most
+        PARK_TABLE_MAX (24 bytes an entry). Beyond it a handed-back connection goes to a
+        worker at once (csrc/park.c)."""
+        soft = self.nofile.soft if self.nofile is not None else 1024
+        return min(PARK_TABLE_MAX, soft // 2)
 
     # ---- the loop --------------------------------------------------------------------
     def run(self) -> int:

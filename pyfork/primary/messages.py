@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import struct
 import time
 from typing import Callable, Optional
 
@@ -30,6 +32,7 @@ from pyfork.primary import lifecycle as P
 
 log = logging.getLogger("pyfork.arbiter")   # the primary's log, wherever the line comes from
 
+_HDR = struct.Struct("<IHHII")           # pf_msg_hdr (csrc/pyfork.h): magic, type, nfds, len, arg
 MAX_MSGS_PER_EVENT = 256                 # fairness: messages read from one channel per wakeup
 
 
@@ -66,7 +69,25 @@ class WorkerChannels:
         """Reads what worker ``wid`` sent on ``chan``. Returns True when the channel hung
         up (the worker is exiting: reap soon)."""
         b = self.backend
+        peek = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, chan)
+        try:
+            return self._read(wid, chan, handle, peek)
+        finally:
+            peek.detach()           # the channel is the dispatcher's
+
+    def _read(self, wid: int, chan: int, handle: WorkerHandle, peek) -> bool:
+        b = self.backend
         for _ in range(MAX_MSGS_PER_EVENT):
+            # MSG_PARK carries connections the dispatcher parks itself (csrc/park.c): leave
+            # it in the channel for the dispatcher's loop, which reports what follows it.
+            try:
+                head = peek.recv(_HDR.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                head = b""          # recv_msg below says what it is
+            if len(head) == _HDR.size and _HDR.unpack(head)[1] == b.MSG_PARK:
+                return False
             try:
                 msg = b.recv_msg(chan, 0)
             except (BlockingIOError, InterruptedError):

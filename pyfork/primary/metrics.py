@@ -76,6 +76,9 @@ class StatusCollector:
                                   value=disp.get("accepted", 0))
         yield GaugeMetricFamily("pyfork_dispatch_pending", "Connections accepted and not yet sent to a worker",
                                 value=disp.get("pending", 0))
+        yield GaugeMetricFamily("pyfork_parked_connections", "Idle kept-alive connections parked in the "
+                                "primary until their next request (handed back by a worker stuck in a "
+                                "long request)", value=disp.get("parked", 0))
         yield CounterMetricFamily("pyfork_backpressure", "Times a worker was skipped because it was full",
                                   value=disp.get("busy_skips", 0))
         yield CounterMetricFamily("pyfork_fd_exhaustion", "accept() failures for lack of file descriptors "

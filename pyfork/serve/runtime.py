@@ -53,6 +53,11 @@ class Runtime(Protocol):
     connection; False when the interface must set it itself (a response written in two parts
     would otherwise wait for the client's delayed ACK, ~40 ms)."""
 
+    parks: bool
+    """True when park() can hand connections back (a primary dispatches them: the rr and
+    least policies); False when park() always returns 0, so the interface need not prepare
+    for it (no timer per request)."""
+
     conn_family: Optional[int]
     """The address family (socket.AF_INET, AF_INET6, AF_UNIX) of every connection take() and
     take_fds() hand out, or None when it is not one family (listeners of mixed families). An
@@ -87,6 +92,17 @@ class Runtime(Protocol):
     def closed(self, n: int = 1) -> None:
         """Reports `n` connections from take()/take_fds() as closed (back-pressure: the
         primary sends a worker at most a bounded number of open connections)."""
+
+    def park(self, fds: List[int]) -> int:
+        """Hands idle kept-alive connections back to the primary, which watches them and sends
+        each one's next request to a worker that can start it (csrc/park.c): what a worker stuck
+        in a long request does so that its other connections do not wait for it. An fd given
+        here must have no request bytes the interface has read and not answered (bytes still in
+        the kernel travel with the fd, so pipelined requests keep their order). Returns k: the
+        first k fds were handed over; the interface closes its sockets for them and does not
+        report them with closed() (park() accounted for them); it keeps the rest. 0 when the
+        runtime cannot park now (`parks` false, draining, the channel full). Safe to call from
+        a signal handler in the main thread: it never blocks and never logs."""
 
     def request_started(self) -> None:
         """A request began on some connection (the scoreboard's busy count; `least` reads it).

@@ -37,6 +37,33 @@ has sent nothing yet, nor one closing). A request whose head completes while N o
 in progress gets `503 Service Unavailable` with `Connection: close` at once, before the
 application or a `100 Continue`; the count is kept per transition in settle() and close().
 
+Parking (issue 10): a kept-alive connection lives on one worker, and this worker runs one
+request at a time, so while a request runs long the worker's other idle connections would
+wait for it. When a request is still running PARK_AFTER after it started, those connections
+are handed back to the primary (rt.park, MSG_PARK), which watches them and sends each one's
+next request to a worker that can start it (csrc/park.c). Only a connection with nothing
+buffered here may leave (bytes still in the kernel travel with the fd, so pipelined requests
+keep their order); one with buffered bytes, output queued, a request in progress, or closing
+stays. The hand-back must run while the main thread is inside the application, so it runs
+in a SIGALRM handler: Python runs it in the main thread between two bytecodes (a blocking
+sleep or select in the application is interrupted and resumed, PEP 475; the handler is
+installed with SA_RESTART so other system calls of C extensions are restarted, not failed
+with EINTR). The timer is lazy, because a setitimer pair per request measured ~6 us here
+(load average 9; several % of the ~100 us of CPU a hello-world keep-alive request costs): a
+request that starts while this worker holds another connection arms it only if it is not
+armed already, and nothing disarms it; when it fires, the handler parks if the request running then has run PARK_AFTER, re-arms for the rest
+if a younger one runs, and otherwise stays unarmed. Under steady keep-alive load that is one
+timer and one signal per PARK_AFTER, not per request; keep-alive off, or one connection,
+costs nothing. The races, and why each is harmless: the handler acts only while `running`
+names the connection in the application (a signal handled after the request ended finds
+None); `running_since` is written before `running`, so a handler in between sees the old
+request at worst, a false alarm that parks idle connections early, which is still correct;
+the application's frames touch only its own connection, so the handler may change the
+others, the connection table and the selector under it; a parked connection is marked
+closed, which the loop already checks for events left in a batch; the handler never logs
+(the application may hold the logging lock) and never raises into the application. Not used
+when the application installed its own SIGALRM handler.
+
 Expect: 100-continue: since the body is read before the application runs, `100 Continue` is
 sent as soon as the head is accepted (and not when the body is too large: 413 instead).
 
@@ -61,6 +88,7 @@ wsgi_adapter is the application side (environ, start_response, the body iterable
 import inspect
 import select
 import selectors
+import signal
 import socket
 import time
 
@@ -74,6 +102,14 @@ NAME = "wsgi"
 # Requests a worker runs at once: one, inline (the dispatcher sends a connection only to a
 # worker that can start it now, so none waits here behind a slow request).
 CAPACITY = 1
+
+# A request still running this long parks the worker's idle kept-alive connections. A light
+# request takes well under 1 ms of application time here (hello world: p99 <= 0.05 ms,
+# bench/README.md "Mixed load"), so 2 ms marks a slow one without reacting to noise; a false
+# alarm costs ~11 us of system calls per connection parked (bench/park_cost.c) and a primary
+# round trip for its next request, so parking on every response would cost ~10 % of
+# keep-alive throughput: only on demand.
+PARK_AFTER = 0.002
 
 RECV_SIZE = 65536
 LINGER_MAX = 1 << 20             # bytes discarded after an error response before giving up
@@ -164,6 +200,10 @@ class Server:
         self.limit = conn_limits.limit_concurrency if conn_limits is not None else 0
         self.no_keep_alive = conn_limits is not None and conn_limits.keep_alive == 0
         self.in_progress = 0                     # connections with a request in progress
+        self.running = None                      # the connection in the application (parking)
+        self.running_since = 0.0                 # ... since (monotonic)
+        self.timer_armed = False                 # the park timer is set
+        self.parks = rt.parks and not self.no_keep_alive and self.install_park_timer()
 
     # -- loop -------------------------------------------------------------------------------
     def run(self):
@@ -205,11 +245,81 @@ class Server:
                     self.sweep(now)
                     next_sweep = now + self.sweep_every
         finally:
+            if self.parks:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
             for conn in list(self.conns.values()):
                 self.close(conn)
             sel.close()
             if self.access is not None:
                 self.access.close()          # a graceful stop loses no line
+
+    # -- parking (see the module docstring) ----------------------------------------------
+    def install_park_timer(self):
+        """True when the SIGALRM handler is ours (not in the main thread, or the application
+        has its own: no parking)."""
+        try:
+            handler = signal.getsignal(signal.SIGALRM)
+            if (handler not in (signal.SIG_DFL, None)
+                    and getattr(handler, "__func__", None) is not Server.on_park_timer):
+                return False
+            signal.signal(signal.SIGALRM, self.on_park_timer)
+            signal.siginterrupt(signal.SIGALRM, False)
+        except ValueError:
+            return False
+        return True
+
+    def step(self, conn, gen):
+        """next(gen) of conn's respond() generator, which runs the application: with the park
+        timer armed while this worker holds other connections that could wait behind it."""
+        if not self.parks or len(self.conns) < 2:
+            return next(gen)
+        self.running_since = time.monotonic()
+        self.running = conn
+        if not self.timer_armed:
+            self.timer_armed = True
+            signal.setitimer(signal.ITIMER_REAL, PARK_AFTER)
+        try:
+            return next(gen)
+        finally:
+            self.running = None
+
+    def on_park_timer(self, signum, frame):
+        self.timer_armed = False
+        running = self.running
+        if running is None:
+            return                 # no request runs: stay unarmed until one starts
+        try:
+            left = self.running_since + PARK_AFTER - time.monotonic()
+            if left > 0:           # a younger request than the one that armed us
+                self.timer_armed = True
+                signal.setitimer(signal.ITIMER_REAL, left)
+                return
+            self.park_idle(running)
+        except Exception:          # noqa: BLE001 -- never into the application; no logging here
+            pass
+
+    def park_idle(self, running):
+        """Hands every idle connection but `running` back to the primary; returns how many."""
+        idle = [c for c in self.conns.values()
+                if c is not running and c.busy_since is None and c.reader.idle and not c.out
+                and c.resume is None and not c.closing and not c.linger and not c.counted
+                and c.proxy is None and not c.closed]
+        if not idle:
+            return 0
+        k = self.rt.park([c.fd for c in idle])
+        for conn in idle[:k]:
+            # Handed over: ours no more. Marked closed (events left in a batch are skipped);
+            # not reported with rt.closed(): park() accounted for it.
+            conn.closed = conn.dead = True
+            del self.conns[conn.fd]
+            if conn.events:
+                try:
+                    self.sel.unregister(conn.fd)
+                except (KeyError, ValueError):
+                    pass
+            conn.sock.close()
+        return k
 
     def check_drain(self):
         if self.draining or not self.rt.draining:
@@ -225,6 +335,8 @@ class Server:
 
     def sweep(self, now):
         for conn in [c for c in self.conns.values() if c.deadline <= now]:
+            if conn.closed:
+                continue                         # parked or closed by an earlier one
             if (conn.reader.idle and not conn.out and conn.resume is None and not conn.linger
                     and not conn.closing):
                 # A request may have arrived while the application held the loop; it is
@@ -380,7 +492,7 @@ class Server:
             if event is COMPLETE:
                 gen = respond(self, conn, req)
                 try:
-                    next(gen)
+                    self.step(conn, gen)
                 except StopIteration:
                     conn.busy_since = None       # response done: timers restart in settle()
                     continue
@@ -517,7 +629,7 @@ class Server:
         gen = conn.resume
         if gen is not None and not conn.dead:
             try:
-                next(gen)
+                self.step(conn, gen)
                 self.settle(conn)
                 return
             except StopIteration:

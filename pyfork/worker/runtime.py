@@ -53,6 +53,7 @@ import time
 from typing import Callable, List, Optional
 
 from pyfork import _api
+from pyfork.scoreboard import PARK_OFF_WORD
 from pyfork.serve import connlimits
 
 log = logging.getLogger("pyfork.worker")
@@ -232,6 +233,7 @@ class Worker:
 
     tick_interval = 1.0
     tcp_nodelay = True    # sockets from take() have TCP_NODELAY already (the dispatcher sets it); see Runtime
+    parks = True          # rr/least: the primary parks connections we hand back (False for shared/reuseport)
 
     def __init__(self, *, wid: int, slot: int, chan: int, backend, board_slot, policy: str = "rr",
                  listeners=(), max_requests: int = 0, primary_pid: Optional[int] = None,
@@ -246,6 +248,8 @@ class Worker:
         self._board = board_slot
         self._policy = policy
         self._self_accept = policy in ("shared", "reuseport")
+        if self._self_accept:
+            self.parks = False
         self._max_requests = max_requests
         self._recycle_sent = False
         self._ready_sent = False
@@ -275,6 +279,8 @@ class Worker:
         self._request_done = writer.request_finished     # true: the primary wants a CREDIT
         self._conn_taken = writer.conn_taken
         self._capacity = NO_CAPACITY
+        # park(): pf_slot.park_off, the primary's "stopping: hand nothing back" (PARK_OFF_WORD).
+        self._line_words = board_slot.line.cast("B").cast("I")
         # Per take(): a backend Receiver (set up once; None, not BlockingIOError, when empty).
         self._recv = backend.Receiver(chan).recv
         if self._self_accept:
@@ -351,6 +357,34 @@ class Worker:
             self._send(self._b.MSG_CREDIT, wait=0.0)
         if self._self_accept and not self._listening:
             self._resume_accepting(time.monotonic())
+
+    def park(self, fds: List[int]) -> int:
+        """Hands idle connections back to the primary (MSG_PARK, up to MAX_FDS a message):
+        the first k of fds, k returned; see Runtime.park. Non-blocking and silent because the
+        WSGI interface calls it from a SIGALRM handler while the application runs: a full
+        channel keeps the rest here. Counted as closed on our line (they left this worker)."""
+        if not self.parks or self.draining or not fds or self._line_words[PARK_OFF_WORD]:
+            return 0
+        b = self._b
+        max_fds = b.MAX_FDS
+        k = 0
+        while k < len(fds):
+            batch = fds[k:k + max_fds]
+            try:
+                b.send_msg(self._chan, b.MSG_PARK, 0, b"", batch)
+            except OSError:
+                break           # EAGAIN (full), EPIPE (primary gone: tick() finds out)
+            k += len(batch)
+        if k:
+            self._open -= k
+            if self._writer.conn_closed(k):
+                # The primary asked for a CREDIT; a parked connection frees no room to
+                # start a request, but the flag is cleared now, so answer it.
+                try:
+                    b.send_msg(self._chan, b.MSG_CREDIT)
+                except OSError:
+                    pass        # full: the primary is reading us anyway (10 ms recheck)
+        return k
 
     def request_started(self) -> None:     # replaced per instance in __init__
         self._writer.request_started()

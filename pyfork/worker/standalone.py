@@ -26,6 +26,7 @@ class StandaloneRuntime:
 
     tick_interval = 1.0
     tcp_nodelay = True    # take() sets TCP_NODELAY on TCP sockets, as the dispatcher does
+    parks = False         # no primary to hand connections back to
 
     def __init__(self, listen_sock: socket.socket, id: int = 0, backend: Optional[str] = None):
         self.id = id
@@ -73,6 +74,9 @@ class StandaloneRuntime:
 
     def closed(self, n: int = 1) -> None:
         self.closed_count += n
+
+    def park(self, fds: List[int]) -> int:
+        return 0
 
     def request_started(self) -> None:
         self.started += 1
