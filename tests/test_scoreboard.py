@@ -32,7 +32,7 @@ def test_scoreboard_layout_and_sharing(backend, procs):
             sv.conn_closed(3)
 
         assert os.waitstatus_to_exitcode(procs.wait(procs.fork(child))) == 0
-        assert SLOT_SIZE == 192 and HIST_BUCKETS == 14
+        assert SLOT_SIZE == 256 and HIST_BUCKETS == 14
         raw = bytes(d.scoreboard[2 * SLOT_SIZE:3 * SLOT_SIZE])
         closed, handled, hb, busy, active, pid, want = struct.unpack_from("<QQQQIII", raw)
         assert (closed, handled, active, pid, want) == (3, 1, 1, 4242, 0)
