@@ -237,9 +237,11 @@ class Arbiter:
     def _check_app(self) -> None:
         from pyfork import applib
         try:
-            applib.check_app(self.cfg.app, self.cfg.interface)
+            iface = applib.check_app(self.cfg.app, self.cfg.interface)
         except applib.AppImportError as e:
             raise StartupError(str(e)) from None
+        if iface is not None:
+            worker_boot.preload(iface)     # what its workers import, shared copy-on-write
 
     def _bind(self) -> None:
         self.listeners = Listeners(self.backend, self.cfg.policy, self.cfg.backlog)
