@@ -504,6 +504,7 @@ class Arbiter:
             worker_abort=self.worker_abort, title=f"pyfork: worker {wid} {self._app_name()}",
             run_as=(cfg.uid, cfg.gid) if cfg.uid is not None or cfg.gid is not None else None)
         flush_output()     # or the child would write the primary's buffered output again
+        worker_boot.freeze_before_fork()   # the child's GC leaves the inherited objects alone
         try:
             pid = os.fork()
         except OSError as e:
