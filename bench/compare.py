@@ -2,7 +2,8 @@
 
 Theory of operation: each server in the list (pyfork: every policy x backend;
 the bare-C floor; gunicorn sync and gthread; uvicorn --workers; Node cluster
-RR and SCHED_NONE) serves bench/hello_app.py (node_cluster.js for Node) on
+RR and SCHED_NONE; granian WSGI and ASGI; the stdlib-loop ASGI pair, uvicorn
+--loop asyncio and pyfork ASGI with PYFORK_UVLOOP=0) serves bench/hello_app.py (node_cluster.js for Node) on
 loopback with the same number of workers. All servers are started first and
 stay up (an idle server costs nothing); the load scenarios then run in
 interleaved rounds across servers, so drift on a shared machine hits every
@@ -32,7 +33,7 @@ bench/compare_report.py). Ratios compare servers measured in the same minutes on
 shared 2-core machine, even interleaved: run twice and read the spread.
 
 Usage: python bench/compare.py [--duration 2] [--rounds 3] [--workers 2]
-       [--peers pyfork,floor,gunicorn,uvicorn,node] [--scenarios ...] [--quick]
+       [--peers pyfork,floor,gunicorn,uvicorn,node,granian,stdloop] [--scenarios ...] [--quick]
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ from compare_scenarios import (calibrate, run_close, run_fairness, run_keepalive
                                run_memory, run_recovery, run_tail, summarize_rounds,
                                summarize_tail)
 
-ALL_PEERS = ("pyfork", "floor", "gunicorn", "uvicorn", "node")
+ALL_PEERS = ("pyfork", "floor", "gunicorn", "uvicorn", "node", "granian", "stdloop")
 ALL_SCENARIOS = ("close", "keepalive", "memory", "fairness", "tail", "recovery", "mixed", "conns")
 FULL = {"close", "keepalive", "memory", "fairness", "tail"}
 BASELINE = "pyfork rr c"
@@ -152,9 +153,79 @@ def build_specs(args) -> tuple[list[Spec], list[str]]:
                 env = {**os.environ, "WORKERS": w, "NODE_CLUSTER_SCHED_POLICY": pol}
                 scen = sc(*FULL, "recovery") if pol == "rr" else sc(*FULL)
                 specs.append(Spec(label, "node", ["node", js], env, scen, impl="node"))
+    if "granian" in args.peers:
+        granian_specs(args, specs, skipped)
+    if "stdloop" in args.peers:
+        stdloop_specs(args, specs, skipped)
     if args.only:
         specs = [s for s in specs if any(o in s.name for o in args.only)]
     return specs, skipped
+
+
+def granian_specs(args, specs: list, skipped: list) -> None:
+    """granian (Rust/hyper, one process per worker) serving the same app as WSGI and ASGI.
+    Its defaults otherwise (ASGI on uvloop when installed, as pyfork's and uvicorn's)."""
+    if importlib.util.find_spec("granian") is None:
+        skipped.append("granian: skipped, not installed (pip install granian)")
+        return
+    want = set(args.scenarios)
+    for interface, target in (("wsgi", "hello_app:app"), ("asgi", "hello_app:asgi")):
+        specs.append(Spec(
+            f"granian {interface}", "granian",
+            [sys.executable, "-m", "granian", "--interface", interface, "--workers", str(args.workers),
+             "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning", "--no-access-log",
+             target], benchlib.python_env(), {"close", "keepalive", "memory"} & want))
+
+
+def stdloop_specs(args, specs: list, skipped: list) -> None:
+    """The ASGI pair on asyncio's own loop (what `pip install uvicorn` gives without
+    uvloop): uvicorn --loop asyncio, and pyfork's ASGI interface with PYFORK_UVLOOP=0
+    (pyfork.serve.aio.loop_factory)."""
+    want = {"close", "keepalive", "memory"} & set(args.scenarios)
+    w = str(args.workers)
+    if importlib.util.find_spec("uvicorn") is None:
+        skipped.append("stdloop: skipped, uvicorn not installed (pip install uvicorn)")
+        return
+    be = args.backends[0] if args.backends else "c"
+    if "pyfork" in args.peers and not benchlib.backend_available(be):
+        specs.append(Spec(
+            f"pyfork asgi rr {be} asyncio-loop", "pyfork",
+            [sys.executable, "-m", "pyfork", "serve", "hello_app:asgi", "--interface", "asgi",
+             "--policy", "rr", "--backend", be, "-w", w, "-b", "127.0.0.1:{port}"],
+            benchlib.python_env({"PYFORK_UVLOOP": "0"}), want, note="PYFORK_UVLOOP=0"))
+    specs.append(Spec("uvicorn asyncio-loop", "uvicorn",
+                      [sys.executable, "-m", "uvicorn", "hello_app:asgi", "--workers", w, "--host",
+                       "127.0.0.1", "--port", "{port}", "--log-level", "warning", "--no-access-log",
+                       "--loop", "asyncio"], benchlib.python_env(), want, note="--loop asyncio"))
+
+
+# (label, pyfork server, peer server): the pairs issue 17 asks about, printed as ratios
+# of the same run under the report's tables.
+PEER_PAIRS = (
+    ("WSGI, pyfork / granian", "pyfork rr {be}", "granian wsgi"),
+    ("ASGI, pyfork / granian", "pyfork asgi rr {be}", "granian asgi"),
+    ("ASGI on asyncio's loop, pyfork / uvicorn", "pyfork asgi rr {be} asyncio-loop", "uvicorn asyncio-loop"),
+)
+
+
+def peer_ratios(results, args) -> str:
+    """Markdown: `Connection: close` and keep-alive req/s ratios of PEER_PAIRS and worker USS,
+    the median of the per-round ratios (compare_report.ratio)."""
+    be = args.backends[0] if args.backends else "c"
+    lines = ["## Peer pairs (issue 17)", "",
+             "| pair | close × | keep-alive × | worker USS MB (pyfork / peer) |", "|---|---:|---:|---:|"]
+    for label, ours, peer in PEER_PAIRS:
+        ours = ours.format(be=be)
+        if ours not in results or peer not in results:
+            continue
+        cells = []
+        for scen in ("close", "keepalive"):
+            r = compare_report.ratio(results, ours, peer, scen, "rps")
+            cells.append("-" if r is None else f"{r:.2f}×")
+        mem = [(results[n].get("memory") or {}).get("worker_uss_kb") for n in (ours, peer)]
+        cells.append(" / ".join("-" if m is None else f"{m / 1024:.1f}" for m in mem))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n" + "\n".join(lines) + "\n" if len(lines) > 4 else ""
 
 
 def start(spec: Spec, args) -> benchlib.Server:
@@ -360,7 +431,7 @@ def main(argv=None) -> int:
     if args.scenarios == ["mixed"]:
         md = compare_mixed.markdown(results, meta)
     else:
-        md = compare_report.markdown(results, meta)
+        md = compare_report.markdown(results, meta) + peer_ratios(results, args)
         try:
             compare_report.plot(results, meta, args.out + ".png")
         except ImportError as e:

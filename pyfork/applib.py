@@ -130,17 +130,18 @@ def validate_app(spec: str):
     return app
 
 
-def check_app(app, interface: str) -> None:
+def check_app(app, interface: str):
     """Primary side, before any fork: the app imports (when given as "module:attr") and
-    ``interface`` can serve it. Raises AppImportError with a one-line message."""
+    ``interface`` can serve it. Returns that interface's module (None when the
+    interfaces are not installed). Raises AppImportError with a one-line message."""
     if isinstance(app, str):
         app = validate_app(app)
     try:
         import pyfork.serve
     except ImportError:  # interfaces not installed: the worker reports it
-        return
+        return None
     try:
-        pyfork.serve.resolve(app, interface)
+        return pyfork.serve.resolve(app, interface)
     except ImportError as e:
         raise AppImportError(f"interface {interface!r} is not available: {e}") from None
     except ValueError as e:

@@ -239,9 +239,11 @@ class Arbiter:
     def _check_app(self) -> None:
         from pyfork import applib
         try:
-            applib.check_app(self.cfg.app, self.cfg.interface)
+            iface = applib.check_app(self.cfg.app, self.cfg.interface)
         except applib.AppImportError as e:
             raise StartupError(str(e)) from None
+        if iface is not None:
+            worker_boot.preload(iface)     # what its workers import, shared copy-on-write
 
     def _bind(self) -> None:
         self.listeners = Listeners(self.backend, self.cfg.policy, self.cfg.backlog)
@@ -519,6 +521,7 @@ class Arbiter:
             worker_abort=self.worker_abort, title=f"pyfork: worker {wid} {self._app_name()}",
             run_as=(cfg.uid, cfg.gid) if cfg.uid is not None or cfg.gid is not None else None)
         flush_output()     # or the child would write the primary's buffered output again
+        worker_boot.freeze_before_fork()   # the child's GC leaves the inherited objects alone
         try:
             pid = os.fork()
         except OSError as e:

@@ -20,7 +20,8 @@ What pyfork adds to uvicorn's protocol, in a subclass made once per worker:
   * `connection_made` does what uvicorn's does with the addresses the transport
     saved instead of a socket object and two syscalls per connection
     (asgi_protocol.connection_made); responses that end with a close go out corked
-    (asgi_protocol.corked): head, body and FIN in one TCP segment.
+    (asgi_protocol.corked): head, body and FIN in one TCP segment, on uvloop and on
+    asyncio's own loop alike.
 On uvloop, connections are taken as bare fds (`rt.take_fds()`, `aio.AcceptedFd`):
 no socket object is built and detached per connection.
 Every second the Date header is refreshed, as uvicorn's `Server.on_tick` does.
@@ -152,6 +153,25 @@ def make_config(app, rt: Runtime, limits=None):
     )
     config.load()
     return config
+
+
+def preload() -> None:
+    """Primary side, before the first fork (pyfork.worker.boot.preload): imports what every
+    ASGI worker imports while it sets up: uvicorn's Config, loaded as make_config loads it
+    (its protocol, lifespan and WebSocket modules), and the event loop's module. Workers
+    then share those pages copy-on-write instead of each importing its own: measured with
+    the demo after 2,000 requests, worker USS 13.5 -> 4.9 MB, primary RSS 25.2 -> 32.6 MB
+    (the pages it now holds are the workers' too: with 2 workers 52 -> 42 MB in all, and
+    each further worker saves ~8.6 MB). Nothing here calls the app or opens an fd."""
+    from uvicorn.config import Config
+
+    async def probe(scope, receive, send):   # never called: Config.load() only wraps it
+        pass
+
+    Config(app=lambda: probe, factory=True, interface="asgi3", http=_http_protocol_name(),
+           lifespan="auto", log_config=None, access_log=False, proxy_headers=False).load()
+    import uvicorn.server  # noqa: F401 - ServerState, in every worker
+    aio.loop_factory()     # imports uvloop when it will be used
 
 
 def _refresh_default_headers(config, state) -> None:
@@ -395,10 +415,13 @@ class _Worker:
         self.conn_family = rt.conn_family
         self.takes_fds = (aio.is_uvloop(loop) and self.conn_family is not None and not self.nodelay
                           and not self.edge.proxy_protocol and self.tls_context is None)
-        # TCP_CORK for responses that end with a close (asgi_protocol.corked): TCP fds from
-        # take_fds, and httptools' protocol.
+        # TCP_CORK for responses that end with a close (asgi_protocol.corked): TCP
+        # connections from pyfork's runtime (bare fds on uvloop, sockets on asyncio's loop),
+        # not behind a PROXY header nor TLS (the record layer writes for itself), and
+        # httptools' protocol.
         self.tcp_cork = None
-        if (self.takes_fds and self.conn_family in (socket.AF_INET, socket.AF_INET6)
+        if (not self.nodelay and not self.edge.proxy_protocol and self.tls_context is None
+                and self.conn_family in (socket.AF_INET, socket.AF_INET6)
                 and hasattr(self.config.http_protocol_class, "on_headers_complete")):
             self.tcp_cork = rt.tcp_cork
         self.protocol_class = self._make_protocol_class(self.config.http_protocol_class)
@@ -461,6 +484,13 @@ class _Worker:
             aio.adopt_socket(self.loop, self.connect_tasks, sock, wrapper,
                              lambda _wrapper: self.report_closed(protocol), self.nodelay)
             return
+        if self.tcp_cork is not None:     # asyncio's loop: as adopt_fd does on uvloop
+            fd = sock.fileno()
+            try:
+                self.tcp_cork(fd, True)
+                protocol._pf_cork_fd = fd
+            except OSError:
+                pass    # not corked: served as usual
         aio.adopt_socket(self.loop, self.connect_tasks, sock, protocol, self.report_closed, self.nodelay)
 
     def adopt_fd(self, fd: int) -> None:

@@ -32,6 +32,7 @@ module only gets a child from the fork to its interface.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -118,6 +119,37 @@ def _hygiene(spec) -> Optional[int]:
     if os.getppid() != spec.primary_pid:
         os._exit(EXIT_ORPHANED)
     return family
+
+
+def preload(interface) -> None:
+    """Primary side, once before the first fork: the interface module's `preload()`, when it
+    has one, imports what each of its workers would import after the fork, so the workers
+    share those pages (copy-on-write) instead of each holding a private copy. A failure
+    here is not the primary's: the worker that needs the module reports it."""
+    pre = getattr(interface, "preload", None)
+    if pre is None:
+        return
+    try:
+        pre()
+    except Exception as e:  # noqa: BLE001 - optional saving; workers import (and report) anyway
+        log.debug("preload for %s skipped: %r", getattr(interface, "NAME", interface), e)
+
+
+def freeze_before_fork() -> None:
+    """Primary side, just before each fork: gc.freeze() moves every object the primary
+    holds to the collector's permanent generation, in the primary and so in the child.
+
+    Why: a full collection in a worker walks every object it tracks and writes to each
+    one's GC header, so the first one copies every inherited page that holds an object:
+    the pages preload() and the primary's imports share become the worker's own. Measured
+    (2 workers, wrk -c32 `Connection: close`): the demo over ASGI after 30,000 requests,
+    worker USS 9.3 -> 5.3 MB; the bench app after 60,000, 12.6 -> 5.7 MB on uvloop and
+    12.8 -> 6.4 MB on asyncio's loop; after 2,000 requests (no full collection yet), and
+    for WSGI (no cyclic garbage, so no full collection), it changes nothing. Frozen objects
+    are never collected in the primary either: what is garbage there at the fork stays, a
+    small one-off (the primary's loop runs in C and makes little). Python's gc docs
+    recommend this before fork for the same reason."""
+    gc.freeze()
 
 
 def _install_signals(w: Worker) -> None:
