@@ -478,6 +478,11 @@ def validate_edge(*, proxy_protocol=False, proxy_allow_from=LOOPBACK, proxy_time
             "health_path": health_path, "drain_delay": float(drain_delay)}
 
 
+# --cert-reqs: pyfork.serve.tls.CERT_REQS's names, and gunicorn's numbers for them.
+_CERT_REQS = ("none", "optional", "required")
+_CERT_REQS_NUMBERS = {"0": "none", "1": "optional", "2": "required"}
+
+
 def validate_tls(*, certfile=None, keyfile=None, ca_certs=None, ssl_ciphers=None, cert_reqs="none") -> dict:
     """The TLS options (issue 14), checked by building the server's SSLContext once here in
     the primary (pyfork.serve.tls; the workers build their own); a dict of Settings fields."""
@@ -486,11 +491,10 @@ def validate_tls(*, certfile=None, keyfile=None, ca_certs=None, ssl_ciphers=None
         if val is not None and (not isinstance(val, str) or not val):
             raise ConfigError(f"bad --{name.replace('_', '-')} {val!r}: expected a "
                               f"{'cipher string' if name == 'ssl_ciphers' else 'path'}")
-    from pyfork.serve import tls
     if cert_reqs is None:
         cert_reqs = "none"
-    cert_reqs = tls.CERT_REQS_NUMBERS.get(str(cert_reqs).strip(), str(cert_reqs).strip().lower())
-    cert_reqs = _choice("cert_reqs", cert_reqs, tuple(tls.CERT_REQS))
+    cert_reqs = _CERT_REQS_NUMBERS.get(str(cert_reqs).strip(), str(cert_reqs).strip().lower())
+    cert_reqs = _choice("cert_reqs", cert_reqs, _CERT_REQS)
     off = dict(certfile=None, keyfile=None, ca_certs=None, ssl_ciphers=None, cert_reqs="none")
     if certfile is None:
         given = [n for n, v in (("keyfile", keyfile), ("ca_certs", ca_certs), ("ssl_ciphers", ssl_ciphers))
@@ -502,6 +506,7 @@ def validate_tls(*, certfile=None, keyfile=None, ca_certs=None, ssl_ciphers=None
         raise ConfigError(f"--cert-reqs {cert_reqs} needs --ca-certs (the CAs client certificates must chain to)")
     # Absolute: the workers read the files again, after a --chdir.
     certfile, keyfile, ca_certs = (None if p is None else os.path.abspath(p) for p in (certfile, keyfile, ca_certs))
+    from pyfork.serve import tls     # here: ssl costs a primary without TLS ~5 MB of RSS
     cfg = tls.TLSConfig(certfile, keyfile, ca_certs, ssl_ciphers, cert_reqs)
     try:
         tls.check(cfg)

@@ -12,7 +12,8 @@ function (asyncio would take it if asked first) and a plain `def app(a, b)` coul
 be WSGI or raw, so ASGI goes first, then asyncio, then WSGI; `raw` has a signature
 indistinguishable from WSGI (two positional parameters), so it is never guessed.
 
-Modules are imported lazily: `resolve()` only imports what it tries, so a worker
+Modules are imported lazily: `resolve()` guesses with pyfork.serve.detect's signature
+tests and imports only the module that matched, so a worker
 serving WSGI never imports uvicorn and a missing optional dependency (uvicorn for
 asgi) only matters to the apps that need it.
 """
@@ -59,16 +60,17 @@ def resolve(app, name: str = "auto") -> ModuleType:
     declared = getattr(app, "pyfork_interface", None)
     if isinstance(declared, str):
         return load(declared)
+    from .detect import GUESSABLE
     for candidate in AUTO_ORDER:
+        if not GUESSABLE[candidate](app):
+            continue
         try:
-            module = load(candidate)
+            return load(candidate)      # only the interface that matched is imported
         except ImportError:
             # An interface whose dependency is missing (uvicorn for asgi) cannot serve
             # the app anyway; the next one may. If none matches, the error below says
             # what the app should look like.
             continue
-        if module.detect(app):
-            return module
     raise ValueError(
         f"cannot tell how to serve {app!r}: it matches no interface. Accepted signatures: "
         f"{ACCEPTED_SIGNATURES}. Pass --interface to choose one explicitly."

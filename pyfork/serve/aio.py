@@ -34,7 +34,7 @@ import socket
 import threading
 
 from . import aio_proxy, edge, tls
-from .detect import async_callable, positional_params
+from .detect import is_asyncio_handler
 from .runtime import Runtime
 
 NAME = "asyncio"
@@ -48,10 +48,7 @@ DRAIN_POLL = 0.05  # s; how often a draining worker checks whether it is done (o
 
 # --------------------------------------------------------------------------- detection
 
-def detect(app) -> bool:
-    """True for a coroutine function taking exactly two parameters (reader, writer)."""
-    target = async_callable(app)
-    return target is not None and positional_params(target) == 2
+detect = is_asyncio_handler     # pyfork.serve.detect: guessing imports only the winner
 
 
 # --------------------------------------------------------------------------- loop plumbing

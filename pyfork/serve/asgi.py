@@ -87,7 +87,7 @@ import time
 from email.utils import formatdate
 
 from . import accesslog, aio, aio_proxy, asgi_protocol, connlimits, edge, forwarded, health, inflight, tls
-from .detect import async_callable, positional_params
+from .detect import is_asgi
 from .runtime import Runtime
 
 NAME = "asgi"
@@ -99,10 +99,7 @@ DRAIN_POLL = aio.DRAIN_POLL
 
 # --------------------------------------------------------------------------- detection
 
-def detect(app) -> bool:
-    """True for an ASGI 3 app: async callable taking (scope, receive, send)."""
-    target = async_callable(app)
-    return target is not None and positional_params(target) == 3
+detect = is_asgi     # pyfork.serve.detect: guessing imports only the interface that wins
 
 
 # --------------------------------------------------------------------------- uvicorn setup

@@ -26,9 +26,8 @@ import re
 import ssl
 from typing import NamedTuple, Optional
 
+# --cert-reqs names (pyfork.config checks them, and takes gunicorn's numbers for them too).
 CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
-# gunicorn's --cert-reqs takes the ssl module's numbers; the same numbers are accepted here.
-CERT_REQS_NUMBERS = {"0": "none", "1": "optional", "2": "required"}
 # Seconds a client has to complete the handshake (asyncio's default is 60; a real client
 # needs one or two round trips, so 10 s only cuts connections that send nothing).
 HANDSHAKE_TIMEOUT = 10.0

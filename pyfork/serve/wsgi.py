@@ -85,18 +85,22 @@ Layout: this module is the loop (connections, reading, writing, timers, draining
 wsgi_adapter is the application side (environ, start_response, the body iterable).
 """
 
-import inspect
 import select
 import selectors
 import signal
 import socket
 import time
 
-from . import accesslog, connlimits, edge, forwarded, health, http1, tls
+from . import accesslog, connlimits, edge, forwarded, health, http1
 from .http1 import COMPLETE, HEAD, NEED_DATA, HttpError, Limits, RequestReader, error_response
 from .proxyproto import ProxyHeaderError
+from .detect import is_wsgi
 from .runtime import Runtime
 from .wsgi_adapter import FileWrapper, base_environ, conn_environ, respond  # noqa: F401 - re-exported
+
+# pyfork.serve.tls, imported by the first worker that serves --certfile: ssl costs every
+# process that imports it ~5 MB of RSS, and the primary imports this module to check the app.
+tls = None
 
 NAME = "wsgi"
 # Requests a worker runs at once: one, inline (the dispatcher sends a connection only to a
@@ -118,18 +122,7 @@ _ACCEPT, _WAKEUP = object(), object()
 _R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
-def detect(app):
-    """A plain callable taking two positional arguments (environ, start_response), not async."""
-    if not callable(app):
-        return False
-    if (inspect.iscoroutinefunction(app) or inspect.isasyncgenfunction(app)
-            or inspect.iscoroutinefunction(getattr(app, "__call__", None))):
-        return False
-    try:
-        inspect.signature(app).bind(None, None)
-    except (TypeError, ValueError):
-        return False
-    return True
+detect = is_wsgi     # pyfork.serve.detect: guessing imports only the interface that wins
 
 
 def serve(app, rt: Runtime, limits=None):
@@ -192,7 +185,11 @@ class Server:
         self.sweep_every = max(0.02, min(0.5, shortest / 4))
         self.tick_every = min(rt.tick_interval, 1.0) / 2
         self.base_env = base_environ()
-        self.tls_context = tls.server_context(self.edge.tls)     # None: plain TCP
+        self.tls_context = None                  # plain TCP
+        if self.edge.tls is not None:
+            global tls
+            from . import tls
+            self.tls_context = tls.server_context(self.edge.tls)
         if self.tls_context is not None:
             self.base_env["wsgi.url_scheme"] = "https"
         self.access = accesslog.for_worker()     # None when --access-log is off
