@@ -96,11 +96,16 @@ def _issue(d, name, ca, ext, cn="localhost"):
 def _make_ca(d, name):
     _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
              "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN=pyfork test {name}",
-             cwd=d)
+             # What a strict verifier (Python >= 3.13's default VERIFY_X509_STRICT) wants of a CA.
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-addext", "subjectKeyIdentifier=hash", cwd=d)
 
 
-SERVER_EXT = "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
-CLIENT_EXT = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
+# keyUsage and the key identifiers: a strict verifier (Python >= 3.13) requires them.
+_LEAF_EXT = ("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+             "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
+SERVER_EXT = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n" + _LEAF_EXT
+CLIENT_EXT = "extendedKeyUsage=clientAuth\n" + _LEAF_EXT
 
 
 @pytest.fixture(scope="module")
