@@ -332,6 +332,9 @@ class _ProxiedWriter(asyncio.StreamWriter):
     def __init__(self, writer, protocol, reader, loop):
         super().__init__(writer.transport, protocol, reader, loop)
         self._pf_client = protocol.client
+        # Held, not dropped: since Python 3.13 a StreamWriter that is garbage collected
+        # closes its transport, which is also ours.
+        self._pf_original = writer
 
     def get_extra_info(self, name, default=None):
         if name == "peername":
