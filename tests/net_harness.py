@@ -171,3 +171,39 @@ def count_events(path, kind):
         if line.endswith("\n") and json.loads(line).get("kind") == kind:
             n += 1
     return n
+
+
+def installed_backend():
+    """"c" when the installed pyfork has its compiled core, else "python": the backend a
+    test that starts `pyfork serve` runs with."""
+    try:
+        import pyfork.backend
+        pyfork.backend.load("c")
+        return "c"
+    except ImportError:
+        return "python"
+
+
+def exchange(port, *parts, source="127.0.0.1", then_close=False, timeout=LIVENESS):
+    """Connects from `source` to 127.0.0.1:`port`, sends each part in its own write (and
+    half-closes with `then_close`); returns all the server sent before closing (a reset
+    ends it too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        for part in parts:
+            if part:
+                s.sendall(part)
+        if then_close:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from pyfork.serve.proxyproto import encode_v1, encode_v2
+from net_harness import exchange, installed_backend
 from supervisor_harness import Server
 
 APP = r'''
@@ -54,42 +55,8 @@ def app_dir(tmp_path):
 
 
 def serve(app_dir, interface, *args):
-    return Server(app_dir, "c" if _c_backend() else "python", "--interface", interface, *args,
+    return Server(app_dir, installed_backend(), "--interface", interface, *args,
                   app=f"edgeapp:{interface}", workers=1).start()
-
-
-def _c_backend():
-    try:
-        import pyfork.backend
-        pyfork.backend.load("c")
-        return True
-    except ImportError:
-        return False
-
-
-def exchange(port, data, source="127.0.0.1", then_close=False):
-    """Sends `data` from `source`; returns everything the server sent before closing."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(TIMEOUT)
-        s.bind((source, 0))
-        s.connect(("127.0.0.1", PORT[0]))
-        if data:
-            s.sendall(data)
-        if then_close:
-            s.shutdown(socket.SHUT_WR)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
-
-
-PORT = [0]
 
 
 def answer(raw):
@@ -105,7 +72,6 @@ def answer(raw):
 @pytest.mark.parametrize("interface", INTERFACES)
 def test_proxy_protocol_gives_the_app_the_real_client(app_dir, interface):
     with serve(app_dir, interface, "--proxy-protocol", "--proxy-timeout", "1") as srv:
-        PORT[0] = srv.port
         v1 = answer(exchange(srv.port, encode_v1(("192.0.2.7", 51000), ("10.0.0.1", 80)) + GET))
         assert (v1["addr"], v1["port"], v1["scheme"]) == ("192.0.2.7", 51000, "http")
         v2 = answer(exchange(srv.port, encode_v2(("2001:db8::5", 40000), ("2001:db8::1", 80)) + GET))
@@ -131,7 +97,6 @@ def test_proxy_protocol_gives_the_app_the_real_client(app_dir, interface):
 @pytest.mark.parametrize("interface", INTERFACES)
 def test_bad_or_missing_proxy_header_never_reaches_the_app(app_dir, interface):
     with serve(app_dir, interface, "--proxy-protocol", "--proxy-timeout", "0.5") as srv:
-        PORT[0] = srv.port
         assert exchange(srv.port, GET) == b""                                   # no header
         assert exchange(srv.port, b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n" + GET) == b""
         assert exchange(srv.port, encode_v2(("1.2.3.4", 1), ("5.6.7.8", 2))[:20], then_close=True) == b""
@@ -145,7 +110,6 @@ def test_bad_or_missing_proxy_header_never_reaches_the_app(app_dir, interface):
 @pytest.mark.parametrize("interface", INTERFACES)
 def test_proxy_header_from_a_peer_not_allowed_is_refused(app_dir, interface):
     with serve(app_dir, interface, "--proxy-protocol", "--proxy-allow-from", "127.0.0.2/32") as srv:
-        PORT[0] = srv.port
         header = encode_v1(("192.0.2.7", 51000), ("10.0.0.1", 80))
         assert exchange(srv.port, header + GET, source="127.0.0.1") == b""
         assert answer(exchange(srv.port, header + GET, source="127.0.0.2"))["addr"] == "192.0.2.7"
@@ -159,7 +123,6 @@ def test_forwarded_headers_only_from_trusted_peers(app_dir, interface):
     fwd = b"GET / HTTP/1.1\r\nHost: x\r\nForwarded: for=\"[2001:db8::7]:4711\";proto=https\r\n" \
           b"Connection: close\r\n\r\n"
     with serve(app_dir, interface, "--forwarded-allow-ips", "127.0.0.1/32,127.0.0.3") as srv:
-        PORT[0] = srv.port
         got = answer(exchange(srv.port, xff, source="127.0.0.1"))
         assert (got["addr"], got["port"], got["scheme"]) == ("203.0.113.8", 0, "https")
         got = answer(exchange(srv.port, fwd, source="127.0.0.3"))
@@ -168,7 +131,6 @@ def test_forwarded_headers_only_from_trusted_peers(app_dir, interface):
         assert (got["addr"], got["scheme"]) == ("127.0.0.2", "http")
     # With PROXY protocol, trust is judged on the client the header names.
     with serve(app_dir, interface, "--proxy-protocol", "--forwarded-allow-ips", "192.0.2.0/24") as srv:
-        PORT[0] = srv.port
         got = answer(exchange(srv.port, encode_v1(("192.0.2.1", 5), ("10.0.0.1", 80)) + xff))
         assert (got["addr"], got["scheme"]) == ("203.0.113.8", "https")
         got = answer(exchange(srv.port, encode_v1(("198.51.100.1", 5), ("10.0.0.1", 80)) + xff))

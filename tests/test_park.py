@@ -44,6 +44,11 @@ def _one_dispatched(e, n):
     return got[0][0], got[0][1][0]
 
 
+def _taken(e, slot):
+    """The fds waiting in slot's channel, read as its worker would."""
+    return [fd for m in e.take(slot) for fd in m]
+
+
 def _park(e, slot, fds):
     e.be.send_msg(e.ends[slot].fileno(), e.be.MSG_PARK, 0, b"", fds)
     for fd in fds:
@@ -81,7 +86,7 @@ def test_parked_connection_whose_client_closes_is_closed(backend):
         e.d.set_parking(16, 30)
         e.connect(2)
         e.pump_until_dispatched(2)
-        fds = [fd for m in e.take(0) for fd in m]
+        fds = _taken(e, 0)
         _park(e, 0, fds)
         _pump(e, lambda: e.d.stats()["parked"] == 2, "parked")
         e.clients[1].close()
@@ -101,7 +106,7 @@ def test_idle_timeout_closes_parked_connections(backend):
         e.d.set_parking(16, 0.05)
         e.connect(1)
         e.pump_until_dispatched(1)
-        _park(e, 0, [fd for m in e.take(0) for fd in m])
+        _park(e, 0, _taken(e, 0))
         _pump(e, lambda: e.d.stats()["park_closed"] == 1, "idle timeout")
         assert e.d.stats()["parked"] == 0
         assert e.clients[0].recv(10) == b""    # the client sees the close
@@ -114,10 +119,10 @@ def test_no_table_or_full_table_dispatches_at_once(backend):
     try:
         e.connect(3)
         e.pump_until_dispatched(3)
-        fds = [fd for m in e.take(0) for fd in m]
+        fds = _taken(e, 0)
         _park(e, 0, fds[:1])                    # parking off: straight back to a worker
         _pump(e, lambda: e.d.stats()["dispatched"] == 4, "re-dispatched")
-        (again,) = [fd for m in e.take(0) for fd in m]
+        (again,) = _taken(e, 0)
         e.d.set_parking(1, 30)
         _park(e, 0, [again] + fds[1:2])         # one entry: the second goes to a worker
         _pump(e, lambda: e.d.stats()["dispatched"] == 5, "the one that did not fit")
@@ -126,7 +131,7 @@ def test_no_table_or_full_table_dispatches_at_once(backend):
         with pytest.raises(OSError):            # resizing while one is parked: EBUSY
             e.d.set_parking(4, 30)
         e.d.set_parking(1, 10)                  # same size: only the timeout changes
-        for fd in [fd for m in e.take(0) for fd in m] + fds[2:]:
+        for fd in _taken(e, 0) + fds[2:]:
             os.close(fd)
     finally:
         e.close()
@@ -138,7 +143,7 @@ def test_parked_connections_go_back_to_workers_once_stopping(backend):
         e.d.set_parking(16, 30)
         e.connect(2)
         e.pump_until_dispatched(2)
-        _park(e, 0, [fd for m in e.take(0) for fd in m])
+        _park(e, 0, _taken(e, 0))
         _pump(e, lambda: e.d.stats()["parked"] == 2, "parked")
         e.clients[0].sendall(b"GET / HTTP/1.1\r\n\r\n")    # a request in flight
         e.d.stop_accepting()
@@ -149,7 +154,7 @@ def test_parked_connections_go_back_to_workers_once_stopping(backend):
               "drained")
         st = e.d.stats()
         assert (st["parked"], st["dispatched"], st["park_closed"]) == (0, 4, 0)
-        fds = [fd for m in e.take(0) for fd in m]
+        fds = _taken(e, 0)
         assert len(fds) == 2
         for fd in fds:
             os.close(fd)

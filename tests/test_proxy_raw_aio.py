@@ -7,11 +7,11 @@ The handler must get the client the header names (raw: `addr`; asyncio:
 or late header, or a peer outside --proxy-allow-from, closes the connection and the handler
 never runs (it counts its calls)."""
 import json
-import socket
 
 import pytest
 
 from pyfork.serve.proxyproto import encode_v1, encode_v2
+from net_harness import exchange, installed_backend
 from supervisor_harness import Server
 
 APP = r'''
@@ -45,28 +45,6 @@ GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 TIMEOUT = 20.0
 
 
-def exchange(port, *parts, source="127.0.0.1", then_close=False):
-    """Sends each part in its own write; returns all the server sent before closing."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(TIMEOUT)
-        s.bind((source, 0))
-        s.connect(("127.0.0.1", port))
-        for part in parts:
-            s.sendall(part)
-        if then_close:
-            s.shutdown(socket.SHUT_WR)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
-
-
 def answer(raw):
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), raw
@@ -75,17 +53,8 @@ def answer(raw):
 
 def serve(tmp_path, interface, *args):
     (tmp_path / "rawapp.py").write_text(APP)
-    return Server(tmp_path, "c" if _c_backend() else "python", "--proxy-protocol", "--interface", interface,
+    return Server(tmp_path, installed_backend(), "--proxy-protocol", "--interface", interface,
                   *args, app=APPS[interface], workers=1).start()
-
-
-def _c_backend():
-    try:
-        import pyfork.backend
-        pyfork.backend.load("c")
-        return True
-    except ImportError:
-        return False
 
 
 @pytest.mark.usefixtures("fd_guard")

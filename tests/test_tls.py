@@ -20,10 +20,10 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 
 import pytest
 
+from net_harness import installed_backend
 from supervisor_harness import Server, wait_until
 
 APP = r'''
@@ -133,18 +133,9 @@ def app_dir(tmp_path, pki):
 
 def serve(app_dir, kind, *args, workers=1):
     interface, app, env = INTERFACES.get(kind) or OTHER_INTERFACES[kind]
-    return Server(app_dir, "c" if _c_backend() else "python", "--interface", interface,
+    return Server(app_dir, installed_backend(), "--interface", interface,
                   "--certfile", "server.pem", "--keyfile", "server.key", *args,
                   app=app, env=env, workers=workers).start()
-
-
-def _c_backend():
-    try:
-        import pyfork.backend
-        pyfork.backend.load("c")
-        return True
-    except ImportError:
-        return False
 
 
 def client_context(pki, cert=None):
@@ -200,7 +191,7 @@ def _read_all(sock):
 @pytest.mark.parametrize("kind", INTERFACES)
 def test_verified_client_sees_https(app_dir, pki, kind):
     with serve(app_dir, kind) as srv:
-        assert f"Listening at https://" in srv.log()      # the URL a user would copy
+        assert "Listening at https://" in srv.log()      # the URL a user would copy
         ctx = client_context(pki)
         for path in ("/", "/two"):
             status, body, cert = https_get(srv.port, ctx, path)
