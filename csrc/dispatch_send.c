@@ -529,6 +529,11 @@ void pf__take_back_due(pf_dispatcher *d, uint64_t now)
     const uint64_t idle_age = (uint64_t)PF__TAKEBACK_IDLE_US * PF__NS_PER_US;
 
     d->takeback_ns = 0;
+    /* After DRAINED nothing may come back to the ring: every worker is about
+     * to drain, and it serves what waits in its channel before the DRAIN that
+     * follows it; a connection taken back now would find no worker. */
+    if (d->drained)
+        return;
     for (int s = 0; s < d->hi && d->n_behind > 0; s++) {
         pf__worker *w = &d->workers[s];
         uint64_t since, due, taken;

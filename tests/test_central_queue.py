@@ -330,3 +330,44 @@ def test_a_connection_queued_behind_a_request_that_became_long_is_served_by_anot
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_a_connection_prefetched_before_the_drain_stays_with_its_worker(backend, ends):
+    """A graceful stop reports DRAINED once every accepted connection is with a worker; the
+    workers are then told to drain and serve what waits in their channels first. A request
+    that runs long after DRAINED must not have its prefetched connections taken back: no
+    worker would take them from the primary any more (a client lost its request that way,
+    test_production_sigterm_drains_in_flight_requests)."""
+    e = ends(2)
+    w = [_writer(backend, e, s) for s in range(2)]
+    for s in range(2):
+        w[s].set_capacity(1)
+    held = []
+    try:
+        for i in range(2):
+            e.connect()
+            e.pump_until_dispatched(i + 1)
+        a, b = 0, 1
+        for s in (a, b):
+            held += [fd for m in e.take(s) for fd in m]
+            w[s].conn_taken(1)
+            w[s].request_started()
+        _busy_since(e, a, time.monotonic_ns() - 10**9)       # a: long past the prefetch age
+        _busy_since(e, b, time.monotonic_ns() + 2 * 10**9)   # b: young for now
+        e.connect(2)
+        e.pump_until_dispatched(4)
+        assert e.d.worker_stats(b)["sent"] == 3                # prefetched behind b's request
+        events = []
+        e.d.stop_accepting()
+        _pump_until(e, lambda: events.extend(e.d.run(0.01)) or any(ev.kind == "drained" for ev in events),
+                    "drained")
+        _busy_since(e, b, time.monotonic_ns() - 10**9)       # b's request turns long now
+        _pump(e, 0.1)
+        assert e.d.stats()["pending"] == 0
+        assert e.d.worker_stats(b)["sent"] == 3
+        got = [fd for m in e.take(b) for fd in m]
+        held += got
+        assert len(got) == 2                                   # both still in b's channel
+    finally:
+        for fd in held:
+            os.close(fd)

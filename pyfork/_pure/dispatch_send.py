@@ -342,8 +342,8 @@ def take_back_due(d):
     TAKEBACK_NS (or it has looked idle for TAKEBACK_IDLE_NS with them queued), and sets
     takeback_at to the next look (csrc/dispatch_send.c pf__take_back_due)."""
     d.takeback_at = 0.0
-    if not d.n_behind:
-        return
+    if not d.n_behind or d.drained:
+        return      # after DRAINED a connection taken back would find no worker to go to
     now = time.monotonic_ns()
     for s in range(d.hi):
         w = d.workers[s]
