@@ -414,6 +414,7 @@ static void pf__send_batch(pf_dispatcher *d, int s, int n)
         d->st.redispatched += (uint64_t)pf__pend_consume(d, n);
         d->st.dispatched += (uint64_t)n;
         w->sent += (uint64_t)n;
+        __atomic_store_n(&d->board[s].sent, w->sent, __ATOMIC_RELEASE);
         return;
     }
     d->st.busy_skips++;
@@ -490,6 +491,7 @@ static int pf__take_back_one(pf_dispatcher *d, int s, int *fds)
         return 0;
     }
     w->sent -= (uint64_t)n;     /* never reached the worker */
+    __atomic_store_n(&d->board[s].sent, w->sent, __ATOMIC_RELEASE);
     return n;
 }
 

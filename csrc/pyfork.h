@@ -130,7 +130,11 @@ typedef struct pf_slot {
     uint32_t park_off;      /* set by the primary once it is stopping: the worker hands
                                no more connections back (PF_MSG_PARK), park.c */
     uint32_t reserved32;
-    uint64_t reserved[7];
+    uint64_t sent;          /* connections the primary has put in this worker's channel
+                               (monotonic but for take-back), stored after each send:
+                               while sent > taken the worker still has work queued, so
+                               a finish or close frees no room and owes no CREDIT */
+    uint64_t reserved[6];
 } pf_slot;                  /* 256 bytes: four cache lines */
 
 /* The histogram's upper bounds in microseconds, Prometheus-style (1 ms .. 10 s),

@@ -38,8 +38,9 @@ from pyfork._api import SLOT_SIZE
 # pf_slot offsets (bytes): closed 0, handled 8, heartbeat_ns 16,
 # busy_since_ns 24, active 32, pid 36, want_credit 40, capacity 44, taken 48,
 # fresh 56, fresh_ms 60, started_sum_ns 64, duration_sum_ns 72, duration_le[14] 80..191,
-# park_off 192 (then reserved to 255). As indexes into the u64 and u32 views of one line:
-_Q_CLOSED, _Q_HANDLED, _Q_HEARTBEAT, _Q_BUSY_SINCE, _Q_TAKEN = 0, 1, 2, 3, 6
+# park_off 192, sent 200 (then reserved to 255). As indexes into the u64 and u32 views of one line:
+_Q_CLOSED, _Q_HANDLED, _Q_HEARTBEAT, _Q_BUSY_SINCE, _Q_TAKEN, _Q_SENT = 0, 1, 2, 3, 6, 25
+SENT_QWORD = _Q_SENT        # checked against the C struct by pyfork._core
 _Q_STARTED_SUM, _Q_DURATION_SUM, _Q_DURATION_LE = 8, 9, 10
 _I_ACTIVE, _I_PID, _I_WANT_CREDIT, _I_CAPACITY, _I_FRESH, _I_FRESH_MS = 8, 9, 10, 11, 14, 15
 # pf_slot.park_off as a u32 index into one line: the primary sets it when it stops, and a
@@ -63,7 +64,7 @@ HIST_BUCKETS = len(HIST_BOUNDS_NS) + 1
 if sys.byteorder != "little":  # the layout is documented as little-endian
     raise ImportError("pyfork.scoreboard supports little-endian hosts only")
 
-__all__ = ["FRESH_MS", "PARK_OFF_WORD", "SLOT_SIZE", "HIST_BOUNDS_NS", "HIST_BUCKETS", "Scoreboard", "SlotView"]
+__all__ = ["FRESH_MS", "PARK_OFF_WORD", "SENT_QWORD", "SLOT_SIZE", "HIST_BOUNDS_NS", "HIST_BUCKETS", "Scoreboard", "SlotView"]
 
 
 class Scoreboard:
@@ -116,8 +117,8 @@ class Scoreboard:
 class SlotView:
     """One worker's line. Worker-side writers, anyone-side readers."""
 
-    __slots__ = ("index", "_q", "_i", "_qb", "_ib",
-                 "_qc", "_qh", "_qhb", "_qbs", "_qt", "_ia", "_iw", "_qss", "_qds", "_qle", "_if", "_ifm")
+    __slots__ = ("index", "_q", "_i", "_qb", "_ib", "_qc", "_qh", "_qhb", "_qbs", "_qt", "_qs",
+                 "_ia", "_iw", "_qss", "_qds", "_qle", "_if", "_ifm")
 
     def __init__(self, board, index):
         self.index = index
@@ -128,7 +129,7 @@ class SlotView:
         # absolute indexes of the fields the worker writes per request/connection
         self._qc, self._qh = qb + _Q_CLOSED, qb + _Q_HANDLED
         self._qhb, self._qbs = qb + _Q_HEARTBEAT, qb + _Q_BUSY_SINCE
-        self._qt = qb + _Q_TAKEN
+        self._qt, self._qs = qb + _Q_TAKEN, qb + _Q_SENT
         self._ia, self._iw = ib + _I_ACTIVE, ib + _I_WANT_CREDIT
         self._qss, self._qds, self._qle = qb + _Q_STARTED_SUM, qb + _Q_DURATION_SUM, qb + _Q_DURATION_LE
         self._if, self._ifm = ib + _I_FRESH, ib + _I_FRESH_MS
@@ -270,11 +271,7 @@ class SlotView:
         qv[self._qhb] = now
         # active is written before want_credit is read: the primary sets
         # want_credit and then re-reads active, so one of the two sees the other.
-        w = self._iw
-        if iv[w]:
-            iv[w] = 0
-            return True
-        return False
+        return self._credit_wanted()
 
     def conn_closed(self, n=1):
         """Counts ``n`` closed connections. Returns True when the primary asked
@@ -288,11 +285,18 @@ class SlotView:
             iv[self._if] = fresh - n if fresh > n else 0
         # fresh and closed are written before want_credit is read (as in request_finished).
         qv[qc] = (qv[qc] + n) & _U64
-        w = self._iw
-        if iv[w]:
-            iv[w] = 0
-            return True
-        return False
+        return self._credit_wanted()
+
+    def _credit_wanted(self):
+        """After a store that frees room: True (and want_credit cleared) when the primary
+        asked for a CREDIT -- unless connections still wait in our channel (sent > taken):
+        then the room is not real, and the finish or close that leaves nothing queued sends
+        it (csrc/slot.c pf__credit_wanted says why a stale sent is safe)."""
+        w, iv, qv = self._iw, self._i, self._q
+        if not iv[w] or qv[self._qs] > qv[self._qt]:
+            return False
+        iv[w] = 0
+        return True
 
     def conn_taken(self, n=1):
         """Counts ``n`` connections read from the channel: no longer queued, but fresh
@@ -310,6 +314,21 @@ class SlotView:
         self._i[self._ib + _I_CAPACITY] = capacity & _U32
 
     # -- primary-side -------------------------------------------------------
+    @property
+    def sent(self):
+        """Connections the primary has put in this worker's channel (publish_sent)."""
+        return self._q[self._qs]
+
+    def queued(self):
+        """True while connections the primary sent wait in the channel (sent > taken):
+        a worker that has just finished one can read the next without polling first."""
+        q = self._q
+        return q[self._qs] > q[self._qt]
+
+    def publish_sent(self, sent):
+        """Primary: after each send to (or take-back from) this worker's channel."""
+        self._q[self._qs] = sent & _U64
+
     def request_credit(self):
         """Primary: ask this worker for a MSG_CREDIT on its next close."""
         self._i[self._ib + _I_WANT_CREDIT] = 1

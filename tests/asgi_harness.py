@@ -107,6 +107,9 @@ class FakeRuntime:
     def park(self, fds) -> int:
         return 0
 
+    def queued(self) -> bool:
+        return False
+
     def request_started(self) -> None:
         self.started += 1
         self.max_busy = max(self.max_busy, self.started - self.finished)

@@ -93,6 +93,35 @@ def test_slot_writer_matches_slotview(backend, procs):
         board.release()
 
 
+@pytest.mark.parametrize("writer_kind", ["backend", "slotview"])
+def test_no_credit_while_connections_wait_in_the_channel(backend, writer_kind):
+    # A worker that finishes a request or closes a connection while the primary has more
+    # queued in its channel (published sent > its taken) has no room to offer: it goes on
+    # to the next one, so it owes no CREDIT yet, and want_credit stays set for the finish
+    # that leaves nothing queued. Both writers: the C one (csrc/slot.c) and SlotView.
+    with backend.Dispatcher(2) as d:
+        board = Scoreboard(d.scoreboard, 2)
+        sv = board.slot(0)
+        writer = backend.SlotWriter(sv.line) if writer_kind == "backend" else board.slot(0)
+        sv.publish_sent(3)                       # the primary put three in the channel
+        writer.conn_taken(1)
+        writer.request_started()
+        sv.request_credit()
+        assert not writer.request_finished()     # two still queued: no room, no CREDIT
+        assert not writer.conn_closed(1)
+        assert sv.want_credit == 1 and sv.sent == 3
+        writer.conn_taken(2)                     # took the rest
+        writer.request_started()
+        writer.request_started()
+        assert sv.want_credit == 1
+        assert writer.request_finished()         # one still running, nothing queued: room
+        assert sv.want_credit == 0
+        sv.request_credit()
+        sv.publish_sent(2)                       # a take-back: sent below taken counts as none
+        assert writer.conn_closed(1) and sv.want_credit == 0
+        board.release()
+
+
 def _finish_after(board_buf, index, writer, ns):
     """Starts a request through ``writer``, moves its start ``ns`` back (the started_sum_ns
     field at byte 64 of the line), finishes it; returns the bucket it was counted in."""

@@ -250,6 +250,7 @@ def _send_batch(d, s, n):
         st["redispatched"] += sum(1 for _, r in batch if r)
         st["dispatched"] += len(batch)
         w.sent += len(batch)
+        d.slots[s].publish_sent(w.sent)
         return
     d.st["busy_skips"] += 1
     if code in (errno.EAGAIN, errno.EWOULDBLOCK):
@@ -333,6 +334,7 @@ def _take_back(d, s):
         if not fds:
             break
         got += fds
+    d.slots[s].publish_sent(w.sent)
     d.pend.extendleft((fd, True) for fd in reversed(got))
 
 

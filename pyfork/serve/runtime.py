@@ -104,6 +104,12 @@ class Runtime(Protocol):
         runtime cannot park now (`parks` false, draining, the channel full). Safe to call from
         a signal handler in the main thread: it never blocks and never logs."""
 
+    def queued(self) -> bool:
+        """True when take() has a connection ready for us without polling (the primary put
+        it in our channel), read from shared memory with no syscall: a sync interface that is
+        free again takes it at once instead of going back to its selector. False when the
+        runtime cannot tell (a shared listener): the interface polls as usual."""
+
     def request_started(self) -> None:
         """A request began on some connection (the scoreboard's busy count; `least` reads it).
         Runs once per request: implementations keep it to one call."""

@@ -116,6 +116,7 @@ CAPACITY = 1
 PARK_AFTER = 0.002
 
 RECV_SIZE = 65536
+TAKE_AGAIN = 8          # connections taken per wake-up while each is done at once (accept())
 LINGER_MAX = 1 << 20             # bytes discarded after an error response before giving up
 
 _ACCEPT, _WAKEUP = object(), object()
@@ -344,6 +345,16 @@ class Server:
             self.close(conn)
 
     def accept(self):
+        # A sync worker under load has its next connection queued already (the primary
+        # prefetches while it works): once this one is done and nothing else is open, take
+        # it at once rather than through another select() -- up to TAKE_AGAIN times, so the
+        # wake-up pipe and the timers are never put off for long.
+        for _ in range(TAKE_AGAIN):
+            self.accept_once()
+            if self.conns or self.draining or not self.rt.queued():
+                return
+
+    def accept_once(self):
         rt = self.rt
         socks = rt.take()
         if rt.draining:

@@ -314,6 +314,12 @@ class Worker:
             return self._take()               # sockets from our own accept()
         return self._sockets(self._take())    # fds from the channel
 
+    def queued(self) -> bool:
+        """True when connections the primary sent wait in our channel (a scoreboard read,
+        no syscall): a sync interface that is free again takes the next one without
+        going back to its selector."""
+        return self._board.queued()
+
     def take_fds(self) -> List[int]:
         """take(), with each connection as a bare fd that the caller now owns: for an
         interface that builds its own connection object (ASGI on uvloop), so no socket

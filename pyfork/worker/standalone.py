@@ -78,6 +78,9 @@ class StandaloneRuntime:
     def park(self, fds: List[int]) -> int:
         return 0
 
+    def queued(self) -> bool:
+        return False
+
     def request_started(self) -> None:
         self.started += 1
 
