@@ -31,6 +31,8 @@
 #include <stdint.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "pf_internal.h"
@@ -358,32 +360,72 @@ static void pf__tick(pf_dispatcher *d, uint64_t now)
     pf__emit_owed(d);
 }
 
-static int64_t pf__ms_until(uint64_t now, uint64_t t)
+/* ns from now until t (0 when due). */
+static int64_t pf__ns_until(uint64_t now, uint64_t t)
 {
-    return t <= now ? 0 : (int64_t)((t - now + PF__NS_PER_MS - 1) / PF__NS_PER_MS);
+    return t <= now ? 0 : (int64_t)(t - now);
 }
 
-/* Sleep until the earliest thing that needs us without the kernel's help. */
-static int pf__wait_ms(const pf_dispatcher *d, uint64_t now, uint64_t deadline)
+/* The earlier of a wait w (-1: none yet) and the time until t (0: unset). */
+static int64_t pf__sooner(int64_t w, uint64_t now, uint64_t t)
+{
+    int64_t u;
+
+    if (t == 0)
+        return w;
+    u = pf__ns_until(now, t);
+    return w < 0 || u < w ? u : w;
+}
+
+/* Sleep until the earliest thing that needs us without the kernel's help,
+ * in ns (-1: until an event). */
+static int64_t pf__wait_ns(const pf_dispatcher *d, uint64_t now, uint64_t deadline)
 {
     int64_t w = -1;
 
     if (d->more)
         return 0;
     if (deadline != UINT64_MAX)
-        w = pf__ms_until(now, deadline);
-    if (d->pause_until_ns != 0 && (w < 0 || pf__ms_until(now, d->pause_until_ns) < w))
-        w = pf__ms_until(now, d->pause_until_ns);
-    if (d->recheck_ns != 0 && (w < 0 || pf__ms_until(now, d->recheck_ns) < w))
-        w = pf__ms_until(now, d->recheck_ns);
-    if (d->takeback_ns != 0 && (w < 0 || pf__ms_until(now, d->takeback_ns) < w))
-        w = pf__ms_until(now, d->takeback_ns);
-    if (pf__park_due_ns(d) != 0 && (w < 0 || pf__ms_until(now, pf__park_due_ns(d)) < w))
-        w = pf__ms_until(now, pf__park_due_ns(d));
+        w = pf__ns_until(now, deadline);
+    w = pf__sooner(w, now, d->pause_until_ns);
+    w = pf__sooner(w, now, d->recheck_ns);
+    w = pf__sooner(w, now, d->takeback_ns);
+    w = pf__sooner(w, now, pf__park_due_ns(d));
     /* Stalled with someone who could take: poll for freed room, not spin. */
-    if (d->pcount > 0 && d->n_ready > 0 && (w < 0 || w > PF__RECHECK_MS))
-        w = PF__RECHECK_MS;
-    return w > INT_MAX ? INT_MAX : (int)w;
+    if (d->pcount > 0 && d->n_ready > 0 && (w < 0 || w > (int64_t)pf__ms_to_ns(PF__RECHECK_MS)))
+        w = (int64_t)pf__ms_to_ns(PF__RECHECK_MS);
+    return w;
+}
+
+/* epoll_wait with a timeout in ns (-1: none). epoll_wait counts whole ms,
+ * rounded up, so a take-back due in 1 ms ran 1-2 ms late and the light
+ * requests queued behind a slow one waited that long (issue 10's new-
+ * connection p99); epoll_pwait2 (Linux 5.11) takes a timespec. Called by
+ * number, as the manylinux2014 glibc has no wrapper; on an older kernel
+ * (ENOSYS) we fall back to ms for good. */
+#ifndef SYS_epoll_pwait2
+#define SYS_epoll_pwait2 441    /* the same on every architecture */
+#endif
+static int pf__epoll_wait_ns(int epfd, struct epoll_event *ev, int n, int64_t ns)
+{
+    static int no_pwait2;
+    struct timespec ts;
+    long rc;
+
+    if (ns > 0 && !no_pwait2) {
+        ts.tv_sec = (time_t)(ns / 1000000000);
+        ts.tv_nsec = (long)(ns % 1000000000);
+        rc = syscall(SYS_epoll_pwait2, epfd, ev, n, &ts, NULL, 0);
+        if (rc >= 0 || errno != ENOSYS)
+            return (int)rc;
+        no_pwait2 = 1;
+    }
+    if (ns > 0) {
+        int64_t ms = (ns + (int64_t)PF__NS_PER_MS - 1) / (int64_t)PF__NS_PER_MS;
+
+        return epoll_wait(epfd, ev, n, ms > INT_MAX ? INT_MAX : (int)ms);
+    }
+    return epoll_wait(epfd, ev, n, ns < 0 ? -1 : 0);
 }
 
 /* Returns the number of events (1..max_ev), 0 on timeout, or -errno. An
@@ -406,7 +448,7 @@ int pf_dispatcher_run(pf_dispatcher *d, int timeout_ms, pf_event *ev, int max_ev
         pf__tick(d, now);
         if (d->nout > 0 || (polled && now >= deadline))
             break;
-        n = epoll_wait(d->epfd, d->evbuf, d->evcap, pf__wait_ms(d, now, deadline));
+        n = pf__epoll_wait_ns(d->epfd, d->evbuf, d->evcap, pf__wait_ns(d, now, deadline));
         polled = 1;
         if (n < 0) {
             rc = errno == EINTR ? 0 : -errno;

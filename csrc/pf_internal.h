@@ -66,7 +66,7 @@
  * the primary then reads what waits behind it back through the worker's end
  * it holds (SEQPACKET: exactly one reader gets each message) for a worker
  * that can start it. While anything is prefetched the loop looks at least
- * every PF__TAKEBACK_US (rounded up to the 1 ms of epoll_wait). */
+ * every PF__TAKEBACK_US (to the us: dispatch_loop.c waits with epoll_pwait2). */
 #define PF__PREFETCH_MAX 8
 #define PF__PREFETCH_US 500
 #define PF__TAKEBACK_US 1000
