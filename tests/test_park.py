@@ -318,6 +318,54 @@ def test_kept_alive_connection_of_a_stuck_worker_is_served_by_the_other(app_dir,
         assert srv.wait() == 0
 
 
+def test_a_silent_connection_of_a_stuck_worker_is_served_by_the_other(app_dir, backend):
+    """A client that connects and sends its request later (a browser's preconnect, a client
+    that connects ahead): its connection is taken by a worker while silent. If that worker
+    then runs a long request, the silent connection is parked with the idle kept-alive ones,
+    so its request, when it comes, is answered by the other worker instead of waiting."""
+    argv, ctl = _serve_argv(app_dir, backend, 30)
+    with H.Server(app_dir, backend.BACKEND, argv=argv) as srv:
+        srv.start(ready=2)
+        silent = [socket.create_connection(("127.0.0.1", srv.port), timeout=LIVENESS)
+                  for _ in range(6)]
+        blocker = None
+        try:
+            # Both workers hold some of them (sent to each, none closed).
+            H.wait_until(lambda: all(w["inflight"] >= 1 for w in _status(ctl)["workers"])
+                         and sum(w["inflight"] for w in _status(ctl)["workers"]) == 6,
+                         what="the silent connections on both workers")
+            held = {w["pid"]: w["inflight"] for w in _status(ctl)["workers"]}
+            blocker = Client(srv.port)
+            blocker.send("/block")
+            H.wait_until(lambda: (app_dir / "blocked.pid").exists(), what="blocked")
+            stuck = int((app_dir / "blocked.pid").read_text())
+            H.wait_until(lambda: _parked(ctl) >= held[stuck], what="its silent connections parked")
+            # Every silent client now sends its request: all answered while one worker is
+            # still stuck, so none by it.
+            for s in silent:
+                s.sendall(b"GET /?s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            for s in silent:
+                data = b""
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                assert data.startswith(b"HTTP/1.1 200"), data
+                assert json.loads(data.partition(b"\r\n\r\n")[2]) == {
+                    "pid": pid_of_other({stuck: 0, **held}, stuck), "q": "s"}
+            assert not (app_dir / "release").exists()
+            (app_dir / "release").write_text("")
+            assert blocker.response() == {"pid": stuck, "q": ""}
+        finally:
+            for s in silent:
+                s.close()
+            if blocker is not None:
+                blocker.close()
+        srv.signal(2)
+        assert srv.wait() == 0
+
+
 def pid_of_other(by_pid, stuck):
     (other,) = [p for p in by_pid if p != stuck]
     return other
