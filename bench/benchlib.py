@@ -308,7 +308,7 @@ def run_wrk(port: int, duration: float, conns: int, threads: int = 2, close: boo
 
 def parse_wrk(out: str) -> dict:
     """Keys: requests, rps, errors (socket errors + non-2xx/3xx), socket_errors, non2xx,
-    lat_avg_us, p50_us/p99_us (with --latency), pids ({pid: count} from pidcount.lua), out."""
+    lat_avg_us, p50_us/p90_us/p99_us (with --latency), pids ({pid: count} from pidcount.lua), out."""
     res = {"requests": 0, "rps": 0.0, "errors": 0, "non2xx": 0, "out": out}
     m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     if m:
@@ -328,7 +328,7 @@ def parse_wrk(out: str) -> dict:
     m = re.search(r"Latency\s+([\d.]+)(us|ms|s)", out)
     if m:
         res["lat_avg_us"] = _to_us(*m.groups())
-    for pct, key in (("50", "p50_us"), ("99", "p99_us")):
+    for pct, key in (("50", "p50_us"), ("90", "p90_us"), ("99", "p99_us")):
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
         if m:
             res[key] = _to_us(*m.groups())
