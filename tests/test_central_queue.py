@@ -266,6 +266,31 @@ def test_an_idle_connection_does_not_hold_a_sync_worker(apps, backend):
         assert srv.wait() == 0
 
 
+def _prefetched_behind_b(backend, e, b_young_for_ns):
+    """Two workers with capacity 1, each running a request (a's long past the prefetch age,
+    b's young for `b_young_for_ns`), then two more clients: prefetched behind b's request.
+    Returns (writers, held fds, a, b)."""
+    w = [_writer(backend, e, s) for s in range(2)]
+    for s in range(2):
+        w[s].set_capacity(1)
+    held = []
+    for i in range(2):
+        e.connect()
+        e.pump_until_dispatched(i + 1)
+    a, b = 0, 1
+    for s in (a, b):
+        held += [fd for m in e.take(s) for fd in m]
+        w[s].conn_taken(1)
+        w[s].request_started()
+    _busy_since(e, a, time.monotonic_ns() - 10**9)
+    _busy_since(e, b, time.monotonic_ns() + b_young_for_ns)
+    e.connect(2)
+    e.pump_until_dispatched(4)
+    assert e.d.worker_stats(b)["sent"] == 3                # prefetched behind b's request
+    assert e.d.worker_stats(a)["sent"] == 1
+    return w, held, a, b
+
+
 def test_a_connection_queued_behind_a_request_that_became_long_is_served_by_another_worker(
         backend, ends):
     """With every worker busy, connections may be prefetched behind a request that has just
@@ -274,25 +299,8 @@ def test_a_connection_queued_behind_a_request_that_became_long_is_served_by_anot
     (through the end it holds) and the first worker that frees up serves them: they never
     wait for the slow request. Nothing is lost, reordered or delivered twice."""
     e = ends(2)
-    w = [_writer(backend, e, s) for s in range(2)]
-    for s in range(2):
-        w[s].set_capacity(1)
-    held = []
+    w, held, a, b = _prefetched_behind_b(backend, e, 2 * 10**9)   # b: young for 2 s, then long
     try:
-        for i in range(2):
-            e.connect()
-            e.pump_until_dispatched(i + 1)
-        a, b = 0, 1
-        for s in (a, b):
-            held += [fd for m in e.take(s) for fd in m]
-            w[s].conn_taken(1)
-            w[s].request_started()
-        _busy_since(e, a, time.monotonic_ns() - 10**9)       # a: long past the prefetch age
-        _busy_since(e, b, time.monotonic_ns() + 2 * 10**9)   # b: young for 2 s, then long
-        e.connect(2)
-        e.pump_until_dispatched(4)
-        assert e.d.worker_stats(b)["sent"] == 3                # prefetched behind b's request
-        assert e.d.worker_stats(a)["sent"] == 1
         # b's request runs long: the prefetched connections come back to the primary
         _pump_until(e, lambda: e.d.stats()["pending"] == 2, "taken back")
         assert e.take(b) == []
@@ -339,24 +347,8 @@ def test_a_connection_prefetched_before_the_drain_stays_with_its_worker(backend,
     worker would take them from the primary any more (a client lost its request that way,
     test_production_sigterm_drains_in_flight_requests)."""
     e = ends(2)
-    w = [_writer(backend, e, s) for s in range(2)]
-    for s in range(2):
-        w[s].set_capacity(1)
-    held = []
+    _w, held, _a, b = _prefetched_behind_b(backend, e, 2 * 10**9)   # b: young for now
     try:
-        for i in range(2):
-            e.connect()
-            e.pump_until_dispatched(i + 1)
-        a, b = 0, 1
-        for s in (a, b):
-            held += [fd for m in e.take(s) for fd in m]
-            w[s].conn_taken(1)
-            w[s].request_started()
-        _busy_since(e, a, time.monotonic_ns() - 10**9)       # a: long past the prefetch age
-        _busy_since(e, b, time.monotonic_ns() + 2 * 10**9)   # b: young for now
-        e.connect(2)
-        e.pump_until_dispatched(4)
-        assert e.d.worker_stats(b)["sent"] == 3                # prefetched behind b's request
         events = []
         e.d.stop_accepting()
         _pump_until(e, lambda: events.extend(e.d.run(0.01)) or any(ev.kind == "drained" for ev in events),

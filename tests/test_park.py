@@ -23,6 +23,7 @@ from pyfork.primary import control
 
 import supervisor_harness as H
 from backend_harness import LIVENESS, Ends
+from net_harness import read_response
 
 pytestmark = [pytest.mark.usefixtures("fd_guard"), pytest.mark.timeout(240)]
 
@@ -345,15 +346,9 @@ def test_a_silent_connection_of_a_stuck_worker_is_served_by_the_other(app_dir, b
             for s in silent:
                 s.sendall(b"GET /?s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             for s in silent:
-                data = b""
-                while True:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                assert data.startswith(b"HTTP/1.1 200"), data
-                assert json.loads(data.partition(b"\r\n\r\n")[2]) == {
-                    "pid": pid_of_other({stuck: 0, **held}, stuck), "q": "s"}
+                status, _, body = read_response(s)
+                assert status == 200, body
+                assert json.loads(body) == {"pid": pid_of_other({stuck: 0, **held}, stuck), "q": "s"}
             assert not (app_dir / "release").exists()
             (app_dir / "release").write_text("")
             assert blocker.response() == {"pid": stuck, "q": ""}
