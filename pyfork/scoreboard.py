@@ -12,11 +12,13 @@ an idle preconnect holds no worker), ``active``/``busy_since_ns`` say how busy
 it is and ``capacity`` how many requests it can run at once, so the primary
 sends a connection only to a worker that can start it now (queued + fresh +
 active < capacity); ``closed`` gives the connections it has finished (open = sent -
-closed, under a large safety cap); ``heartbeat_ns`` says it is alive. The one
-field the primary writes is ``want_credit``: set when it skipped this worker
+closed, under a large safety cap); ``heartbeat_ns`` says it is alive. The
+primary writes three fields: ``want_credit``, set when it skipped this worker
 for lack of room, cleared by the worker when it next frees room (a request
 finished, a connection closed), which then sends PF_MSG_CREDIT so a blocked
-primary wakes up. The first 64 bytes hold everything the dispatcher reads per
+primary wakes up -- unless ``sent`` (what the primary has put in its channel)
+is still above ``taken``: then the worker goes on to the next one and owes
+nothing yet; and ``park_off`` once it stops. The first 64 bytes hold everything the dispatcher reads per
 connection; the next 128 the request-duration histogram (``duration_le``,
 ``duration_sum_ns``), which the worker counts into in ``request_finished`` with
 the clock reading it already makes, and the primary reads only for a metrics
