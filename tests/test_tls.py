@@ -28,8 +28,11 @@ from supervisor_harness import Server, wait_until
 
 APP = r'''
 import json
+import time
 
 def wsgi(environ, start_response):
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(0.3)       # far past the WSGI worker's park threshold (2 ms)
     body = json.dumps({"scheme": environ["wsgi.url_scheme"], "path": environ["PATH_INFO"]}).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
@@ -215,6 +218,26 @@ def test_verified_client_sees_https(app_dir, pki, kind):
                                  capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stderr
             assert json.loads(out.stdout) == {"scheme": "https", "path": "/curl"}
+
+
+@pytest.mark.usefixtures("fd_guard")
+def test_a_kept_alive_tls_connection_survives_a_slow_request_beside_it(app_dir, pki):
+    # A WSGI worker running a long request hands its idle connections back to the primary
+    # (parking); a TLS connection's session state lives in the worker, so it must stay.
+    with serve(app_dir, "wsgi") as srv:
+        ctx = client_context(pki)
+        kept = http.client.HTTPSConnection("localhost", srv.port, context=ctx, timeout=TIMEOUT)
+        try:
+            kept.request("GET", "/first")
+            resp = kept.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["path"] == "/first"
+            status, body, _ = https_get(srv.port, ctx, "/slow")    # beside it, same worker
+            assert status == 200 and body["path"] == "/slow"
+            kept.request("GET", "/again")
+            resp = kept.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["path"] == "/again"
+        finally:
+            kept.close()
 
 
 @pytest.mark.usefixtures("fd_guard")
