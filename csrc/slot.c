@@ -53,8 +53,9 @@ static void pf__count_duration(pf_slot *s, uint64_t ns)
 
 /* The worker's half of the Dekker handshake, after a store that frees room:
  * fence, then load want_credit; clear it and return 1 when it was set --
- * unless connections still wait in our channel (sent > taken). Then the
- * room is not real: we go straight on to the next one, and the finish or
+ * unless we declared a capacity (so we count what we take: pyfork's workers
+ * do, an embedder's may not) and connections still wait in our channel
+ * (sent > taken). Then the room is not real: we go straight on to the next one, and the finish or
  * close that leaves us with nothing queued sends the CREDIT (want_credit
  * stays set for it). Without this a saturated sync worker sent ~1.7
  * useless CREDITs per request, each a sendmsg here and a recv in the
@@ -66,7 +67,7 @@ static int pf__credit_wanted(pf_slot *s)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (!__atomic_load_n(&s->want_credit, __ATOMIC_RELAXED))
         return 0;
-    if (__atomic_load_n(&s->sent, __ATOMIC_RELAXED) > s->taken)
+    if (s->capacity && __atomic_load_n(&s->sent, __ATOMIC_RELAXED) > s->taken)
         return 0;
     __atomic_store_n(&s->want_credit, 0, __ATOMIC_RELAXED);
     return 1;

@@ -291,11 +291,12 @@ class SlotView:
 
     def _credit_wanted(self):
         """After a store that frees room: True (and want_credit cleared) when the primary
-        asked for a CREDIT -- unless connections still wait in our channel (sent > taken):
-        then the room is not real, and the finish or close that leaves nothing queued sends
-        it (csrc/slot.c pf__credit_wanted says why a stale sent is safe)."""
+        asked for a CREDIT -- unless we declared a capacity (so we count what we take) and
+        connections still wait in our channel (sent > taken): then the room is not real,
+        and the finish or close that leaves nothing queued sends it (csrc/slot.c
+        pf__credit_wanted says why a stale sent is safe)."""
         w, iv, qv = self._iw, self._i, self._q
-        if not iv[w] or qv[self._qs] > qv[self._qt]:
+        if not iv[w] or (iv[self._ib + _I_CAPACITY] and qv[self._qs] > qv[self._qt]):
             return False
         iv[w] = 0
         return True

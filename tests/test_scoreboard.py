@@ -104,6 +104,9 @@ def test_no_credit_while_connections_wait_in_the_channel(backend, writer_kind):
         sv = board.slot(0)
         writer = backend.SlotWriter(sv.line) if writer_kind == "backend" else board.slot(0)
         sv.publish_sent(3)                       # the primary put three in the channel
+        sv.request_credit()                      # a worker that declared no capacity may not
+        assert writer.conn_closed(0)             # count what it takes: it always answers
+        writer.set_capacity(1)
         writer.conn_taken(1)
         writer.request_started()
         sv.request_credit()
