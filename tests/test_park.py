@@ -56,6 +56,21 @@ def _park(e, slot, fds):
         os.close(fd)          # as the worker does: the connection is the primary's now
 
 
+def _parked(backend, n, idle_timeout=30):
+    """One worker, parking on (16 entries): n clients connected, dispatched to it, and all
+    handed back (parked or on the way). Returns the Ends; the caller closes it."""
+    e = Ends(backend, 1)
+    try:
+        e.d.set_parking(16, idle_timeout)
+        e.connect(n)
+        e.pump_until_dispatched(n)
+        _park(e, 0, _taken(e, 0))
+    except BaseException:
+        e.close()
+        raise
+    return e
+
+
 def test_parked_connection_is_dispatched_when_its_next_request_arrives(backend):
     e = Ends(backend, 2)
     try:
@@ -82,13 +97,8 @@ def test_parked_connection_is_dispatched_when_its_next_request_arrives(backend):
 
 
 def test_parked_connection_whose_client_closes_is_closed(backend):
-    e = Ends(backend, 1)
+    e = _parked(backend, 2)
     try:
-        e.d.set_parking(16, 30)
-        e.connect(2)
-        e.pump_until_dispatched(2)
-        fds = _taken(e, 0)
-        _park(e, 0, fds)
         _pump(e, lambda: e.d.stats()["parked"] == 2, "parked")
         e.clients[1].close()
         _pump(e, lambda: e.d.stats()["park_closed"] == 1, "closed on hang-up")
@@ -102,12 +112,8 @@ def test_parked_connection_whose_client_closes_is_closed(backend):
 
 
 def test_idle_timeout_closes_parked_connections(backend):
-    e = Ends(backend, 1)
+    e = _parked(backend, 1, idle_timeout=0.05)
     try:
-        e.d.set_parking(16, 0.05)
-        e.connect(1)
-        e.pump_until_dispatched(1)
-        _park(e, 0, _taken(e, 0))
         _pump(e, lambda: e.d.stats()["park_closed"] == 1, "idle timeout")
         assert e.d.stats()["parked"] == 0
         assert e.clients[0].recv(10) == b""    # the client sees the close
@@ -139,12 +145,8 @@ def test_no_table_or_full_table_dispatches_at_once(backend):
 
 
 def test_parked_connections_go_back_to_workers_once_stopping(backend):
-    e = Ends(backend, 1)
+    e = _parked(backend, 2)
     try:
-        e.d.set_parking(16, 30)
-        e.connect(2)
-        e.pump_until_dispatched(2)
-        _park(e, 0, _taken(e, 0))
         _pump(e, lambda: e.d.stats()["parked"] == 2, "parked")
         e.clients[0].sendall(b"GET / HTTP/1.1\r\n\r\n")    # a request in flight
         e.d.stop_accepting()

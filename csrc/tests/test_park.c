@@ -41,6 +41,21 @@ static void park(int wend, int fd)
     close(fd);
 }
 
+/* The set-up most tests share: 2 workers (rr), parking on (8 entries,
+ * idle_ms), one client (its id byte `id`) dispatched to worker 0, which
+ * parks it. Returns the client's fd. */
+static int park_one_client(struct disp_fx *f, int idle_ms, int id)
+{
+    int cl;
+
+    fx_setup(f, 2, PF_POLICY_RR, 1, 0);
+    CHECK_OK(pf_dispatcher_set_parking(f->d, 8, idle_ms));
+    cl = client(f->port, id);
+    run_until_dispatched(f->d, 1);
+    park(f->w[0], take_conn(f->w[0]));
+    return cl;
+}
+
 static void run_for(pf_dispatcher *d, int ms)
 {
     pf_event ev[8];
@@ -58,12 +73,8 @@ static void test_parked_until_readable(void)
     int cl, ids[PF_MAX_FDS], n = 0;
     unsigned char next = 42;
 
-    fx_setup(&f, 2, PF_POLICY_RR, 1, 0);
-    CHECK_OK(pf_dispatcher_set_parking(f.d, 8, 30000));
+    cl = park_one_client(&f, 30000, 7);
     CHECK_EQ(stats(f.d).park_cap, 8);
-    cl = client(f.port, 7);
-    run_until_dispatched(f.d, 1);
-    park(f.w[0], take_conn(f.w[0]));
     run_until_stat(f.d, offsetof(pf_stats, parks), 1);
     CHECK_EQ(stats(f.d).parked, 1);
     run_for(f.d, 50);
@@ -86,11 +97,7 @@ static void test_parked_hang_up(void)
     struct disp_fx f;
     int cl;
 
-    fx_setup(&f, 2, PF_POLICY_RR, 1, 0);
-    CHECK_OK(pf_dispatcher_set_parking(f.d, 8, 30000));
-    cl = client(f.port, 1);
-    run_until_dispatched(f.d, 1);
-    park(f.w[0], take_conn(f.w[0]));
+    cl = park_one_client(&f, 30000, 1);
     run_until_stat(f.d, offsetof(pf_stats, parks), 1);
     close(cl);
     run_until_stat(f.d, offsetof(pf_stats, park_closed), 1);
@@ -107,11 +114,7 @@ static void test_parked_idle_timeout(void)
     int cl;
     char c;
 
-    fx_setup(&f, 2, PF_POLICY_RR, 1, 0);
-    CHECK_OK(pf_dispatcher_set_parking(f.d, 8, 20));
-    cl = client(f.port, 1);
-    run_until_dispatched(f.d, 1);
-    park(f.w[0], take_conn(f.w[0]));
+    cl = park_one_client(&f, 20, 1);
     run_until_stat(f.d, offsetof(pf_stats, park_closed), 1);
     CHECK_EQ(stats(f.d).parked, 0);
     CHECK_EQ(read(cl, &c, 1), 0);
@@ -159,11 +162,7 @@ static void test_stopping_returns_them_to_workers(void)
     pf_event ev[8];
     uint64_t t0;
 
-    fx_setup(&f, 2, PF_POLICY_RR, 1, 0);
-    CHECK_OK(pf_dispatcher_set_parking(f.d, 8, 30000));
-    cl = client(f.port, 1);
-    run_until_dispatched(f.d, 1);
-    park(f.w[0], take_conn(f.w[0]));
+    cl = park_one_client(&f, 30000, 1);
     run_until_stat(f.d, offsetof(pf_stats, parks), 1);
     CHECK(write(cl, &c, 1) == 1);       /* its next request, in flight */
     CHECK_OK(pf_dispatcher_stop_accepting(f.d));
@@ -192,11 +191,7 @@ static void test_remove_worker_salvages_parks(void)
     int cl, w1, fd;
     char c = 'y';
 
-    fx_setup(&f, 2, PF_POLICY_RR, 1, 0);
-    CHECK_OK(pf_dispatcher_set_parking(f.d, 8, 30000));
-    cl = client(f.port, 1);
-    run_until_dispatched(f.d, 1);
-    park(f.w[0], take_conn(f.w[0]));
+    cl = park_one_client(&f, 30000, 1);
     CHECK_OK(pf_dispatcher_remove_worker(f.d, 0));     /* no run in between */
     CHECK_EQ(stats(f.d).parks, 1);
     CHECK_EQ(stats(f.d).parked, 1);

@@ -317,12 +317,7 @@ class Server:
             # not reported with rt.closed(): park() accounted for it.
             conn.closed = conn.dead = True
             del self.conns[conn.fd]
-            if conn.events:
-                try:
-                    self.sel.unregister(conn.fd)
-                except (KeyError, ValueError):
-                    pass
-            conn.sock.close()
+            self.release(conn)
         return k
 
     def check_drain(self):
@@ -576,6 +571,15 @@ class Server:
             self.sel.register(conn.fd, events, conn)
         conn.events = events
 
+    def release(self, conn):
+        """Stop watching `conn` and close our socket for it (closed, or handed to the primary)."""
+        if conn.events:
+            try:
+                self.sel.unregister(conn.fd)
+            except (KeyError, ValueError):
+                pass
+        conn.sock.close()
+
     # -- writing ----------------------------------------------------------------------------
     def send(self, conn, data):
         """Queue `data`; try to send at once when nothing is queued before it."""
@@ -669,11 +673,6 @@ class Server:
         conn.resume = None
         if gen is not None:
             gen.close()                        # runs the iterable's close(), request_finished
-        if conn.events:
-            try:
-                self.sel.unregister(conn.fd)
-            except (KeyError, ValueError):
-                pass
-        conn.sock.close()
+        self.release(conn)
         conn.out.clear()
         self.rt.closed()
