@@ -215,16 +215,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def recv_all(s: socket.socket) -> bytes:
+    """Everything the peer sends until it closes."""
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
 def http_get(port: int, path: str = "/", timeout: float = 5.0) -> tuple[int, bytes]:
     """One GET with Connection: close; returns (status, body). Raises OSError on failure."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = recv_all(s)
     head, _, body = data.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1."):
         raise OSError(f"not an HTTP response: {data[:60]!r}")

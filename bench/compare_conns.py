@@ -207,12 +207,7 @@ def probe(port: int, count: int) -> dict:
             with socket.create_connection(("127.0.0.1", port), timeout=PROBE_TIMEOUT) as s:
                 s.settimeout(max(0.1, PROBE_TIMEOUT - (time.perf_counter() - t0)))
                 s.sendall(PROBE_REQUEST)
-                data = b""
-                while True:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = benchlib.recv_all(s)
             if not data.startswith(b"HTTP/1.1 200"):
                 raise OSError(f"status {data[:12]!r}")
             lat.append((time.perf_counter() - t0) * 1e3)
