@@ -56,7 +56,7 @@ def _park(e, slot, fds):
         os.close(fd)          # as the worker does: the connection is the primary's now
 
 
-def _parked(backend, n, idle_timeout=30):
+def _ends_with_parked(backend, n, idle_timeout=30):
     """One worker, parking on (16 entries): n clients connected, dispatched to it, and all
     handed back (parked or on the way). Returns the Ends; the caller closes it."""
     e = Ends(backend, 1)
@@ -97,7 +97,7 @@ def test_parked_connection_is_dispatched_when_its_next_request_arrives(backend):
 
 
 def test_parked_connection_whose_client_closes_is_closed(backend):
-    e = _parked(backend, 2)
+    e = _ends_with_parked(backend, 2)
     try:
         _pump(e, lambda: e.d.stats()["parked"] == 2, "parked")
         e.clients[1].close()
@@ -112,7 +112,7 @@ def test_parked_connection_whose_client_closes_is_closed(backend):
 
 
 def test_idle_timeout_closes_parked_connections(backend):
-    e = _parked(backend, 1, idle_timeout=0.05)
+    e = _ends_with_parked(backend, 1, idle_timeout=0.05)
     try:
         _pump(e, lambda: e.d.stats()["park_closed"] == 1, "idle timeout")
         assert e.d.stats()["parked"] == 0
@@ -145,7 +145,7 @@ def test_no_table_or_full_table_dispatches_at_once(backend):
 
 
 def test_parked_connections_go_back_to_workers_once_stopping(backend):
-    e = _parked(backend, 2)
+    e = _ends_with_parked(backend, 2)
     try:
         _pump(e, lambda: e.d.stats()["parked"] == 2, "parked")
         e.clients[0].sendall(b"GET / HTTP/1.1\r\n\r\n")    # a request in flight
