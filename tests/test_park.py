@@ -184,6 +184,8 @@ import pyfork.serve.wsgi
 # never runs long enough to park connections early (correct, but it would move them away
 # from the worker the test blocks); /block runs far longer.
 pyfork.serve.wsgi.PARK_AFTER = 0.25
+# How many other connections a worker parks all of, before it parks only the ready ones.
+pyfork.serve.wsgi.PARK_ALL_MAX = int(os.environ.get("TEST_PARK_ALL_MAX", "64"))
 
 def app(environ, start_response):
     path = environ["PATH_INFO"]
@@ -359,6 +361,44 @@ def test_a_silent_connection_of_a_stuck_worker_is_served_by_the_other(app_dir, b
                 s.close()
             if blocker is not None:
                 blocker.close()
+        srv.signal(2)
+        assert srv.wait() == 0
+
+
+def test_a_worker_with_many_connections_parks_only_those_whose_request_came(app_dir, backend):
+    """Beyond PARK_ALL_MAX other connections (here 1), a stuck worker hands back only those
+    whose next request has arrived: each is answered by the other worker (pipelined ones in
+    order), and the idle ones stay with it until it is free (parking thousands on every long
+    request is what made a 10,000-connection load's tail, bench/README.md)."""
+    argv, ctl = _serve_argv(app_dir, backend, 30)
+    with H.Server(app_dir, backend.BACKEND, argv=argv, env={"TEST_PARK_ALL_MAX": "1"}) as srv:
+        srv.start(ready=2)
+        by_pid = _spread(srv.port)
+        clients = [c for cs in by_pid.values() for c in cs]
+        try:
+            stuck = max(by_pid, key=lambda p: len(by_pid[p]))   # >= 3 of the 6 are on it
+            other = pid_of_other(by_pid, stuck)
+            blocker, first, *idle = by_pid[stuck]
+            handled = H.wait_until(lambda: _handled(ctl) >= 6 and _handled(ctl), what="6 handled")
+            parks = _status(ctl)["dispatch"]["parks"]
+            blocker.send("/block")
+            H.wait_until(lambda: (app_dir / "blocked.pid").exists()
+                         and (app_dir / "blocked.pid").read_text() == str(stuck), what="blocked")
+            first.send("/?a", "/?b")
+            assert [first.response() for _ in range(2)] == [{"pid": other, "q": "a"},
+                                                            {"pid": other, "q": "b"}]
+            # Only `first` was handed back; the idle ones are still the stuck worker's.
+            assert _status(ctl)["dispatch"]["parks"] - parks == 1
+            (app_dir / "release").write_text("")
+            assert blocker.response() == {"pid": stuck, "q": ""}
+            for c in idle:
+                assert c.get("/?z") == {"pid": stuck, "q": "z"}
+            sent = 1 + 2 + len(idle)
+            H.wait_until(lambda: _handled(ctl) - handled >= sent, what="handled == sent")
+            assert _handled(ctl) - handled == sent
+        finally:
+            for c in clients:
+                c.close()
         srv.signal(2)
         assert srv.wait() == 0
 

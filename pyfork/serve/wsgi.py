@@ -41,8 +41,10 @@ Parking (issue 10): a kept-alive connection lives on one worker, and this worker
 request at a time, so while a request runs long the worker's other idle connections would
 wait for it. When a request is still running PARK_AFTER after it started, those connections
 are handed back to the primary (rt.park, MSG_PARK), which watches them and sends each one's
-next request to a worker that can start it (csrc/park.c). Only a connection with nothing
-buffered here may leave (bytes still in the kernel travel with the fd, so pipelined requests
+next request to a worker that can start it (csrc/park.c). A worker holding more than
+PARK_ALL_MAX others hands back only those whose next request has come, and looks again every
+PARK_AFTER while the request runs (parking costs a few system calls a connection). Only a
+connection with nothing buffered here may leave (bytes still in the kernel travel with the fd, so pipelined requests
 keep their order); one with buffered bytes, output queued, a request in progress, or closing
 stays. The hand-back must run while the main thread is inside the application, so it runs
 in a SIGALRM handler: Python runs it in the main thread between two bytecodes (a blocking
@@ -114,6 +116,14 @@ CAPACITY = 1
 # round trip for its next request, so parking on every response would cost ~10 % of
 # keep-alive throughput: only on demand.
 PARK_AFTER = 0.002
+# Up to this many other connections, a park hands back every idle one, so that their next
+# requests never wait at all. Beyond it only those whose next request is already here
+# (readable now), looked for again every PARK_AFTER while the request runs: parking costs ~11 us
+# a connection, and a worker holding thousands of active keep-alive connections that parked
+# them all on every long request (a hello world preempted for 2 ms on a busy machine is one)
+# spent ~50 ms parking and sent the primary thousands of fds to dispatch back (measured:
+# fresh-client p99 8-13 ms at 10,000 connections, bench/README.md "Many connections").
+PARK_ALL_MAX = 64
 
 RECV_SIZE = 65536
 TAKE_AGAIN = 8          # connections taken per wake-up while each is done at once (accept())
@@ -293,32 +303,40 @@ class Server:
                 self.timer_armed = True
                 signal.setitimer(signal.ITIMER_REAL, left)
                 return
-            self.park_idle(running)
+            if self.park_idle(running) is None:     # only the ready ones: look again soon
+                self.timer_armed = True
+                signal.setitimer(signal.ITIMER_REAL, PARK_AFTER)
         except Exception:          # noqa: BLE001 -- never into the application; no logging here
             pass
 
     def park_idle(self, running):
-        """Hands every idle connection but `running` back to the primary; returns how many.
+        """Hands idle connections but `running` back to the primary: every one, or with more
+        than PARK_ALL_MAX others open, those with bytes waiting. Returns how many, or None in
+        the second case (the rest may need another look while `running` runs).
         Idle: between requests (kept alive), or taken and silent so far (a client that
         connects first and sends later, a browser's preconnect): either one's next request
         would otherwise wait for the running one (measured: without the silent ones, 1 % of
         a connect-then-send client's requests took ~40 ms behind a /sleep?ms=25, bench/README.md
         "Mixed load"). Never a TLS connection (its session state is ours) nor one whose PROXY
         header is still to come."""
-        idle = [c for c in self.conns.values()
+        some = len(self.conns) > PARK_ALL_MAX + 1
+        if some:
+            # Level-triggered: polling reads no event away from the loop.
+            candidates = [key.data for key, _ in self.sel.select(0) if type(key.data) is Conn]
+        else:
+            candidates = self.conns.values()
+        idle = [c for c in candidates
                 if c is not running and (c.busy_since is None or not c.nreq) and c.reader.idle
                 and not c.out and c.resume is None and not c.closing and not c.linger
                 and not c.counted and c.proxy is None and not c.tls and not c.closed]
-        if not idle:
-            return 0
-        k = self.rt.park([c.fd for c in idle])
+        k = self.rt.park([c.fd for c in idle]) if idle else 0
         for conn in idle[:k]:
             # Handed over: ours no more. Marked closed (events left in a batch are skipped);
             # not reported with rt.closed(): park() accounted for it.
             conn.closed = conn.dead = True
             del self.conns[conn.fd]
             self.release(conn)
-        return k
+        return None if some else k
 
     def check_drain(self):
         if self.draining or not self.rt.draining:
