@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+import types
 
 import pytest
 from starlette.applications import Starlette
@@ -114,6 +115,18 @@ async def addr(request):
     return JSONResponse({"server": scope["server"], "client": scope["client"], "scheme": scope["scheme"]})
 
 
+async def big(request):
+    # 8 MiB in 128 KiB parts: more than the socket buffers of a client that does not read
+    # yet hold, so uvicorn's flow control pauses writing and waits (FlowControl.drain).
+    part = bytes(range(256)) * 512
+
+    async def parts():
+        for _ in range(64):
+            yield part
+
+    return StreamingResponse(parts(), media_type="application/octet-stream")
+
+
 async def hold(request):
     H.child_notify(b"H")
     await H.child_wait_release()
@@ -132,6 +145,7 @@ app = Starlette(routes=[
     Route("/boom", boom),
     Route("/nodelay", nodelay),
     Route("/hold", hold),
+    Route("/big", big),
     Route("/addr", addr),
 ], lifespan=lifespan)
 
@@ -321,6 +335,99 @@ def test_cheaper_connection_made_applies_to_this_uvicorn(module, name):
             self.extra = True
 
     assert asgi_protocol.connection_made(DoesMore) is None
+
+
+def test_lean_queues_apply_to_this_uvicorn():
+    """pyfork's connection_made swaps the two empty deques of uvicorn's protocol for lists
+    (asgi_protocol.lean_queues, ~1.4 kB per open connection): with this uvicorn and this
+    Python it must apply (.ci/uvicorn-versions runs both ends of the pin), and what it
+    swaps in must still behave as the deques did for uvicorn and asyncio."""
+    from collections import deque
+
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    from pyfork.serve import asgi_protocol
+
+    class Protocol(HttpToolsProtocol):
+        connection_made = asgi_protocol.connection_made(HttpToolsProtocol)
+
+    async def main():
+        config = uvicorn.Config(app, log_level="warning")
+        config.load()
+        protocol = Protocol(config, ServerState(), {}, asyncio.get_running_loop())
+        assert type(protocol.pipeline) is deque            # what uvicorn made
+        ours, theirs = socket.socketpair()
+        with theirs:
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: protocol, ours)
+            try:
+                pipeline, event = protocol.pipeline, protocol.flow._is_writable_event
+                assert type(pipeline) is not deque and type(event._waiters) is list
+                pipeline.appendleft("a")                    # first in, first out
+                pipeline.appendleft("b")
+                assert pipeline and pipeline.pop() == "a" and pipeline.pop() == "b" and not pipeline
+                event.clear()                               # a paused writer waits, then goes on
+                waiter = asyncio.ensure_future(event.wait())
+                await asyncio.sleep(0)
+                assert len(event._waiters) == 1 and not waiter.done()
+                event.set()
+                assert await waiter is True and not event._waiters
+            finally:
+                transport.close()
+                await asyncio.sleep(0)
+
+    asyncio.run(main())
+
+    # Anything but an empty deque is left alone.
+    busy = types.SimpleNamespace(pipeline=deque(["x"]), flow=types.SimpleNamespace())
+    asgi_protocol.lean_queues(busy)
+    assert busy.pipeline == deque(["x"])
+
+
+@pytest.mark.parametrize("env", STACKS)
+def test_pipelined_requests_and_a_slow_reader_with_lean_queues(fds, env):
+    """Pipelined requests (uvicorn's pipeline queue) are answered in order, and a response
+    far larger than the socket buffers reaches a client that reads late (uvicorn's flow
+    control pauses and resumes the writer) intact."""
+    worker = start(env)
+    piped = socket.create_connection(("127.0.0.1", worker.port), timeout=H.LIVENESS)
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.settimeout(H.LIVENESS)
+    try:
+        raw_request(piped, b"".join(b"GET /items/%d?q=p HTTP/1.1\r\nHost: t\r\n\r\n" % i
+                                    for i in range(1, 6)))
+        got = read_responses(piped, 5)
+        assert [json.loads(body) for _, _, body in got] == [{"id": i, "q": "p"} for i in range(1, 6)]
+        slow.connect(("127.0.0.1", worker.port))
+        raw_request(slow, b"GET /big HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := slow.recv(65536):
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert _unchunk(body) == bytes(range(256)) * 512 * 64
+        piped.close()
+        stats = worker.stop()
+    finally:
+        piped.close()
+        slow.close()
+        worker.kill()
+    assert stats["taken"] == 2
+    H.assert_balanced(stats)
+
+
+def _unchunk(body: bytes) -> bytes:
+    out, rest = [], body
+    while True:
+        size, _, rest = rest.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            return b"".join(out)
+        out.append(rest[:n])
+        rest = rest[n + 2:]
 
 
 def test_lifespan_once_per_worker(fds):
