@@ -267,6 +267,18 @@ def _parked(ctl):
     return _status(ctl)["dispatch"]["parked"]
 
 
+def _handled_exactly(ctl, since, sent):
+    """No request was served twice (nor lost): the workers handled exactly `sent` requests
+    after `since`."""
+    H.wait_until(lambda: _handled(ctl) - since >= sent, what="handled == sent")
+    assert _handled(ctl) - since == sent
+
+
+def _wait_blocked(app_dir, pid):
+    H.wait_until(lambda: (app_dir / "blocked.pid").exists()
+                 and (app_dir / "blocked.pid").read_text() == str(pid), what="blocked")
+
+
 def _fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -294,8 +306,7 @@ def test_kept_alive_connection_of_a_stuck_worker_is_served_by_the_other(app_dir,
             handled = H.wait_until(lambda: _handled(ctl) >= 6 and _handled(ctl), what="6 handled")
             assert handled == 6
             blocker.send("/block")
-            H.wait_until(lambda: (app_dir / "blocked.pid").exists()
-                         and (app_dir / "blocked.pid").read_text() == str(stuck), what="blocked")
+            _wait_blocked(app_dir, stuck)
             H.wait_until(lambda: _parked(ctl) >= len(others), what="the stuck worker's idle "
                          "connections parked")
             # Their next requests (one of them pipelined: two requests in one write) are
@@ -314,8 +325,7 @@ def test_kept_alive_connection_of_a_stuck_worker_is_served_by_the_other(app_dir,
             for c in clients:
                 assert c.get("/?z")["q"] == "z"
             sent = 1 + 2 + len(rest) + len(clients)
-            H.wait_until(lambda: _handled(ctl) - handled >= sent, what="handled == sent")
-            assert _handled(ctl) - handled == sent
+            _handled_exactly(ctl, handled, sent)
         finally:
             for c in clients:
                 c.close()
@@ -382,8 +392,7 @@ def test_a_worker_with_many_connections_parks_only_those_whose_request_came(app_
             handled = H.wait_until(lambda: _handled(ctl) >= 6 and _handled(ctl), what="6 handled")
             parks = _status(ctl)["dispatch"]["parks"]
             blocker.send("/block")
-            H.wait_until(lambda: (app_dir / "blocked.pid").exists()
-                         and (app_dir / "blocked.pid").read_text() == str(stuck), what="blocked")
+            _wait_blocked(app_dir, stuck)
             first.send("/?a", "/?b")
             assert [first.response() for _ in range(2)] == [{"pid": other, "q": "a"},
                                                             {"pid": other, "q": "b"}]
@@ -393,9 +402,7 @@ def test_a_worker_with_many_connections_parks_only_those_whose_request_came(app_
             assert blocker.response() == {"pid": stuck, "q": ""}
             for c in idle:
                 assert c.get("/?z") == {"pid": stuck, "q": "z"}
-            sent = 1 + 2 + len(idle)
-            H.wait_until(lambda: _handled(ctl) - handled >= sent, what="handled == sent")
-            assert _handled(ctl) - handled == sent
+            _handled_exactly(ctl, handled, 1 + 2 + len(idle))   # /block, /?a, /?b, the idle
         finally:
             for c in clients:
                 c.close()
