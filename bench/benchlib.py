@@ -11,6 +11,7 @@ bare-C floor (floor.c) is compiled here with gcc on first use into bench/.build.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -205,6 +206,26 @@ def worker_pids(primary: int) -> list[int]:
     """Children of the primary that serve: leaves out multiprocessing's resource tracker."""
     return sorted(p for p in children(primary)
                   if "resource_tracker" not in cmdline(p) and "semaphore_tracker" not in cmdline(p))
+
+
+# ---------------------------------------------------------------- statistics
+
+def nearest_rank(values, p: float) -> float:
+    """The p-th percentile by nearest rank: the smallest value with at least p % of them
+    at or below it (NaN when there are none)."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
+
+
+def rank_from_worst(count: int, p: float) -> str:
+    """Which value of `count` nearest_rank(.., p) is, counted from the worst: "5th-worst"."""
+    k = count - max(0, math.ceil(p / 100 * count) - 1)
+    if k == 1:
+        return "worst"
+    suffix = "th" if k % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}-worst"
 
 
 # ---------------------------------------------------------------- sockets and HTTP

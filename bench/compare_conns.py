@@ -190,11 +190,7 @@ def raise_nofile(need: int) -> None:
 
 # ---------------------------------------------------------------- the parent side
 
-def _pct(vals, p):
-    s = sorted(vals)
-    if not s:
-        return math.nan
-    return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
+_pct = benchlib.nearest_rank
 
 
 def probe(port: int, count: int) -> dict:
@@ -346,12 +342,6 @@ def progress(name, row) -> str:
             f"load {row['loadavg'][0]:.2f}")
 
 
-def _nth_worst(count: int) -> str:
-    """Which of `count` latencies _pct(.., 99) is, from the worst ("4th-worst")."""
-    k = count - max(0, math.ceil(0.99 * count) - 1)
-    return "worst" if k == 1 else f"{k}{'nd' if k == 2 else 'rd' if k == 3 else 'th'}-worst"
-
-
 def _fmt(v, digits=1):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -411,7 +401,7 @@ def markdown(results, meta) -> str:
                  "(connect storm, as fast as possible); failed = connects that failed or were "
                  "never answered within 60 s. p50/p99 = fresh-client latency (connect to last byte; "
                  "a probe over 10 s fails and counts as infinite); figures are medians over rounds, "
-                 f"and p99 of {meta['probes']} probes is their {_nth_worst(meta['probes'])}, so it "
+                 f"and p99 of {meta['probes']} probes is their {benchlib.rank_from_worst(meta['probes'], 99)}, so it "
                  "moves with the machine's load. "
                  "kB/conn = growth of RSS and USS of the primary plus workers, from before the storm "
                  "to the active phase, ÷ N (kernel socket buffers excluded). RSS is the per-connection "

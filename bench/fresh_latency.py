@@ -59,11 +59,6 @@ def probe(port: int, count: int) -> list[float]:
     return lat
 
 
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))]
-
-
 def run_one(name: str, cmd: list[str], args) -> dict:
     port = benchlib.free_port()
     server = benchlib.Server(name, [c.replace("{port}", str(port)) for c in cmd],
@@ -74,6 +69,7 @@ def run_one(name: str, cmd: list[str], args) -> dict:
         lat = probe(port, args.probes)
     finally:
         server.stop()
+    pct = benchlib.nearest_rank
     return {"p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99),
             "loadavg": os.getloadavg()[0]}
 

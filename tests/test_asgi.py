@@ -365,9 +365,14 @@ def test_lean_queues_apply_to_this_uvicorn():
             try:
                 pipeline, event = protocol.pipeline, protocol.flow._is_writable_event
                 assert type(pipeline) is not deque and type(event._waiters) is list
+                assert not pipeline and len(pipeline) == 0
                 pipeline.appendleft("a")                    # first in, first out
                 pipeline.appendleft("b")
-                assert pipeline and pipeline.pop() == "a" and pipeline.pop() == "b" and not pipeline
+                assert pipeline and len(pipeline) == 2 and pipeline.pop() == "a"
+                pipeline.appendleft("c")
+                assert [pipeline.pop(), pipeline.pop()] == ["b", "c"] and not pipeline
+                with pytest.raises(IndexError):
+                    pipeline.pop()
                 event.clear()                               # a paused writer waits, then goes on
                 waiter = asyncio.ensure_future(event.wait())
                 await asyncio.sleep(0)
@@ -379,6 +384,16 @@ def test_lean_queues_apply_to_this_uvicorn():
                 await asyncio.sleep(0)
 
     asyncio.run(main())
+
+    # uvicorn and asyncio use these queues only in the ways the replacements support.
+    import inspect
+    import re
+
+    from uvicorn.protocols.http import httptools_impl
+    assert set(re.findall(r"\bself\.pipeline\.(\w+)", inspect.getsource(httptools_impl))) \
+        <= {"appendleft", "pop"}
+    assert set(re.findall(r"\bself\._waiters\.(\w+)", inspect.getsource(asyncio.Event))) \
+        <= {"append", "remove"}
 
     # Anything but an empty deque is left alone.
     busy = types.SimpleNamespace(pipeline=deque(["x"]), flow=types.SimpleNamespace())

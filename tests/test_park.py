@@ -393,6 +393,9 @@ def test_a_worker_with_many_connections_parks_only_those_whose_request_came(app_
             parks = _status(ctl)["dispatch"]["parks"]
             blocker.send("/block")
             _wait_blocked(app_dir, stuck)
+            # Not an ordering wait: past PARK_AFTER (0.25 s) the stuck worker has looked and
+            # found nothing ready at least once, so the answer below comes from a later look.
+            time.sleep(0.4)
             first.send("/?a", "/?b")
             assert [first.response() for _ in range(2)] == [{"pid": other, "q": "a"},
                                                             {"pid": other, "q": "b"}]

@@ -42,8 +42,8 @@ request at a time, so while a request runs long the worker's other idle connecti
 wait for it. When a request is still running PARK_AFTER after it started, those connections
 are handed back to the primary (rt.park, MSG_PARK), which watches them and sends each one's
 next request to a worker that can start it (csrc/park.c). A worker holding more than
-PARK_ALL_MAX others hands back only those whose next request has come, and looks again every
-PARK_AFTER while the request runs (parking costs a few system calls a connection). Only a
+PARK_ALL_MAX others hands back only those whose next request has come, and looks again while
+the request runs (after PARK_AFTER, then backing off to PARK_AGAIN_MAX) (parking costs a few system calls a connection). Only a
 connection with nothing buffered here may leave (bytes still in the kernel travel with the fd, so pipelined requests
 keep their order); one with buffered bytes, output queued, a request in progress, or closing
 stays. The hand-back must run while the main thread is inside the application, so it runs
@@ -55,7 +55,8 @@ with EINTR). The timer is lazy, because a setitimer pair per request measured ~6
 request that starts while this worker holds another connection arms it only if it is not
 armed already, and nothing disarms it; when it fires, the handler parks if the request running then has run PARK_AFTER, re-arms for the rest
 if a younger one runs, and otherwise stays unarmed. Under steady keep-alive load that is one
-timer and one signal per PARK_AFTER, not per request; keep-alive off, or one connection,
+timer and one signal per PARK_AFTER, not per request (plus the backed-off looks above while a
+long request runs on a worker with many connections); keep-alive off, or one connection,
 costs nothing. The races, and why each is harmless: the handler acts only while `running`
 names the connection in the application (a signal handled after the request ended finds
 None); `running_since` is written before `running`, so a handler in between sees the old
@@ -118,12 +119,16 @@ CAPACITY = 1
 PARK_AFTER = 0.002
 # Up to this many other connections, a park hands back every idle one, so that their next
 # requests never wait at all. Beyond it only those whose next request is already here
-# (readable now), looked for again every PARK_AFTER while the request runs: parking costs ~11 us
+# (readable now), looked for again while the request runs: parking costs ~11 us
 # a connection, and a worker holding thousands of active keep-alive connections that parked
 # them all on every long request (a hello world preempted for 2 ms on a busy machine is one)
 # spent ~50 ms parking and sent the primary thousands of fds to dispatch back (measured:
 # fresh-client p99 8-13 ms at 10,000 connections, bench/README.md "Many connections").
 PARK_ALL_MAX = 64
+# ... and the look again backs off, doubling from PARK_AFTER up to this, so a request that
+# runs for seconds costs a signal every 20 ms, not every 2 ms (each may interrupt a system
+# call of the application's with EINTR).
+PARK_AGAIN_MAX = 0.02
 
 RECV_SIZE = 65536
 TAKE_AGAIN = 8          # connections taken per wake-up while each is done at once (accept())
@@ -211,6 +216,8 @@ class Server:
         self.running = None                      # the connection in the application (parking)
         self.running_since = 0.0                 # ... since (monotonic)
         self.timer_armed = False                 # the park timer is set
+        self.park_again = PARK_AFTER             # the next look for ready connections (backoff)
+        self.park_again_for = 0.0                # ... while the request that began then runs
         self.parks = rt.parks and not self.no_keep_alive and self.install_park_timer()
 
     # -- loop -------------------------------------------------------------------------------
@@ -303,9 +310,14 @@ class Server:
                 self.timer_armed = True
                 signal.setitimer(signal.ITIMER_REAL, left)
                 return
-            if self.park_idle(running) is None:     # only the ready ones: look again soon
+            if self.park_idle(running) is None and not self.rt.draining:
+                # Only the ready ones were handed back: look again, less often each time.
+                if self.park_again_for != self.running_since:
+                    self.park_again_for, self.park_again = self.running_since, PARK_AFTER
+                else:
+                    self.park_again = min(self.park_again * 2, PARK_AGAIN_MAX)
                 self.timer_armed = True
-                signal.setitimer(signal.ITIMER_REAL, PARK_AFTER)
+                signal.setitimer(signal.ITIMER_REAL, self.park_again)
         except Exception:          # noqa: BLE001 -- never into the application; no logging here
             pass
 
