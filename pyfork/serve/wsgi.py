@@ -41,12 +41,12 @@ Parking (issue 10): a kept-alive connection lives on one worker, and this worker
 request at a time, so while a request runs long the worker's other idle connections would
 wait for it. When a request is still running PARK_AFTER after it started, those connections
 are handed back to the primary (rt.park, MSG_PARK), which watches them and sends each one's
-next request to a worker that can start it (csrc/park.c). A worker holding more than
-PARK_ALL_MAX others hands back only those whose next request has come, and looks again while
-the request runs (after PARK_AFTER, then backing off to PARK_AGAIN_MAX) (parking costs a few system calls a connection). Only a
-connection with nothing buffered here may leave (bytes still in the kernel travel with the fd, so pipelined requests
-keep their order); one with buffered bytes, output queued, a request in progress, or closing
-stays. The hand-back must run while the main thread is inside the application, so it runs
+next request to a worker that can start it (csrc/park.c). Parking costs a few system calls
+a connection, so a worker holding more than PARK_ALL_MAX others hands back only those whose
+next request has come, and looks again while the request runs (after PARK_AFTER, backing off
+to PARK_AGAIN_MAX). Only a connection with nothing buffered here may leave (bytes still in
+the kernel travel with the fd, so pipelined requests keep their order); one with buffered
+bytes, output queued, a request in progress, or closing stays. The hand-back must run while the main thread is inside the application, so it runs
 in a SIGALRM handler: Python runs it in the main thread between two bytecodes (a blocking
 sleep or select in the application is interrupted and resumed, PEP 475; the handler is
 installed with SA_RESTART so other system calls of C extensions are restarted, not failed
