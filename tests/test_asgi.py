@@ -368,7 +368,8 @@ def test_lean_queues_apply_to_this_uvicorn():
                 assert not pipeline and len(pipeline) == 0
                 pipeline.appendleft("a")                    # first in, first out
                 pipeline.appendleft("b")
-                assert pipeline and len(pipeline) == 2 and pipeline.pop() == "a"
+                assert pipeline and len(pipeline) == 2 and list(pipeline) == ["b", "a"]
+                assert pipeline.pop() == "a"
                 pipeline.appendleft("c")
                 assert [pipeline.pop(), pipeline.pop()] == ["b", "c"] and not pipeline
                 with pytest.raises(IndexError):
