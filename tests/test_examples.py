@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -195,11 +196,14 @@ class Response:
 
 
 def request(port: int, path: str, method: str = "GET", headers: dict | None = None,
-            body: bytes | None = None, timeout: float = 30.0) -> Response:
-    """One request on a fresh connection, closed before returning."""
+            body: bytes | None = None, timeout: float = 30.0, sent=None) -> Response:
+    """One request on a fresh connection, closed before returning; `sent` (a
+    threading.Semaphore) is released once the request is written."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers={"Connection": "close", **(headers or {})})
+        if sent is not None:
+            sent.release()
         resp = conn.getresponse()
         return Response(resp.status, resp.headers, resp.read())
     finally:
@@ -240,9 +244,15 @@ def test_which_worker_reports_to_primary(tmp_path):
 def test_production_sigterm_drains_in_flight_requests(tmp_path):
     n_requests = 4
     with Example("production_cluster.py", tmp_path, 2, "--graceful-timeout", "30") as ex:
+        sent = threading.Semaphore(0)
         with concurrent.futures.ThreadPoolExecutor(n_requests) as pool:
-            futures = [pool.submit(request, ex.port, "/slow?ms=1500", timeout=60) for _ in range(n_requests)]
-            # Both workers are inside a slow request (the other two are queued behind them).
+            futures = [pool.submit(request, ex.port, "/slow?ms=1500", timeout=60, sent=sent)
+                       for _ in range(n_requests)]
+            # Every request was written before the stop (one still connecting then would
+            # meet a primary that no longer accepts: not what this test is about), and both
+            # workers are inside a slow request (the other two are queued behind them).
+            for _ in range(n_requests):
+                assert sent.acquire(timeout=30), "a request was not sent"
             ex.wait_for(lambda out: out.count("slow request started") >= 2, 30, "two slow requests in flight")
             ex.terminate()
             results = [f.result() for f in futures]
