@@ -46,23 +46,24 @@ a connection, so a worker holding more than PARK_ALL_MAX others hands back only 
 next request has come, and looks again while the request runs (after PARK_AFTER, backing off
 to PARK_AGAIN_MAX). Only a connection with nothing buffered here may leave (bytes still in
 the kernel travel with the fd, so pipelined requests keep their order); one with buffered
-bytes, output queued, a request in progress, or closing stays. The hand-back must run while the main thread is inside the application, so it runs
-in a SIGALRM handler: Python runs it in the main thread between two bytecodes (a blocking
-sleep or select in the application is interrupted and resumed, PEP 475; the handler is
-installed with SA_RESTART so other system calls of C extensions are restarted, not failed
-with EINTR). The timer is lazy, because a setitimer pair per request measured ~6 us here
-(load average 9; several % of the ~100 us of CPU a hello-world keep-alive request costs): a
-request that starts while this worker holds another connection arms it only if it is not
-armed already, and nothing disarms it; when it fires, the handler parks if the request running then has run PARK_AFTER, re-arms for the rest
-if a younger one runs, and otherwise stays unarmed. Under steady keep-alive load that is one
-timer and one signal per PARK_AFTER, not per request (plus the backed-off looks above while a
-long request runs on a worker with many connections); keep-alive off, or one connection,
-costs nothing. The races, and why each is harmless: the handler acts only while `running`
-names the connection in the application (a signal handled after the request ended finds
-None); `running_since` is written before `running`, so a handler in between sees the old
-request at worst, a false alarm that parks idle connections early, which is still correct;
-the application's frames touch only its own connection, so the handler may change the
-others, the connection table and the selector under it; a parked connection is marked
+bytes, output queued, a request in progress, or closing stays. The hand-back must run while
+the main thread is inside the application, so it runs in a SIGALRM handler: Python runs it
+in the main thread between two bytecodes (a blocking sleep or select in the application is
+interrupted and resumed, PEP 475; the handler is installed with SA_RESTART so other system
+calls of C extensions are restarted, not failed with EINTR). The timer is lazy, because a
+setitimer pair per request measured ~6 us here (load average 9; several % of the ~100 us of
+CPU a hello-world keep-alive request costs): a request that starts while this worker holds
+another connection arms it only if it is not armed already, and nothing disarms it; when it
+fires, the handler parks if the request running then has run PARK_AFTER, re-arms for the
+rest if a younger one runs, and otherwise stays unarmed. Under steady keep-alive load that
+is one timer and one signal per PARK_AFTER, not per request (plus the backed-off looks above
+while a long request runs on a worker with many connections); keep-alive off, or one
+connection, costs nothing. The races, and why each is harmless: the handler acts only while
+`running` names the connection in the application (a signal handled after the request ended
+finds None); `running_since` is written before `running`, so a handler in between sees the
+old request at worst, a false alarm that parks idle connections early, which is still
+correct; the application's frames touch only its own connection, so the handler may change
+the others, the connection table and the selector under it; a parked connection is marked
 closed, which the loop already checks for events left in a batch; the handler never logs
 (the application may hold the logging lock) and never raises into the application. Not used
 when the application installed its own SIGALRM handler.
@@ -310,7 +311,7 @@ class Server:
                 self.timer_armed = True
                 signal.setitimer(signal.ITIMER_REAL, left)
                 return
-            if self.park_idle(running) is None and not self.rt.draining:
+            if self.park_idle(running) and not self.rt.draining:
                 # Only the ready ones were handed back: look again, less often each time.
                 if self.park_again_for != self.running_since:
                     self.park_again_for, self.park_again = self.running_since, PARK_AFTER
@@ -323,8 +324,8 @@ class Server:
 
     def park_idle(self, running):
         """Hands idle connections but `running` back to the primary: every one, or with more
-        than PARK_ALL_MAX others open, those with bytes waiting. Returns how many, or None in
-        the second case (the rest may need another look while `running` runs).
+        than PARK_ALL_MAX others open, those with bytes waiting; True in the second case (the
+        rest may need another look while `running` runs).
         Idle: between requests (kept alive), or taken and silent so far (a client that
         connects first and sends later, a browser's preconnect): either one's next request
         would otherwise wait for the running one (measured: without the silent ones, 1 % of
@@ -348,7 +349,7 @@ class Server:
             conn.closed = conn.dead = True
             del self.conns[conn.fd]
             self.release(conn)
-        return None if some else k
+        return some
 
     def check_drain(self):
         if self.draining or not self.rt.draining:
