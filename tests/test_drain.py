@@ -13,9 +13,12 @@ send the next request as soon as the previous response is in.
 - A graceful stop (SIGTERM) under keep-alive load: every request sent on a connection a
   worker had already answered on is answered (the last one with `Connection: close`).
   Connections opened after the stop may be refused: they never reached a worker.
+- A client that connects once the stop has taken the listeners' backlog is refused at once,
+  while a request in flight is still running (policies rr and shared).
 
 Both backends; the test process's fd count is unchanged. The figures are printed (-s).
 """
+import concurrent.futures
 import signal
 import socket
 import threading
@@ -226,3 +229,59 @@ def test_graceful_stop_under_keep_alive_load_answers_every_request(tmp_path, bac
               f"{load.closes} ended by Connection: close, {load.refused} connects after the stop refused")
         assert load.failed == [], load.failed[:10]
         assert load.closes >= KEPT_CLIENTS     # each kept-alive connection was told it was the last
+
+
+HOLD_APP = r'''
+import asyncio, os
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/hold":               # answers once the test creates ./release
+        open("holding", "w").close()
+        while not os.path.exists("release"):
+            await asyncio.sleep(0.01)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+'''
+
+
+def _refused(port):
+    """True when a connect to `port` is refused; a connection that opens is closed unused."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("policy", ["rr", "shared"])
+def test_a_client_that_connects_during_a_graceful_stop_is_refused_at_once(tmp_path, backend, policy):
+    """Once a stop has taken what the listeners had queued, they close: a client that
+    connects later is refused while the stop still waits for a request in flight (it can try
+    another host at once), instead of waiting in the backlog until the primary exits and
+    then being reset. rr: the primary holds the only copy, so the first connect after its
+    `listeners_closed` is refused. shared: each worker closes its copy once it has taken
+    its own backlog (a connection that opens meanwhile is one of those), so the test waits
+    for the refusal. The request in flight is answered and the stop ends cleanly."""
+    (tmp_path / "holdapp.py").write_text(HOLD_APP)
+    with H.Server(tmp_path, backend.BACKEND, "--interface", "asgi", "--policy", policy,
+                  "--graceful-timeout", "60", app="holdapp:app") as srv:
+        srv.start(ready=2)
+        port = srv.port
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(H.http_get, srv.port, "/hold", CLIENT_TIMEOUT * 2)
+            H.wait_until(lambda: (tmp_path / "holding").exists(), what="the held request running")
+            srv.signal(signal.SIGTERM)
+            closed = srv.wait_event("listeners_closed", timeout=CLIENT_TIMEOUT)
+            assert closed["urls"] == [f"http://127.0.0.1:{port}"] and closed["kept"] == [], closed
+            if policy == "rr":
+                assert _refused(port), "a connect after listeners_closed was accepted"
+            else:
+                H.wait_until(lambda: _refused(port), timeout=CLIENT_TIMEOUT, what="connects refused")
+            assert not held.done() and srv.proc.poll() is None, "the stop did not wait for the request"
+            (tmp_path / "release").touch()
+            assert held.result() == (200, b"ok")
+        assert srv.wait() == 0
+        assert srv.count_events("exit", cause=lambda c: c != "drained") == 0

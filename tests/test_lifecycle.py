@@ -482,8 +482,10 @@ def test_graceful_stop_sequence():
     acts = lc.handle(P.Stop(graceful=True), 1100.0)
     assert kinds(acts, P.StopAccepting) == [P.StopAccepting()]
     assert not kinds(acts, P.Drain)                        # only after the backlog is dispatched
+    assert not kinds(acts, P.CloseListeners)               # the backlog is still to be taken
     acts = lc.handle(P.Drained(), 1100.1)
     assert set(kinds(acts, P.Drain)) == {P.Drain(w1), P.Drain(w2)}
+    assert kinds(acts, P.CloseListeners) == [P.CloseListeners()]   # later clients: refused
     acts = lc.handle(P.Exited(w1, code=0), 1101.0)
     assert not kinds(acts, P.Spawn) and not kinds(acts, P.Exit)
     acts = lc.handle(P.Tick(), 1110.0)                     # graceful timeout
@@ -497,8 +499,16 @@ def test_second_stop_escalates_to_immediate():
     lc.handle(P.Stop(graceful=True), 1100.0)
     acts = lc.handle(P.Stop(graceful=False), 1100.5)
     assert set(kinds(acts, P.Kill)) == {P.Kill(w1, signal.SIGQUIT), P.Kill(w2, signal.SIGQUIT)}
+    assert kinds(acts, P.CloseListeners) == [P.CloseListeners()]  # not waiting for a backlog pass
     acts = lc.handle(P.Tick(), 1100.5 + P.IMMEDIATE_GRACE)
     assert set(kinds(acts, P.Kill)) == {P.Kill(w1, signal.SIGKILL), P.Kill(w2, signal.SIGKILL)}
+
+
+def test_immediate_stop_closes_the_listeners_at_once():
+    lc, (w1, w2) = boot(2)
+    acts = lc.handle(P.Stop(graceful=False), 1100.0)
+    assert kinds(acts, P.CloseListeners) == [P.CloseListeners()]
+    assert not kinds(acts, P.StopAccepting)      # an immediate stop serves no backlog
 
 
 def test_no_respawn_while_stopping():

@@ -429,6 +429,21 @@ class Arbiter:
                 if more is not None:
                     todo.append(more)
 
+    def _close_listeners(self) -> None:
+        """At a stop, once the dispatcher has taken the backlog: close the listeners (see
+        lifecycle.CloseListeners). Under shared/reuseport the workers' copies keep a socket
+        open until each has taken its own backlog (worker runtime, _final_sweep). Adopted
+        fd:// and systemd sockets stay open: their owner keeps them, and connections
+        queued there wait for the next primary, as socket activation means them to."""
+        if self.listeners is None or not self.listeners.fds():
+            return                  # closed already (a stop that escalated)
+        urls, kept = self.listeners.url_list(), self.listeners.adopted_urls()
+        if self.disp is not None and self.cfg.policy in ("rr", "least"):
+            for fd in self.listeners.fds():
+                self.disp.remove_listener(fd)
+        self.listeners.close()
+        self.events.emit("listeners_closed", urls=[u for u in urls if u not in kept], kept=kept)
+
     def _act(self, act):
         if isinstance(act, P.Log):
             getattr(log, act.level)("%s", act.message)
@@ -453,6 +468,8 @@ class Arbiter:
             else:
                 # workers accept for themselves: each takes its backlog on DRAIN
                 return P.Drained()
+        elif isinstance(act, P.CloseListeners):
+            self._close_listeners()
         elif isinstance(act, P.ReleaseSlot):
             self.listeners.release_slot(act.slot)
         elif isinstance(act, P.Exit):

@@ -64,6 +64,7 @@ class Listeners:
         self.bound: List[tuple] = []                # (BindAddr, fd, adopted); -1: closed with its slot
         self.by_slot: Dict[int, List[int]] = {}     # reuseport: logical slot -> fds
         self.ports: List[int] = []                  # reuseport: the real port of each address
+        self._urls: List[str] = []                  # of self.bound, found at bind (a fd may go later)
 
     def _listen(self, addr: BindAddr, reuseport: bool = False, port: Optional[int] = None) -> int:
         b = self.backend
@@ -82,6 +83,7 @@ class Listeners:
             except (OSError, ValueError) as e:
                 raise BindError(f"cannot bind {addr.text}: {e}") from None
             self.bound.append((addr, fd, addr.kind == "fd"))
+            self._urls.append(_url(addr, fd))
         if reuse:
             # slot 0 uses the listeners bound above; their real ports (0 = any) are
             # what the other slots bind to.
@@ -94,7 +96,11 @@ class Listeners:
 
     def url_list(self) -> List[str]:
         """One URL per address bound at startup (http://HOST:PORT, http://[V6]:PORT, unix:PATH)."""
-        return [_url(a, fd) for a, fd, _ in self.bound]
+        return list(self._urls)
+
+    def adopted_urls(self) -> List[str]:
+        """The URLs of fd:// (and systemd) listeners: close() leaves those open."""
+        return [url for (_, _, adopted), url in zip(self.bound, self._urls) if adopted]
 
     def urls(self) -> str:
         return ", ".join(self.url_list())
@@ -149,3 +155,4 @@ class Listeners:
                 except OSError:
                     pass
         self.bound = []
+        self._urls = []

@@ -9,7 +9,7 @@ Every public name is importable from ``pyfork.primary.lifecycle``.
 """
 
 from pyfork.primary.lifecycle.events import (
-    Activate, Drain, Drained, Exit, Exited, Forked, Kill, Leaving, Log, RecycleRequested, Ready,
+    Activate, CloseListeners, Drain, Drained, Exit, Exited, Forked, Kill, Leaving, Log, RecycleRequested, Ready,
     ReleaseSlot, Reload, Scale, Spawn, Start, Stop, StopAccepting, Tick,
 )
 from pyfork.primary.lifecycle.causes import describe_exit
@@ -20,7 +20,7 @@ from pyfork.primary.lifecycle.states import (
 )
 
 __all__ = [
-    "Lifecycle", "Activate", "Drain", "Drained", "Exit", "Exited", "Forked", "Kill", "Leaving",
+    "Lifecycle", "Activate", "CloseListeners", "Drain", "Drained", "Exit", "Exited", "Forked", "Kill", "Leaving",
     "Log", "RecycleRequested", "Ready", "ReleaseSlot", "Reload", "Scale", "Spawn", "Start", "Stop",
     "StopAccepting", "Tick", "ABORT_GRACE", "BACKOFF", "BACKOFF_BASE", "BACKOFF_CAP", "DRAINING", "EXITED",
     "GAVE_UP", "GIVE_UP_COOLDOWN", "IMMEDIATE_GRACE", "READY", "RUNNING", "SLOT_MOVES", "SPAWNING",

@@ -116,6 +116,14 @@ class StopAccepting:
 
 
 @dataclass(frozen=True)
+class CloseListeners:
+    """A stop has taken the last connection the listeners had queued (or is immediate):
+    close them, so a client that connects from now on is refused at once and can try
+    another host, instead of waiting in the backlog until the primary exits and then
+    being reset."""
+
+
+@dataclass(frozen=True)
 class ReleaseSlot:
     """The slot is gone (scale-down) or gave up: per-slot resources (reuseport listeners) can go."""
     slot: int

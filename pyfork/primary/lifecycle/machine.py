@@ -37,7 +37,7 @@ import signal
 from typing import Dict, List, Optional
 
 from pyfork.primary.lifecycle.events import (
-    Activate, Drain, Drained, Exit, Exited, Forked, Kill, Leaving, Log, RecycleRequested, Ready,
+    Activate, CloseListeners, Drain, Drained, Exit, Exited, Forked, Kill, Leaving, Log, RecycleRequested, Ready,
     ReleaseSlot, Reload, Scale, Spawn, Start, Stop, StopAccepting, Tick,
 )
 from pyfork.primary.lifecycle.states import (
@@ -546,6 +546,7 @@ class Lifecycle:
                 for w in self.workers.values():
                     if not w.killed:
                         self._kill(w, signal.SIGQUIT)
+                self._out.append(CloseListeners())
             return
         self._begin_stop(now, ev.graceful, ev.code)
 
@@ -568,6 +569,7 @@ class Lifecycle:
             self._note("stop", graceful=False, workers=n, code=code)
             for w in self.workers.values():
                 self._kill(w, signal.SIGQUIT)
+            self._out.append(CloseListeners())
 
     def _on_Drained(self, ev: Drained, now: float) -> None:
         if not self.stopping or self.drained:
@@ -575,6 +577,8 @@ class Lifecycle:
         self.drained = True
         if not self.graceful:
             return
+        # The backlog queued before the stop is taken: a client from now on is refused.
+        self._out.append(CloseListeners())
         for w in list(self.workers.values()):
             if w.state != DRAINING:
                 self._drain(w, now)
