@@ -274,7 +274,7 @@ static void pf__read_chan(pf_dispatcher *d, int slot)
             continue;
         }
         if ((size_t)n == sizeof(h) && h.magic == PF_MSG_MAGIC && h.type == PF_MSG_PARK) {
-            pf__park_recv(d, w->chan);
+            pf__park_recv(d, slot);
             continue;
         }
         pf__emit(d, PF_EV_MESSAGE, slot, 0);

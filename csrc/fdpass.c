@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "pf_cmsg.h"
+#include "pf_internal.h"
 #include "pyfork.h"
 
 /* The header is a wire format shared with pyfork/_pure/fdpass.py: catch drift. */
@@ -155,9 +156,10 @@ static int pf__check_msg(const pf_msg_hdr *hdr, size_t n, int mflags,
     return 0;
 }
 
-/* Returns the number of fds received, or -errno; see pyfork.h. */
-int pf_recv_msg(int chan, pf_msg_hdr *hdr, void *payload, size_t cap,
-                int *fds, int maxfds)
+/* pf_recv_msg with extra recvmsg flags: MSG_PEEK leaves the message queued
+ * and gives the caller duplicates of its fds (the kernel clones them). */
+int pf__recv_msg_flags(int chan, pf_msg_hdr *hdr, void *payload, size_t cap,
+                       int *fds, int maxfds, int flags)
 {
     pf__cmsgbuf cbuf;
     struct iovec iov[2];
@@ -189,7 +191,7 @@ int pf_recv_msg(int chan, pf_msg_hdr *hdr, void *payload, size_t cap,
      * child before we decide who owns it. MSG_TRUNC: return the real length
      * of a SEQPACKET datagram even when it did not fit. */
     do
-        n = recvmsg(chan, &msg, MSG_CMSG_CLOEXEC | MSG_TRUNC);
+        n = recvmsg(chan, &msg, MSG_CMSG_CLOEXEC | MSG_TRUNC | flags);
     while (n < 0 && errno == EINTR);
     if (n < 0)
         return -errno;
@@ -210,4 +212,11 @@ int pf_recv_msg(int chan, pf_msg_hdr *hdr, void *payload, size_t cap,
 fail:
     pf__close_all(got, nrecv);
     return rc;
+}
+
+/* Returns the number of fds received, or -errno; see pyfork.h. */
+int pf_recv_msg(int chan, pf_msg_hdr *hdr, void *payload, size_t cap,
+                int *fds, int maxfds)
+{
+    return pf__recv_msg_flags(chan, hdr, payload, cap, fds, maxfds, 0);
 }

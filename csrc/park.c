@@ -26,9 +26,10 @@
  *                Connection: close, an idle one is closed between requests.
  *                Closing them here could reset a request already in flight.
  *                Each worker's scoreboard line gets park_off, so no more
- *                are handed back (the one race left: a PARK the worker sent
- *                just before it saw the flag, arriving after DRAINED, is
- *                held in the ring and closed with the dispatcher).
+ *                are handed back. A PARK the worker sent just before it saw
+ *                the flag and that is read after DRAINED (no worker takes
+ *                from the ring then) goes back to the worker that sent it
+ *                (pf__park_return).
  * Measured price (bench/park_cost.c): ~11 us of syscalls per parked request,
  * so workers park only on demand, never after every response.
  * Pure twin: pyfork/_pure/park.py.
@@ -136,15 +137,57 @@ static void pf__park_add(pf_dispatcher *d, int fd, uint64_t now)
         pk->sweep_ns = now + pf__park_period(d);
 }
 
-/* Returns nothing; reads one PF_MSG_PARK message from chan (the loop peeked
- * its header) and parks every fd it carried. A malformed one is consumed and
- * its fds closed by pf_recv_msg. */
-void pf__park_recv(pf_dispatcher *d, int chan)
+/* Returns nothing; a PARK read after DRAINED, when no worker takes from the
+ * ring any more (its worker sent it before it saw park_off): its fds go back
+ * to that worker as a CONN. It is alive (inside the request that made it
+ * park) and serves them with its drain rules. They are sent back *before*
+ * the PARK is consumed: a worker that parked waits, before it exits, until
+ * we have read everything it sent (SIOCOUTQ 0: pyfork/worker/runtime.py,
+ * parks_settled), so by then what comes back is in its channel. Peeking
+ * gives us duplicates of the fds (the kernel clones them); ours are closed
+ * once sent. A channel full or gone: the connections are closed. */
+static void pf__park_return(pf_dispatcher *d, int slot)
+{
+    pf__worker *w = &d->workers[slot];
+    pf_msg_hdr h;
+    int fds[PF_MAX_FDS];
+    int n = pf__recv_msg_flags(w->chan, &h, NULL, 0, fds, PF_MAX_FDS, MSG_PEEK | MSG_DONTWAIT);
+
+    if (n > 0) {
+        d->st.parks += (uint64_t)n;
+        if (pf_send_msg(w->chan, PF_MSG_CONN, 0, NULL, 0, fds, n) == 0) {
+            d->st.dispatched += (uint64_t)n;
+            w->sent += (uint64_t)n;
+            __atomic_store_n(&d->board[slot].sent, w->sent, __ATOMIC_RELEASE);
+        } else {
+            d->st.park_closed += (uint64_t)n;
+        }
+        for (int i = 0; i < n; i++)
+            close(fds[i]);
+    }
+    /* Now consume it (a malformed one is consumed here, its fds closed). */
+    n = pf_recv_msg(w->chan, &h, NULL, 0, fds, PF_MAX_FDS);
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+}
+
+/* Returns nothing; reads one PF_MSG_PARK message from worker slot's channel
+ * (the loop peeked its header) and parks every fd it carried; after DRAINED
+ * they go back to that worker instead (pf__park_return). A malformed one is
+ * consumed and its fds closed by pf_recv_msg. */
+void pf__park_recv(pf_dispatcher *d, int slot)
 {
     pf_msg_hdr h;
     int fds[PF_MAX_FDS];
-    int n = pf_recv_msg(chan, &h, NULL, 0, fds, PF_MAX_FDS);
-    uint64_t now = pf__now_ns();
+    int n;
+    uint64_t now;
+
+    if (d->drained) {
+        pf__park_return(d, slot);
+        return;
+    }
+    n = pf_recv_msg(d->workers[slot].chan, &h, NULL, 0, fds, PF_MAX_FDS);
+    now = pf__now_ns();
 
     for (int i = 0; i < n; i++)
         pf__park_add(d, fds[i], now);

@@ -182,6 +182,10 @@ struct pf_dispatcher {
     pf__parking park;     /* park.c; its counters live in st */
 };
 
+/* fdpass.c */
+int pf__recv_msg_flags(int chan, pf_msg_hdr *hdr, void *payload, size_t cap,
+                       int *fds, int maxfds, int flags);
+
 /* dispatch.c */
 int pf__listener_index(const pf_dispatcher *d, int fd);
 int pf__watch_index(const pf_dispatcher *d, int fd);
@@ -196,7 +200,7 @@ int pf__chan_events(pf_dispatcher *d, int slot, uint32_t events);
 void pf__take_back_due(pf_dispatcher *d, uint64_t now);
 
 /* park.c */
-void pf__park_recv(pf_dispatcher *d, int chan);
+void pf__park_recv(pf_dispatcher *d, int slot);
 void pf__park_salvage(pf_dispatcher *d, int chan);
 void pf__park_on_event(pf_dispatcher *d, int id, uint32_t events);
 void pf__park_tick(pf_dispatcher *d, uint64_t now);

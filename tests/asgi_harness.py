@@ -107,6 +107,9 @@ class FakeRuntime:
     def park(self, fds) -> int:
         return 0
 
+    def parks_settled(self) -> bool:
+        return True     # never parks
+
     def queued(self) -> bool:
         return False
 

@@ -11,15 +11,21 @@ parked connections are closed by the primary when their client hangs up or they 
 (the primary's open-fd count comes back).
 """
 
+import fcntl
 import json
 import os
 import socket
+import struct
 import sys
+import termios
+import threading
 import time
 
 import pytest
 
 from pyfork.primary import control
+from pyfork.scoreboard import Scoreboard
+from pyfork.worker.runtime import Worker
 
 import supervisor_harness as H
 from backend_harness import LIVENESS, Ends
@@ -163,6 +169,91 @@ def test_parked_connections_go_back_to_workers_once_stopping(backend):
             os.close(fd)
     finally:
         e.close()
+
+
+def _unread_by_peer(sock):
+    """Bytes sent on `sock` that its peer has not consumed yet (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+def test_a_park_read_after_drained_goes_back_to_the_worker_that_sent_it(backend):
+    # A worker can hand a connection back just before it sees park_off; read after DRAINED,
+    # when no worker takes from the ring any more, it used to be held until the primary
+    # exited, then reset with the request its client had sent. Now it goes back to its
+    # worker (alive: inside the request that made it park), in its channel by the time the
+    # PARK is consumed.
+    e = Ends(backend, 2)
+    try:
+        e.d.set_parking(16, 30)
+        e.connect(1)
+        slot, fd = _one_dispatched(e, 1)
+        e.d.stop_accepting()
+        events = []
+        _pump(e, lambda: events.extend(e.d.run(0.02)) or any(ev.kind == "drained" for ev in events),
+              "drained")
+        for s in range(2):                       # what the primary does on DRAINED
+            e.d.set_draining(s)
+        e.clients[0].sendall(b"GET /next HTTP/1.1\r\n\r\n")   # its next request, in flight
+        _park(e, slot, [fd])
+        _pump(e, lambda: _unread_by_peer(e.ends[slot]) == 0, "the PARK consumed")
+        (back,) = _taken(e, slot)
+        assert _taken(e, 1 - slot) == []
+        with socket.socket(fileno=back) as s:    # the same connection, its bytes intact
+            s.setblocking(True)
+            assert s.recv(100) == b"GET /next HTTP/1.1\r\n\r\n"
+            s.sendall(b"ok")
+        assert e.clients[0].recv(10) == b"ok"
+        st = e.d.stats()
+        assert (st["parks"], st["parked"], st["park_closed"], st["dispatched"]) == (1, 0, 0, 2)
+    finally:
+        e.close()
+
+
+def test_a_draining_worker_that_parked_waits_for_what_may_come_back(backend):
+    # The worker side of the test above (pyfork.worker.runtime.Worker.parks_settled): a
+    # draining worker that parked asks, before it exits, whether anything can still come
+    # back. It waits until the primary has consumed all it sent, then looks in its channel.
+    # Here the "primary" (a thread on the other end) answers the PARK late, as the
+    # dispatcher does after DRAINED: it sends the fd back, then consumes the PARK.
+    chan, primary_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    chan.setblocking(False)
+    board = Scoreboard(bytearray(backend.SLOT_SIZE), 1)
+    client, server = socket.socketpair()
+    try:
+        w = Worker(wid=1, slot=0, chan=chan.fileno(), backend=backend, board_slot=board.slot(0),
+                   primary_pid=os.getppid(), conn_family=socket.AF_UNIX)
+        assert w.parks_settled()                  # never parked: nothing to wait for
+        handed = os.dup(server.fileno())
+        assert w.park([handed]) == 1
+        os.close(handed)                          # as the interface does once it is handed over
+        backend.send_msg(primary_end.fileno(), backend.MSG_DRAIN)
+        assert w.take_fds() == [] and w.draining
+
+        def late_primary():
+            time.sleep(0.2)                       # the PARK sits unread meanwhile
+            _, anc, _, _ = primary_end.recvmsg(64, socket.CMSG_SPACE(4), socket.MSG_PEEK)
+            peeked = list(struct.unpack("i", anc[0][2]))    # the kernel's duplicate of the fd
+            backend.send_msg(primary_end.fileno(), backend.MSG_CONN, 0, b"", peeked)
+            consumed = backend.recv_msg(primary_end.fileno())
+            assert consumed.type == backend.MSG_PARK
+            for f in peeked + list(consumed.fds):
+                os.close(f)
+
+        t = threading.Thread(target=late_primary)
+        t.start()
+        try:
+            assert not w.parks_settled()          # it waited, and the connection is back
+        finally:
+            t.join(LIVENESS)
+        (fd,) = w.take_fds()
+        with socket.socket(fileno=fd) as back:
+            back.setblocking(True)
+            client.sendall(b"ping")
+            assert back.recv(10) == b"ping"
+        assert w.parks_settled()                  # asked again: nothing more can come
+    finally:
+        for s in (chan, primary_end, client, server):
+            s.close()
 
 
 def test_set_parking_arguments(backend):

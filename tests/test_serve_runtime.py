@@ -89,7 +89,7 @@ def test_protocol_lists_what_the_interfaces_use():
     # The members the interfaces call; a new one must be added to the protocol first.
     assert set(ATTRIBUTES) == {"id", "log", "draining", "tick_interval", "tcp_nodelay", "conn_family",
                                "parks"}
-    assert set(METHODS) == {"ready", "fileno", "wakeup_fd", "take", "take_fds", "closed", "park", "queued",
+    assert set(METHODS) == {"ready", "fileno", "wakeup_fd", "take", "take_fds", "closed", "park", "parks_settled", "queued",
                             "request_started", "request_finished", "tick", "tcp_cork"}
 
 

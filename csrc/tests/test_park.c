@@ -9,6 +9,9 @@
  * their hang-up) is what the dispatcher must notice. Counters and the
  * workers' ends are observed; every case checks the fd count at the end.
  */
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+
 #include "dispatch_util.h"
 
 /* Worker side: the one connection queued on wend, its id byte read when
@@ -183,6 +186,52 @@ static void test_stopping_returns_them_to_workers(void)
     fx_teardown(&f, &cl, 1);
 }
 
+/* A PARK read after DRAINED (its worker sent it before it saw park_off; no
+ * worker takes from the ring then) goes back to the worker that sent it, as
+ * a CONN, in its channel by the time the PARK is consumed (SIOCOUTQ 0). */
+static void test_park_after_drained_goes_back_to_its_worker(void)
+{
+    struct disp_fx f;
+    int cl, fd, unread = -1;
+    unsigned char c = 5;
+    pf_event ev[8];
+    uint64_t t0;
+
+    fx_setup(&f, 2, PF_POLICY_RR, 1, 0);
+    CHECK_OK(pf_dispatcher_set_parking(f.d, 8, 30000));
+    cl = client(f.port, 1);
+    run_until_dispatched(f.d, 1);
+    fd = take_conn(f.w[0]);
+    CHECK_OK(pf_dispatcher_stop_accepting(f.d));
+    t0 = now_ms();
+    for (;;) {
+        int k = pf_dispatcher_run(f.d, 20, ev, 8);
+
+        CHECK(k >= 0);
+        if (k > 0 && ev[0].type == PF_EV_DRAINED)
+            break;
+        CHECK(now_ms() - t0 < LIVENESS_MS);
+    }
+    /* What the primary does on DRAINED: its worker drains (none READY). */
+    CHECK_OK(pf_dispatcher_set_state(f.d, 0, PF_WORKER_DRAINING));
+    CHECK(write(cl, &c, 1) == 1);       /* its next request, in flight */
+    park(f.w[0], fd);                   /* the late PARK */
+    t0 = now_ms();
+    while (unread != 0) {
+        CHECK(pf_dispatcher_run(f.d, 5, ev, 8) >= 0);
+        CHECK_OK(ioctl(f.w[0], SIOCOUTQ, &unread));
+        CHECK(now_ms() - t0 < LIVENESS_MS);
+    }
+    fd = take_conn_id(f.w[0], 0);       /* back, its byte intact */
+    CHECK_EQ(read_id(fd), 5);
+    close(fd);
+    CHECK_EQ(stats(f.d).parks, 1);
+    CHECK_EQ(stats(f.d).parked, 0);
+    CHECK_EQ(stats(f.d).park_closed, 0);
+    CHECK_EQ(stats(f.d).dispatched, 2);
+    fx_teardown(&f, &cl, 1);
+}
+
 /* A worker that parks and is removed before the loop read its message: the
  * connection is salvaged from its channel, not lost with it. */
 static void test_remove_worker_salvages_parks(void)
@@ -229,6 +278,7 @@ static const struct pf_test_case tests[] = {
     PF_CASE(test_parked_idle_timeout),
     PF_CASE(test_off_or_full_dispatches_at_once),
     PF_CASE(test_stopping_returns_them_to_workers),
+    PF_CASE(test_park_after_drained_goes_back_to_its_worker),
     PF_CASE(test_remove_worker_salvages_parks),
     PF_CASE(test_set_parking_arguments),
 };

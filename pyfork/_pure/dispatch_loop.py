@@ -213,7 +213,7 @@ def _read_chan(d, s):
                 _eat_credit(w.sock)
                 continue
             if magic == MSG_MAGIC and mtype == MSG_PARK:
-                park.recv(d, w.sock)
+                park.recv(d, s)
                 continue
         # Anything else is the caller's to recv_msg; left in the channel.
         _emit(d, "message", s, 0)

@@ -15,7 +15,9 @@ poll set before it leaves the table, so a connection is never held or sent twice
   stopping   every parked fd goes back to the ring at once, so the workers
              (READY until DRAINED) take them and apply their drain rules;
              closing them here could reset a request already in flight; each
-             worker's scoreboard line gets park_off, so none are handed back.
+             worker's scoreboard line gets park_off, so none are handed back
+             (one sent before its worker saw the flag and read after DRAINED
+             goes back to that worker: _return).
 The functions take the dispatcher's State as ``d``, as the C ones take pf_dispatcher.
 """
 
@@ -25,9 +27,9 @@ import select
 import socket
 import time
 
-from pyfork._api import MAX_FDS, MSG_PARK, SLOT_SIZE
-from pyfork._pure.fdpass import recv_on
-from pyfork._pure.internal import unregister
+from pyfork._api import MAX_FDS, MSG_CONN, MSG_PARK, SLOT_SIZE
+from pyfork._pure.fdpass import recv_on, send_on
+from pyfork._pure.internal import close_all, unregister
 from pyfork.scoreboard import PARK_OFF_WORD
 
 PARK_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
@@ -92,10 +94,40 @@ def _add(d, fd, now):
         pk.sweep_at = now + pk.period()
 
 
-def recv(d, sock):
-    """Reads one MSG_PARK message (its header was peeked) and parks its fds."""
+def _return(d, s):
+    """A PARK read after DRAINED (no worker takes from the ring then): its fds go back to
+    worker slot s, which sent it, as a CONN, sent before the PARK is consumed (see
+    pf__park_return in csrc/park.c for why that order)."""
+    w = d.workers[s]
     try:
-        msg = recv_on(sock, MAX_FDS)
+        msg = recv_on(w.sock, MAX_FDS, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        msg = None          # malformed: consumed below
+    if msg is not None and msg.fds:
+        d.st["parks"] += len(msg.fds)
+        try:
+            send_on(w.sock, MSG_CONN, 0, b"", msg.fds)
+        except OSError:
+            d.st["park_closed"] += len(msg.fds)
+        else:
+            d.st["dispatched"] += len(msg.fds)
+            w.sent += len(msg.fds)
+            d.slots[s].publish_sent(w.sent)
+        close_all(msg.fds)  # our duplicates
+    try:
+        close_all(recv_on(w.sock, MAX_FDS).fds)     # now consume it
+    except OSError:
+        pass
+
+
+def recv(d, s):
+    """Reads one MSG_PARK message from worker slot s's channel (its header was peeked)
+    and parks its fds; after DRAINED they go back to that worker (_return)."""
+    if d.drained:
+        _return(d, s)
+        return
+    try:
+        msg = recv_on(d.workers[s].sock, MAX_FDS)
     except OSError:
         return              # consumed either way; fds already closed
     now = time.monotonic()

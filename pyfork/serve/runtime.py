@@ -104,6 +104,13 @@ class Runtime(Protocol):
         runtime cannot park now (`parks` false, draining, the channel full). Safe to call from
         a signal handler in the main thread: it never blocks and never logs."""
 
+    def parks_settled(self) -> bool:
+        """For an interface that parks, once it is draining and has nothing open: True when
+        no connection it parked can still come back to it; False when some did (take() them
+        and serve them, then ask again). A PARK the primary reads after its final dispatch
+        returns to the worker that sent it. Blocks at most a moment (the primary reading its
+        channel); True at once for a runtime that never parked."""
+
     def queued(self) -> bool:
         """True when take() has a connection ready for us without polling (the primary put
         it in our channel), read from shared memory with no syscall: a sync interface that is

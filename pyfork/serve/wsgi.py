@@ -231,7 +231,7 @@ class Server:
         next_sweep = now + self.sweep_every
         try:
             self.check_drain()
-            while not (self.draining and not self.conns):
+            while not self.finished():
                 timeout = max(0.0, min(next_tick, next_sweep) - now)
                 for key, mask in sel.select(timeout):
                     conn = key.data
@@ -269,6 +269,15 @@ class Server:
             sel.close()
             if self.access is not None:
                 self.access.close()          # a graceful stop loses no line
+
+    def finished(self):
+        """Draining with nothing open, and no connection this worker parked can still come
+        back (rt.parks_settled: one the primary read after its final dispatch returns here)."""
+        if not (self.draining and not self.conns):
+            return False
+        if self.parks and not self.rt.parks_settled():
+            self.accept()           # they came back: serve them (the loop goes on)
+        return not self.conns
 
     # -- parking (see the module docstring) ----------------------------------------------
     def install_park_timer(self):
@@ -355,7 +364,10 @@ class Server:
         if self.draining or not self.rt.draining:
             return
         self.draining = True
-        self.sel.unregister(self.listen_fd)       # else a readable listener would spin us
+        if not self.parks:
+            # A shared listener stays readable: it would spin us. The channel (rr/least) stays
+            # watched: a connection we parked may come back on it (parks_settled).
+            self.sel.unregister(self.listen_fd)
         # Kept-alive connections keep their keep-alive deadline (see the module docstring);
         # one taken but silent yet gets the same short grace instead of request_timeout.
         grace = time.monotonic() + self.limits.keepalive_timeout

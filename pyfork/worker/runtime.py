@@ -43,12 +43,15 @@ for testing an interface on its own.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import select
 import socket
+import struct
 import sys
+import termios
 import time
 from typing import Callable, List, Optional
 
@@ -85,6 +88,9 @@ NO_CAPACITY = 0
 # (the dispatcher's max_inflight does the same for rr/least).
 MAX_OPEN = 1000
 SEND_WAIT = 5.0   # seconds a worker waits for room in a full channel before dropping a message
+# parks_settled(): how long a draining worker that parked waits for the primary to read
+# what it sent (the primary's loop is C and never blocks: this is a bound, not a delay).
+PARK_SETTLE_MAX = 2.0
 
 def current():
     """The Worker this process is (None in the primary)."""
@@ -228,6 +234,12 @@ class Acceptor:
         self._reserve_wanted = False
 
 
+def _unread_by_peer(chan: int) -> int:
+    """Bytes we sent on channel `chan` that its reader has not consumed yet (SIOCOUTQ:
+    on a Unix socket, the memory of our datagrams still queued at the peer)."""
+    return struct.unpack("i", fcntl.ioctl(chan, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
 class Worker:
     """Runtime for interfaces and handle for the app, in a forked worker."""
 
@@ -258,6 +270,7 @@ class Worker:
         self._sigterm = False
         self._leave_sent: Optional[float] = None
         self._open = 0
+        self._parked = False      # a PARK went out since parks_settled() last looked
         self._accept_paused_until = 0.0
         self._listening = False
         self._listeners = [socket.socket(fileno=fd) for fd in listeners]
@@ -382,6 +395,7 @@ class Worker:
                 break           # EAGAIN (full), EPIPE (primary gone: tick() finds out)
             k += len(batch)
         if k:
+            self._parked = True
             self._open -= k
             if self._writer.conn_closed(k):
                 # The primary asked for a CREDIT; a parked connection frees no room to
@@ -391,6 +405,21 @@ class Worker:
                 except OSError:
                     pass        # full: the primary is reading us anyway (10 ms recheck)
         return k
+
+    def parks_settled(self) -> bool:
+        """For a draining interface about to finish: True when no connection it parked can
+        still come back. The primary sends a PARK it reads after its final dispatch back
+        to us, as a CONN, before it consumes the PARK (csrc/park.c, pf__park_return), so:
+        wait until it has read all we sent (the channel's SIOCOUTQ is 0), then anything
+        coming back is in our channel. False: it is, take() it and serve it (CONNs after
+        DRAIN are only those). A worker that never parked pays nothing."""
+        if not self._parked:
+            return True
+        self._parked = False
+        deadline = time.monotonic() + PARK_SETTLE_MAX
+        while _unread_by_peer(self._chan) > 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return not select.select([self._chan], [], [], 0)[0]
 
     def request_started(self) -> None:     # replaced per instance in __init__
         self._writer.request_started()
@@ -574,12 +603,7 @@ class Worker:
                 n = len(fds)
                 room -= n
                 self._conn_taken(n)       # no longer queued: ours to serve (or close)
-                if self.draining:
-                    # The primary promised no CONN after DRAIN; account and close.
-                    for fd in fds:
-                        os.close(fd)
-                    self._writer.conn_closed(len(fds))
-                    continue
+                # After DRAIN a CONN is only connections we parked, come back (parks_settled).
                 out += fds
                 self._open += n
                 continue

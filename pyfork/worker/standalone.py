@@ -78,6 +78,9 @@ class StandaloneRuntime:
     def park(self, fds: List[int]) -> int:
         return 0
 
+    def parks_settled(self) -> bool:
+        return True     # never parks
+
     def queued(self) -> bool:
         return False
 
