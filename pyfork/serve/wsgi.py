@@ -231,7 +231,7 @@ class Server:
         next_sweep = now + self.sweep_every
         try:
             self.check_drain()
-            while not self.finished():
+            while not (self.draining and not self.conns and self.nothing_comes_back()):
                 timeout = max(0.0, min(next_tick, next_sweep) - now)
                 for key, mask in sel.select(timeout):
                     conn = key.data
@@ -270,13 +270,12 @@ class Server:
             if self.access is not None:
                 self.access.close()          # a graceful stop loses no line
 
-    def finished(self):
-        """Draining with nothing open, and no connection this worker parked can still come
-        back (rt.parks_settled: one the primary read after its final dispatch returns here)."""
-        if not (self.draining and not self.conns):
-            return False
+    def nothing_comes_back(self):
+        """Draining with nothing open: True unless a connection this worker parked came
+        back (rt.parks_settled: a PARK the primary read after its final dispatch returns
+        here). Those are taken now and the loop goes on to serve them."""
         if self.parks and not self.rt.parks_settled():
-            self.accept()           # they came back: serve them (the loop goes on)
+            self.accept()
         return not self.conns
 
     # -- parking (see the module docstring) ----------------------------------------------
