@@ -237,7 +237,10 @@ def respond(server, conn, req):
                             body = body[:resp.remaining]
                         resp.remaining -= len(body)
                         resp.sent = len(body)
-                        server.send(conn, head + body)
+                        if resp.keep_alive:
+                            server.send(conn, head + body)
+                        else:       # the connection ends here: data and FIN in one segment
+                            server.send_last(conn, head + body)
                     else:
                         server.send(conn, head)
                 else:
