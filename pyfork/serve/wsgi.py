@@ -182,7 +182,6 @@ class Conn:
         self.handshaking = False    # its TLS handshake is not complete yet
 
 
-
 class Server:
     """The worker's loop; one per serve() call."""
 
@@ -634,27 +633,6 @@ class Server:
             return
         try:
             sent = conn.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            conn.dead = True
-            return
-        if sent < len(data):
-            rest = memoryview(data)[sent:]
-            conn.out.append(rest)
-            conn.out_len += len(rest)
-
-    def send_last(self, conn, data):
-        """send() for the last bytes before the connection closes: with MSG_MORE, so the
-        kernel holds them for the close (or a linger's shutdown) that follows at once and
-        puts data and FIN in one segment: one wake-up of the client instead of two, and
-        one trip through the loopback instead of two (measured: bench/README.md). Every
-        path after it sends again, shuts down or closes, any of which pushes the data."""
-        if conn.tls or conn.out or conn.dead or not data:
-            self.send(conn, data)
-            return
-        try:
-            sent = conn.sock.send(data, socket.MSG_MORE)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:

@@ -237,10 +237,7 @@ def respond(server, conn, req):
                             body = body[:resp.remaining]
                         resp.remaining -= len(body)
                         resp.sent = len(body)
-                        if resp.keep_alive:
-                            server.send(conn, head + body)
-                        else:       # the connection ends here: data and FIN in one segment
-                            server.send_last(conn, head + body)
+                        server.send(conn, head + body)
                     else:
                         server.send(conn, head)
                 else:
