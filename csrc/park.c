@@ -156,6 +156,7 @@ static void pf__park_return(pf_dispatcher *d, int slot)
     if (n > 0) {
         d->st.parks += (uint64_t)n;
         if (pf_send_msg(w->chan, PF_MSG_CONN, 0, NULL, 0, fds, n) == 0) {
+            d->st.unparks += (uint64_t)n;
             d->st.dispatched += (uint64_t)n;
             w->sent += (uint64_t)n;
             __atomic_store_n(&d->board[slot].sent, w->sent, __ATOMIC_RELEASE);

@@ -216,7 +216,8 @@ typedef struct pf_stats {
     int32_t pending;        /* fds accepted and not yet sent */
     int32_t accepting;      /* 1 while listeners are in the poll set */
     uint64_t parks;         /* idle connections workers handed back (PF_MSG_PARK) */
-    uint64_t unparks;       /* parked connections that became readable and went to the ring */
+    uint64_t unparks;       /* parked connections that went back to a worker: became
+                               readable (to the ring), or read after DRAINED (returned) */
     uint64_t park_closed;   /* parked connections closed: client hung up, idle timeout,
                                stopping, or no room anywhere */
     int32_t parked;         /* connections parked now */

@@ -25,6 +25,7 @@ import pytest
 
 from pyfork.primary import control
 from pyfork.scoreboard import Scoreboard
+from pyfork.worker import runtime as runtime_module
 from pyfork.worker.runtime import Worker
 
 import supervisor_harness as H
@@ -204,7 +205,7 @@ def test_a_park_read_after_drained_goes_back_to_the_worker_that_sent_it(backend)
             s.sendall(b"ok")
         assert e.clients[0].recv(10) == b"ok"
         st = e.d.stats()
-        assert (st["parks"], st["parked"], st["park_closed"], st["dispatched"]) == (1, 0, 0, 2)
+        assert (st["parks"], st["unparks"], st["parked"], st["park_closed"], st["dispatched"]) == (1, 1, 0, 0, 2)
     finally:
         e.close()
 
@@ -217,34 +218,50 @@ def test_a_draining_worker_that_parked_waits_for_what_may_come_back(backend):
     # dispatcher does after DRAINED: it sends the fd back, then consumes the PARK.
     chan, primary_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     chan.setblocking(False)
+    settle_max = runtime_module.PARK_SETTLE_MAX
     board = Scoreboard(bytearray(backend.SLOT_SIZE), 1)
     client, server = socket.socketpair()
     try:
         w = Worker(wid=1, slot=0, chan=chan.fileno(), backend=backend, board_slot=board.slot(0),
                    primary_pid=os.getppid(), conn_family=socket.AF_UNIX)
+        w.ready()
+        assert backend.recv_msg(primary_end.fileno()).type == backend.MSG_READY   # nothing else unread
         assert w.parks_settled()                  # never parked: nothing to wait for
         handed = os.dup(server.fileno())
         assert w.park([handed]) == 1
         os.close(handed)                          # as the interface does once it is handed over
         backend.send_msg(primary_end.fileno(), backend.MSG_DRAIN)
         assert w.take_fds() == [] and w.draining
+        problems = []
 
         def late_primary():
-            time.sleep(0.2)                       # the PARK sits unread meanwhile
-            _, anc, _, _ = primary_end.recvmsg(64, socket.CMSG_SPACE(4), socket.MSG_PEEK)
-            peeked = list(struct.unpack("i", anc[0][2]))    # the kernel's duplicate of the fd
-            backend.send_msg(primary_end.fileno(), backend.MSG_CONN, 0, b"", peeked)
-            consumed = backend.recv_msg(primary_end.fileno())
-            assert consumed.type == backend.MSG_PARK
-            for f in peeked + list(consumed.fds):
-                os.close(f)
+            try:
+                time.sleep(0.2)                   # the PARK sits unread meanwhile
+                _, anc, _, _ = primary_end.recvmsg(64, socket.CMSG_SPACE(4), socket.MSG_PEEK)
+                peeked = list(struct.unpack("i", anc[0][2]))    # the kernel's duplicate of the fd
+                backend.send_msg(primary_end.fileno(), backend.MSG_CONN, 0, b"", peeked)
+                board.slot(0).publish_sent(1)     # as the dispatcher does for what it sends
+                consumed = backend.recv_msg(primary_end.fileno())
+                if consumed.type != backend.MSG_PARK:
+                    problems.append(f"consumed type {consumed.type}")
+                for f in peeked + list(consumed.fds):
+                    os.close(f)
+            except Exception as e:                # noqa: BLE001 -- reported below
+                problems.append(repr(e))
 
         t = threading.Thread(target=late_primary)
         t.start()
         try:
-            assert not w.parks_settled()          # it waited, and the connection is back
+            # It waits for the PARK to be consumed (not for its PARK_SETTLE_MAX bound: the
+            # bound is raised past the liveness timeout here), then finds the connection.
+            runtime_module.PARK_SETTLE_MAX = LIVENESS * 2
+            t0 = time.monotonic()
+            assert not w.parks_settled()
+            assert time.monotonic() - t0 < LIVENESS, "waited for the bound, not for the primary"
         finally:
+            runtime_module.PARK_SETTLE_MAX = settle_max
             t.join(LIVENESS)
+        assert not t.is_alive() and problems == [], problems
         (fd,) = w.take_fds()
         with socket.socket(fileno=fd) as back:
             back.setblocking(True)

@@ -226,6 +226,7 @@ static void test_park_after_drained_goes_back_to_its_worker(void)
     CHECK_EQ(read_id(fd), 5);
     close(fd);
     CHECK_EQ(stats(f.d).parks, 1);
+    CHECK_EQ(stats(f.d).unparks, 1);
     CHECK_EQ(stats(f.d).parked, 0);
     CHECK_EQ(stats(f.d).park_closed, 0);
     CHECK_EQ(stats(f.d).dispatched, 2);

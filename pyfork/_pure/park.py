@@ -110,6 +110,7 @@ def _return(d, s):
         except OSError:
             d.st["park_closed"] += len(msg.fds)
         else:
+            d.st["unparks"] += len(msg.fds)
             d.st["dispatched"] += len(msg.fds)
             w.sent += len(msg.fds)
             d.slots[s].publish_sent(w.sent)

@@ -275,7 +275,10 @@ class Server:
         back (rt.parks_settled: a PARK the primary read after its final dispatch returns
         here). Those are taken now and the loop goes on to serve them."""
         if self.parks and not self.rt.parks_settled():
-            self.accept()
+            while True:             # every message that came back (each holds <= MAX_FDS)
+                self.accept_once()
+                if not self.rt.queued():
+                    break
         return not self.conns
 
     # -- parking (see the module docstring) ----------------------------------------------
@@ -405,6 +408,10 @@ class Server:
         now = time.monotonic()
         limits, base_env, conns = self.limits, self.base_env, self.conns
         deadline = now + limits.request_timeout
+        if self.draining:
+            # Taken while draining (parked connections that came back): a silent one gets
+            # the drain's short grace, as check_drain gives those already open.
+            deadline = min(deadline, now + limits.keepalive_timeout)
         proxy_protocol = self.edge.proxy_protocol
         tls_context = self.tls_context
         for sock in socks:

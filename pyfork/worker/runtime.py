@@ -419,7 +419,9 @@ class Worker:
         deadline = time.monotonic() + PARK_SETTLE_MAX
         while _unread_by_peer(self._chan) > 0 and time.monotonic() < deadline:
             time.sleep(0.001)
-        return not select.select([self._chan], [], [], 0)[0]
+        # The primary publishes `sent` before it consumes the PARK: sent > taken says a CONN
+        # waits for us (a scoreboard read; no poll of the channel fd, whatever its number).
+        return not self._board.queued()
 
     def request_started(self) -> None:     # replaced per instance in __init__
         self._writer.request_started()
