@@ -63,6 +63,16 @@ def _park(e, slot, fds):
         os.close(fd)          # as the worker does: the connection is the primary's now
 
 
+def _same_connection(e, fd, sent):
+    """fd (now the test's) is client 0's connection with its bytes intact: it reads what the
+    client sent, and the client reads the reply. Closes fd."""
+    with socket.socket(fileno=fd) as s:
+        s.setblocking(True)
+        assert s.recv(100) == sent
+        s.sendall(b"ok")
+    assert e.clients[0].recv(10) == b"ok"
+
+
 def _ends_with_parked(backend, n, idle_timeout=30):
     """One worker, parking on (16 entries): n clients connected, dispatched to it, and all
     handed back (parked or on the way). Returns the Ends; the caller closes it."""
@@ -92,11 +102,7 @@ def test_parked_connection_is_dispatched_when_its_next_request_arrives(backend):
         assert [e.take(s) for s in range(2)] == [[], []]
         e.clients[0].sendall(b"GET / HTTP/1.1\r\n\r\n")
         slot2, fd2 = _one_dispatched(e, 2)
-        with socket.socket(fileno=fd2) as s:    # the same connection, its bytes intact
-            s.setblocking(True)
-            assert s.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
-            s.sendall(b"ok")
-        assert e.clients[0].recv(10) == b"ok"
+        _same_connection(e, fd2, b"GET / HTTP/1.1\r\n\r\n")
         st = e.d.stats()
         assert (st["parks"], st["unparks"], st["parked"], st["park_closed"]) == (1, 1, 0, 0)
     finally:
@@ -199,11 +205,7 @@ def test_a_park_read_after_drained_goes_back_to_the_worker_that_sent_it(backend)
         _pump(e, lambda: _unread_by_peer(e.ends[slot]) == 0, "the PARK consumed")
         (back,) = _taken(e, slot)
         assert _taken(e, 1 - slot) == []
-        with socket.socket(fileno=back) as s:    # the same connection, its bytes intact
-            s.setblocking(True)
-            assert s.recv(100) == b"GET /next HTTP/1.1\r\n\r\n"
-            s.sendall(b"ok")
-        assert e.clients[0].recv(10) == b"ok"
+        _same_connection(e, back, b"GET /next HTTP/1.1\r\n\r\n")
         st = e.d.stats()
         assert (st["parks"], st["unparks"], st["parked"], st["park_closed"], st["dispatched"]) == (1, 1, 0, 0, 2)
     finally:
