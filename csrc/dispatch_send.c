@@ -260,39 +260,50 @@ static int64_t pf__min64(int64_t a, int64_t b)
     return a < b ? a : b;
 }
 
-/* Prefetch (pf_internal.h): no worker can start one now. The candidate
+/* Can slot s take a prefetched connection (pf_internal.h)? A candidate
  * whose end we hold (only there can a connection be taken back) with a
  * declared capacity, fewer than PF__PREFETCH_MAX connections beyond it,
- * room under the open-connection cap, and either idle (what it holds is
- * about to start) or running a request that began < PF__PREFETCH_US ago; of
- * those, the one with the fewest beyond its capacity, then the idle or most
+ * room under the open-connection cap, not barred, and either idle (what it
+ * holds is about to start) or running a request that began < young_ns ago.
+ * Returns 1 with its count beyond capacity in *extra and its busy_since_ns
+ * in *since (0 = idle), or 0 when it cannot. */
+static int pf__can_prefetch(pf_dispatcher *d, int s, uint64_t now, uint64_t young_ns,
+                            int64_t *extra, uint64_t *since)
+{
+    uint32_t cap;
+
+    if (!pf__candidate(d, s) || d->workers[s].peer < 0)
+        return 0;
+    cap = __atomic_load_n(&d->board[s].capacity, __ATOMIC_ACQUIRE);
+    if (cap == 0 || d->cfg.max_inflight - pf__open(d, s) <= 0)
+        return 0;
+    *since = __atomic_load_n(&d->board[s].busy_since_ns, __ATOMIC_RELAXED);
+    if (*since != 0 && *since + young_ns <= now)
+        return 0;
+    if (d->workers[s].barred) {
+        if (*since == d->workers[s].barred_since)
+            return 0;           /* what we just took back would come straight back */
+        d->workers[s].barred = 0;   /* it moved on: a new request, or idle again */
+    }
+    *extra = pf__work(d, s) - (int64_t)cap;
+    return *extra < PF__PREFETCH_MAX;
+}
+
+/* Prefetch: no worker can start one now. Of the slots pf__can_prefetch
+ * accepts, the one with the fewest beyond its capacity, then the idle or most
  * recently started (the least likely to be stuck). Returns the slot, or -1. */
 static int pf__pick_prefetch(pf_dispatcher *d)
 {
     uint64_t now = pf__now_ns(), bsince = 0;
+    const uint64_t young = (uint64_t)PF__PREFETCH_US * PF__NS_PER_US;
     int64_t bextra = 0;
     int best = -1;
 
     for (int s = 0; s < d->hi; s++) {
-        uint32_t cap;
         uint64_t since;
         int64_t extra;
 
-        if (!pf__candidate(d, s) || d->workers[s].peer < 0)
-            continue;
-        cap = __atomic_load_n(&d->board[s].capacity, __ATOMIC_ACQUIRE);
-        if (cap == 0 || d->cfg.max_inflight - pf__open(d, s) <= 0)
-            continue;
-        since = __atomic_load_n(&d->board[s].busy_since_ns, __ATOMIC_RELAXED);
-        if (since != 0 && since + (uint64_t)PF__PREFETCH_US * PF__NS_PER_US <= now)
-            continue;
-        if (d->workers[s].barred) {
-            if (since == d->workers[s].barred_since)
-                continue;       /* what we just took back would come straight back */
-            d->workers[s].barred = 0;   /* it moved on: a new request, or idle again */
-        }
-        extra = pf__work(d, s) - (int64_t)cap;
-        if (extra >= PF__PREFETCH_MAX)
+        if (!pf__can_prefetch(d, s, now, young, &extra, &since))
             continue;
         if (since == 0)
             since = UINT64_MAX;     /* idle: as young as it gets */
@@ -518,16 +529,41 @@ static void pf__take_back(pf_dispatcher *d, int s)
         pf__pend_push_front(d, fds[--n]);     /* room checked above */
 }
 
+/* Returns 1 when a worker other than slot `except` (whose request has run
+ * PF__RESCUE_US) would start a connection sooner: it can start one now, or
+ * it could take a prefetched one behind a request that began less than
+ * PF__RESCUE_US ago (a worker moving through light requests). Every busy
+ * candidate it looks at is asked for a CREDIT (pf__room), so the first to
+ * free room wakes us to look again. */
+static int pf__someone_sooner(pf_dispatcher *d, int except, uint64_t now)
+{
+    const uint64_t young = (uint64_t)PF__RESCUE_US * PF__NS_PER_US;
+    uint64_t since;
+    int64_t extra;
+
+    for (int s = 0; s < d->hi; s++) {
+        if (s == except || !pf__candidate(d, s))
+            continue;
+        if (pf__room(d, s) > 0 || pf__can_prefetch(d, s, now, young, &extra, &since))
+            return 1;
+    }
+    return 0;
+}
+
 /* Returns nothing; for every worker that may hold prefetched connections:
  * forgets it once its channel is empty (or it is no longer READY), takes
  * back what waits there once its request in progress has run
- * PF__TAKEBACK_US -- or once it has looked idle for PF__TAKEBACK_IDLE_US
- * with them still queued (it is not reading) -- and sets takeback_ns to the
- * next look: every PF__TAKEBACK_US while a worker is idle (its next request
- * may start, and run long, any moment). */
+ * PF__RESCUE_US while another worker would start them sooner, or
+ * PF__TAKEBACK_US whatever the others do -- or once it has looked idle for
+ * PF__TAKEBACK_IDLE_US with them still queued (it is not reading) -- and
+ * sets takeback_ns to the next look: every PF__TAKEBACK_US while a worker is
+ * idle (its next request may start, and run long, any moment). Between
+ * PF__RESCUE_US and PF__TAKEBACK_US with nobody sooner, the busy workers
+ * are asked for a CREDIT, so the first that frees up wakes us. */
 void pf__take_back_due(pf_dispatcher *d, uint64_t now)
 {
     const uint64_t age = (uint64_t)PF__TAKEBACK_US * PF__NS_PER_US;
+    const uint64_t rescue = (uint64_t)PF__RESCUE_US * PF__NS_PER_US;
     const uint64_t idle_age = (uint64_t)PF__TAKEBACK_IDLE_US * PF__NS_PER_US;
 
     d->takeback_ns = 0;
@@ -549,7 +585,12 @@ void pf__take_back_due(pf_dispatcher *d, uint64_t now)
                 w->idle_seen_ns = now;
             else if (since != 0)
                 w->idle_seen_ns = 0;
-            due = since != 0 ? since + age : w->idle_seen_ns + idle_age;
+            if (since == 0)
+                due = w->idle_seen_ns + idle_age;
+            else if (now < since + rescue || now >= since + age)
+                due = now < since + rescue ? since + rescue : since + age;
+            else
+                due = pf__someone_sooner(d, s, now) ? now : since + age;
             if (now < due) {
                 /* idle: look again soon, a request may start meanwhile */
                 uint64_t look = since == 0 && now + age < due ? now + age : due;

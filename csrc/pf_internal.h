@@ -70,6 +70,10 @@
 #define PF__PREFETCH_MAX 8
 #define PF__PREFETCH_US 500
 #define PF__TAKEBACK_US 1000
+/* ... or already after PF__RESCUE_US when another worker would start them
+ * sooner: it is idle, or it is going through requests that each began
+ * less than PF__RESCUE_US ago. */
+#define PF__RESCUE_US 250
 /* An idle worker (no request in progress) with connections still queued is
  * about to read them; one that stays so this long is not reading (it may
  * report no requests at all, or be starved of CPU): take them back too. Not

@@ -340,6 +340,49 @@ def test_a_connection_queued_behind_a_request_that_became_long_is_served_by_anot
             os.close(fd)
 
 
+def test_a_connection_queued_behind_a_request_that_may_be_slow_moves_to_a_worker_moving_on(
+        backend, ends):
+    """Connections prefetched behind a request that has run a quarter of a millisecond (not
+    yet the full take-back age) come back as soon as another worker would start them sooner:
+    one going through requests that each began just now. While no worker would, they stay
+    (moving them would only cost syscalls). In order, each to exactly one worker."""
+    from pyfork._pure.internal import RESCUE_NS, TAKEBACK_NS
+    e = ends(2)
+    w, held, a, b = _prefetched_behind_b(backend, e, 2 * 10**9)   # a: long, b: young
+    try:
+        def b_may_be_slow():
+            # b's request is kept between the two ages at every look: only the rescue moves
+            _busy_since(e, b, time.monotonic_ns() - RESCUE_NS - (TAKEBACK_NS - RESCUE_NS) // 4)
+
+        aged_at = time.monotonic_ns()
+        for _ in range(3):
+            b_may_be_slow()
+            e.d.run(0)
+        if time.monotonic_ns() - aged_at < (TAKEBACK_NS - RESCUE_NS) // 2:
+            assert e.d.worker_stats(b)["sent"] == 3     # a is stuck: nothing moved
+        _busy_since(e, a, time.monotonic_ns() + 2 * 10**9)   # a moves on to a new request
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < 2:
+            assert time.monotonic() < deadline, e.d.stats()
+            b_may_be_slow()
+            e.d.run(0)
+            more = [fd for m in e.take(a) for fd in m]
+            held += more
+            got += more
+
+        def peer_of(fd):
+            with socket.socket(fileno=os.dup(fd)) as p:
+                return p.getpeername()
+
+        assert [peer_of(fd) for fd in got] == [c.getsockname() for c in e.clients[2:]]
+        assert e.take(b) == [] and e.d.stats()["pending"] == 0
+        assert e.d.worker_stats(b)["sent"] == 1
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def test_a_connection_prefetched_before_the_drain_stays_with_its_worker(backend, ends):
     """A graceful stop reports DRAINED once every accepted connection is with a worker; the
     workers are then told to drain and serve what waits in their channels first. A request

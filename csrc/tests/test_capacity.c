@@ -9,6 +9,7 @@
  * the liveness bound in dispatch_util.h.
  */
 #include "dispatch_util.h"
+#include "pf_internal.h"  /* PF__RESCUE_US, PF__TAKEBACK_US */
 
 /* Worker side: reads ONE queued message from wend; stores the client ids in
  * ids[], closes the connections and returns how many the message carried
@@ -325,6 +326,76 @@ static void test_prefetch_and_take_back(void)
     fx_teardown(&f, cl, 4);
 }
 
+/* Rescue: a connection prefetched behind a request that has run
+ * PF__RESCUE_US (not yet PF__TAKEBACK_US) stays while no other worker would
+ * start it sooner, and comes back for one that would -- here a worker whose
+ * request just began, so it goes through its requests while the first may
+ * be a slow one. a's request is aged by hand, between the two ages; the
+ * "stays" check is made only while the PF__TAKEBACK_US rule cannot apply. */
+static void test_rescue_to_a_sooner_worker(void)
+{
+    const uint64_t rescue = (uint64_t)PF__RESCUE_US * PF__NS_PER_US;
+    const uint64_t age = (uint64_t)PF__TAKEBACK_US * PF__NS_PER_US;
+    struct disp_fx f;
+    pf_slot *board;
+    pf_worker_stats ws;
+    int cl[3], ids[PF_MAX_FDS], a, b;
+    uint64_t set_at, deadline;
+
+    fx_setup(&f, 2, PF_POLICY_RR, 2, 1);
+    board = pf_dispatcher_scoreboard(f.d, NULL);
+    pf_slot_set_capacity(&board[0], 1);
+    pf_slot_set_capacity(&board[1], 1);
+    a = dispatch_one(f.d, f.port, f.w, 2, 0, &cl[0]);
+    pf_slot_conn_taken(&board[a], 1);
+    pf_slot_request_started(&board[a]);
+    board[a].busy_since_ns = pf__now_ns() + pf__ms_to_ns(2000);   /* young */
+    b = dispatch_one(f.d, f.port, f.w, 2, 1, &cl[1]);
+    CHECK_EQ(b, 1 - a);
+    worker_starts(&board[b], 1);        /* b: a long request */
+
+    cl[2] = client(f.port, 2);          /* prefetched behind a's young request */
+    run_until_dispatched(f.d, 3);
+    CHECK_OK(pf_dispatcher_worker_stats(f.d, a, &ws));
+    CHECK_EQ(ws.sent, 2);
+
+    /* a's request has run past PF__RESCUE_US; b is stuck: it stays. */
+    set_at = pf__now_ns();
+    board[a].busy_since_ns = set_at - rescue - (age - rescue) / 4;
+    for (int i = 0; i < 3; i++) {
+        pf_event ev[4];
+        CHECK(pf_dispatcher_run(f.d, 0, ev, 4) >= 0);
+    }
+    if (pf__now_ns() - set_at < (age - rescue) / 2) {
+        CHECK_OK(pf_dispatcher_worker_stats(f.d, a, &ws));
+        CHECK_EQ(ws.sent, 2);
+        CHECK_EQ(stats(f.d).pending, 0);
+    }
+
+    /* b moves on to a new request: client 2 comes back and goes to b. a's
+     * request is kept between the two ages at every look, so only the
+     * rescue can move it. */
+    board[b].busy_since_ns = pf__now_ns() + pf__ms_to_ns(2000);
+    deadline = pf__now_ns() + pf__ms_to_ns(LIVENESS_MS);
+    for (;;) {
+        pf_event ev[4];
+        int k = take_message(f.w[b], ids);
+
+        if (k > 0) {
+            CHECK_EQ(k, 1);
+            CHECK_EQ(ids[0], 2);
+            break;
+        }
+        CHECK(pf__now_ns() < deadline);
+        board[a].busy_since_ns = pf__now_ns() - rescue - (age - rescue) / 4;
+        CHECK(pf_dispatcher_run(f.d, 0, ev, 4) >= 0);
+    }
+    CHECK_EQ(take_message(f.w[a], ids), 0);
+    CHECK_EQ(stats(f.d).pending, 0);
+    CHECK(stats(f.d).redispatched >= 1);
+    fx_teardown(&f, cl, 3);
+}
+
 static void test_fresh_counts_as_work_rr(void)
 {
     fresh_counts_as_work(PF_POLICY_RR);
@@ -339,6 +410,7 @@ static const struct pf_test_case tests[] = {
     PF_CASE(test_sync_workers_central_queue), PF_CASE(test_batch_capped_by_free_capacity),
     PF_CASE(test_least_by_work), PF_CASE(test_fresh_counts_as_work_rr),
     PF_CASE(test_fresh_counts_as_work_least), PF_CASE(test_prefetch_and_take_back),
+    PF_CASE(test_rescue_to_a_sooner_worker),
 };
 
 int main(int argc, char **argv)

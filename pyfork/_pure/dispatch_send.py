@@ -21,9 +21,10 @@ large open-connection cap: sent - scoreboard.closed < max_inflight.
          enough fds to catch up with the runner-up.
 Prefetch with take-back: when no worker can start one, up to PREFETCH_MAX,
 one per message, may wait in the channel of a worker that is idle or whose
-request began < PREFETCH_NS ago; once that request has run TAKEBACK_NS,
-take_back_due reads them back through the worker's end the primary holds,
-for the first worker that can start them (csrc/dispatch_send.c and
+request began < PREFETCH_NS ago; once that request has run TAKEBACK_NS (or
+RESCUE_NS, when another worker would start them sooner), take_back_due reads
+them back through the worker's end the primary holds, for the first worker
+that can start them (csrc/dispatch_send.c and
 pf_internal.h say why).
 Skipping a worker for lack of room sets its want_credit; it sends MSG_CREDIT
 when it next frees room. When no worker can start, the fds stay in the ring
@@ -50,7 +51,7 @@ from pyfork._api import MAX_FDS, MSG_CONN, STATE_FREE, STATE_GONE, STATE_READY
 from pyfork._pure.fdpass import HDR, HDR_SIZE, MSG_MAGIC, recv_on, send_on
 from pyfork._pure.internal import (
     BLK_NONE, BLK_OUT, BLK_RETRY, CHAN_EVENTS, LEAST_AGE_NS, PREFETCH_MAX, PREFETCH_NS, RECHECK_S,
-    TAKEBACK_IDLE_NS, TAKEBACK_NS, close_all, unregister,
+    RESCUE_NS, TAKEBACK_IDLE_NS, TAKEBACK_NS, close_all, unregister,
 )
 
 _U64_MAX = (1 << 64) - 1
@@ -106,32 +107,41 @@ def _candidate(d, s):
     return w.state == STATE_READY and w.blocked == BLK_NONE
 
 
+def _can_prefetch(d, s, now, young_ns):
+    """Can slot s take a prefetched connection? A candidate whose end we hold (only there can
+    one be taken back) with a declared capacity, fewer than PREFETCH_MAX beyond it, room under
+    the open-connection cap, not barred, and idle or running a request that began < young_ns
+    ago. Returns (its count beyond capacity, its busy_since_ns), or None
+    (csrc/dispatch_send.c pf__can_prefetch)."""
+    if not _candidate(d, s) or d.workers[s].psock is None:
+        return None
+    slot = d.slots[s]
+    cap = slot.capacity
+    if not cap or d.cfg.max_inflight - _open(d, s) <= 0:
+        return None
+    since = slot.busy_since_ns
+    if since and since + young_ns <= now:
+        return None
+    w = d.workers[s]
+    if w.barred_since is not None:
+        if since == w.barred_since:
+            return None         # what we just took back would come straight back
+        w.barred_since = None   # it moved on: a new request, or idle again
+    extra = _work(d, s) - cap
+    return (extra, since) if extra < PREFETCH_MAX else None
+
+
 def _pick_prefetch(d):
-    """No worker can start one now: the candidate whose end we hold (only there can one be
-    taken back) with a declared capacity, fewer than PREFETCH_MAX beyond it, room under the
-    open-connection cap, and idle or running a request that began < PREFETCH_NS ago; of
-    those the fewest beyond capacity, then the idle or most recently started. Returns the
-    slot or -1 (csrc/dispatch_send.c pf__pick_prefetch)."""
+    """No worker can start one now: of the slots _can_prefetch accepts, the fewest beyond
+    capacity, then the idle or most recently started. Returns the slot or -1
+    (csrc/dispatch_send.c pf__pick_prefetch)."""
     best, bextra, bsince = -1, 0, 0
     now = time.monotonic_ns()
     for s in range(d.hi):
-        if not _candidate(d, s) or d.workers[s].psock is None:
+        got = _can_prefetch(d, s, now, PREFETCH_NS)
+        if got is None:
             continue
-        slot = d.slots[s]
-        cap = slot.capacity
-        if not cap or d.cfg.max_inflight - _open(d, s) <= 0:
-            continue
-        since = slot.busy_since_ns
-        if since and since + PREFETCH_NS <= now:
-            continue
-        w = d.workers[s]
-        if w.barred_since is not None:
-            if since == w.barred_since:
-                continue        # what we just took back would come straight back
-            w.barred_since = None   # it moved on: a new request, or idle again
-        extra = _work(d, s) - cap
-        if extra >= PREFETCH_MAX:
-            continue
+        extra, since = got
         since = since or _U64_MAX       # idle: as young as it gets
         if best < 0 or extra < bextra or (extra == bextra and since > bsince):
             best, bextra, bsince = s, extra, since
@@ -338,10 +348,24 @@ def _take_back(d, s):
     d.pend.extendleft((fd, True) for fd in reversed(got))
 
 
+def _someone_sooner(d, except_s, now):
+    """True when a worker other than except_s (whose request has run RESCUE_NS) would start a
+    connection sooner: it can start one now, or take a prefetched one behind a request that
+    began < RESCUE_NS ago. Busy candidates are asked for a CREDIT on the way (_room)
+    (csrc/dispatch_send.c pf__someone_sooner)."""
+    for s in range(d.hi):
+        if s == except_s or not _candidate(d, s):
+            continue
+        if _room(d, s) > 0 or _can_prefetch(d, s, now, RESCUE_NS) is not None:
+            return True
+    return False
+
+
 def take_back_due(d):
     """For every worker that may hold prefetched connections: forgets it once its channel
     is empty (or it is not READY), takes back what waits there once its request has run
-    TAKEBACK_NS (or it has looked idle for TAKEBACK_IDLE_NS with them queued), and sets
+    RESCUE_NS while another worker would start them sooner, or TAKEBACK_NS whatever the
+    others do (or once it has looked idle for TAKEBACK_IDLE_NS with them queued), and sets
     takeback_at to the next look (csrc/dispatch_send.c pf__take_back_due)."""
     d.takeback_at = 0.0
     if not d.n_behind or d.drained:
@@ -358,7 +382,14 @@ def take_back_due(d):
                 w.idle_seen_ns = now
             elif since:
                 w.idle_seen_ns = 0
-            due = since + TAKEBACK_NS if since else w.idle_seen_ns + TAKEBACK_IDLE_NS
+            if not since:
+                due = w.idle_seen_ns + TAKEBACK_IDLE_NS
+            elif now < since + RESCUE_NS:
+                due = since + RESCUE_NS
+            elif now >= since + TAKEBACK_NS:
+                due = since + TAKEBACK_NS
+            else:
+                due = now if _someone_sooner(d, s, now) else since + TAKEBACK_NS
             if now < due:
                 # idle: look again soon, a request may start meanwhile
                 look = min(due, now + TAKEBACK_NS) if not since else due
