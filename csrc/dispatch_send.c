@@ -23,12 +23,14 @@
  * Prefetch with take-back: when no worker can start one, up to
  * PF__PREFETCH_MAX connections, one per message, may wait in the channel of
  * a worker that is idle or whose request began < PF__PREFETCH_US ago
- * (pf_internal.h says why); once that request has run PF__TAKEBACK_US,
+ * (pf_internal.h says why); once that request has run PF__TAKEBACK_US --
+ * or PF__RESCUE_US, when another worker would start them sooner --
  * pf__take_back_due reads them back from the worker's end we hold and they go
  * to the first worker that can start them. So a sync worker under a
  * saturating load goes from one connection to the next without sleeping,
- * and a light request waits behind a slow one for ~1-2 ms, not for all of it. A worker that never declared a capacity
- * (0) is limited only by the open-connection cap. That cap, sent -
+ * and a light request waits behind a slow one for ~0.25-1 ms, not for all
+ * of it. A worker that never declared a capacity (0) is limited only by the
+ * open-connection cap. That cap, sent -
  * scoreboard.closed < max_inflight, is a separate safety bound, large by
  * default: idle kept-alive connections cost a worker memory, not a slot.
  *   rr     round robin over candidates (Node's SCHED_RR); each gets a fair
@@ -290,30 +292,43 @@ static int pf__can_prefetch(pf_dispatcher *d, int s, uint64_t now, uint64_t youn
 }
 
 /* Prefetch: no worker can start one now. Of the slots pf__can_prefetch
- * accepts, the one with the fewest beyond its capacity, then the idle or most
- * recently started (the least likely to be stuck). Returns the slot, or -1. */
+ * accepts, one idle or whose request began < PF__RESCUE_US ago if there is
+ * one (else pf__take_back_due would move the connection to it at once),
+ * then the fewest beyond capacity, then the idle or most recently started
+ * (the least likely to be stuck). Arms the take-back scan for it: the first
+ * look is when the request it waits behind may be a slow one. Returns the
+ * slot, or -1. */
 static int pf__pick_prefetch(pf_dispatcher *d)
 {
-    uint64_t now = pf__now_ns(), bsince = 0;
+    uint64_t now = pf__now_ns(), bsince = 0, look;
     const uint64_t young = (uint64_t)PF__PREFETCH_US * PF__NS_PER_US;
+    const uint64_t rescue = (uint64_t)PF__RESCUE_US * PF__NS_PER_US;
     int64_t bextra = 0;
-    int best = -1;
+    int best = -1, bfresh = 0;
 
     for (int s = 0; s < d->hi; s++) {
         uint64_t since;
         int64_t extra;
+        int fresh;
 
         if (!pf__can_prefetch(d, s, now, young, &extra, &since))
             continue;
+        fresh = since == 0 || since + rescue > now;
         if (since == 0)
             since = UINT64_MAX;     /* idle: as young as it gets */
-        if (best < 0 || extra < bextra || (extra == bextra && since > bsince))
-            best = s, bextra = extra, bsince = since;
+        if (best < 0 || fresh > bfresh ||
+            (fresh == bfresh && (extra < bextra || (extra == bextra && since > bsince))))
+            best = s, bextra = extra, bsince = since, bfresh = fresh;
     }
-    if (best >= 0 && !d->workers[best].behind) {
+    if (best < 0)
+        return -1;
+    if (!d->workers[best].behind) {
         d->workers[best].behind = 1;
         d->n_behind++;
     }
+    look = bsince == UINT64_MAX ? now + (uint64_t)PF__TAKEBACK_US * PF__NS_PER_US : bsince + rescue;
+    if (d->takeback_ns == 0 || look < d->takeback_ns)
+        d->takeback_ns = look;
     return best;
 }
 
@@ -533,8 +548,8 @@ static void pf__take_back(pf_dispatcher *d, int s)
  * PF__RESCUE_US) would start a connection sooner: it can start one now, or
  * it could take a prefetched one behind a request that began less than
  * PF__RESCUE_US ago (a worker moving through light requests). Every busy
- * candidate it looks at is asked for a CREDIT (pf__room), so the first to
- * free room wakes us to look again. */
+ * candidate that cannot is asked for a CREDIT (pf__room) on the way, so the
+ * first to free room wakes us to look again. */
 static int pf__someone_sooner(pf_dispatcher *d, int except, uint64_t now)
 {
     const uint64_t young = (uint64_t)PF__RESCUE_US * PF__NS_PER_US;
@@ -544,7 +559,7 @@ static int pf__someone_sooner(pf_dispatcher *d, int except, uint64_t now)
     for (int s = 0; s < d->hi; s++) {
         if (s == except || !pf__candidate(d, s))
             continue;
-        if (pf__room(d, s) > 0 || pf__can_prefetch(d, s, now, young, &extra, &since))
+        if (pf__can_prefetch(d, s, now, young, &extra, &since) || pf__room(d, s) > 0)
             return 1;
     }
     return 0;

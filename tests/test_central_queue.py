@@ -354,11 +354,12 @@ def test_a_connection_queued_behind_a_request_that_may_be_slow_moves_to_a_worker
             # b's request is kept between the two ages at every look: only the rescue moves
             _busy_since(e, b, time.monotonic_ns() - RESCUE_NS - (TAKEBACK_NS - RESCUE_NS) // 4)
 
+        # once, just past the rescue age (a take-back would leave b barred, not bouncing)
         aged_at = time.monotonic_ns()
+        _busy_since(e, b, aged_at - RESCUE_NS - 20_000)
         for _ in range(3):
-            b_may_be_slow()
             e.d.run(0)
-        if time.monotonic_ns() - aged_at < (TAKEBACK_NS - RESCUE_NS) // 2:
+        if time.monotonic_ns() - aged_at < TAKEBACK_NS - RESCUE_NS - 40_000:
             assert e.d.worker_stats(b)["sent"] == 3     # a is stuck: nothing moved
         _busy_since(e, a, time.monotonic_ns() + 2 * 10**9)   # a moves on to a new request
         got = []
@@ -378,6 +379,44 @@ def test_a_connection_queued_behind_a_request_that_may_be_slow_moves_to_a_worker
         assert [peer_of(fd) for fd in got] == [c.getsockname() for c in e.clients[2:]]
         assert e.take(b) == [] and e.d.stats()["pending"] == 0
         assert e.d.worker_stats(b)["sent"] == 1
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def test_a_rescued_connection_is_watched_where_it_went(backend, ends):
+    """A connection the rescue moves is prefetched again at once behind the worker that would
+    start it sooner; the take-back scan is armed for that worker then, so if its request runs
+    long too, the connection comes back while the dispatcher sleeps, with nothing else to wake
+    it (csrc/tests/test_capacity.c has the same case)."""
+    from pyfork._pure.internal import RESCUE_NS
+    e = ends(2)
+    w = [_writer(backend, e, s) for s in range(2)]
+    for s in range(2):
+        w[s].set_capacity(1)
+    held = []
+    try:
+        for i in range(2):
+            e.connect()
+            e.pump_until_dispatched(i + 1)
+        a, b = 0, 1
+        for s in (a, b):
+            held += [fd for m in e.take(s) for fd in m]
+            w[s].conn_taken(1)
+            w[s].request_started()
+        _busy_since(e, a, time.monotonic_ns() + 2 * 10**9)     # a: young
+        _busy_since(e, b, time.monotonic_ns() - 10**9)         # b: long, for now
+        e.connect()
+        e.pump_until_dispatched(3)
+        assert e.d.worker_stats(a)["sent"] == 2                # prefetched behind a
+        now = time.monotonic_ns()
+        _busy_since(e, a, now - RESCUE_NS - 150_000)           # a's may be slow
+        _busy_since(e, b, now - 50_000)                        # b has just begun one
+        wakeups = e.d.stats()["wakeups"]
+        e.d.run(0.3)
+        st = e.d.stats()
+        assert st["dispatched"] >= 4 and st["pending"] == 1, st   # moved, and came back
+        assert st["wakeups"] - wakeups >= 2, st       # one would be the 0.3 s timeout alone
     finally:
         for fd in held:
             os.close(fd)

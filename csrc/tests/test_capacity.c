@@ -396,6 +396,48 @@ static void test_rescue_to_a_sooner_worker(void)
     fx_teardown(&f, cl, 3);
 }
 
+/* A connection the rescue moves is prefetched again in the same tick,
+ * behind the worker that would start it sooner; the take-back scan is armed
+ * for that worker at once, so if its request then runs long too, the
+ * connection is taken back while run() sleeps, with nothing else to wake the
+ * primary (no client, no worker message). */
+static void test_a_rescued_connection_is_watched_where_it_went(void)
+{
+    const uint64_t us = PF__NS_PER_US;
+    struct disp_fx f;
+    pf_slot *board;
+    pf_worker_stats ws;
+    pf_event ev[4];
+    int cl[3], a, b;
+    uint64_t wakeups, now;
+
+    fx_setup(&f, 2, PF_POLICY_RR, 2, 1);
+    board = pf_dispatcher_scoreboard(f.d, NULL);
+    pf_slot_set_capacity(&board[0], 1);
+    pf_slot_set_capacity(&board[1], 1);
+    a = dispatch_one(f.d, f.port, f.w, 2, 0, &cl[0]);
+    pf_slot_conn_taken(&board[a], 1);
+    pf_slot_request_started(&board[a]);
+    board[a].busy_since_ns = pf__now_ns() + pf__ms_to_ns(2000);   /* young */
+    b = dispatch_one(f.d, f.port, f.w, 2, 1, &cl[1]);
+    worker_starts(&board[b], 1);        /* b: long, for now */
+    cl[2] = client(f.port, 2);          /* prefetched behind a */
+    run_until_dispatched(f.d, 3);
+    CHECK_OK(pf_dispatcher_worker_stats(f.d, a, &ws));
+    CHECK_EQ(ws.sent, 2);
+    /* a's request may be slow (past the rescue age); b has just begun one. */
+    now = pf__now_ns();
+    board[a].busy_since_ns = now - (uint64_t)PF__RESCUE_US * us - 150 * us;
+    board[b].busy_since_ns = now - 50 * us;
+    wakeups = stats(f.d).wakeups;
+    CHECK(pf_dispatcher_run(f.d, 300, ev, 4) >= 0);
+    CHECK(stats(f.d).dispatched >= 4);      /* it moved (to b, or to the ring) ... */
+    CHECK_EQ(stats(f.d).pending, 1);        /* ... and came back: b's ran long too */
+    /* One wake-up would be the 300 ms timeout: the scan woke it before. */
+    CHECK(stats(f.d).wakeups - wakeups >= 2);
+    fx_teardown(&f, cl, 3);
+}
+
 static void test_fresh_counts_as_work_rr(void)
 {
     fresh_counts_as_work(PF_POLICY_RR);
@@ -410,7 +452,7 @@ static const struct pf_test_case tests[] = {
     PF_CASE(test_sync_workers_central_queue), PF_CASE(test_batch_capped_by_free_capacity),
     PF_CASE(test_least_by_work), PF_CASE(test_fresh_counts_as_work_rr),
     PF_CASE(test_fresh_counts_as_work_least), PF_CASE(test_prefetch_and_take_back),
-    PF_CASE(test_rescue_to_a_sooner_worker),
+    PF_CASE(test_rescue_to_a_sooner_worker), PF_CASE(test_a_rescued_connection_is_watched_where_it_went),
 };
 
 int main(int argc, char **argv)

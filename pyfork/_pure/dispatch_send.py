@@ -132,22 +132,33 @@ def _can_prefetch(d, s, now, young_ns):
 
 
 def _pick_prefetch(d):
-    """No worker can start one now: of the slots _can_prefetch accepts, the fewest beyond
-    capacity, then the idle or most recently started. Returns the slot or -1
-    (csrc/dispatch_send.c pf__pick_prefetch)."""
-    best, bextra, bsince = -1, 0, 0
+    """No worker can start one now: of the slots _can_prefetch accepts, one idle or whose
+    request began < RESCUE_NS ago if there is one (else take_back_due would move the
+    connection to it at once), then the fewest beyond capacity, then the idle or most
+    recently started. Arms the take-back scan for it (first look: when the request it waits
+    behind may be a slow one). Returns the slot or -1 (csrc/dispatch_send.c
+    pf__pick_prefetch)."""
+    best, bextra, bsince, bfresh = -1, 0, 0, False
     now = time.monotonic_ns()
     for s in range(d.hi):
         got = _can_prefetch(d, s, now, PREFETCH_NS)
         if got is None:
             continue
         extra, since = got
+        fresh = not since or since + RESCUE_NS > now
         since = since or _U64_MAX       # idle: as young as it gets
-        if best < 0 or extra < bextra or (extra == bextra and since > bsince):
-            best, bextra, bsince = s, extra, since
-    if best >= 0 and not d.workers[best].behind:
+        if (best < 0 or fresh > bfresh
+                or (fresh == bfresh and (extra < bextra or (extra == bextra and since > bsince)))):
+            best, bextra, bsince, bfresh = s, extra, since, fresh
+    if best < 0:
+        return -1
+    if not d.workers[best].behind:
         d.workers[best].behind = True
         d.n_behind += 1
+    look_ns = now + TAKEBACK_NS if bsince == _U64_MAX else bsince + RESCUE_NS
+    at = time.monotonic() + (look_ns - now) / 1e9
+    if not d.takeback_at or at < d.takeback_at:
+        d.takeback_at = at
     return best
 
 
@@ -351,12 +362,12 @@ def _take_back(d, s):
 def _someone_sooner(d, except_s, now):
     """True when a worker other than except_s (whose request has run RESCUE_NS) would start a
     connection sooner: it can start one now, or take a prefetched one behind a request that
-    began < RESCUE_NS ago. Busy candidates are asked for a CREDIT on the way (_room)
+    began < RESCUE_NS ago. Busy candidates that cannot are asked for a CREDIT (_room)
     (csrc/dispatch_send.c pf__someone_sooner)."""
     for s in range(d.hi):
         if s == except_s or not _candidate(d, s):
             continue
-        if _room(d, s) > 0 or _can_prefetch(d, s, now, RESCUE_NS) is not None:
+        if _can_prefetch(d, s, now, RESCUE_NS) is not None or _room(d, s) > 0:
             return True
     return False
 
