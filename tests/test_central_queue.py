@@ -391,31 +391,15 @@ def test_a_rescued_connection_is_watched_where_it_went(backend, ends):
     it (csrc/tests/test_capacity.c has the same case)."""
     from pyfork._pure.internal import RESCUE_NS
     e = ends(2)
-    w = [_writer(backend, e, s) for s in range(2)]
-    for s in range(2):
-        w[s].set_capacity(1)
-    held = []
+    _w, held, a, b = _prefetched_behind_b(backend, e, 2 * 10**9)   # a: long for now, b: young
     try:
-        for i in range(2):
-            e.connect()
-            e.pump_until_dispatched(i + 1)
-        a, b = 0, 1
-        for s in (a, b):
-            held += [fd for m in e.take(s) for fd in m]
-            w[s].conn_taken(1)
-            w[s].request_started()
-        _busy_since(e, a, time.monotonic_ns() + 2 * 10**9)     # a: young
-        _busy_since(e, b, time.monotonic_ns() - 10**9)         # b: long, for now
-        e.connect()
-        e.pump_until_dispatched(3)
-        assert e.d.worker_stats(a)["sent"] == 2                # prefetched behind a
         now = time.monotonic_ns()
-        _busy_since(e, a, now - RESCUE_NS - 150_000)           # a's may be slow
-        _busy_since(e, b, now - 50_000)                        # b has just begun one
+        _busy_since(e, b, now - RESCUE_NS - 150_000)           # b's may be slow
+        _busy_since(e, a, now - 50_000)                        # a has just begun one
         wakeups = e.d.stats()["wakeups"]
         e.d.run(0.3)
         st = e.d.stats()
-        assert st["dispatched"] >= 4 and st["pending"] == 1, st   # moved, and came back
+        assert st["dispatched"] >= 6 and st["pending"] == 2, st   # moved, and came back
         assert st["wakeups"] - wakeups >= 2, st       # one would be the 0.3 s timeout alone
     finally:
         for fd in held:

@@ -59,6 +59,31 @@ static void worker_finishes(pf_slot *s, int wend)
         CHECK_OK(pf_send_msg(wend, PF_MSG_CREDIT, 0, NULL, 0, NULL, 0));
 }
 
+/* Runs the dispatcher until the worker at wend has one message with
+ * exactly client id; fails after LIVENESS_MS. When keep is not NULL, its
+ * request in progress is made keep_ns old before every run, so it stays
+ * at that age however long this takes. */
+static void run_until_taken(struct disp_fx *f, int wend, int id, pf_slot *keep, uint64_t keep_ns)
+{
+    uint64_t deadline = pf__now_ns() + pf__ms_to_ns(LIVENESS_MS);
+    int ids[PF_MAX_FDS];
+
+    for (;;) {
+        pf_event ev[4];
+        int k = take_message(wend, ids);
+
+        if (k > 0) {
+            CHECK_EQ(k, 1);
+            CHECK_EQ(ids[0], id);
+            return;
+        }
+        CHECK(pf__now_ns() < deadline);
+        if (keep != NULL)
+            keep->busy_since_ns = pf__now_ns() - keep_ns;
+        CHECK(pf_dispatcher_run(f->d, keep != NULL ? 0 : 5, ev, 4) >= 0);
+    }
+}
+
 /* Runs for ms and checks nothing was accepted meanwhile. */
 static void run_idle(pf_dispatcher *d, int ms)
 {
@@ -307,23 +332,37 @@ static void test_prefetch_and_take_back(void)
      * request, it is taken back from there first). Nothing lost, nothing
      * served twice. */
     worker_finishes(&board[b], f.w[b]);
-    deadline = pf__now_ns() + pf__ms_to_ns(LIVENESS_MS);
-    for (;;) {
-        pf_event ev[4];
-        int k = take_message(f.w[b], ids);
-
-        if (k > 0) {
-            CHECK_EQ(k, 1);
-            CHECK_EQ(ids[0], 3);
-            break;
-        }
-        CHECK(pf__now_ns() < deadline);
-        CHECK(pf_dispatcher_run(f.d, 5, ev, 4) >= 0);
-    }
+    run_until_taken(&f, f.w[b], 3, NULL, 0);
     CHECK_EQ(take_message(f.w[a], ids), 0);
     CHECK_EQ(take_message(f.w[b], ids), 0);
     CHECK_EQ(stats(f.d).pending, 0);
     fx_teardown(&f, cl, 4);
+}
+
+/* Two sync workers: a's request begins "2 s from now" (young however slow
+ * this machine), b's runs long; then client 2 is prefetched behind a. The
+ * ids of a and b go to *a and *b. */
+static pf_slot *prefetched_behind_a(struct disp_fx *f, int *cl, int *a, int *b)
+{
+    pf_slot *board;
+    pf_worker_stats ws;
+
+    fx_setup(f, 2, PF_POLICY_RR, 2, 1);
+    board = pf_dispatcher_scoreboard(f->d, NULL);
+    pf_slot_set_capacity(&board[0], 1);
+    pf_slot_set_capacity(&board[1], 1);
+    *a = dispatch_one(f->d, f->port, f->w, 2, 0, &cl[0]);
+    pf_slot_conn_taken(&board[*a], 1);
+    pf_slot_request_started(&board[*a]);
+    board[*a].busy_since_ns = pf__now_ns() + pf__ms_to_ns(2000);
+    *b = dispatch_one(f->d, f->port, f->w, 2, 1, &cl[1]);
+    CHECK_EQ(*b, 1 - *a);
+    worker_starts(&board[*b], 1);
+    cl[2] = client(f->port, 2);
+    run_until_dispatched(f->d, 3);
+    CHECK_OK(pf_dispatcher_worker_stats(f->d, *a, &ws));
+    CHECK_EQ(ws.sent, 2);
+    return board;
 }
 
 /* Rescue: a connection prefetched behind a request that has run
@@ -340,24 +379,9 @@ static void test_rescue_to_a_sooner_worker(void)
     pf_slot *board;
     pf_worker_stats ws;
     int cl[3], ids[PF_MAX_FDS], a, b;
-    uint64_t set_at, deadline;
+    uint64_t set_at;
 
-    fx_setup(&f, 2, PF_POLICY_RR, 2, 1);
-    board = pf_dispatcher_scoreboard(f.d, NULL);
-    pf_slot_set_capacity(&board[0], 1);
-    pf_slot_set_capacity(&board[1], 1);
-    a = dispatch_one(f.d, f.port, f.w, 2, 0, &cl[0]);
-    pf_slot_conn_taken(&board[a], 1);
-    pf_slot_request_started(&board[a]);
-    board[a].busy_since_ns = pf__now_ns() + pf__ms_to_ns(2000);   /* young */
-    b = dispatch_one(f.d, f.port, f.w, 2, 1, &cl[1]);
-    CHECK_EQ(b, 1 - a);
-    worker_starts(&board[b], 1);        /* b: a long request */
-
-    cl[2] = client(f.port, 2);          /* prefetched behind a's young request */
-    run_until_dispatched(f.d, 3);
-    CHECK_OK(pf_dispatcher_worker_stats(f.d, a, &ws));
-    CHECK_EQ(ws.sent, 2);
+    board = prefetched_behind_a(&f, cl, &a, &b);    /* a: young, b: long */
 
     /* a's request has run past PF__RESCUE_US; b is stuck: it stays. */
     set_at = pf__now_ns();
@@ -376,20 +400,7 @@ static void test_rescue_to_a_sooner_worker(void)
      * request is kept between the two ages at every look, so only the
      * rescue can move it. */
     board[b].busy_since_ns = pf__now_ns() + pf__ms_to_ns(2000);
-    deadline = pf__now_ns() + pf__ms_to_ns(LIVENESS_MS);
-    for (;;) {
-        pf_event ev[4];
-        int k = take_message(f.w[b], ids);
-
-        if (k > 0) {
-            CHECK_EQ(k, 1);
-            CHECK_EQ(ids[0], 2);
-            break;
-        }
-        CHECK(pf__now_ns() < deadline);
-        board[a].busy_since_ns = pf__now_ns() - rescue - (age - rescue) / 4;
-        CHECK(pf_dispatcher_run(f.d, 0, ev, 4) >= 0);
-    }
+    run_until_taken(&f, f.w[b], 2, &board[a], rescue + (age - rescue) / 4);
     CHECK_EQ(take_message(f.w[a], ids), 0);
     CHECK_EQ(stats(f.d).pending, 0);
     CHECK(stats(f.d).redispatched >= 1);
@@ -406,25 +417,11 @@ static void test_a_rescued_connection_is_watched_where_it_went(void)
     const uint64_t us = PF__NS_PER_US;
     struct disp_fx f;
     pf_slot *board;
-    pf_worker_stats ws;
     pf_event ev[4];
     int cl[3], a, b;
     uint64_t wakeups, now;
 
-    fx_setup(&f, 2, PF_POLICY_RR, 2, 1);
-    board = pf_dispatcher_scoreboard(f.d, NULL);
-    pf_slot_set_capacity(&board[0], 1);
-    pf_slot_set_capacity(&board[1], 1);
-    a = dispatch_one(f.d, f.port, f.w, 2, 0, &cl[0]);
-    pf_slot_conn_taken(&board[a], 1);
-    pf_slot_request_started(&board[a]);
-    board[a].busy_since_ns = pf__now_ns() + pf__ms_to_ns(2000);   /* young */
-    b = dispatch_one(f.d, f.port, f.w, 2, 1, &cl[1]);
-    worker_starts(&board[b], 1);        /* b: long, for now */
-    cl[2] = client(f.port, 2);          /* prefetched behind a */
-    run_until_dispatched(f.d, 3);
-    CHECK_OK(pf_dispatcher_worker_stats(f.d, a, &ws));
-    CHECK_EQ(ws.sent, 2);
+    board = prefetched_behind_a(&f, cl, &a, &b);    /* a: young, b: long for now */
     /* a's request may be slow (past the rescue age); b has just begun one. */
     now = pf__now_ns();
     board[a].busy_since_ns = now - (uint64_t)PF__RESCUE_US * us - 150 * us;
