@@ -602,8 +602,10 @@ void pf__take_back_due(pf_dispatcher *d, uint64_t now)
                 w->idle_seen_ns = 0;
             if (since == 0)
                 due = w->idle_seen_ns + idle_age;
-            else if (now < since + rescue || now >= since + age)
-                due = now < since + rescue ? since + rescue : since + age;
+            else if (now < since + rescue)
+                due = since + rescue;
+            else if (now >= since + age)
+                due = since + age;
             else
                 due = pf__someone_sooner(d, s, now) ? now : since + age;
             if (now < due) {

@@ -28,11 +28,11 @@ RECHECK_S = 0.010
 # least: a request running this long counts as one more connection in flight
 # (PF__LEAST_AGE_MS in csrc/pf_internal.h, where the number is explained).
 LEAST_AGE_NS = 5_000_000
-# Prefetch with take-back (PF__PREFETCH_MAX / _US, PF__TAKEBACK_US, PF__RESCUE_US in csrc/pf_internal.h,
-# where the numbers are explained): when no worker can start one, up to PREFETCH_MAX may
-# wait behind a request younger than PREFETCH_NS (or an idle worker's next one); they are
-# taken back once that request is TAKEBACK_NS old, or RESCUE_NS when another worker would
-# start them sooner.
+# Prefetch with take-back (PF__PREFETCH_MAX / _US, PF__TAKEBACK_US, PF__RESCUE_US in
+# csrc/pf_internal.h, where the numbers are explained): when no worker can start one, up to
+# PREFETCH_MAX may wait behind a request younger than PREFETCH_NS (or an idle worker's next
+# one); they are taken back once that request is TAKEBACK_NS old, or RESCUE_NS when another
+# worker would start them sooner.
 PREFETCH_MAX = 8
 PREFETCH_NS = 500_000
 TAKEBACK_NS = 1_000_000
