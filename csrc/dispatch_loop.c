@@ -353,6 +353,8 @@ static void pf__tick(pf_dispatcher *d, uint64_t now)
     pf__park_tick(d, now);
     if (d->pcount > 0)
         pf__flush(d);
+    if (d->pcount == 0 && d->park.nready == 0 && !d->rescue_wait)
+        pf__forget_credits(d);
     pf__reserve_open(d);        /* after the flush freed what it could */
     if (d->stopping && !d->drained)
         pf__drain_step(d);

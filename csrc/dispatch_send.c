@@ -582,6 +582,7 @@ void pf__take_back_due(pf_dispatcher *d, uint64_t now)
     const uint64_t idle_age = (uint64_t)PF__TAKEBACK_IDLE_US * PF__NS_PER_US;
 
     d->takeback_ns = 0;
+    d->rescue_wait = 0;
     /* After DRAINED nothing may come back to the ring: every worker is about
      * to drain, and it serves what waits in its channel before the DRAIN that
      * follows it; a connection taken back now would find no worker. */
@@ -606,8 +607,10 @@ void pf__take_back_due(pf_dispatcher *d, uint64_t now)
                 due = since + rescue;
             else if (now >= since + age)
                 due = since + age;
+            else if (pf__someone_sooner(d, s, now))
+                due = now;
             else
-                due = pf__someone_sooner(d, s, now) ? now : since + age;
+                due = since + age, d->rescue_wait = 1;
             if (now < due) {
                 /* idle: look again soon, a request may start meanwhile */
                 uint64_t look = since == 0 && now + age < due ? now + age : due;
@@ -624,4 +627,20 @@ void pf__take_back_due(pf_dispatcher *d, uint64_t now)
         w->idle_seen_ns = 0;
         d->n_behind--;
     }
+}
+
+/* Returns nothing; nothing waits for room any more (the ring is empty, no
+ * parked request waits for it, no rescue is pending), so a CREDIT asked for
+ * earlier would only wake us for nothing: withdraw every request for one.
+ * Without this a worker skipped once as full sent a CREDIT at its next idle
+ * moment whatever happened meanwhile -- at 4 clients on 2 sync workers,
+ * 0.43 CREDITs per connection, each a sendmsg there and a wake-up and three
+ * recvs here. Safe against the handshake in pf__room: a CREDIT is only a
+ * hint to look again, and whoever needs room later asks anew (store, fence,
+ * look). Loads first: the line is the worker's, a store would bounce it. */
+void pf__forget_credits(pf_dispatcher *d)
+{
+    for (int s = 0; s < d->hi; s++)
+        if (__atomic_load_n(&d->board[s].want_credit, __ATOMIC_RELAXED))
+            __atomic_store_n(&d->board[s].want_credit, 0, __ATOMIC_RELAXED);
 }

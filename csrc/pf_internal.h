@@ -176,6 +176,8 @@ struct pf_dispatcher {
     uint64_t recheck_ns;      /* PF__BLK_RETRY flags clear at this time, 0 = none */
     int n_behind;             /* workers with behind set */
     uint64_t takeback_ns;     /* earliest take-back due, 0 = none */
+    int rescue_wait;          /* pf__take_back_due asked for CREDITs: a prefetched
+                                 connection waits for the first worker to free up */
     char *scratch;            /* PF_MAX_PAYLOAD bytes: a message a take-back read by
                                  mistake, on its way back to its worker */
 
@@ -202,6 +204,7 @@ void pf__mark_gone(pf_dispatcher *d, int slot);
 void pf__clear_retry(pf_dispatcher *d);
 int pf__chan_events(pf_dispatcher *d, int slot, uint32_t events);
 void pf__take_back_due(pf_dispatcher *d, uint64_t now);
+void pf__forget_credits(pf_dispatcher *d);
 
 /* park.c */
 void pf__park_recv(pf_dispatcher *d, int slot);

@@ -336,6 +336,10 @@ class SlotView:
         """Primary: ask this worker for a MSG_CREDIT on its next close."""
         self._i[self._ib + _I_WANT_CREDIT] = 1
 
+    def forget_credit(self):
+        """Primary: withdraw that request (nothing waits for room any more)."""
+        self._i[self._ib + _I_WANT_CREDIT] = 0
+
     def clear(self):
         """Zeroes the whole line (done by add_worker before a fork)."""
         qb = self._qb

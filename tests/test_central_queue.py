@@ -360,7 +360,8 @@ def test_a_connection_queued_behind_a_request_that_may_be_slow_moves_to_a_worker
         for _ in range(3):
             e.d.run(0)
         if time.monotonic_ns() - aged_at < TAKEBACK_NS - RESCUE_NS - 40_000:
-            assert e.d.worker_stats(b)["sent"] == 3     # a is stuck: nothing moved
+            assert e.d.worker_stats(b)["sent"] == 3     # a is stuck: nothing moved ...
+            assert _want_credit(e, a)                   # ... and will say when it frees up
         _busy_since(e, a, time.monotonic_ns() + 2 * 10**9)   # a moves on to a new request
         got = []
         deadline = time.monotonic() + 30
@@ -379,6 +380,28 @@ def test_a_connection_queued_behind_a_request_that_may_be_slow_moves_to_a_worker
         assert [peer_of(fd) for fd in got] == [c.getsockname() for c in e.clients[2:]]
         assert e.take(b) == [] and e.d.stats()["pending"] == 0
         assert e.d.worker_stats(b)["sent"] == 1
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _want_credit(e, slot):
+    from pyfork.scoreboard import Scoreboard
+    return Scoreboard(e.d.scoreboard, len(e.ends)).slot(slot).want_credit
+
+
+def test_a_worker_is_not_asked_for_a_credit_once_nothing_waits(backend, ends):
+    """Both workers were full when the clients came, so each was asked for a CREDIT (say
+    when you free room); the clients were then prefetched and nothing waits in the primary
+    any more. The requests are withdrawn: a worker that finishes sends no CREDIT, which
+    would be a sendmsg there and a wake-up of the primary, for nothing."""
+    e = ends(2)
+    w, held, a, b = _prefetched_behind_b(backend, e, 2 * 10**9)   # a: long, b: young
+    try:
+        e.d.run(0)
+        assert not _want_credit(e, a) and not _want_credit(e, b)
+        assert not w[a].request_finished()
+        assert not w[a].conn_closed(1)
     finally:
         for fd in held:
             os.close(fd)

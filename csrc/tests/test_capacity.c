@@ -394,6 +394,8 @@ static void test_rescue_to_a_sooner_worker(void)
         CHECK_OK(pf_dispatcher_worker_stats(f.d, a, &ws));
         CHECK_EQ(ws.sent, 2);
         CHECK_EQ(stats(f.d).pending, 0);
+        /* ... and the stuck one was asked to say when it frees up. */
+        CHECK_EQ(board[b].want_credit, 1);
     }
 
     /* b moves on to a new request: client 2 comes back and goes to b. a's
@@ -435,6 +437,24 @@ static void test_a_rescued_connection_is_watched_where_it_went(void)
     fx_teardown(&f, cl, 3);
 }
 
+/* Both workers were full when client 2 came, so both were asked for a
+ * CREDIT; it was then prefetched and nothing waits in the primary: the
+ * requests are withdrawn, and a worker that finishes sends no CREDIT (it
+ * would be a sendmsg there and a wake-up here, for nothing). */
+static void test_no_credit_once_nothing_waits(void)
+{
+    struct disp_fx f;
+    pf_slot *board;
+    int cl[3], a, b;
+
+    board = prefetched_behind_a(&f, cl, &a, &b);    /* a: young, b: long */
+    CHECK_EQ(board[a].want_credit, 0);
+    CHECK_EQ(board[b].want_credit, 0);
+    CHECK_EQ(pf_slot_request_finished(&board[b]), 0);
+    CHECK_EQ(pf_slot_conn_closed(&board[b], 1), 0);
+    fx_teardown(&f, cl, 3);
+}
+
 static void test_fresh_counts_as_work_rr(void)
 {
     fresh_counts_as_work(PF_POLICY_RR);
@@ -450,6 +470,7 @@ static const struct pf_test_case tests[] = {
     PF_CASE(test_least_by_work), PF_CASE(test_fresh_counts_as_work_rr),
     PF_CASE(test_fresh_counts_as_work_least), PF_CASE(test_prefetch_and_take_back),
     PF_CASE(test_rescue_to_a_sooner_worker), PF_CASE(test_a_rescued_connection_is_watched_where_it_went),
+    PF_CASE(test_no_credit_once_nothing_waits),
 };
 
 int main(int argc, char **argv)

@@ -30,7 +30,8 @@ from pyfork._api import (
     ACCEPT_CONTINUE, ACCEPT_DEAD, ACCEPT_FD_EXHAUSTED, MAX_FDS, MSG_CREDIT, MSG_PARK, Event,
 )
 from pyfork._pure import park
-from pyfork._pure.dispatch_send import chan_events, clear_retry, flush, mark_gone, take_back_due
+from pyfork._pure.dispatch_send import (
+    chan_events, clear_retry, flush, forget_credits, mark_gone, take_back_due)
 from pyfork._pure.fdpass import HDR, HDR_SIZE, MSG_MAGIC, recv_on
 from pyfork._pure.internal import (
     BLK_NONE, BLK_OUT, EPOLLIN, RECHECK_S, close_all, find_listener, unregister, wrap_fd,
@@ -263,6 +264,8 @@ def _tick(d, now):
     park.tick(d, now)
     if d.pend:
         flush(d)
+    if not d.pend and not (d.park and d.park.ready) and not d.rescue_wait:
+        forget_credits(d)
     _reserve_open(d)  # after the flush freed what it could
     if d.stopping and not d.drained:
         _drain_step(d)

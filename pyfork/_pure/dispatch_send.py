@@ -379,6 +379,7 @@ def take_back_due(d):
     others do (or once it has looked idle for TAKEBACK_IDLE_NS with them queued), and sets
     takeback_at to the next look (csrc/dispatch_send.c pf__take_back_due)."""
     d.takeback_at = 0.0
+    d.rescue_wait = False
     if not d.n_behind or d.drained:
         return      # after DRAINED a connection taken back would find no worker to go to
     now = time.monotonic_ns()
@@ -399,8 +400,11 @@ def take_back_due(d):
                 due = since + RESCUE_NS
             elif now >= since + TAKEBACK_NS:
                 due = since + TAKEBACK_NS
+            elif _someone_sooner(d, s, now):
+                due = now
             else:
-                due = now if _someone_sooner(d, s, now) else since + TAKEBACK_NS
+                due = since + TAKEBACK_NS
+                d.rescue_wait = True
             if now < due:
                 # idle: look again soon, a request may start meanwhile
                 look = min(due, now + TAKEBACK_NS) if not since else due
@@ -413,3 +417,12 @@ def take_back_due(d):
         w.behind = False
         w.idle_seen_ns = 0
         d.n_behind -= 1
+
+
+def forget_credits(d):
+    """Nothing waits for room any more: withdraw every CREDIT asked for, or a worker
+    skipped once as full would wake us for nothing at its next idle moment
+    (csrc/dispatch_send.c pf__forget_credits)."""
+    for s in range(d.hi):
+        if d.slots[s].want_credit:
+            d.slots[s].forget_credit()

@@ -128,7 +128,8 @@ class State:
         "cfg", "least", "pause_s", "ep", "reserve", "reserve_wanted", "map", "view", "board",
         "slots", "workers", "by_chan", "hi", "n_ready", "rr_next", "n_hup", "listeners",
         "watches", "pend", "accepting", "stopping", "drained", "drained_unreported",
-        "more", "pause_until", "recheck_at", "n_behind", "takeback_at", "out", "st", "park")
+        "more", "pause_until", "recheck_at", "n_behind", "takeback_at", "rescue_wait", "out",
+        "st", "park")
 
     def __init__(self, cfg, least):
         self.cfg = cfg
@@ -157,6 +158,7 @@ class State:
         self.recheck_at = 0.0       # BLK_RETRY flags clear then, 0 = none
         self.n_behind = 0           # workers with behind set
         self.takeback_at = 0.0      # earliest take-back due (monotonic s), 0 = none
+        self.rescue_wait = False    # take_back_due asked for CREDITs for a prefetched one
         self.out = None             # the run call's event list
         self.st = dict.fromkeys(("accepted", "dispatched", "redispatched", "busy_skips",
                                  "fd_exhaustion", "accept_errors", "dropped", "wakeups",
