@@ -2,8 +2,10 @@
  *
  * Theory of operation: each turn of the loop first does the bookkeeping that
  * does not need the kernel to tell us anything (pf__tick: expire the EMFILE
- * pause, retry transient send failures, flush pending fds, the stop/drain
- * pass, put listeners in or out of the poll set, owe HANGUP/DRAINED events),
+ * pause, retry transient send failures, take back prefetched connections,
+ * flush pending fds, withdraw CREDIT requests once nothing waits, the
+ * stop/drain pass, put listeners in or out of the poll set, owe
+ * HANGUP/DRAINED events),
  * returns if any event is owed, and otherwise sleeps in epoll_wait for
  * exactly as long as the earliest of: the caller's deadline, the EMFILE
  * pause end, the 10 ms recheck while fds are stalled, the next take-back of
@@ -39,8 +41,8 @@
 
 /* Bound on CREDIT messages eaten per channel wakeup, so a chatty worker
  * cannot starve the others (level-triggered: the rest come next turn). A
- * worker sends at most one CREDIT per want_credit we set, i.e. per flush, so
- * 64 queued is already a worker misbehaving. */
+ * worker sends at most one CREDIT per want_credit we set (a flush or a
+ * rescue look), so 64 queued is already a worker misbehaving. */
 #define PF__CREDITS_PER_WAKEUP 64
 
 enum { PF__ACC_AGAIN, PF__ACC_MORE, PF__ACC_PAUSE, PF__ACC_DEAD };
@@ -353,8 +355,14 @@ static void pf__tick(pf_dispatcher *d, uint64_t now)
     pf__park_tick(d, now);
     if (d->pcount > 0)
         pf__flush(d);
-    if (d->pcount == 0 && d->park.nready == 0 && !d->rescue_wait)
+    if (pf__park_waiting(d)) {
+        /* They move in pf__park_tick, which ran before this flush made
+         * room: look again at once rather than at the next event. */
+        if (d->pcount < d->cfg.max_pending)
+            d->more = 1;
+    } else if (d->pcount == 0 && !d->rescue_wait) {
         pf__forget_credits(d);
+    }
     pf__reserve_open(d);        /* after the flush freed what it could */
     if (d->stopping && !d->drained)
         pf__drain_step(d);

@@ -46,6 +46,8 @@
  * The wake-up: skipping a worker for lack of room sets its want_credit; the
  * worker sends PF_MSG_CREDIT when it next frees room (a request finished, a
  * connection closed), so a primary that stopped accepting resumes at once.
+ * Once nothing waits for room any more, the requests are withdrawn
+ * (pf__forget_credits, at the end of each tick).
  * sendmsg errno triage: EAGAIN = that worker is busy, arm
  * EPOLLOUT and try the next; EPIPE & co = the worker is gone, HANGUP it and
  * the same fds go to the next; anything else = transient, retry on the
@@ -244,6 +246,10 @@ static int64_t pf__room(pf_dispatcher *d, int s)
 
     if (room > 0)
         return room;
+    if (!d->workers[s].asked) {
+        d->workers[s].asked = 1;
+        d->n_asked++;
+    }
     __atomic_store_n(&d->board[s].want_credit, 1, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     room = pf__free(d, s);
@@ -574,7 +580,8 @@ static int pf__someone_sooner(pf_dispatcher *d, int except, uint64_t now)
  * sets takeback_ns to the next look: every PF__TAKEBACK_US while a worker is
  * idle (its next request may start, and run long, any moment). Between
  * PF__RESCUE_US and PF__TAKEBACK_US with nobody sooner, the busy workers
- * are asked for a CREDIT, so the first that frees up wakes us. */
+ * are asked for a CREDIT, so the first that frees up wakes us, and
+ * rescue_wait keeps pf__forget_credits from withdrawing that request. */
 void pf__take_back_due(pf_dispatcher *d, uint64_t now)
 {
     const uint64_t age = (uint64_t)PF__TAKEBACK_US * PF__NS_PER_US;
@@ -630,17 +637,24 @@ void pf__take_back_due(pf_dispatcher *d, uint64_t now)
 }
 
 /* Returns nothing; nothing waits for room any more (the ring is empty, no
- * parked request waits for it, no rescue is pending), so a CREDIT asked for
- * earlier would only wake us for nothing: withdraw every request for one.
- * Without this a worker skipped once as full sent a CREDIT at its next idle
- * moment whatever happened meanwhile -- at 4 clients on 2 sync workers,
- * 0.43 CREDITs per connection, each a sendmsg there and a wake-up and three
+ * parked connection waits for it, no rescue is pending), so a CREDIT asked
+ * for earlier would only wake us for nothing: withdraw every request for
+ * one. Without this a worker skipped once as full sent a CREDIT at its next
+ * idle moment whatever happened meanwhile -- at 4 clients on 2 sync workers,
+ * 0.46 CREDITs per connection, each a sendmsg there and a wake-up and three
  * recvs here. Safe against the handshake in pf__room: a CREDIT is only a
  * hint to look again, and whoever needs room later asks anew (store, fence,
- * look). Loads first: the line is the worker's, a store would bounce it. */
+ * look). Only the lines we asked are touched, and read before written:
+ * each is the line its worker writes at every request. */
 void pf__forget_credits(pf_dispatcher *d)
 {
-    for (int s = 0; s < d->hi; s++)
+    for (int s = 0; s < d->hi && d->n_asked > 0; s++) {
+        if (!d->workers[s].asked)
+            continue;
+        d->workers[s].asked = 0;
+        d->n_asked--;
         if (__atomic_load_n(&d->board[s].want_credit, __ATOMIC_RELAXED))
             __atomic_store_n(&d->board[s].want_credit, 0, __ATOMIC_RELAXED);
+    }
+    d->n_asked = 0;             /* a slot re-added since it was asked was zeroed */
 }

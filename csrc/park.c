@@ -295,6 +295,13 @@ void pf__park_tick(pf_dispatcher *d, uint64_t now)
     pk->sweep_ns = d->st.parked > 0 ? now + pf__park_period(d) : 0;
 }
 
+/* Returns 1 while parked connections wait for room in the pending ring:
+ * readable ones flagged ready, or, once stopping, every one. */
+int pf__park_waiting(const pf_dispatcher *d)
+{
+    return d->park.nready > 0 || (d->stopping && d->st.parked > 0);
+}
+
 /* Returns when the loop must wake for the idle sweep (0 = no need). */
 uint64_t pf__park_due_ns(const pf_dispatcher *d)
 {

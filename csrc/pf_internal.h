@@ -99,6 +99,7 @@ typedef struct pf__worker {
     uint64_t idle_seen_ns;  /* take-back scan first saw it idle with some queued, 0 = not */
     uint8_t barred;       /* taken back from: no prefetch while busy_since is ... */
     uint64_t barred_since;  /* ... still this (the request, or idleness, they waited behind) */
+    uint8_t asked;        /* we set its want_credit since the last pf__forget_credits */
 } pf__worker;
 
 typedef struct pf__listener {
@@ -176,8 +177,10 @@ struct pf_dispatcher {
     uint64_t recheck_ns;      /* PF__BLK_RETRY flags clear at this time, 0 = none */
     int n_behind;             /* workers with behind set */
     uint64_t takeback_ns;     /* earliest take-back due, 0 = none */
-    int rescue_wait;          /* pf__take_back_due asked for CREDITs: a prefetched
-                                 connection waits for the first worker to free up */
+    int rescue_wait;          /* pf__take_back_due left a prefetched connection
+                                 waiting for the first worker to free up (the
+                                 CREDITs it asked for must stay asked) */
+    int n_asked;              /* workers with asked set */
     char *scratch;            /* PF_MAX_PAYLOAD bytes: a message a take-back read by
                                  mistake, on its way back to its worker */
 
@@ -212,6 +215,7 @@ void pf__park_salvage(pf_dispatcher *d, int chan);
 void pf__park_on_event(pf_dispatcher *d, int id, uint32_t events);
 void pf__park_tick(pf_dispatcher *d, uint64_t now);
 uint64_t pf__park_due_ns(const pf_dispatcher *d);
+int pf__park_waiting(const pf_dispatcher *d);
 void pf__park_free(pf_dispatcher *d);
 
 #endif

@@ -111,7 +111,8 @@ typedef struct pf_slot {
     uint32_t pid;           /* worker pid, written by the worker at start */
     uint32_t want_credit;   /* set by the primary when it skipped this worker as full;
                                the worker clears it and sends PF_MSG_CREDIT when it
-                               can start more (a request finished, a connection closed) */
+                               can start more (a request finished, a connection closed);
+                               the primary clears it again once nothing waits for room */
     uint32_t capacity;      /* requests the worker can run at once (1 = sync), written
                                by the worker before READY; 0 = not declared */
     uint64_t taken;         /* connections the worker has read from its channel (monotonic) */

@@ -18,7 +18,8 @@ for lack of room, cleared by the worker when it next frees room (a request
 finished, a connection closed), which then sends PF_MSG_CREDIT so a blocked
 primary wakes up -- unless ``sent`` (what the primary has put in its channel)
 is still above ``taken``: then the worker goes on to the next one and owes
-nothing yet; and ``park_off`` once it stops. The first 64 bytes hold everything the dispatcher reads per
+nothing yet (the primary clears ``want_credit`` again once nothing waits for
+room); and ``park_off`` once it stops. The first 64 bytes hold everything the dispatcher reads per
 connection; the next 128 the request-duration histogram (``duration_le``,
 ``duration_sum_ns``), which the worker counts into in ``request_finished`` with
 the clock reading it already makes, and the primary reads only for a metrics

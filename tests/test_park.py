@@ -134,6 +134,53 @@ def test_idle_timeout_closes_parked_connections(backend):
         e.close()
 
 
+def test_a_ready_parked_connection_moves_once_the_ring_has_room(backend):
+    """A parked connection whose next request arrives while the pending ring is full waits
+    flagged ready. The flush that then empties the ring must not leave it there until some
+    later event (another client, the idle sweep): it takes its place in the ring at once.
+    One sync worker (capacity 1), a ring of one (csrc/tests/test_park.c has the same case)."""
+    e = Ends(backend, 1, max_pending=1, accept_batch=1)
+    held = []
+    try:
+        w = backend.SlotWriter(Scoreboard(e.d.scoreboard, 1).slot(0).line)
+        w.set_capacity(1)
+        e.d.set_parking(8, 30)
+        e.connect(1)                                     # client 0: served, then parked
+        _slot, fd0 = _one_dispatched(e, 1)
+        w.conn_taken(1)
+        w.request_started()
+        w.request_finished()
+        _park(e, 0, [fd0])
+        w.conn_closed(1)
+        _pump(e, lambda: e.d.stats()["parked"] == 1, "parked")
+        e.connect(1)                                     # client 1: a long request
+        held.append(_one_dispatched(e, 2)[1])
+        w.conn_taken(1)
+        w.request_started()
+        struct.pack_into("<Q", e.d.scoreboard, 24, time.monotonic_ns() - 10**9)   # busy_since
+        e.connect(1)                                     # client 2 fills the ring
+        _pump(e, lambda: e.d.stats()["pending"] == 1, "client 2 in the ring")
+        e.clients[0].sendall(b"x")                       # client 0's next request: ready
+        for _ in range(5):
+            e.d.run(0.01)
+        assert e.d.stats()["unparks"] == 0
+        # Client 1's request ends; the primary sees the room at its next look and sends
+        # client 2. Nothing else wakes it (no CREDIT is sent): one wake-up is the timeout,
+        # the other the look at once that moves client 0's connection (the call's last
+        # look would move it too, only later).
+        w.request_finished()
+        wakeups = e.d.stats()["wakeups"]
+        e.d.run(0.3)
+        st = e.d.stats()
+        # client 0's connection is in the ring, or already prefetched behind client 2
+        assert st["unparks"] == 1 and st["dispatched"] + st["pending"] == 4, st
+        assert st["wakeups"] - wakeups >= 2, st
+    finally:
+        for fd in held + _taken(e, 0):
+            os.close(fd)
+        e.close()
+
+
 def test_no_table_or_full_table_dispatches_at_once(backend):
     e = Ends(backend, 1)
     try:

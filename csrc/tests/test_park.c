@@ -155,6 +155,70 @@ static void test_off_or_full_dispatches_at_once(void)
     fx_teardown(&f, cl, 3);                 /* closes the one still parked */
 }
 
+/* A parked connection whose next request comes while the pending ring is
+ * full waits flagged ready. The flush that then empties the ring must not
+ * leave it there until some later event (another client, the idle sweep):
+ * it moves on in the same run call. One sync worker (capacity 1) whose end
+ * the primary does not hold (no prefetch), a ring of one. */
+static void test_a_ready_park_moves_once_the_ring_has_room(void)
+{
+    struct disp_fx f;
+    pf_slot *board;
+    pf_event ev[8];
+    int cl[3], fd[2];
+    unsigned char c = 9;
+    uint64_t wakeups;
+
+    fx_init(&f, 2, PF_POLICY_RR);
+    f.c.max_pending = 1;
+    f.c.accept_batch = 1;
+    fx_start(&f, 1, 0);
+    CHECK_OK(pf_dispatcher_set_parking(f.d, 8, 30000));
+    board = pf_dispatcher_scoreboard(f.d, NULL);
+    pf_slot_set_capacity(&board[0], 1);
+
+    /* Client 0 is served, then parked (counted closed here, as the runtime does). */
+    cl[0] = client(f.port, 0);
+    run_until_dispatched(f.d, 1);
+    fd[0] = take_conn(f.w[0]);
+    pf_slot_conn_taken(&board[0], 1);
+    pf_slot_request_started(&board[0]);
+    CHECK_EQ(pf_slot_request_finished(&board[0]), 0);
+    park(f.w[0], fd[0]);
+    CHECK_EQ(pf_slot_conn_closed(&board[0], 1), 0);
+    run_until_stat(f.d, offsetof(pf_stats, parks), 1);
+    /* The worker is in client 1's request; client 2 fills the ring. */
+    cl[1] = client(f.port, 1);
+    run_until_dispatched(f.d, 2);
+    fd[1] = take_conn(f.w[0]);
+    pf_slot_conn_taken(&board[0], 1);
+    pf_slot_request_started(&board[0]);
+    cl[2] = client(f.port, 2);
+    run_until_accepted(f.d, 3);
+    CHECK_EQ(stats(f.d).pending, 1);
+    /* Client 0 sends its next request: ready, no room in the ring. */
+    CHECK(write(cl[0], &c, 1) == 1);
+    run_for(f.d, 50);
+    CHECK_EQ(stats(f.d).unparks, 0);
+
+    /* Client 1's request ends. The primary sees the room at its next look
+     * (here the first tick of the run call; while fds wait it also looks
+     * every PF__RECHECK_MS) and sends client 2; with nothing else to wake it
+     * (the CREDIT is not sent), client 0's connection takes its place in the
+     * ring at once, not at the next event or the end of the call (the run
+     * call's last tick would move it too: one wake-up is the timeout, the
+     * other the look at once). */
+    CHECK_EQ(pf_slot_request_finished(&board[0]), 1);
+    wakeups = stats(f.d).wakeups;
+    CHECK(pf_dispatcher_run(f.d, 300, ev, 8) >= 0);
+    CHECK_EQ(stats(f.d).dispatched, 3);
+    CHECK_EQ(stats(f.d).unparks, 1);
+    CHECK_EQ(stats(f.d).pending, 1);
+    CHECK(stats(f.d).wakeups - wakeups >= 2);
+    close(fd[1]);
+    fx_teardown(&f, cl, 3);
+}
+
 /* Once stopping, every parked connection goes back to a worker at once (it
  * applies its drain rules): closing it here could reset a request in flight. */
 static void test_stopping_returns_them_to_workers(void)
@@ -282,6 +346,7 @@ static const struct pf_test_case tests[] = {
     PF_CASE(test_park_after_drained_goes_back_to_its_worker),
     PF_CASE(test_remove_worker_salvages_parks),
     PF_CASE(test_set_parking_arguments),
+    PF_CASE(test_a_ready_park_moves_once_the_ring_has_room),
 };
 
 int main(int argc, char **argv)

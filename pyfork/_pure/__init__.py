@@ -16,7 +16,8 @@ when it can start it now: queued (sent minus the scoreboard's taken) plus
 active below the capacity it declared, and below the separate open-connection
 cap (sent minus closed < max_inflight); a worker skipped for want of room gets
 want_credit set, and its next finished request or close sends MSG_CREDIT,
-which wakes the loop (a 10 ms re-check covers the race). Back-pressure: listeners are in the poll set only while nothing
+which wakes the loop (a 10 ms re-check covers the race); the primary withdraws
+the request once nothing waits for room. Back-pressure: listeners are in the poll set only while nothing
 waits in the ring, so at most accept_batch fds are held and the kernel
 backlog carries the rest. A channel at EAGAIN is busy until EPOLLOUT; EPIPE
 means gone (one HANGUP event). EMFILE/ENFILE spend a reserve fd to accept

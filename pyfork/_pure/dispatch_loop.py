@@ -2,8 +2,9 @@
 
 Theory of operation: each turn first does the bookkeeping that needs no
 word from the kernel (_tick: expire the EMFILE pause, retry transient send
-failures, flush pending fds, the stop/drain pass, put listeners in or out
-of the poll set, owe HANGUP/DRAINED events), returns if any event is owed,
+failures, take back prefetched connections, flush pending fds, withdraw
+CREDIT requests once nothing waits, the stop/drain pass, put listeners in or
+out of the poll set, owe HANGUP/DRAINED events), returns if any event is owed,
 and otherwise sleeps in epoll for exactly as long as the earliest of: the
 caller's deadline, the EMFILE pause end, the 10 ms recheck while fds are
 stalled, the next take-back of prefetched connections (dispatch_send.py).
@@ -264,7 +265,11 @@ def _tick(d, now):
     park.tick(d, now)
     if d.pend:
         flush(d)
-    if not d.pend and not (d.park and d.park.ready) and not d.rescue_wait:
+    if park.waiting(d):
+        # they move in park.tick, which ran before this flush made room: look again at once
+        if len(d.pend) < d.cfg.max_pending:
+            d.more = True
+    elif not d.pend and not d.rescue_wait:
         forget_credits(d)
     _reserve_open(d)  # after the flush freed what it could
     if d.stopping and not d.drained:

@@ -27,7 +27,8 @@ them back through the worker's end the primary holds, for the first worker
 that can start them (csrc/dispatch_send.c and
 pf_internal.h say why).
 Skipping a worker for lack of room sets its want_credit; it sends MSG_CREDIT
-when it next frees room. When no worker can start, the fds stay in the ring
+when it next frees room; once nothing waits for room, forget_credits withdraws
+the requests (each tick). When no worker can start, the fds stay in the ring
 (at most accept_batch) and the loop leaves the listeners out of the poll set:
 the ring and then the kernel's backlog are the central FIFO (why listeners
 stay polled while the ring is empty: csrc/dispatch_send.c).
@@ -35,8 +36,9 @@ sendmsg errno triage: EAGAIN = that worker is busy, arm EPOLLOUT and try
 the next; EPIPE & co = the worker is gone, HANGUP it and the same fds go to
 the next; anything else = transient, retry on the recheck timer. Every
 function takes the dispatcher's State (internal.py) as ``d``, as the C ones
-take pf_dispatcher; flush, mark_gone, clear_retry and chan_events are the
-ones the other modules call (pf_internal.h declares the same four).
+take pf_dispatcher; flush, mark_gone, clear_retry, chan_events, take_back_due
+and forget_credits are the ones the other modules call (pf_internal.h declares
+the same six).
 """
 
 import errno
@@ -97,6 +99,9 @@ def _room(d, s):
     room = _free(d, s)
     if room > 0:
         return room
+    if not d.workers[s].asked:
+        d.workers[s].asked = True
+        d.n_asked += 1
     d.slots[s].request_credit()
     room = _free(d, s)
     return room if room > 0 else 0
@@ -421,8 +426,14 @@ def take_back_due(d):
 
 def forget_credits(d):
     """Nothing waits for room any more: withdraw every CREDIT asked for, or a worker
-    skipped once as full would wake us for nothing at its next idle moment
-    (csrc/dispatch_send.c pf__forget_credits)."""
+    skipped once as full would wake us for nothing at its next idle moment. Only the
+    slots asked are touched (csrc/dispatch_send.c pf__forget_credits)."""
+    if not d.n_asked:
+        return
     for s in range(d.hi):
-        if d.slots[s].want_credit:
-            d.slots[s].forget_credit()
+        w = d.workers[s]
+        if w.asked:
+            w.asked = False
+            if d.slots[s].want_credit:
+                d.slots[s].forget_credit()
+    d.n_asked = 0

@@ -90,7 +90,8 @@ class Worker:
     """One slot of the worker table (pf__worker)."""
 
     __slots__ = ("chan", "peer", "sock", "psock", "state", "blocked", "in_epoll",
-                 "out_armed", "hup_pending", "sent", "behind", "idle_seen_ns", "barred_since")
+                 "out_armed", "hup_pending", "sent", "behind", "idle_seen_ns", "barred_since",
+                 "asked")
 
     def __init__(self):
         self.reset()
@@ -105,6 +106,7 @@ class Worker:
         self.behind = False             # prefetched connections may wait in its channel
         self.idle_seen_ns = 0           # take-back scan first saw it idle with some queued
         self.barred_since = None        # taken back from: no prefetch while busy_since is this
+        self.asked = False              # we set its want_credit since the last forget_credits
 
 
 class Listener:
@@ -128,8 +130,8 @@ class State:
         "cfg", "least", "pause_s", "ep", "reserve", "reserve_wanted", "map", "view", "board",
         "slots", "workers", "by_chan", "hi", "n_ready", "rr_next", "n_hup", "listeners",
         "watches", "pend", "accepting", "stopping", "drained", "drained_unreported",
-        "more", "pause_until", "recheck_at", "n_behind", "takeback_at", "rescue_wait", "out",
-        "st", "park")
+        "more", "pause_until", "recheck_at", "n_behind", "takeback_at", "rescue_wait", "n_asked",
+        "out", "st", "park")
 
     def __init__(self, cfg, least):
         self.cfg = cfg
@@ -158,7 +160,8 @@ class State:
         self.recheck_at = 0.0       # BLK_RETRY flags clear then, 0 = none
         self.n_behind = 0           # workers with behind set
         self.takeback_at = 0.0      # earliest take-back due (monotonic s), 0 = none
-        self.rescue_wait = False    # take_back_due asked for CREDITs for a prefetched one
+        self.rescue_wait = False    # take_back_due left a prefetched one waiting for a CREDIT
+        self.n_asked = 0            # workers with asked set
         self.out = None             # the run call's event list
         self.st = dict.fromkeys(("accepted", "dispatched", "redispatched", "busy_skips",
                                  "fd_exhaustion", "accept_errors", "dropped", "wakeups",

@@ -230,6 +230,13 @@ def tick(d, now):
     pk.sweep_at = now + pk.period() if count(d) else 0.0
 
 
+def waiting(d):
+    """True while parked fds wait for room in the ring: readable ones (ready), or, once
+    stopping, every one (pf__park_waiting)."""
+    pk = d.park
+    return pk is not None and bool(pk.ready or (d.stopping and pk.since))
+
+
 def due(d):
     """When the loop must wake for the sweep (0 = no need)."""
     return 0.0 if d.park is None else d.park.sweep_at
