@@ -206,7 +206,9 @@ static void pf__sync_listeners(pf_dispatcher *d)
 }
 
 /* One stop_accepting pass: accept each listener's backlog to EAGAIN (as far
- * as the ring allows), flush; DRAINED once all are empty and nothing is held. */
+ * as the ring allows), flush; DRAINED once all are empty and nothing is held:
+ * not in the ring, not parked (stopping sends every parked connection back
+ * through the ring, in turns when there are more than it holds). */
 static void pf__drain_step(pf_dispatcher *d)
 {
     int done = 1;
@@ -226,7 +228,7 @@ static void pf__drain_step(pf_dispatcher *d)
         else
             done = 0;
     }
-    if (done && d->pcount == 0) {
+    if (done && d->pcount == 0 && !pf__park_waiting(d)) {
         d->drained = 1;
         d->drained_unreported = 1;
     } else if (!done && d->pcount < d->cfg.max_pending && d->pause_until_ns == 0) {

@@ -172,7 +172,8 @@ struct pf_dispatcher {
     int stopping;         /* pf_dispatcher_stop_accepting was called */
     int drained;          /* ... and the final pass is done */
     int drained_unreported;
-    int more;             /* a drain pass has work left: poll without sleeping */
+    int more;             /* a drain pass or parked connections have work left:
+                             poll without sleeping */
     uint64_t pause_until_ns;  /* EMFILE pause end, 0 = none */
     uint64_t recheck_ns;      /* PF__BLK_RETRY flags clear at this time, 0 = none */
     int n_behind;             /* workers with behind set */

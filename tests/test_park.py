@@ -165,9 +165,9 @@ def test_a_ready_parked_connection_moves_once_the_ring_has_room(backend):
             e.d.run(0.01)
         assert e.d.stats()["unparks"] == 0
         # Client 1's request ends; the primary sees the room at its next look and sends
-        # client 2. Nothing else wakes it (no CREDIT is sent): one wake-up is the timeout,
-        # the other the look at once that moves client 0's connection (the call's last
-        # look would move it too, only later).
+        # client 2. Nothing else wakes it (no CREDIT is sent): without the look at once that
+        # moves client 0's connection, the timeout would be the only wake-up (the call's
+        # last look would move it too, only later).
         w.request_finished()
         wakeups = e.d.stats()["wakeups"]
         e.d.run(0.3)
@@ -219,6 +219,32 @@ def test_parked_connections_go_back_to_workers_once_stopping(backend):
         assert (st["parked"], st["dispatched"], st["park_closed"]) == (0, 4, 0)
         fds = _taken(e, 0)
         assert len(fds) == 2
+        for fd in fds:
+            os.close(fd)
+    finally:
+        e.close()
+
+
+def test_drained_only_once_every_parked_connection_left(backend):
+    """Stopping with more parked connections than the pending ring holds: they go back
+    through it in turns, and DRAINED comes only once every one is with a worker (a DRAINED
+    before that left the rest to be closed with the dispatcher). A ring of one, three parked
+    (csrc/tests/test_park.c has the same case)."""
+    e = Ends(backend, 1, max_pending=1, accept_batch=1)
+    try:
+        e.d.set_parking(8, 30)
+        e.connect(3)
+        e.pump_until_dispatched(3)
+        _park(e, 0, _taken(e, 0))
+        _pump(e, lambda: e.d.stats()["parked"] == 3, "parked")
+        e.d.stop_accepting()
+        events = []
+        _pump(e, lambda: events.extend(e.d.run(0.02)) or any(ev.kind == "drained" for ev in events),
+              "drained")
+        st = e.d.stats()
+        assert (st["parked"], st["pending"], st["dispatched"], st["park_closed"]) == (0, 0, 6, 0), st
+        fds = _taken(e, 0)
+        assert len(fds) == 3
         for fd in fds:
             os.close(fd)
     finally:

@@ -176,7 +176,7 @@ def _drain_step(d):
             lst.at_eagain = True
         else:
             done = False
-    if done and not d.pend:
+    if done and not d.pend and not park.waiting(d):    # nothing held, parked ones included
         d.drained = True
         d.drained_unreported = True
     elif not done and len(d.pend) < d.cfg.max_pending and not d.pause_until:

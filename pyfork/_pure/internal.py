@@ -155,7 +155,7 @@ class State:
         self.stopping = False       # stop_accepting was called
         self.drained = False        # ... and the final pass is done
         self.drained_unreported = False
-        self.more = False           # a drain pass has work left: poll without sleeping
+        self.more = False           # a drain pass or parked ones have work left: poll, no sleep
         self.pause_until = 0.0      # EMFILE pause end (monotonic s), 0 = none
         self.recheck_at = 0.0       # BLK_RETRY flags clear then, 0 = none
         self.n_behind = 0           # workers with behind set
