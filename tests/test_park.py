@@ -63,6 +63,13 @@ def _park(e, slot, fds):
         os.close(fd)          # as the worker does: the connection is the primary's now
 
 
+def _pump_until_drained(e):
+    """After stop_accepting: runs until the DRAINED event."""
+    events = []
+    _pump(e, lambda: events.extend(e.d.run(0.02)) or any(ev.kind == "drained" for ev in events),
+          "drained")
+
+
 def _same_connection(e, fd, sent):
     """fd (now the test's) is client 0's connection with its bytes intact: it reads what the
     client sent, and the client reads the reply. Closes fd."""
@@ -212,9 +219,7 @@ def test_parked_connections_go_back_to_workers_once_stopping(backend):
         e.d.stop_accepting()
         # Both go back to the (still READY) worker, which applies its drain rules;
         # DRAINED comes once they were sent.
-        events = []
-        _pump(e, lambda: events.extend(e.d.run(0.02)) or any(ev.kind == "drained" for ev in events),
-              "drained")
+        _pump_until_drained(e)
         st = e.d.stats()
         assert (st["parked"], st["dispatched"], st["park_closed"]) == (0, 4, 0)
         fds = _taken(e, 0)
@@ -238,9 +243,7 @@ def test_drained_only_once_every_parked_connection_left(backend):
         _park(e, 0, _taken(e, 0))
         _pump(e, lambda: e.d.stats()["parked"] == 3, "parked")
         e.d.stop_accepting()
-        events = []
-        _pump(e, lambda: events.extend(e.d.run(0.02)) or any(ev.kind == "drained" for ev in events),
-              "drained")
+        _pump_until_drained(e)
         st = e.d.stats()
         assert (st["parked"], st["pending"], st["dispatched"], st["park_closed"]) == (0, 0, 6, 0), st
         fds = _taken(e, 0)
@@ -268,9 +271,7 @@ def test_a_park_read_after_drained_goes_back_to_the_worker_that_sent_it(backend)
         e.connect(1)
         slot, fd = _one_dispatched(e, 1)
         e.d.stop_accepting()
-        events = []
-        _pump(e, lambda: events.extend(e.d.run(0.02)) or any(ev.kind == "drained" for ev in events),
-              "drained")
+        _pump_until_drained(e)
         for s in range(2):                       # what the primary does on DRAINED
             e.d.set_draining(s)
         e.clients[0].sendall(b"GET /next HTTP/1.1\r\n\r\n")   # its next request, in flight

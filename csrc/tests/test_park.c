@@ -59,6 +59,34 @@ static int park_one_client(struct disp_fx *f, int idle_ms, int id)
     return cl;
 }
 
+/* One worker (slot 0, its end not held: no prefetch), a pending ring of
+ * one, parking on (8 entries, 30 s). */
+static void ring_of_one(struct disp_fx *f)
+{
+    fx_init(f, 2, PF_POLICY_RR);
+    f->c.max_pending = 1;
+    f->c.accept_batch = 1;
+    fx_start(f, 1, 0);
+    CHECK_OK(pf_dispatcher_set_parking(f->d, 8, 30000));
+}
+
+/* Runs until the DRAINED event (after pf_dispatcher_stop_accepting). */
+static void run_until_drained(pf_dispatcher *d)
+{
+    pf_event ev[8];
+    uint64_t t0 = now_ms();
+
+    for (;;) {
+        int k = pf_dispatcher_run(d, 20, ev, 8);
+
+        CHECK(k >= 0);
+        for (int i = 0; i < k; i++)
+            if (ev[i].type == PF_EV_DRAINED)
+                return;
+        CHECK(now_ms() - t0 < LIVENESS_MS);
+    }
+}
+
 static void run_for(pf_dispatcher *d, int ms)
 {
     pf_event ev[8];
@@ -169,11 +197,7 @@ static void test_a_ready_park_moves_once_the_ring_has_room(void)
     unsigned char c = 9;
     uint64_t wakeups;
 
-    fx_init(&f, 2, PF_POLICY_RR);
-    f.c.max_pending = 1;
-    f.c.accept_batch = 1;
-    fx_start(&f, 1, 0);
-    CHECK_OK(pf_dispatcher_set_parking(f.d, 8, 30000));
+    ring_of_one(&f);
     board = pf_dispatcher_scoreboard(f.d, NULL);
     pf_slot_set_capacity(&board[0], 1);
 
@@ -226,22 +250,12 @@ static void test_stopping_returns_them_to_workers(void)
     struct disp_fx f;
     int cl, ids[PF_MAX_FDS], n = 0;
     unsigned char c = 9;
-    pf_event ev[8];
-    uint64_t t0;
 
     cl = park_one_client(&f, 30000, 1);
     run_until_stat(f.d, offsetof(pf_stats, parks), 1);
     CHECK(write(cl, &c, 1) == 1);       /* its next request, in flight */
     CHECK_OK(pf_dispatcher_stop_accepting(f.d));
-    t0 = now_ms();
-    for (;;) {                          /* DRAINED comes after it was sent */
-        int k = pf_dispatcher_run(f.d, 20, ev, 8);
-
-        CHECK(k >= 0);
-        if (k > 0 && ev[0].type == PF_EV_DRAINED)
-            break;
-        CHECK(now_ms() - t0 < LIVENESS_MS);
-    }
+    run_until_drained(f.d);             /* DRAINED comes after it was sent */
     CHECK_EQ(stats(f.d).dispatched, 2);
     CHECK_EQ(stats(f.d).parked, 0);
     worker_take(f.w[0], ids, &n);       /* the request's byte is intact */
@@ -258,14 +272,8 @@ static void test_drained_only_once_every_parked_one_left(void)
 {
     struct disp_fx f;
     int cl[3], fds[3];
-    pf_event ev[8];
-    uint64_t t0;
 
-    fx_init(&f, 2, PF_POLICY_RR);
-    f.c.max_pending = 1;
-    f.c.accept_batch = 1;
-    fx_start(&f, 1, 0);
-    CHECK_OK(pf_dispatcher_set_parking(f.d, 8, 30000));
+    ring_of_one(&f);
     for (int i = 0; i < 3; i++) {
         cl[i] = client(f.port, (unsigned char)i);
         run_until_dispatched(f.d, (uint64_t)i + 1);
@@ -276,15 +284,7 @@ static void test_drained_only_once_every_parked_one_left(void)
     run_until_stat(f.d, offsetof(pf_stats, parks), 3);
     CHECK_EQ(stats(f.d).parked, 3);
     CHECK_OK(pf_dispatcher_stop_accepting(f.d));
-    t0 = now_ms();
-    for (;;) {
-        int k = pf_dispatcher_run(f.d, 20, ev, 8);
-
-        CHECK(k >= 0);
-        if (k > 0 && ev[0].type == PF_EV_DRAINED)
-            break;
-        CHECK(now_ms() - t0 < LIVENESS_MS);
-    }
+    run_until_drained(f.d);
     CHECK_EQ(stats(f.d).parked, 0);
     CHECK_EQ(stats(f.d).pending, 0);
     CHECK_EQ(stats(f.d).dispatched, 6);
@@ -310,15 +310,7 @@ static void test_park_after_drained_goes_back_to_its_worker(void)
     run_until_dispatched(f.d, 1);
     fd = take_conn(f.w[0]);
     CHECK_OK(pf_dispatcher_stop_accepting(f.d));
-    t0 = now_ms();
-    for (;;) {
-        int k = pf_dispatcher_run(f.d, 20, ev, 8);
-
-        CHECK(k >= 0);
-        if (k > 0 && ev[0].type == PF_EV_DRAINED)
-            break;
-        CHECK(now_ms() - t0 < LIVENESS_MS);
-    }
+    run_until_drained(f.d);
     /* What the primary does on DRAINED: its worker drains (none READY). */
     CHECK_OK(pf_dispatcher_set_state(f.d, 0, PF_WORKER_DRAINING));
     CHECK(write(cl, &c, 1) == 1);       /* its next request, in flight */
