@@ -57,6 +57,14 @@ def _taken(e, slot):
     return [fd for m in e.take(slot) for fd in m]
 
 
+def _close_taken(e, slot, n):
+    """Reads what waits in slot's channel, checks it is n connections, and closes them."""
+    fds = _taken(e, slot)
+    assert len(fds) == n
+    for fd in fds:
+        os.close(fd)
+
+
 def _park(e, slot, fds):
     e.be.send_msg(e.ends[slot].fileno(), e.be.MSG_PARK, 0, b"", fds)
     for fd in fds:
@@ -222,10 +230,7 @@ def test_parked_connections_go_back_to_workers_once_stopping(backend):
         _pump_until_drained(e)
         st = e.d.stats()
         assert (st["parked"], st["dispatched"], st["park_closed"]) == (0, 4, 0)
-        fds = _taken(e, 0)
-        assert len(fds) == 2
-        for fd in fds:
-            os.close(fd)
+        _close_taken(e, 0, 2)
     finally:
         e.close()
 
@@ -246,10 +251,7 @@ def test_drained_only_once_every_parked_connection_left(backend):
         _pump_until_drained(e)
         st = e.d.stats()
         assert (st["parked"], st["pending"], st["dispatched"], st["park_closed"]) == (0, 0, 6, 0), st
-        fds = _taken(e, 0)
-        assert len(fds) == 3
-        for fd in fds:
-            os.close(fd)
+        _close_taken(e, 0, 3)
     finally:
         e.close()
 
