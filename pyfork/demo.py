@@ -22,7 +22,6 @@ Worker identity comes from `pyfork.worker.current()` when pyfork runs the app
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -211,6 +210,7 @@ def _sleep_sync(query):
 
 
 async def _sleep_async(query):
+    import asyncio   # here, not at the top: a WSGI server of this module never loads asyncio
     ms = _int_param(query, "ms", 0, SLEEP_MAX_MS)
     await asyncio.sleep(ms / 1000)
     return _sleep_reply(ms)

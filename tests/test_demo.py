@@ -259,6 +259,13 @@ def start_pyfork_serve(app: str, workers: int, tmp_path) -> tuple[subprocess.Pop
     return proc, port
 
 
+def _extension_loaded(pid: int, name: str) -> bool:
+    """Whether the process has the C extension module `name` (e.g. _asyncio) mapped."""
+    with open(f"/proc/{pid}/maps") as f:
+        return any(os.path.basename(line.split()[-1]).startswith(name + ".")
+                   for line in f if line.rstrip().endswith(".so"))
+
+
 @pytest.mark.parametrize("app", ["pyfork.demo:app", "pyfork.demo:asgi_app"], ids=["wsgi", "asgi"])
 def test_pyfork_serve_demo_on_this_python(fds, tmp_path, app):
     """Both demos served by `pyfork serve` from workers running this very interpreter (the
@@ -273,6 +280,13 @@ def test_pyfork_serve_demo_on_this_python(fds, tmp_path, app):
         assert root["workerId"] == 1 and root["workerPid"] != proc.pid
         # The worker that answered is a process of this interpreter's binary.
         assert os.path.realpath(f"/proc/{root['workerPid']}/exe") == os.path.realpath(sys.executable)
+        # Memory: serving the demo over WSGI loads neither asyncio nor ssl (with libcrypto,
+        # ~6 MB of the primary's RSS) in any process; over ASGI the primary preloads asyncio
+        # on purpose (pyfork.serve.asgi.preload), which also shows this check can see it.
+        for pid in (proc.pid, root["workerPid"]):
+            assert _extension_loaded(pid, "_asyncio") is app.endswith("asgi_app"), pid
+            if app.endswith(":app"):
+                assert not _extension_loaded(pid, "_ssl"), pid
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(H.LIVENESS) == 0, (tmp_path / "serve.log").read_text()
     finally:
