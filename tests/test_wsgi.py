@@ -167,6 +167,18 @@ def test_render_head_framing():
     assert mode == http1.MODE_NONE and not send and b"Content-Length: 9" in head
 
 
+def test_http_date_is_imf_fixdate():
+    """The Date header's formatter gives what email.utils.formatdate(usegmt=True) gives:
+    across a leap day, year ends, every weekday and month, and now."""
+    from email.utils import formatdate
+    from pyfork.serve.http1.response import http_date
+    stamps = [0, 784111777, 951782400, 951868799, 1704067199, 1704067200, 4102444800, time.time()]
+    stamps += [1700000000 + k * 86400 * 31 + k * 3607 for k in range(40)]
+    for t in stamps:
+        assert http_date(t) == formatdate(t, usegmt=True), t
+    assert http_date(784111777) == "Sun, 06 Nov 1994 08:49:37 GMT"   # RFC 9110's example
+
+
 def test_split_target():
     assert http1.split_target(b"/a/b?x=1#frag") == (b"/a/b", b"x=1", None)
     assert http1.split_target(b"http://u:p@h:1/p?q") == (b"/p", b"q", b"h:1")

@@ -11,7 +11,6 @@ a second. Nothing here touches a socket.
 
 import re
 import time
-from email.utils import formatdate
 from http import HTTPStatus
 
 MODE_NONE, MODE_LENGTH, MODE_CHUNKED, MODE_CLOSE = range(4)
@@ -27,6 +26,17 @@ SERVER_LINE = "Server: pyfork\r\n"
 
 _date_sec = -1
 _date_line = ""
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")     # time.gmtime's tm_wday order
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(t: float) -> str:
+    """`t` as an IMF-fixdate (RFC 9110 5.6.7), "Sun, 06 Nov 1994 08:49:37 GMT": what
+    email.utils.formatdate(t, usegmt=True) gives, in English whatever the locale. Not that
+    function: email.utils brings email, datetime and calendar into every process (the
+    demo over WSGI: primary RSS 20.0 -> 19.6 MB, worker RSS 17.4 -> 16.9 MB)."""
+    y, mon, day, h, m, sec, wday = time.gmtime(t)[:7]
+    return f"{_DAYS[wday]}, {day:02d} {_MONTHS[mon - 1]} {y:04d} {h:02d}:{m:02d}:{sec:02d} GMT"
 
 
 def date_line():
@@ -34,7 +44,7 @@ def date_line():
     global _date_sec, _date_line
     now = int(time.time())
     if now != _date_sec:
-        _date_line = "Date: " + formatdate(now, usegmt=True) + "\r\n"
+        _date_line = "Date: " + http_date(now) + "\r\n"
         _date_sec = now
     return _date_line
 
