@@ -232,13 +232,15 @@ def start(spec: Spec, args) -> benchlib.Server:
     log = os.path.join(args.log_dir, "compare-" + spec.name.replace(" ", "_").replace("(", "")
                        .replace(")", "") + ".log")
     if spec.ready_line:
-        return benchlib.Server(spec.name, spec.cmd, env=spec.env, log_path=log, ready_line=True)
+        return benchlib.Server(spec.name, spec.cmd, env=spec.env, log_path=log, ready_line=True,
+                               own_session=not args.same_session)
     port = benchlib.free_port()
     cmd = [c.replace("{port}", str(port)) for c in spec.cmd]
     env = dict(spec.env)
     if spec.family == "node":
         env["PORT"] = str(port)
-    server = benchlib.Server(spec.name, cmd, env=env, cwd=benchlib.BENCH_DIR, log_path=log)
+    server = benchlib.Server(spec.name, cmd, env=env, cwd=benchlib.BENCH_DIR, log_path=log,
+                             own_session=not args.same_session)
     server.wait_http(port, args.workers)
     return server
 
@@ -296,6 +298,10 @@ def parse_args(argv=None):
     ap.add_argument("--conns-policies", default="rr", help="conns: pyfork policies (rr)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="short runs for a smoke test")
+    ap.add_argument("--same-session", action="store_true",
+                    help="start servers in this session (wrk's scheduling group under autogroup "
+                         "scheduling) instead of each in its own, as from another terminal "
+                         "(bench/mixed_sched_group.py)")
     ap.add_argument("--out", default=None,
                     help="output path without extension (.md .json .png); default "
                          "results/compare, or results/compare-mixed for --scenarios mixed")

@@ -120,7 +120,9 @@ def markdown(results: dict, meta: dict) -> str:
                  f"-t{meta['args'].get('mixed_threads')}; slow: one wrk connection, "
                  f"`/sleep?ms={meta['args'].get('sleep_ms')}` or "
                  f"`/fibonacci?n={meta.get('heavy_n', {}).get('python')}` "
-                 f"(~{meta['args'].get('heavy_ms')} ms CPU); 2 workers everywhere.")
+                 f"(~{meta['args'].get('heavy_ms')} ms CPU); 2 workers everywhere; each server "
+                 + ("in wrk's session (--same-session)." if meta['args'].get('same_session')
+                    else "in its own session (as from another terminal)."))
     lines.append("")
     lines.append("Ratios: p99 × ref = this server's light p99 ÷ the reference's (lower is "
                  "better); req/s × ref = light req/s ÷ the reference's (higher is better). "
