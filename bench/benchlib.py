@@ -367,22 +367,23 @@ def parse_wrk(out: str) -> dict:
 # ---------------------------------------------------------------- server processes
 
 class Server:
-    """A server started as a child process in its own session (so stop() reaches
-    every process it forked). `pid` is the primary/arbiter/supervisor.
+    """A server started as a child process in its own session, and so its own process
+    group (stop() signals the group: every process it forked). `pid` is the
+    primary/arbiter/supervisor.
 
-    own_session=False: its own process group only (stop() reaches it the same way),
-    in the caller's session. Where autogroup scheduling is on
-    (/proc/sys/kernel/sched_autogroup_enabled), a session is a scheduling group:
-    the CPU is shared between groups first, so a server in its own session and a load
-    generator in the caller's share it unlike processes in one group
-    (mixed_sched_group.py measures what that changes)."""
+    own_session=False: its own process group only, in the caller's session. Where
+    autogroup scheduling is on (/proc/sys/kernel/sched_autogroup_enabled; it applies to
+    processes in the root cgroup), a session is a scheduling group: the CPU is shared
+    between groups first, so a server in its own session and a load generator in the
+    caller's share it unlike processes of one group (mixed_sched_group.py measures
+    what that changes)."""
 
     def __init__(self, name: str, cmd: list[str], env: dict | None = None, cwd: str | None = None,
                  log_path: str | None = None, ready_line: bool = False, own_session: bool = True):
         self.name, self.cmd = name, cmd
         self.log_path = log_path or os.devnull
         self._log = open(self.log_path, "ab")
-        group = {"start_new_session": True} if own_session else {"preexec_fn": os.setpgrp}
+        group = {"start_new_session": True} if own_session else {"process_group": 0}
         self.proc = subprocess.Popen(
             cmd, env=env, cwd=cwd, **group,
             stdout=subprocess.PIPE if ready_line else self._log, stderr=self._log)
@@ -450,7 +451,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 pass
         try:
-            os.killpg(self.pid, signal.SIGKILL)  # our own session id: only what we started
+            os.killpg(self.pid, signal.SIGKILL)  # our process group: only what we started
         except ProcessLookupError:
             pass
         try:

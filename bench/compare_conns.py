@@ -254,7 +254,8 @@ def run_one(name, cmd, n, args) -> dict:
     port = benchlib.free_port()
     log = os.path.join(args.log_dir, "compare-conns-" + name.replace(" ", "_") + ".log")
     server = benchlib.Server(name, [c.replace("{port}", str(port)) for c in cmd],
-                             env=benchlib.python_env(), cwd=benchlib.BENCH_DIR, log_path=log)
+                             env=benchlib.python_env(), cwd=benchlib.BENCH_DIR, log_path=log,
+                             own_session=not getattr(args, "same_session", False))
     interval = max(0.5, n / args.conns_rate)
     row = {"n": n, "interval_s": interval, "loadavg": os.getloadavg()}
     hold = None

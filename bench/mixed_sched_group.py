@@ -3,9 +3,10 @@
 Theory of operation: compare.py starts every server in its own session
 (benchlib.Server), as a new user does who starts the server in one terminal and
 wrk in another. With autogroup scheduling on (Linux's default for desktops and
-many servers: /proc/sys/kernel/sched_autogroup_enabled), each session is a
-scheduling group, and CFS shares a core between groups before it shares it between
-the processes of a group. On this 2-core machine the load generator then competes
+many servers: /proc/sys/kernel/sched_autogroup_enabled; it applies to processes in the
+root cgroup, not inside a systemd unit's or a container's), each session is a
+scheduling group, and the scheduler shares a core between groups before it shares it
+between the processes of a group. On this 2-core machine the load generator then competes
 with the server as a whole, not with each of its processes. This tool measures what
 that changes for the light clients of the mixed-load scenario: pyfork (default
 options) and gunicorn sync, each started both ways ("own": own session, as
@@ -37,9 +38,9 @@ def servers(py: str) -> dict:
     }
 
 
-def measure(cmd: list, own_session: bool, slow: str, duration: int) -> dict:
+def measure(name: str, cmd: list, own_session: bool, slow: str, duration: int) -> dict:
     port = benchlib.free_port()
-    server = benchlib.Server(cmd[2], [c.replace("{port}", str(port)) for c in cmd],
+    server = benchlib.Server(name, [c.replace("{port}", str(port)) for c in cmd],
                              env=benchlib.python_env(), cwd=benchlib.BENCH_DIR, own_session=own_session)
     try:
         server.wait_http(port, 2)
@@ -74,7 +75,7 @@ def main() -> int:
     for r in range(args.rounds):
         order = cells[r % len(cells):] + cells[:r % len(cells)]
         for name, mode in order:
-            m = measure(servers(sys.executable)[name], mode == "own", args.slow, args.duration)
+            m = measure(name, servers(sys.executable)[name], mode == "own", args.slow, args.duration)
             res[(name, mode)].append(m)
             print(f"round {r + 1} {name:14s} {mode:4s} light req/s {m['rps']:7.0f} "
                   f"p99 {m.get('p99_ms', float('nan')):6.2f} ms errors {m['errors']}", flush=True)

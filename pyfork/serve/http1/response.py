@@ -31,8 +31,9 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 
 def http_date(t: float) -> str:
-    """`t` as an IMF-fixdate (RFC 9110 5.6.7), "Sun, 06 Nov 1994 08:49:37 GMT": what
-    email.utils.formatdate(t, usegmt=True) gives, in English whatever the locale. Not that
+    """`t` (whole seconds, years 1-9999) as an IMF-fixdate (RFC 9110 5.6.7), "Sun, 06 Nov
+    1994 08:49:37 GMT": what email.utils.formatdate(t, usegmt=True) gives, in English
+    whatever the locale. Not that
     function: email.utils brings email, datetime and calendar into every process (the
     demo over WSGI: primary RSS 20.0 -> 19.6 MB, worker RSS 17.4 -> 16.9 MB)."""
     y, mon, day, h, m, sec, wday = time.gmtime(t)[:7]
