@@ -2,8 +2,8 @@
 
 Theory of operation: compare.py starts every server in its own session
 (benchlib.Server), as a new user does who starts the server in one terminal and
-wrk in another. With autogroup scheduling on (Linux's default for desktops and
-many servers: /proc/sys/kernel/sched_autogroup_enabled; it applies to processes in the
+wrk in another. With autogroup scheduling on (/proc/sys/kernel/sched_autogroup_enabled:
+on here, and by default in many distributions' kernels; it applies to processes in the
 root cgroup, not inside a systemd unit's or a container's), each session is a
 scheduling group, and the scheduler shares a core between groups before it shares it
 between the processes of a group. On this 2-core machine the load generator then competes

@@ -284,8 +284,8 @@ def test_pyfork_serve_demo_on_this_python(fds, tmp_path, app):
         assert root["workerId"] == 1 and root["workerPid"] != proc.pid
         # The worker that answered is a process of this interpreter's binary.
         assert os.path.realpath(f"/proc/{root['workerPid']}/exe") == os.path.realpath(sys.executable)
-        # Memory: serving the demo over WSGI loads neither asyncio nor ssl (with libcrypto,
-        # ~6 MB of the primary's RSS) in any process; over ASGI the primary preloads asyncio
+        # Memory: serving the demo over WSGI loads neither asyncio nor ssl and libcrypto
+        # (together ~6 MB of its primary's RSS) in any process; over ASGI the primary preloads asyncio
         # on purpose (pyfork.serve.asgi.preload), which also shows this check can see it.
         for pid in (proc.pid, root["workerPid"]):
             assert _extension_loaded(pid, "_asyncio") is app.endswith("asgi_app"), pid

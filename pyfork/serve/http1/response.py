@@ -30,12 +30,12 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")     # time.gmtime's tm
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-def http_date(t: float) -> str:
+def http_date(t: int) -> str:
     """`t` (whole seconds, years 1-9999) as an IMF-fixdate (RFC 9110 5.6.7), "Sun, 06 Nov
     1994 08:49:37 GMT": what email.utils.formatdate(t, usegmt=True) gives, in English
-    whatever the locale. Not that
-    function: email.utils brings email, datetime and calendar into every process (the
-    demo over WSGI: primary RSS 20.0 -> 19.6 MB, worker RSS 17.4 -> 16.9 MB)."""
+    whatever the locale. Not that function, because email.utils brings email, datetime
+    and calendar into every process (the demo over WSGI: primary RSS 20.0 -> 19.6 MB,
+    worker RSS 17.4 -> 16.9 MB)."""
     y, mon, day, h, m, sec, wday = time.gmtime(t)[:7]
     return f"{_DAYS[wday]}, {day:02d} {_MONTHS[mon - 1]} {y:04d} {h:02d}:{m:02d}:{sec:02d} GMT"
 
