@@ -154,11 +154,13 @@ typedef struct pf_slot {
  * any, is fresh no more); a request ended, returning 1 when the primary asked
  * for a CREDIT; n connections were closed (as many fresh ones as there are, up
  * to n, are no more), returning 1 when the primary asked for a CREDIT; n
- * connections were read from the channel (fresh + n); the worker's capacity. */
+ * connections were read from the channel (fresh + n, taken + n); n connections the
+ * worker accepted itself (fresh + n); the worker's capacity. */
 void pf_slot_request_started(pf_slot *s);
 int pf_slot_request_finished(pf_slot *s);
 int pf_slot_conn_closed(pf_slot *s, uint32_t n);
 void pf_slot_conn_taken(pf_slot *s, uint32_t n);
+void pf_slot_conn_accepted(pf_slot *s, uint32_t n);
 void pf_slot_set_capacity(pf_slot *s, uint32_t capacity);
 
 /* ---- connected sockets (tcp.c) ------------------------------------------ */

@@ -143,13 +143,11 @@ int pf_slot_conn_closed(pf_slot *s, uint32_t n)
     return pf__credit_wanted(s);
 }
 
-/* Returns nothing; n connections were read from the channel: no longer
- * queued, but fresh (work until their first request begins). Frees no room
- * (queued + fresh + active is unchanged), so no handshake. fresh (and its
- * time, when it rises from 0) is stored before taken (release), and the
- * primary loads taken before fresh (acquire): it never sees the connection
- * in neither. */
-void pf_slot_conn_taken(pf_slot *s, uint32_t n)
+/* Returns nothing; n connections the worker accepted itself (shared,
+ * reuseport) are fresh: work until their first request begins, so the
+ * worker accepts no more than it can start and the primary sends it no
+ * parked connection meanwhile. Frees no room, so no handshake. */
+void pf_slot_conn_accepted(pf_slot *s, uint32_t n)
 {
     uint32_t fresh = s->fresh;
 
@@ -157,6 +155,15 @@ void pf_slot_conn_taken(pf_slot *s, uint32_t n)
         __atomic_store_n(&s->fresh_ms, (uint32_t)(pf__now_ns() / PF__NS_PER_MS),
                          __ATOMIC_RELAXED);
     __atomic_store_n(&s->fresh, fresh + n, __ATOMIC_RELEASE);
+}
+
+/* Returns nothing; n connections were read from the channel: no longer
+ * queued, but fresh (as accepted ones above). fresh (and its time, when it
+ * rises from 0) is stored before taken (release), and the primary loads
+ * taken before fresh (acquire): it never sees the connection in neither. */
+void pf_slot_conn_taken(pf_slot *s, uint32_t n)
+{
+    pf_slot_conn_accepted(s, n);
     __atomic_store_n(&s->taken, s->taken + n, __ATOMIC_RELEASE);
 }
 

@@ -156,13 +156,13 @@ _NEG_EAGAIN = -_errno.EAGAIN
 class SlotWriter:
     """The worker-side writers of one scoreboard line, in C (csrc/slot.c):
     request_started(), request_finished() and conn_closed(n) (the last two true
-    when the primary asked for a CREDIT), conn_taken(n) and set_capacity(n), as
+    when the primary asked for a CREDIT), conn_taken(n), conn_accepted(n) and set_capacity(n), as
     scoreboard.SlotView's, one C call each -- a worker calls them per request.
     ``line`` is the line's 64 writable bytes (SlotView.line), kept alive by
     this object."""
 
     __slots__ = ("request_started", "request_finished", "conn_closed", "conn_taken",
-                 "set_capacity", "_ptr")
+                 "conn_accepted", "set_capacity", "_ptr")
 
     def __init__(self, line):
         if memoryview(line).nbytes < SLOT_SIZE:
@@ -172,6 +172,7 @@ class SlotWriter:
         self.request_finished = _functools.partial(_lib.pf_slot_request_finished, ptr)
         self.conn_closed = _functools.partial(_lib.pf_slot_conn_closed, ptr)
         self.conn_taken = _functools.partial(_lib.pf_slot_conn_taken, ptr)
+        self.conn_accepted = _functools.partial(_lib.pf_slot_conn_accepted, ptr)
         set_capacity = _functools.partial(_lib.pf_slot_set_capacity, ptr)
         self.set_capacity = lambda n: set_capacity(_u32("capacity", n))
 

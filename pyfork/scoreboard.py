@@ -306,12 +306,17 @@ class SlotView:
         """Counts ``n`` connections read from the channel: no longer queued, but fresh
         (work until their first request begins). Frees no room, so it never owes a
         CREDIT. fresh is written before taken: the primary reads taken first."""
+        self.conn_accepted(n)
+        qt, qv = self._qt, self._q
+        qv[qt] = (qv[qt] + n) & _U64
+
+    def conn_accepted(self, n=1):
+        """Counts ``n`` connections the worker accepted itself (shared, reuseport) as
+        fresh, as conn_taken does, without touching ``taken`` (they were never queued)."""
         iv, fresh = self._i, self._i[self._if]
         if not fresh:
             iv[self._ifm] = (_monotonic_ns() // 1_000_000) & _U32
         iv[self._if] = (fresh + n) & _U32
-        qt, qv = self._qt, self._q
-        qv[qt] = (qv[qt] + n) & _U64
 
     def set_capacity(self, capacity):
         """The number of requests this worker can run at once (written before READY)."""

@@ -125,6 +125,25 @@ def test_no_credit_while_connections_wait_in_the_channel(backend, writer_kind):
         board.release()
 
 
+@pytest.mark.parametrize("writer_kind", ["backend", "slotview"])
+def test_accepted_connections_are_fresh_but_never_queued(backend, writer_kind):
+    # A worker that accepts for itself (shared, reuseport) counts what it accepted as fresh
+    # (work until the first request begins), so the primary sends it no parked connection
+    # meanwhile; taken is untouched, or sent - taken (queued in the channel) would drift.
+    with backend.Dispatcher(2) as d:
+        board = Scoreboard(d.scoreboard, 2)
+        sv = board.slot(0)
+        writer = backend.SlotWriter(sv.line) if writer_kind == "backend" else board.slot(0)
+        writer.conn_accepted(2)
+        assert (sv.fresh, sv.taken) == (2, 0)
+        assert sv.fresh_work() == 2              # young: counts as work now
+        writer.conn_taken(1)                     # a parked one came back on the channel
+        assert (sv.fresh, sv.taken) == (3, 1)
+        writer.request_started()
+        assert (sv.fresh, sv.active) == (2, 1)
+        board.release()
+
+
 def _finish_after(board_buf, index, writer, ns):
     """Starts a request through ``writer``, moves its start ``ns`` back (the started_sum_ns
     field at byte 64 of the line), finishes it; returns the bucket it was counted in."""

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "pf_clock.h"
 #include "pyfork.h"
 #include "pf_test.h"
 
@@ -179,10 +180,31 @@ static void test_fresh_connections(void)
     CHECK_EQ(s.taken, 3);
 }
 
+static void test_accepted_connections_are_fresh_not_taken(void)
+{
+    pf_slot s;
+    uint32_t before, after;
+
+    memset(&s, 0, sizeof(s));
+    before = (uint32_t)(pf__now_ns() / PF__NS_PER_MS);
+    pf_slot_conn_accepted(&s, 1);          /* shared/reuseport: never in the channel */
+    after = (uint32_t)(pf__now_ns() / PF__NS_PER_MS);
+    CHECK_EQ(s.fresh, 1);
+    CHECK_EQ(s.taken, 0);                  /* sent - taken (queued) is untouched */
+    CHECK(s.fresh_ms - before <= after - before);    /* its time: now (u32 ms, wraps) */
+    pf_slot_conn_taken(&s, 1);             /* a parked one came back on the channel */
+    CHECK_EQ(s.fresh, 2);
+    CHECK_EQ(s.taken, 1);
+    pf_slot_request_started(&s);
+    pf_slot_request_started(&s);
+    CHECK_EQ(s.fresh, 0);
+    CHECK_EQ(s.active, 2);
+}
+
 static const struct pf_test_case tests[] = {
     PF_CASE(test_requests_and_heartbeat), PF_CASE(test_conn_closed_and_credit),
     PF_CASE(test_duration_one_at_a_time), PF_CASE(test_duration_overlapping_sum_is_exact),
-    PF_CASE(test_fresh_connections),
+    PF_CASE(test_fresh_connections), PF_CASE(test_accepted_connections_are_fresh_not_taken),
 };
 
 int main(int argc, char **argv)

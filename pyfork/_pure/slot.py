@@ -3,8 +3,8 @@
 Theory of operation: pyfork.scoreboard's SlotView already writes a line's
 fields in Python, for either backend; the pure SlotWriter is the SlotView of
 a single line, built over the SLOT_SIZE bytes a caller hands in (SlotView.line), so
-request_started(), request_finished(), conn_closed(n), conn_taken(n) and
-set_capacity(n) behave field by field as the C writers do.
+request_started(), request_finished(), conn_closed(n), conn_taken(n),
+conn_accepted(n) and set_capacity(n) behave field by field as the C writers do.
 """
 
 from pyfork.scoreboard import Scoreboard, SlotView

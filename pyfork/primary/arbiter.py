@@ -22,7 +22,7 @@ connections can be recovered by ``remove_worker`` if it dies.
 
 Policies ``shared`` and ``reuseport`` have no accept loop in the primary: the
 workers accept (on the sockets pyfork.primary.listeners gives each slot), the dispatcher
-still carries channels and watched fds.
+still carries channels, watched fds and the idle connections workers park.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from pyfork.primary.tally import Tally
 from pyfork.primary.wakeup import Wakeup
 
 log = logging.getLogger("pyfork.arbiter")
-# Parked idle connections at most (--keep-alive with rr/least; csrc/park.c): 1.5 MiB of table.
+# Parked idle connections at most (--keep-alive, every policy; csrc/park.c): 1.5 MiB of table.
 PARK_TABLE_MAX = 65536
 
 EXIT_OK, EXIT_INTERNAL, EXIT_STARTUP, EXIT_GAVE_UP = 0, 1, 2, 3
@@ -261,7 +261,7 @@ class Arbiter:
         self.capacity = min(4096, max(256, 4 * cfg.workers + 8))
         disp_policy = cfg.policy if cfg.policy in ("rr", "least") else "rr"
         self.disp = self.backend.Dispatcher(self.capacity, policy=disp_policy, max_watch=64)
-        if cfg.keep_alive > 0 and cfg.policy in ("rr", "least"):
+        if cfg.keep_alive > 0:
             # Idle kept-alive connections a stuck worker hands back wait here (csrc/park.c)
             # for at most --keep-alive, as they would have in the worker.
             self.disp.set_parking(self._park_table_size(), cfg.keep_alive)
@@ -463,11 +463,9 @@ class Arbiter:
         elif isinstance(act, P.Kill):
             self.kill_worker(act.wid, act.sig)
         elif isinstance(act, P.StopAccepting):
-            if self.cfg.policy in ("rr", "least"):
-                self.disp.stop_accepting()
-            else:
-                # workers accept for themselves: each takes its backlog on DRAIN
-                return P.Drained()
+            # Every policy: DRAINED comes once nothing waits in the dispatcher, parked
+            # connections included (shared/reuseport workers take their own backlog on DRAIN).
+            self.disp.stop_accepting()
         elif isinstance(act, P.CloseListeners):
             self._close_listeners()
         elif isinstance(act, P.ReleaseSlot):

@@ -12,7 +12,10 @@ first asks for connections (fileno/take/tick), or when it calls ``ready()``.
 With ``rr``/``least`` connections arrive as MSG_CONN on the channel and
 ``fileno()`` is the channel. With ``shared``/``reuseport`` the worker accepts
 for itself: ``fileno()`` is a private epoll fd watching the channel and the
-listeners, so one readable fd covers both (epoll fds are pollable).
+listeners, so one readable fd covers both (epoll fds are pollable). It accepts
+only what it can start, as the primary sends (below), counted as fresh on its
+line (conn_accepted); idle kept-alive connections it hands back (park) return
+through the channel.
 
 A worker takes from its channel only what it can start: at most its free
 capacity (``set_capacity``, declared by the interface before READY: 1 for the
@@ -245,7 +248,7 @@ class Worker:
 
     tick_interval = 1.0
     tcp_nodelay = True    # sockets from take() have TCP_NODELAY already (the dispatcher sets it); see Runtime
-    parks = True          # rr/least: the primary parks connections we hand back (False for shared/reuseport)
+    parks = True          # the primary parks the idle connections we hand back (every policy)
 
     def __init__(self, *, wid: int, slot: int, chan: int, backend, board_slot, policy: str = "rr",
                  listeners=(), max_requests: int = 0, primary_pid: Optional[int] = None,
@@ -260,8 +263,6 @@ class Worker:
         self._board = board_slot
         self._policy = policy
         self._self_accept = policy in ("shared", "reuseport")
-        if self._self_accept:
-            self.parks = False
         self._max_requests = max_requests
         self._recycle_sent = False
         self._ready_sent = False
@@ -272,6 +273,8 @@ class Worker:
         self._open = 0
         self._parked = False      # a PARK went out since parks_settled() last looked
         self._accept_paused_until = 0.0
+        self._backlog_more = False    # self-accept: the last accept() stopped at its budget
+        self._sweep_due = False       # self-accept: draining, our backlog not swept yet
         self._listening = False
         self._listeners = [socket.socket(fileno=fd) for fd in listeners]
         self._acceptors = [Acceptor(ls, emfile_pause_ms, reserve=True) for ls in self._listeners]
@@ -291,6 +294,7 @@ class Worker:
         self.request_started = writer.request_started
         self._request_done = writer.request_finished     # true: the primary wants a CREDIT
         self._conn_taken = writer.conn_taken
+        self._conn_accepted = writer.conn_accepted
         self._capacity = NO_CAPACITY
         # park(): pf_slot.park_off, the primary's "stopping: hand nothing back" (PARK_OFF_WORD).
         self._line_words = board_slot.line.cast("B").cast("I")
@@ -323,14 +327,17 @@ class Worker:
         return self._wake_r
 
     def take(self) -> List[socket.socket]:
+        socks = self._sockets(self._take())     # fds from the channel
         if self._self_accept:
-            return self._take()               # sockets from our own accept()
-        return self._sockets(self._take())    # fds from the channel
+            self._accept_or_sweep(socks)        # and sockets from our own accept()
+        return socks
 
     def queued(self) -> bool:
         """True when connections the primary sent wait in our channel (a scoreboard read,
-        no syscall): a sync interface that is free again takes the next one without
-        going back to its selector."""
+        no syscall), or, accepting for ourselves, when our last accept() found more: a sync
+        interface that is free again takes the next one without going back to its selector."""
+        if self._self_accept and self._backlog_more and self._listening:
+            return True           # our listeners' backlog: the last accept() stopped at its budget
         return self._board.queued()
 
     def take_fds(self) -> List[int]:
@@ -338,22 +345,32 @@ class Worker:
         interface that builds its own connection object (ASGI on uvloop), so no socket
         object is made and detached per connection. ``conn_family`` says what they are."""
         if self._self_accept:
-            return [conn.detach() for conn in self._take()]
+            out = self._take()          # first: a DRAIN read here makes the sweep due
+            socks: list = []
+            self._accept_or_sweep(socks)
+            return out + [conn.detach() for conn in socks]
         if not self._ready_sent:
             self.ready()
         out: List[int] = []       # _take() inlined: this runs per channel wake-up
         self._read_channel(out)
         return out
 
-    def _take(self) -> list:
-        """rr/least: the fds that arrived on the channel; shared/reuseport: sockets."""
+    def _take(self) -> List[int]:
+        """The fds that arrived on the channel (rr/least: every connection; shared/
+        reuseport: parked connections coming back)."""
         if not self._ready_sent:    # tested here: take() runs per channel wakeup
             self.ready()
-        out: list = []
+        out: List[int] = []
         self._read_channel(out)
-        if self._self_accept and self._listening and not self.draining:
-            self._accept(out)
         return out
+
+    def _accept_or_sweep(self, out: list) -> None:
+        """Self-accept: what we can start now from our listeners, or once draining, all
+        they hold (the final sweep)."""
+        if self._sweep_due:
+            self._final_sweep(out)
+        elif self._listening and not self.draining:
+            self._accept(out)
 
     def _sockets(self, fds: List[int]) -> List[socket.socket]:
         cls = self._conn_cls
@@ -372,7 +389,7 @@ class Worker:
 
     def closed(self, n: int = 1) -> None:
         self._open -= n
-        if self._writer.conn_closed(n) and not self._self_accept:
+        if self._writer.conn_closed(n):
             self._send(self._b.MSG_CREDIT, wait=0.0)
         if self._self_accept and not self._listening:
             self._resume_accepting(time.monotonic())
@@ -429,7 +446,7 @@ class Worker:
     def request_finished(self) -> None:
         # A finished request is room to start another: a primary that found none
         # asked for a CREDIT (want_credit) and may have stopped accepting.
-        if self._request_done() and not self._self_accept:
+        if self._request_done():
             self._send(self._b.MSG_CREDIT, wait=0.0)
         if self._self_accept and not self._listening:     # room to accept again
             self._resume_accepting(time.monotonic())
@@ -507,14 +524,16 @@ class Worker:
         self._listening = on
 
     def _accept_room(self) -> int:
-        """Connections this self-accepting worker may accept now: a batch while it runs
-        fewer requests than its capacity, none when it is full; room under MAX_OPEN for an
-        interface without a capacity. A batch, not capacity minus running: a sync worker
-        (capacity 1) then accepted one connection per wake-up, and Connection: close
-        throughput fell by a third under `shared` (measured here; the old cap accepted a
-        batch too)."""
+        """Connections this self-accepting worker may accept now: what it can start, as the
+        primary sends for rr/least: capacity minus the requests it runs and the connections
+        it holds whose first request has not begun (fresh, for FRESH_MS at most), up to a
+        batch; room under MAX_OPEN for an interface without a capacity. A sync worker thus
+        accepts one connection at a time and never holds one behind a slow request (a batch
+        of 16 did: a 25 ms light p99 under a /sleep stream); queued() lets it take the next
+        at once, without a select(), while the backlog has more."""
         if self._capacity:
-            return ACCEPT_BATCH if self._board.active < self._capacity else 0
+            b = self._board
+            return min(ACCEPT_BATCH, self._capacity - b.active - b.fresh_work())
         return MAX_OPEN - self._open
 
     def _resume_accepting(self, now: float) -> None:
@@ -529,7 +548,10 @@ class Worker:
                 return
             n = len(out)
             r = acc.accept_some(out, min(ACCEPT_BATCH, room))
-            self._open += len(out) - n
+            if len(out) > n:
+                self._open += len(out) - n
+                self._conn_accepted(len(out) - n)
+            self._backlog_more = r == Acceptor.MORE
             if r == Acceptor.PAUSE:
                 # never spin on fd exhaustion: stop polling the listeners for a bit
                 log.warning("worker %d: accept failed (out of fds or memory); pausing accepts "
@@ -553,10 +575,12 @@ class Worker:
         acc.sock.close()
 
     def _final_sweep(self, out: list) -> None:
-        """On DRAIN in shared/reuseport mode: take what the kernel already queued
-        on our listeners, then stop listening and drop our copies."""
-        if not self._self_accept:
-            return
+        """Draining in shared/reuseport mode: take what the kernel already queued on our
+        listeners, then stop listening and drop our copies. Run by take(), so what it
+        accepts reaches the interface whichever way the drain began (MSG_DRAIN, or our
+        own fallback in tick(): then the listeners, still watched, wake the interface
+        if anything waits)."""
+        self._sweep_due = False
         for acc in self._acceptors:
             n = len(out)
             while acc.accept_some(out, ACCEPT_BATCH) == Acceptor.MORE:
@@ -570,12 +594,11 @@ class Worker:
         self._listeners = []
         self._acceptors = []
 
-    def _begin_drain(self, out: Optional[list] = None) -> None:
+    def _begin_drain(self) -> None:
         if self.draining:
             return
         self.draining = True
-        if self._self_accept:
-            self._final_sweep(out if out is not None else [])
+        self._sweep_due = self._self_accept
 
     def _read_channel(self, out: list) -> None:
         b = self._b
@@ -612,7 +635,7 @@ class Worker:
             for fd in fds:
                 os.close(fd)
             if mtype == b.MSG_DRAIN:
-                self._begin_drain(out)
+                self._begin_drain()
             elif mtype == b.MSG_USER:
                 self._deliver(payload)
 
