@@ -450,7 +450,8 @@ int pf_dispatcher_worker_stats(const pf_dispatcher *d, int slot, pf_worker_stats
         return 0;
     out->sent = w->sent;
     out->closed = __atomic_load_n(&d->board[slot].closed, __ATOMIC_ACQUIRE);
-    out->inflight = (int64_t)(out->sent - out->closed);
+    out->inflight = (int64_t)(out->sent + __atomic_load_n(&d->board[slot].accepted, __ATOMIC_ACQUIRE)
+                              - out->closed);
     return 0;
 }
 

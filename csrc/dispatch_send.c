@@ -166,12 +166,12 @@ void pf__clear_retry(pf_dispatcher *d)
 
 /* ---- choice ---------------------------------------------------------------- */
 
-/* Connections open on slot s: sent - closed (clamped at 0: a worker that
+/* Connections open on slot s: sent + accepted (by the worker itself) - closed (clamped at 0: a worker that
  * over-reports closes must not look like it has more than max_inflight of room). */
 static int64_t pf__open(const pf_dispatcher *d, int s)
 {
     uint64_t closed = __atomic_load_n(&d->board[s].closed, __ATOMIC_ACQUIRE);
-    uint64_t sent = d->workers[s].sent;
+    uint64_t sent = d->workers[s].sent + __atomic_load_n(&d->board[s].accepted, __ATOMIC_ACQUIRE);
 
     return closed >= sent ? 0 : (int64_t)(sent - closed);
 }

@@ -135,7 +135,9 @@ typedef struct pf_slot {
                                (monotonic but for take-back), stored after each send:
                                while sent > taken the worker still has work queued, so
                                a finish or close frees no room and owes no CREDIT */
-    uint64_t reserved[6];
+    uint64_t accepted;      /* connections the worker accepted itself (shared, reuseport;
+                               monotonic): open = sent + accepted - closed */
+    uint64_t reserved[5];
 } pf_slot;                  /* 256 bytes: four cache lines */
 
 /* The histogram's upper bounds in microseconds, Prometheus-style (1 ms .. 10 s),
@@ -232,7 +234,7 @@ typedef struct pf_worker_stats {
     int32_t reserved;
     uint64_t sent;          /* fds sent to this slot since add_worker */
     uint64_t closed;        /* from the scoreboard */
-    int64_t inflight;       /* sent - closed */
+    int64_t inflight;       /* open: sent + the scoreboard's accepted - closed */
 } pf_worker_stats;
 
 typedef struct pf_dispatcher pf_dispatcher;

@@ -143,11 +143,10 @@ int pf_slot_conn_closed(pf_slot *s, uint32_t n)
     return pf__credit_wanted(s);
 }
 
-/* Returns nothing; n connections the worker accepted itself (shared,
- * reuseport) are fresh: work until their first request begins, so the
- * worker accepts no more than it can start and the primary sends it no
- * parked connection meanwhile. Frees no room, so no handshake. */
-void pf_slot_conn_accepted(pf_slot *s, uint32_t n)
+/* n more connections are fresh: work until their first request begins, so
+ * the worker takes or accepts no more than it can start and the primary
+ * sends it nothing meanwhile. Frees no room, so no handshake. */
+static void pf__fresh_add(pf_slot *s, uint32_t n)
 {
     uint32_t fresh = s->fresh;
 
@@ -157,13 +156,22 @@ void pf_slot_conn_accepted(pf_slot *s, uint32_t n)
     __atomic_store_n(&s->fresh, fresh + n, __ATOMIC_RELEASE);
 }
 
+/* Returns nothing; n connections the worker accepted itself (shared,
+ * reuseport): fresh as above, and counted in accepted, so the primary's
+ * view of what is open (sent + accepted - closed) includes them. */
+void pf_slot_conn_accepted(pf_slot *s, uint32_t n)
+{
+    pf__fresh_add(s, n);
+    __atomic_store_n(&s->accepted, s->accepted + n, __ATOMIC_RELEASE);
+}
+
 /* Returns nothing; n connections were read from the channel: no longer
  * queued, but fresh (as accepted ones above). fresh (and its time, when it
  * rises from 0) is stored before taken (release), and the primary loads
  * taken before fresh (acquire): it never sees the connection in neither. */
 void pf_slot_conn_taken(pf_slot *s, uint32_t n)
 {
-    pf_slot_conn_accepted(s, n);
+    pf__fresh_add(s, n);
     __atomic_store_n(&s->taken, s->taken + n, __ATOMIC_RELEASE);
 }
 

@@ -52,9 +52,10 @@ if ((_lib.PF_MAX_FDS, _lib.PF_MAX_PAYLOAD, _ffi.sizeof("pf_slot"),
             STATE_GONE, _api.POLICIES.index("rr"), _api.POLICIES.index("least"), _HIST_BUCKETS)):
     raise ImportError("pyfork._pyfork_cffi disagrees with pyfork._api on a constant of "
                       "csrc/pyfork.h; rebuild pyfork")
-from pyfork.scoreboard import PARK_OFF_WORD as _PARK_OFF_WORD, SENT_QWORD as _SENT_QWORD
-if (_ffi.offsetof("pf_slot", "park_off"), _ffi.offsetof("pf_slot", "sent")) != (4 * _PARK_OFF_WORD,
-                                                                            8 * _SENT_QWORD):
+from pyfork.scoreboard import (ACCEPTED_QWORD as _ACCEPTED_QWORD, PARK_OFF_WORD as _PARK_OFF_WORD,
+                               SENT_QWORD as _SENT_QWORD)
+if (_ffi.offsetof("pf_slot", "park_off"), _ffi.offsetof("pf_slot", "sent"),
+        _ffi.offsetof("pf_slot", "accepted")) != (4 * _PARK_OFF_WORD, 8 * _SENT_QWORD, 8 * _ACCEPTED_QWORD):
     raise ImportError("pyfork.scoreboard disagrees with csrc/pyfork.h on pf_slot's layout")
 
 BACKEND = "c"

@@ -41,9 +41,10 @@ from pyfork._api import SLOT_SIZE
 # pf_slot offsets (bytes): closed 0, handled 8, heartbeat_ns 16,
 # busy_since_ns 24, active 32, pid 36, want_credit 40, capacity 44, taken 48,
 # fresh 56, fresh_ms 60, started_sum_ns 64, duration_sum_ns 72, duration_le[14] 80..191,
-# park_off 192, sent 200 (then reserved to 255). As indexes into the u64 and u32 views of one line:
-_Q_CLOSED, _Q_HANDLED, _Q_HEARTBEAT, _Q_BUSY_SINCE, _Q_TAKEN, _Q_SENT = 0, 1, 2, 3, 6, 25
-SENT_QWORD = _Q_SENT        # checked against the C struct by pyfork._core
+# park_off 192, sent 200, accepted 208 (then reserved to 255). As indexes into the u64 and u32
+# views of one line:
+_Q_CLOSED, _Q_HANDLED, _Q_HEARTBEAT, _Q_BUSY_SINCE, _Q_TAKEN, _Q_SENT, _Q_ACCEPTED = 0, 1, 2, 3, 6, 25, 26
+SENT_QWORD, ACCEPTED_QWORD = _Q_SENT, _Q_ACCEPTED    # checked against the C struct by pyfork._core
 _Q_STARTED_SUM, _Q_DURATION_SUM, _Q_DURATION_LE = 8, 9, 10
 _I_ACTIVE, _I_PID, _I_WANT_CREDIT, _I_CAPACITY, _I_FRESH, _I_FRESH_MS = 8, 9, 10, 11, 14, 15
 # pf_slot.park_off as a u32 index into one line: the primary sets it when it stops, and a
@@ -120,7 +121,7 @@ class Scoreboard:
 class SlotView:
     """One worker's line. Worker-side writers, anyone-side readers."""
 
-    __slots__ = ("index", "_q", "_i", "_qb", "_ib", "_qc", "_qh", "_qhb", "_qbs", "_qt", "_qs",
+    __slots__ = ("index", "_q", "_i", "_qb", "_ib", "_qc", "_qh", "_qhb", "_qbs", "_qt", "_qs", "_qa",
                  "_ia", "_iw", "_qss", "_qds", "_qle", "_if", "_ifm")
 
     def __init__(self, board, index):
@@ -132,7 +133,7 @@ class SlotView:
         # absolute indexes of the fields the worker writes per request/connection
         self._qc, self._qh = qb + _Q_CLOSED, qb + _Q_HANDLED
         self._qhb, self._qbs = qb + _Q_HEARTBEAT, qb + _Q_BUSY_SINCE
-        self._qt, self._qs = qb + _Q_TAKEN, qb + _Q_SENT
+        self._qt, self._qs, self._qa = qb + _Q_TAKEN, qb + _Q_SENT, qb + _Q_ACCEPTED
         self._ia, self._iw = ib + _I_ACTIVE, ib + _I_WANT_CREDIT
         self._qss, self._qds, self._qle = qb + _Q_STARTED_SUM, qb + _Q_DURATION_SUM, qb + _Q_DURATION_LE
         self._if, self._ifm = ib + _I_FRESH, ib + _I_FRESH_MS
@@ -175,6 +176,11 @@ class SlotView:
     def capacity(self):
         """Requests the worker can run at once (0 = not declared)."""
         return self._i[self._ib + _I_CAPACITY]
+
+    @property
+    def accepted(self):
+        """Connections the worker accepted itself (shared, reuseport)."""
+        return self._q[self._qa]
 
     @property
     def taken(self):
@@ -306,13 +312,18 @@ class SlotView:
         """Counts ``n`` connections read from the channel: no longer queued, but fresh
         (work until their first request begins). Frees no room, so it never owes a
         CREDIT. fresh is written before taken: the primary reads taken first."""
-        self.conn_accepted(n)
+        self._fresh_add(n)
         qt, qv = self._qt, self._q
         qv[qt] = (qv[qt] + n) & _U64
 
     def conn_accepted(self, n=1):
-        """Counts ``n`` connections the worker accepted itself (shared, reuseport) as
-        fresh, as conn_taken does, without touching ``taken`` (they were never queued)."""
+        """Counts ``n`` connections the worker accepted itself (shared, reuseport): fresh,
+        as conn_taken does, and in ``accepted``, never in ``taken`` (never queued)."""
+        self._fresh_add(n)
+        qa, qv = self._qa, self._q
+        qv[qa] = (qv[qa] + n) & _U64
+
+    def _fresh_add(self, n):
         iv, fresh = self._i, self._i[self._if]
         if not fresh:
             iv[self._ifm] = (_monotonic_ns() // 1_000_000) & _U32

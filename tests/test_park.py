@@ -506,6 +506,10 @@ def test_kept_alive_connection_of_a_stuck_worker_is_served_by_the_other(app_dir,
         clients = [c for cs in by_pid.values() for c in cs]
         try:
             assert _status(ctl)["dispatch"]["parks"] == 0       # fast requests park nothing
+            # Open connections per worker, whoever accepted them (the primary, or the
+            # worker itself with shared): sent + accepted - closed.
+            assert {w["pid"]: w["inflight"] for w in _status(ctl)["workers"]} == {
+                pid: len(cs) for pid, cs in by_pid.items()}
             stuck = max(by_pid, key=lambda p: len(by_pid[p]))   # >= 3 of the 6 are on it
             blocker, *others = by_pid[stuck]
             # A response leaves before its request is counted: wait for all to be.

@@ -135,10 +135,10 @@ def test_accepted_connections_are_fresh_but_never_queued(backend, writer_kind):
         sv = board.slot(0)
         writer = backend.SlotWriter(sv.line) if writer_kind == "backend" else board.slot(0)
         writer.conn_accepted(2)
-        assert (sv.fresh, sv.taken) == (2, 0)
+        assert (sv.fresh, sv.accepted, sv.taken) == (2, 2, 0)
         assert sv.fresh_work() == 2              # young: counts as work now
         writer.conn_taken(1)                     # a parked one came back on the channel
-        assert (sv.fresh, sv.taken) == (3, 1)
+        assert (sv.fresh, sv.accepted, sv.taken) == (3, 2, 1)
         writer.request_started()
         assert (sv.fresh, sv.active) == (2, 1)
         board.release()

@@ -190,11 +190,13 @@ static void test_accepted_connections_are_fresh_not_taken(void)
     pf_slot_conn_accepted(&s, 1);          /* shared/reuseport: never in the channel */
     after = (uint32_t)(pf__now_ns() / PF__NS_PER_MS);
     CHECK_EQ(s.fresh, 1);
+    CHECK_EQ(s.accepted, 1);
     CHECK_EQ(s.taken, 0);                  /* sent - taken (queued) is untouched */
     CHECK(s.fresh_ms - before <= after - before);    /* its time: now (u32 ms, wraps) */
     pf_slot_conn_taken(&s, 1);             /* a parked one came back on the channel */
     CHECK_EQ(s.fresh, 2);
     CHECK_EQ(s.taken, 1);
+    CHECK_EQ(s.accepted, 1);
     pf_slot_request_started(&s);
     pf_slot_request_started(&s);
     CHECK_EQ(s.fresh, 0);

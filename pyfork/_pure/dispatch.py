@@ -355,8 +355,10 @@ class Dispatcher:
         w = d.workers[slot]
         if w.state == STATE_FREE:
             return {"state": STATE_FREE, "sent": 0, "closed": 0, "inflight": 0}
-        closed = d.slots[slot].closed
-        return {"state": w.state, "sent": w.sent, "closed": closed, "inflight": w.sent - closed}
+        sv = d.slots[slot]
+        closed = sv.closed
+        return {"state": w.state, "sent": w.sent, "closed": closed,
+                "inflight": w.sent + sv.accepted - closed}
 
     # -- close ----------------------------------------------------------------
     def close(self):

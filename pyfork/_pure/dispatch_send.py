@@ -61,9 +61,11 @@ _GONE_ERRNOS = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, err
 
 
 def _open(d, s):
-    """Connections open on slot s: sent - closed (clamped at 0)."""
-    closed = d.slots[s].closed
-    sent = d.workers[s].sent
+    """Connections open on slot s: sent + accepted (by the worker itself) - closed
+    (clamped at 0)."""
+    sv = d.slots[s]
+    closed = sv.closed
+    sent = d.workers[s].sent + sv.accepted
     return 0 if closed >= sent else sent - closed
 
 

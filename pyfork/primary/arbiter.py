@@ -776,7 +776,8 @@ class Arbiter:
                 "state": rec.state if rec else p.handle.state,
                 "uptime": round(now - p.handle.started, 3),
                 "handled": p.board.handled, "active": p.board.active,
-                "sent": ws["sent"], "inflight": ws["inflight"],    # connections dispatched to it / not yet closed
+                # connections the primary sent it, it accepted itself (shared, reuseport), open now
+                "sent": ws["sent"], "accepted": p.board.accepted, "inflight": ws["inflight"],
                 "restarts": slot.restarts if slot else 0,
                 "generation": rec.generation if rec else 0,
                 "cpu": round(proc[0], 3) if proc else 0.0, "rss": proc[1] if proc else 0,

@@ -105,7 +105,8 @@ class StatusCollector:
             s = str(row["slot"])
             inflight[s] = inflight.get(s, 0) + int(row.get("inflight") or 0)
             rss[s] = rss.get(s, 0) + int(row.get("rss") or 0)
-        g = GaugeMetricFamily("pyfork_inflight", "Connections sent to the slot's workers and not yet closed",
+        g = GaugeMetricFamily("pyfork_inflight", "Connections open on the slot's workers: sent by the "
+                              "primary or accepted by the worker (shared, reuseport), not yet closed",
                               labels=["slot"])
         for s, n in sorted(inflight.items()):
             g.add_metric([s], n)
