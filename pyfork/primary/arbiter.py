@@ -601,6 +601,7 @@ class Arbiter:
             self.events.emit("exit", h, code=code, signal=sig, cause=self._exit_cause(p, code, sig),
                              uptime=round(time.monotonic() - h.started, 6), ready=p.ready,
                              handled=p.board.handled if p.board is not None else 0, cpu=round(cpu, 6),
+                             accepted=p.board.accepted if p.board is not None else 0,
                              durations=p.board.durations() if p.board is not None else None)
         self._feed(P.Exited(wid, code, sig))
 

@@ -72,8 +72,9 @@ class StatusCollector:
         for slot, n in totals["requests"].items():
             req.add_metric([slot], n)
         yield req
-        yield CounterMetricFamily("pyfork_connections", "Connections accepted by the primary",
-                                  value=disp.get("accepted", 0))
+        yield CounterMetricFamily("pyfork_connections", "Connections accepted: by the primary (rr, least) "
+                                  "or by the workers themselves (shared, reuseport)",
+                                  value=disp.get("accepted", 0) + totals.get("worker_accepted", 0))
         yield GaugeMetricFamily("pyfork_dispatch_pending", "Connections accepted and not yet sent to a worker",
                                 value=disp.get("pending", 0))
         yield GaugeMetricFamily("pyfork_parked_connections", "Idle kept-alive connections parked in the "

@@ -8,6 +8,7 @@ primary folds what it had into its *slot* (the exit event carries ``handled`` an
 stream (pyfork.primary.eventstream) and keeps:
 
 * ``requests[slot]`` / ``cpu[slot]``: what reaped workers of that slot handled / used;
+* ``accepted``: connections reaped workers accepted themselves (shared, reuseport);
 * ``durations[slot]``: their request-duration histogram (per-bucket counts and the sum
   in ns, pyfork.scoreboard.SlotView.durations), added bucket by bucket;
 * ``restarts[cause]``: workers replaced, by why they went (README "Metrics"):
@@ -38,6 +39,7 @@ class Tally:
     def __init__(self):
         self.requests: Dict[int, int] = {}
         self.cpu: Dict[int, float] = {}
+        self.accepted = 0
         self.durations: Dict[int, List[int]] = {}   # slot -> bucket counts..., sum_ns
         self.restarts: Dict[str, int] = {c: 0 for c in RESTART_CAUSES}
         self._why: Dict[int, str] = {}          # wid -> the cause its exit will count as
@@ -74,6 +76,7 @@ class Tally:
         if slot is not None:
             self.requests[slot] = self.requests.get(slot, 0) + int(f.get("handled") or 0)
             self.cpu[slot] = self.cpu.get(slot, 0.0) + float(f.get("cpu") or 0.0)
+            self.accepted += int(f.get("accepted") or 0)
             add_durations(self.durations.setdefault(slot, [0] * (HIST_BUCKETS + 1)), f.get("durations"))
         why = self._why.pop(wid, None)
         cause = f.get("cause")
@@ -93,9 +96,11 @@ class Tally:
         """Folded counts plus the live workers' (rows of Arbiter.status: slot, handled,
         cpu, durations): requests and CPU seconds per slot, restarts per cause, and the
         request-duration histogram of the whole cluster (``request_duration``: cumulative
-        counts by upper bound in seconds, as Prometheus' ``le``, the sum and the count)."""
+        counts by upper bound in seconds, as Prometheus' ``le``, the sum and the count), and
+        the connections workers accepted themselves (``worker_accepted``)."""
         requests = dict(self.requests)
         cpu = dict(self.cpu)
+        accepted = self.accepted
         hist = [0] * (HIST_BUCKETS + 1)
         for folded in self.durations.values():
             add_durations(hist, {"counts": folded[:HIST_BUCKETS], "sum_ns": folded[HIST_BUCKETS]})
@@ -103,11 +108,12 @@ class Tally:
             s = row["slot"]
             requests[s] = requests.get(s, 0) + int(row.get("handled") or 0)
             cpu[s] = cpu.get(s, 0.0) + float(row.get("cpu") or 0.0)
+            accepted += int(row.get("accepted") or 0)
             add_durations(hist, row.get("durations"))
         return {"requests": {str(k): v for k, v in sorted(requests.items())},
                 "cpu_seconds": {str(k): round(v, 6) for k, v in sorted(cpu.items())},
                 "restarts": dict(self.restarts), "limit_concurrency_rejections": self.limit_rejections,
-                "request_duration": cumulative(hist)}
+                "request_duration": cumulative(hist), "worker_accepted": accepted}
 
 
 def add_durations(into: List[int], d) -> None:
