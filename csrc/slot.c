@@ -144,8 +144,8 @@ int pf_slot_conn_closed(pf_slot *s, uint32_t n)
 }
 
 /* n more connections are fresh: work until their first request begins, so
- * the worker takes or accepts no more than it can start and the primary
- * sends it nothing meanwhile. Frees no room, so no handshake. */
+ * the worker reads from its channel, and the primary sends it, no more than
+ * it can start. Frees no room, so no handshake. */
 static void pf__fresh_add(pf_slot *s, uint32_t n)
 {
     uint32_t fresh = s->fresh;

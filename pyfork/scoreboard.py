@@ -318,7 +318,9 @@ class SlotView:
 
     def conn_accepted(self, n=1):
         """Counts ``n`` connections the worker accepted itself (shared, reuseport): fresh,
-        as conn_taken does, and in ``accepted``, never in ``taken`` (never queued)."""
+        as conn_taken does (the primary sends no parked connection to a worker that has not
+        started what it holds), and in ``accepted`` (open = sent + accepted - closed), never
+        in ``taken`` (they were never queued)."""
         self._fresh_add(n)
         qa, qv = self._qa, self._q
         qv[qa] = (qv[qa] + n) & _U64

@@ -13,9 +13,10 @@ With ``rr``/``least`` connections arrive as MSG_CONN on the channel and
 ``fileno()`` is the channel. With ``shared``/``reuseport`` the worker accepts
 for itself: ``fileno()`` is a private epoll fd watching the channel and the
 listeners, so one readable fd covers both (epoll fds are pollable). It accepts
-only what it can start, as the primary sends (below), counted as fresh on its
-line (conn_accepted); idle kept-alive connections it hands back (park) return
-through the channel.
+only what it can start (_accept_room), counted on its line (conn_accepted: the
+primary's view of what is open, and fresh, so no parked connection is sent to it
+meanwhile); idle kept-alive connections it hands back (park) return through the
+channel.
 
 A worker takes from its channel only what it can start: at most its free
 capacity (``set_capacity``, declared by the interface before READY: 1 for the
@@ -524,16 +525,17 @@ class Worker:
         self._listening = on
 
     def _accept_room(self) -> int:
-        """Connections this self-accepting worker may accept now: what it can start, as the
-        primary sends for rr/least: capacity minus the requests it runs and the connections
-        it holds whose first request has not begun (fresh, for FRESH_MS at most), up to a
-        batch; room under MAX_OPEN for an interface without a capacity. A sync worker thus
-        accepts one connection at a time and never holds one behind a slow request (a batch
-        of 16 did: a 25 ms light p99 under a /sleep stream); queued() lets it take the next
-        at once, without a select(), while the backlog has more."""
+        """Connections this self-accepting worker may accept now: capacity minus the requests
+        it runs, up to a batch; room under MAX_OPEN for an interface without a capacity. A
+        sync worker thus accepts one connection at a time, so it never holds a batch behind
+        the slow request it starts first (a batch of 16 did: a 25 ms light p99 under a
+        /sleep stream); queued() lets it take the next at once, without a select(), while
+        the backlog has more. One it took before the request of the one before arrived is
+        parked like an idle one if that request runs long. (Counting accepted connections as
+        fresh work here too measured no better, and would stop a worker that holds a silent
+        preconnect from accepting until a tick: bench/README.md, session 28.)"""
         if self._capacity:
-            b = self._board
-            return min(ACCEPT_BATCH, self._capacity - b.active - b.fresh_work())
+            return min(ACCEPT_BATCH, self._capacity - self._board.active)
         return MAX_OPEN - self._open
 
     def _resume_accepting(self, now: float) -> None:
