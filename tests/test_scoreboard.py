@@ -5,6 +5,7 @@ pyfork.scoreboard and written by a forked child, byte layout checked against
 pf_slot; the backend's SlotWriter must write the same fields as SlotView.
 """
 
+import contextlib
 import os
 import struct
 
@@ -93,16 +94,26 @@ def test_slot_writer_matches_slotview(backend, procs):
         board.release()
 
 
+@contextlib.contextmanager
+def _slot_and_writer(backend, writer_kind):
+    """Slot 0 of a live dispatcher's scoreboard, read as the primary reads it, and the
+    writer a worker uses: the backend's SlotWriter (C: csrc/slot.c) or SlotView itself."""
+    with backend.Dispatcher(2) as d:
+        board = Scoreboard(d.scoreboard, 2)
+        sv = board.slot(0)
+        try:
+            yield sv, (backend.SlotWriter(sv.line) if writer_kind == "backend" else board.slot(0))
+        finally:
+            board.release()
+
+
 @pytest.mark.parametrize("writer_kind", ["backend", "slotview"])
 def test_no_credit_while_connections_wait_in_the_channel(backend, writer_kind):
     # A worker that finishes a request or closes a connection while the primary has more
     # queued in its channel (published sent > its taken) has no room to offer: it goes on
     # to the next one, so it owes no CREDIT yet, and want_credit stays set for the finish
     # that leaves nothing queued. Both writers: the C one (csrc/slot.c) and SlotView.
-    with backend.Dispatcher(2) as d:
-        board = Scoreboard(d.scoreboard, 2)
-        sv = board.slot(0)
-        writer = backend.SlotWriter(sv.line) if writer_kind == "backend" else board.slot(0)
+    with _slot_and_writer(backend, writer_kind) as (sv, writer):
         sv.publish_sent(3)                       # the primary put three in the channel
         sv.request_credit()                      # a worker that declared no capacity may not
         assert writer.conn_closed(0)             # count what it takes: it always answers
@@ -122,7 +133,6 @@ def test_no_credit_while_connections_wait_in_the_channel(backend, writer_kind):
         sv.request_credit()
         sv.publish_sent(2)                       # a take-back: sent below taken counts as none
         assert writer.conn_closed(1) and sv.want_credit == 0
-        board.release()
 
 
 @pytest.mark.parametrize("writer_kind", ["backend", "slotview"])
@@ -130,10 +140,7 @@ def test_accepted_connections_are_fresh_but_never_queued(backend, writer_kind):
     # A worker that accepts for itself (shared, reuseport) counts what it accepted as fresh
     # (work until the first request begins), so the primary sends it no parked connection
     # meanwhile; taken is untouched, or sent - taken (queued in the channel) would drift.
-    with backend.Dispatcher(2) as d:
-        board = Scoreboard(d.scoreboard, 2)
-        sv = board.slot(0)
-        writer = backend.SlotWriter(sv.line) if writer_kind == "backend" else board.slot(0)
+    with _slot_and_writer(backend, writer_kind) as (sv, writer):
         writer.conn_accepted(2)
         assert (sv.fresh, sv.accepted, sv.taken) == (2, 2, 0)
         assert sv.fresh_work() == 2              # young: counts as work now
@@ -141,7 +148,6 @@ def test_accepted_connections_are_fresh_but_never_queued(backend, writer_kind):
         assert (sv.fresh, sv.accepted, sv.taken) == (3, 2, 1)
         writer.request_started()
         assert (sv.fresh, sv.active) == (2, 1)
-        board.release()
 
 
 def _finish_after(board_buf, index, writer, ns):
