@@ -472,10 +472,10 @@ def _fd_count(pid):
 
 def _spread(port, n=6, rounds=5):
     """n kept-alive clients, each with one request answered: {pid: [Client, ...]}, over both
-    workers. All connect before any sends: under `shared`, where the kernel picks, a worker
-    holding a silent connection accepts no other for a while (it counts as work), so the
-    other takes some; sent one at a time, the worker that just answered can win them all.
-    Another batch (at most `rounds`) if one worker got every connection all the same."""
+    workers. All connect before any sends: under `shared`, where the kernel picks, both idle
+    workers are woken by the connects (sent one at a time, the worker that just answered
+    won 40 of 40 in one run). Another batch (at most `rounds`) if one worker got every
+    connection all the same."""
     by_pid, clients = {}, []
     try:
         for _ in range(rounds):
@@ -510,7 +510,7 @@ def test_kept_alive_connection_of_a_stuck_worker_is_served_by_the_other(app_dir,
             # worker itself with shared): sent + accepted - closed.
             assert {w["pid"]: w["inflight"] for w in _status(ctl)["workers"]} == {
                 pid: len(cs) for pid, cs in by_pid.items()}
-            stuck = max(by_pid, key=lambda p: len(by_pid[p]))   # >= 3 of the 6 are on it
+            stuck = max(by_pid, key=lambda p: len(by_pid[p]))   # at least half of them are on it
             blocker, *others = by_pid[stuck]
             # A response leaves before its request is counted: wait for all to be.
             handled = H.wait_until(lambda: _handled(ctl) >= len(clients) and _handled(ctl),
@@ -597,7 +597,7 @@ def test_a_worker_with_many_connections_parks_only_those_whose_request_came(app_
         by_pid = _spread(srv.port)
         clients = [c for cs in by_pid.values() for c in cs]
         try:
-            stuck = max(by_pid, key=lambda p: len(by_pid[p]))   # >= 3 of the 6 are on it
+            stuck = max(by_pid, key=lambda p: len(by_pid[p]))   # at least half of them are on it
             other = pid_of_other(by_pid, stuck)
             blocker, first, *idle = by_pid[stuck]
             handled = H.wait_until(lambda: _handled(ctl) >= 6 and _handled(ctl), what="6 handled")

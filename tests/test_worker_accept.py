@@ -163,3 +163,40 @@ def test_emfile_serves_the_head_of_the_backlog_then_pauses():
         "second": Acceptor.PAUSE, "served_second": 1,
         "third": Acceptor.AGAIN, "served_third": 3, "reserve_back": True,
     }
+
+
+def test_a_shared_worker_accepts_what_it_can_start_and_sweeps_the_rest_on_drain(backend):
+    """The Worker under `shared` (both backends' scoreboard writers): a sync worker
+    (capacity 1) accepts one connection per take() while none runs, none while one runs,
+    and says the backlog may hold more (queued); MSG_DRAIN makes the same take() sweep the
+    rest. Each accepted connection is counted on its line (accepted, which status and
+    metrics read), the swept ones too. The test plays the primary's end of the channel."""
+    from pyfork.scoreboard import Scoreboard
+    from pyfork.worker.runtime import Worker
+
+    chan, primary_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    chan.setblocking(False)
+    ls = listener()
+    cs = clients(ls, 3)
+    board = Scoreboard(bytearray(backend.SLOT_SIZE), 1)
+    line = board.slot(0)
+    got = []
+    w = Worker(wid=1, slot=0, chan=chan.fileno(), backend=backend, board_slot=line, policy="shared",
+               listeners=[os.dup(ls.fileno())], primary_pid=os.getppid())
+    try:
+        w.set_capacity(1)
+        got += w.take()
+        assert len(got) == 1 and line.accepted == 1 and line.taken == 0
+        assert w.queued()                      # its budget filled: the backlog may hold more
+        w.request_started()                    # running one: room for none
+        assert w.take() == [] and line.accepted == 1
+        backend.send_msg(primary_end.fileno(), backend.MSG_DRAIN)
+        got += w.take()                        # the DRAIN, then the final sweep in the same call
+        assert w.draining and len(got) == 3 and line.accepted == 3
+        assert sorted(c.getsockname() for c in cs) == sorted(g.getpeername() for g in got)
+        assert backend.recv_msg(primary_end.fileno()).type == backend.MSG_READY
+    finally:
+        for s in got + cs + [chan, primary_end, ls]:
+            s.close()
+        w._ep.close()                          # the worker's private epoll (it exits instead)
+        board.release()

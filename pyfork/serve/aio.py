@@ -135,7 +135,7 @@ class LoopDriver:
             return
         self.draining = True
         # Stop watching: after draining take() returns [] forever, and for the shared
-        # policy rt.fileno() is the listening socket, which would stay readable and spin.
+        # policy rt.fileno() covers the listening sockets, which could stay readable and spin.
         self.loop.remove_reader(self._fileno)
         if self.on_drain is not None:
             self.on_drain()

@@ -54,8 +54,8 @@ class Runtime(Protocol):
     would otherwise wait for the client's delayed ACK, ~40 ms)."""
 
     parks: bool
-    """True when park() can hand connections back (a primary dispatches them: the rr and
-    least policies); False when park() always returns 0, so the interface need not prepare
+    """True when park() can hand connections back (a primary dispatches them: every policy
+    of pyfork serve); False when park() always returns 0, so the interface need not prepare
     for it (no timer per request)."""
 
     conn_family: Optional[int]

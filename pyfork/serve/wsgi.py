@@ -367,8 +367,8 @@ class Server:
             return
         self.draining = True
         if not self.parks:
-            # A shared listener stays readable: it would spin us. The channel (rr/least) stays
-            # watched: a connection we parked may come back on it (parks_settled).
+            # Not parking: nothing comes back, and under shared/reuseport our fd covers the
+            # listeners, which stay readable until the worker's final sweep: stop watching.
             self.sel.unregister(self.listen_fd)
         # Kept-alive connections keep their keep-alive deadline (see the module docstring);
         # one taken but silent yet gets the same short grace instead of request_timeout.

@@ -274,7 +274,7 @@ class Worker:
         self._open = 0
         self._parked = False      # a PARK went out since parks_settled() last looked
         self._accept_paused_until = 0.0
-        self._backlog_more = False    # self-accept: the last accept() stopped at its budget
+        self._backlog_more = False    # self-accept: the last accept() filled its budget
         self._sweep_due = False       # self-accept: draining, our backlog not swept yet
         self._listening = False
         self._listeners = [socket.socket(fileno=fd) for fd in listeners]
@@ -330,15 +330,16 @@ class Worker:
     def take(self) -> List[socket.socket]:
         socks = self._sockets(self._take())     # fds from the channel
         if self._self_accept:
-            self._accept_or_sweep(socks)        # and sockets from our own accept()
+            self._accept_or_sweep(socks, len(socks))    # and sockets from our own accept()
         return socks
 
     def queued(self) -> bool:
         """True when connections the primary sent wait in our channel (a scoreboard read,
-        no syscall), or, accepting for ourselves, when our last accept() found more: a sync
-        interface that is free again takes the next one without going back to its selector."""
+        no syscall), or, accepting for ourselves, when our last accept() filled its budget (so
+        the backlog may hold more): a sync interface that is free again takes the next one
+        without going back to its selector."""
         if self._self_accept and self._backlog_more and self._listening:
-            return True           # our listeners' backlog: the last accept() stopped at its budget
+            return True           # the last accept() filled its budget: try the backlog again
         return self._board.queued()
 
     def take_fds(self) -> List[int]:
@@ -348,7 +349,7 @@ class Worker:
         if self._self_accept:
             out = self._take()          # first: a DRAIN read here makes the sweep due
             socks: list = []
-            self._accept_or_sweep(socks)
+            self._accept_or_sweep(socks, len(out))
             return out + [conn.detach() for conn in socks]
         if not self._ready_sent:
             self.ready()
@@ -365,13 +366,13 @@ class Worker:
         self._read_channel(out)
         return out
 
-    def _accept_or_sweep(self, out: list) -> None:
-        """Self-accept: what we can start now from our listeners, or once draining, all
-        they hold (the final sweep)."""
+    def _accept_or_sweep(self, out: list, have: int) -> None:
+        """Self-accept: what we can start now from our listeners (less the ``have`` this
+        take() got from the channel), or once draining, all they hold (the final sweep)."""
         if self._sweep_due:
             self._final_sweep(out)
         elif self._listening and not self.draining:
-            self._accept(out)
+            self._accept(out, have)
 
     def _sockets(self, fds: List[int]) -> List[socket.socket]:
         cls = self._conn_cls
@@ -529,9 +530,9 @@ class Worker:
         it runs, up to a batch; room under MAX_OPEN for an interface without a capacity. A
         sync worker thus accepts one connection at a time, so it never holds a batch behind
         the slow request it starts first (a batch of 16 did: a 25 ms light p99 under a
-        /sleep stream); queued() lets it take the next at once, without a select(), while
-        the backlog has more. One it took before the request of the one before arrived is
-        parked like an idle one if that request runs long. (Counting accepted connections as
+        /sleep stream); queued() lets it try the backlog again at once, without a select().
+        One it took before the request of the one before arrived is parked like an idle one
+        if that request runs long (where the interface parks: WSGI with keep-alive, no TLS). (Counting accepted connections as
         fresh work here too measured no better, and would stop a worker that holds a silent
         preconnect from accepting until a tick: bench/README.md, session 28.)"""
         if self._capacity:
@@ -542,17 +543,23 @@ class Worker:
         if not self.draining and now >= self._accept_paused_until and self._accept_room() > 0:
             self._set_listening(True)
 
-    def _accept(self, out: list) -> None:
+    def _accept(self, out: list, have: int) -> None:
+        """Accepts into ``out`` what we can start, less the ``have`` connections this take()
+        already got (parked ones back from the channel, other listeners' in this loop)."""
         for acc in list(self._acceptors):
             room = self._accept_room()
             if room <= 0:
                 self._set_listening(False)
+                return
+            room -= have
+            if room <= 0:
                 return
             n = len(out)
             r = acc.accept_some(out, min(ACCEPT_BATCH, room))
             if len(out) > n:
                 self._open += len(out) - n
                 self._conn_accepted(len(out) - n)
+                have += len(out) - n
             self._backlog_more = r == Acceptor.MORE
             if r == Acceptor.PAUSE:
                 # never spin on fd exhaustion: stop polling the listeners for a bit
@@ -587,7 +594,9 @@ class Worker:
             n = len(out)
             while acc.accept_some(out, ACCEPT_BATCH) == Acceptor.MORE:
                 pass
-            self._open += len(out) - n
+            if len(out) > n:
+                self._open += len(out) - n
+                self._conn_accepted(len(out) - n)     # counted as open, as any accepted one
         self._set_listening(False)
         for acc in self._acceptors:
             acc.close()
