@@ -532,9 +532,10 @@ class Worker:
         the slow request it starts first (a batch of 16 did: a 25 ms light p99 under a
         /sleep stream); queued() lets it try the backlog again at once, without a select().
         One it took before the request of the one before arrived is parked like an idle one
-        if that request runs long (where the interface parks: WSGI with keep-alive, no TLS). (Counting accepted connections as
-        fresh work here too measured no better, and would stop a worker that holds a silent
-        preconnect from accepting until a tick: bench/README.md, session 28.)"""
+        if that request runs long (where the interface parks: WSGI with keep-alive, no TLS).
+        Counting accepted connections as fresh work here too measured no better, and would
+        stop a worker that holds a silent preconnect from accepting until a tick
+        (bench/README.md, session 28)."""
         if self._capacity:
             return min(ACCEPT_BATCH, self._capacity - self._board.active)
         return MAX_OPEN - self._open
@@ -585,10 +586,10 @@ class Worker:
 
     def _final_sweep(self, out: list) -> None:
         """Draining in shared/reuseport mode: take what the kernel already queued on our
-        listeners, then stop listening and drop our copies. Run by take(), so what it
-        accepts reaches the interface whichever way the drain began (MSG_DRAIN, or our
-        own fallback in tick(): then the listeners, still watched, wake the interface
-        if anything waits)."""
+        listeners, then stop listening and drop our copies. Run by take(): on MSG_DRAIN the
+        take() that read it returns what this accepts; after our own fallback in tick() the
+        next take() does, if the interface makes one (WSGI with parking still watches the
+        listeners; otherwise the connections stay in the kernel's queue for the others)."""
         self._sweep_due = False
         for acc in self._acceptors:
             n = len(out)
