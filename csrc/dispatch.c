@@ -333,6 +333,10 @@ int pf_dispatcher_set_state(pf_dispatcher *d, int slot, int state)
     if (state == PF_WORKER_READY)
         d->n_ready++;
     w->state = state;
+    /* A worker that joins during a pull pulls too: the primary does not accept
+     * meanwhile, and an idle newcomer would otherwise wait for the others. */
+    if (state == PF_WORKER_READY && d->pulling)
+        __atomic_store_n(&d->board[slot].pull, 1, __ATOMIC_RELAXED);
     return 0;
 }
 
@@ -420,6 +424,16 @@ int pf_dispatcher_stop_accepting(pf_dispatcher *d)
     d->accepting = 0;           /* the next turn takes them out of the poll set */
     for (int i = 0; i < d->nlisteners; i++)
         d->listeners[i].at_eagain = 0;
+    return 0;
+}
+
+int pf_dispatcher_set_pull(pf_dispatcher *d, int on)
+{
+    if (d == NULL || (on != 0 && on != 1))
+        return -EINVAL;
+    d->pull_on = on;
+    if (!on && d->pulling)
+        pf__pull_end(d);
     return 0;
 }
 

@@ -174,6 +174,11 @@ static void pf__on_listener(pf_dispatcher *d, int fd)
     /* Left the poll set earlier in this batch (pause, stall): not now. */
     if (l == NULL || !l->in_poll || !d->accepting)
         return;
+    if (d->pull_on && d->pcount == 0 && !pf__anyone_free(d)) {
+        pf__pull_start(d);      /* nobody can start it: the workers accept */
+        d->accepting = 0;
+        return;
+    }
     pf__accept_some(d, l, d->cfg.accept_batch);
     pf__flush(d);
     /* Stalled or paused: the other listeners in this batch wait too (the
@@ -197,10 +202,10 @@ static void pf__listener_poll(pf_dispatcher *d, pf__listener *l, int on)
 }
 
 /* Listeners are polled only while nothing waits for a worker (back-pressure),
- * outside an EMFILE pause, and never once stop_accepting was called. */
+ * outside an EMFILE pause and a pull, and never once stop_accepting was called. */
 static void pf__sync_listeners(pf_dispatcher *d)
 {
-    d->accepting = !d->stopping && d->pause_until_ns == 0 && d->pcount == 0;
+    d->accepting = !d->stopping && !d->pulling && d->pause_until_ns == 0 && d->pcount == 0;
     for (int i = 0; i < d->nlisteners; i++)
         pf__listener_poll(d, &d->listeners[i], d->accepting);
 }
@@ -366,6 +371,8 @@ static void pf__tick(pf_dispatcher *d, uint64_t now)
         pf__forget_credits(d);
     }
     pf__reserve_open(d);        /* after the flush freed what it could */
+    if (d->pulling && (d->stopping || d->pcount > 0 || pf__park_waiting(d) || pf__pull_over(d, now)))
+        pf__pull_end(d);
     if (d->stopping && !d->drained)
         pf__drain_step(d);
     pf__sync_listeners(d);
@@ -403,8 +410,9 @@ static int64_t pf__wait_ns(const pf_dispatcher *d, uint64_t now, uint64_t deadli
     w = pf__sooner(w, now, d->recheck_ns);
     w = pf__sooner(w, now, d->takeback_ns);
     w = pf__sooner(w, now, pf__park_due_ns(d));
-    /* Stalled with someone who could take: poll for freed room, not spin. */
-    if (d->pcount > 0 && d->n_ready > 0 && (w < 0 || w > (int64_t)pf__ms_to_ns(PF__RECHECK_MS)))
+    /* Stalled with someone who could take, or pulling: poll for freed room, not spin. */
+    if (((d->pcount > 0 && d->n_ready > 0) || d->pulling) &&
+        (w < 0 || w > (int64_t)pf__ms_to_ns(PF__RECHECK_MS)))
         w = (int64_t)pf__ms_to_ns(PF__RECHECK_MS);
     return w;
 }

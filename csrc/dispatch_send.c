@@ -263,6 +263,88 @@ static int pf__candidate(const pf_dispatcher *d, int s)
     return w->state == PF_WORKER_READY && w->blocked == PF__BLK_NONE;
 }
 
+/* 1 when some worker can start a connection now. A look, no CREDIT asked. */
+int pf__anyone_free(const pf_dispatcher *d)
+{
+    for (int s = 0; s < d->hi; s++)
+        if (pf__candidate(d, s) && pf__free(d, s) > 0)
+            return 1;
+    return 0;
+}
+
+/* Pulling: 1 when it is no longer needed, looked at every PF__RECHECK_MS:
+ * every worker is idle (no request running, none queued or fresh: the load
+ * is gone), or one was idle at the last look too and got nothing since (its
+ * handled, taken and accepted counts did not move: with one client at a time
+ * several idle workers race for each connection and one may win them all,
+ * so the primary takes over, round robin). Not merely one idle worker: under
+ * a saturating load one is idle between two requests at most looks, and each
+ * end is a moment where the primary and a worker both accept (measured: a
+ * longer light p99, bench/README.md session 29). */
+int pf__pull_over(pf_dispatcher *d, uint64_t now)
+{
+    int n = 0, busy = 0, unused = 0;
+
+    if (now < d->pull_look_ns)
+        return 0;
+    d->pull_look_ns = now + pf__ms_to_ns(PF__RECHECK_MS);
+    for (int s = 0; s < d->hi; s++) {
+        pf__worker *w = &d->workers[s];
+        uint64_t mark;
+
+        if (!pf__candidate(d, s))
+            continue;
+        n++;
+        if (pf__work(d, s) != 0) {
+            busy = 1;
+            w->idle_mark = 0;
+            continue;
+        }
+        mark = 1 + __atomic_load_n(&d->board[s].handled, __ATOMIC_RELAXED) +
+               __atomic_load_n(&d->board[s].taken, __ATOMIC_RELAXED) +
+               __atomic_load_n(&d->board[s].accepted, __ATOMIC_RELAXED);
+        if (w->idle_mark == mark)
+            unused = 1;
+        w->idle_mark = mark;
+    }
+    return n > 0 && (!busy || unused);
+}
+
+/* ---- pull: the kernel's accept queue as the central queue ---------------------
+ * A connection arrived and no worker can start one. Accepting it here would
+ * cost an accept, a sendmsg and a close in the primary (and a wake-up) and a
+ * recvmsg in the worker it is prefetched to; under a saturating load of new
+ * connections that is the primary's ~20 us per connection that a sync worker
+ * accepting for itself does not pay (bench/README.md, session 29). So leave
+ * it in the kernel's queue and set pull on every line: a worker watches the
+ * listeners (it inherits them) while pull is set and it has room, so the first
+ * one to free room accepts it, and the next, as gunicorn's sync workers do.
+ * The primary stops polling the listeners meanwhile and looks every
+ * PF__RECHECK_MS: the pull ends once the load is gone (pf__pull_over; at
+ * light load the primary dispatches, round robin, as before), at once if
+ * something waits in the ring (a parked connection's request: it must not
+ * wait behind what the workers accept), and at a stop. A worker that accepts
+ * just after a pull ended is harmless: the kernel gives each connection to
+ * one accept(). */
+void pf__pull_start(pf_dispatcher *d)
+{
+    d->pulling = 1;
+    d->st.pulls++;
+    d->pull_look_ns = pf__now_ns() + pf__ms_to_ns(PF__RECHECK_MS);
+    for (int s = 0; s < d->hi; s++) {
+        d->workers[s].idle_mark = 0;
+        __atomic_store_n(&d->board[s].pull, 1, __ATOMIC_RELAXED);
+    }
+}
+
+void pf__pull_end(pf_dispatcher *d)
+{
+    d->pulling = 0;
+    for (int s = 0; s < d->hi; s++)
+        if (__atomic_load_n(&d->board[s].pull, __ATOMIC_RELAXED))
+            __atomic_store_n(&d->board[s].pull, 0, __ATOMIC_RELAXED);
+}
+
 static int64_t pf__min64(int64_t a, int64_t b)
 {
     return a < b ? a : b;

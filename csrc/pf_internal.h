@@ -100,6 +100,8 @@ typedef struct pf__worker {
     uint8_t barred;       /* taken back from: no prefetch while busy_since is ... */
     uint64_t barred_since;  /* ... still this (the request, or idleness, they waited behind) */
     uint8_t asked;        /* we set its want_credit since the last pf__forget_credits */
+    uint64_t idle_mark;   /* pulling: 1 + its handled + taken + accepted when the last look
+                             found it idle, 0 = it was not (pf__pull_over) */
 } pf__worker;
 
 typedef struct pf__listener {
@@ -170,6 +172,9 @@ struct pf_dispatcher {
 
     int accepting;        /* listeners are (wanted) in the poll set */
     int stopping;         /* pf_dispatcher_stop_accepting was called */
+    int pull_on;          /* pf_dispatcher_set_pull: the workers can pull */
+    int pulling;          /* pull set on the workers' lines: they accept, we do not */
+    uint64_t pull_look_ns;    /* pulling: the next look at whether it is still needed */
     int drained;          /* ... and the final pass is done */
     int drained_unreported;
     int more;             /* a drain pass or parked connections have work left:
@@ -209,6 +214,10 @@ void pf__clear_retry(pf_dispatcher *d);
 int pf__chan_events(pf_dispatcher *d, int slot, uint32_t events);
 void pf__take_back_due(pf_dispatcher *d, uint64_t now);
 void pf__forget_credits(pf_dispatcher *d);
+int pf__anyone_free(const pf_dispatcher *d);
+int pf__pull_over(pf_dispatcher *d, uint64_t now);
+void pf__pull_start(pf_dispatcher *d);
+void pf__pull_end(pf_dispatcher *d);
 
 /* park.c */
 void pf__park_recv(pf_dispatcher *d, int slot);

@@ -130,7 +130,10 @@ typedef struct pf_slot {
     /* -- cache line 4: what the primary writes rarely -- */
     uint32_t park_off;      /* set by the primary once it is stopping: the worker hands
                                no more connections back (PF_MSG_PARK), park.c */
-    uint32_t reserved32;
+    uint32_t pull;          /* rr/least: set by the primary while it leaves new connections
+                               in the kernel's queue because no worker could start one;
+                               meanwhile a worker with room accepts from the listeners
+                               itself (dispatch_send.c, pf__pull_start) */
     uint64_t sent;          /* connections the primary has put in this worker's channel
                                (monotonic but for take-back), stored after each send:
                                while sent > taken the worker still has work queued, so
@@ -227,6 +230,8 @@ typedef struct pf_stats {
                                stopping, or no room anywhere */
     int32_t parked;         /* connections parked now */
     int32_t park_cap;       /* parking table size (pf_dispatcher_set_parking), 0 = off */
+    uint64_t pulls;         /* times no worker could start a new connection, so it was left
+                               in the kernel's queue for the workers to accept (pf_slot.pull) */
 } pf_stats;
 
 typedef struct pf_worker_stats {
@@ -286,6 +291,14 @@ int pf_dispatcher_run(pf_dispatcher *d, int timeout_ms, pf_event *ev, int max_ev
  * and the idle timeout (1..86400000 ms) after which a parked connection is
  * closed. Returns 0, -EINVAL, -ENOMEM, -EBUSY while connections are parked. */
 int pf_dispatcher_set_parking(pf_dispatcher *d, int max_parked, int idle_timeout_ms);
+
+/* Pull (dispatch_send.c, pf__pull_start): on (1), a new connection that no
+ * worker can start is left in the kernel's queue and pf_slot.pull is set on
+ * every line, for workers that hold the listeners and accept from them while
+ * it is set and they have room. Off (0, the default), such a connection is
+ * accepted and waits in the ring or is prefetched, for workers that only read
+ * their channel. Returns 0 or -EINVAL. */
+int pf_dispatcher_set_pull(pf_dispatcher *d, int on);
 
 /* Returns 0 and fills *out. */
 int pf_dispatcher_stats(const pf_dispatcher *d, pf_stats *out);

@@ -53,9 +53,10 @@ if ((_lib.PF_MAX_FDS, _lib.PF_MAX_PAYLOAD, _ffi.sizeof("pf_slot"),
     raise ImportError("pyfork._pyfork_cffi disagrees with pyfork._api on a constant of "
                       "csrc/pyfork.h; rebuild pyfork")
 from pyfork.scoreboard import (ACCEPTED_QWORD as _ACCEPTED_QWORD, PARK_OFF_WORD as _PARK_OFF_WORD,
-                               SENT_QWORD as _SENT_QWORD)
-if (_ffi.offsetof("pf_slot", "park_off"), _ffi.offsetof("pf_slot", "sent"),
-        _ffi.offsetof("pf_slot", "accepted")) != (4 * _PARK_OFF_WORD, 8 * _SENT_QWORD, 8 * _ACCEPTED_QWORD):
+                               PULL_WORD as _PULL_WORD, SENT_QWORD as _SENT_QWORD)
+if (_ffi.offsetof("pf_slot", "park_off"), _ffi.offsetof("pf_slot", "pull"), _ffi.offsetof("pf_slot", "sent"),
+        _ffi.offsetof("pf_slot", "accepted")) != (4 * _PARK_OFF_WORD, 4 * _PULL_WORD, 8 * _SENT_QWORD,
+                                                  8 * _ACCEPTED_QWORD):
     raise ImportError("pyfork.scoreboard disagrees with csrc/pyfork.h on pf_slot's layout")
 
 BACKEND = "c"
@@ -67,7 +68,7 @@ _INT_MAX = 0x7FFFFFFF
 _KINDS = (None, "watch", "message", "hangup", "drained")
 _STATS = ("accepted", "dispatched", "redispatched", "busy_skips", "fd_exhaustion",
           "accept_errors", "dropped", "wakeups", "pending", "accepting",
-          "parks", "unparks", "park_closed", "parked", "park_cap")
+          "parks", "unparks", "park_closed", "parked", "park_cap", "pulls")
 
 
 def _check(rc):
@@ -335,6 +336,12 @@ class Dispatcher:
         idle_timeout seconds (csrc/park.c). OSError(EBUSY) to resize while some are parked."""
         max_parked, ms = _api.check_parking(max_parked, idle_timeout)
         _check(_lib.pf_dispatcher_set_parking(self._h(), max_parked, ms))
+
+    def set_pull(self, on):
+        """True: a new connection that no worker can start now stays in the kernel's queue,
+        and the workers (which hold the listeners) accept it while pf_slot.pull is set
+        (csrc/dispatch_send.c). False (the default): it waits in the ring or is prefetched."""
+        _check(_lib.pf_dispatcher_set_pull(self._h(), 1 if on else 0))
 
     # -- the loop -------------------------------------------------------------
     def run(self, timeout=None):

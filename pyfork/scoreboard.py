@@ -41,7 +41,7 @@ from pyfork._api import SLOT_SIZE
 # pf_slot offsets (bytes): closed 0, handled 8, heartbeat_ns 16,
 # busy_since_ns 24, active 32, pid 36, want_credit 40, capacity 44, taken 48,
 # fresh 56, fresh_ms 60, started_sum_ns 64, duration_sum_ns 72, duration_le[14] 80..191,
-# park_off 192, sent 200, accepted 208 (then reserved to 255). As indexes into the u64 and u32
+# park_off 192, pull 196, sent 200, accepted 208 (then reserved to 255). As indexes into the u64 and u32
 # views of one line:
 _Q_CLOSED, _Q_HANDLED, _Q_HEARTBEAT, _Q_BUSY_SINCE, _Q_TAKEN, _Q_SENT, _Q_ACCEPTED = 0, 1, 2, 3, 6, 25, 26
 SENT_QWORD, ACCEPTED_QWORD = _Q_SENT, _Q_ACCEPTED    # checked against the C struct by pyfork._core
@@ -50,6 +50,9 @@ _I_ACTIVE, _I_PID, _I_WANT_CREDIT, _I_CAPACITY, _I_FRESH, _I_FRESH_MS = 8, 9, 10
 # pf_slot.park_off as a u32 index into one line: the primary sets it when it stops, and a
 # worker then hands no connection back (pyfork/_pure/park.py, pyfork/worker/runtime.py).
 PARK_OFF_WORD = 48
+# pf_slot.pull: the primary (rr, least) leaves new connections in the kernel's queue while it is
+# set, and a worker with room accepts them itself (csrc/dispatch_send.c, pf__pull_start).
+PULL_WORD = 49
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 # PF_SLOT_FRESH_MS (csrc/pyfork.h, where the number is explained): how long a taken
@@ -68,7 +71,7 @@ HIST_BUCKETS = len(HIST_BOUNDS_NS) + 1
 if sys.byteorder != "little":  # the layout is documented as little-endian
     raise ImportError("pyfork.scoreboard supports little-endian hosts only")
 
-__all__ = ["FRESH_MS", "PARK_OFF_WORD", "SENT_QWORD", "SLOT_SIZE", "HIST_BOUNDS_NS", "HIST_BUCKETS", "Scoreboard", "SlotView"]
+__all__ = ["FRESH_MS", "PARK_OFF_WORD", "PULL_WORD", "SENT_QWORD", "SLOT_SIZE", "HIST_BOUNDS_NS", "HIST_BUCKETS", "Scoreboard", "SlotView"]
 
 
 class Scoreboard:
@@ -358,6 +361,15 @@ class SlotView:
     def forget_credit(self):
         """Primary: withdraw that request (nothing waits for room any more)."""
         self._i[self._ib + _I_WANT_CREDIT] = 0
+
+    @property
+    def pull(self):
+        """Set while the primary leaves new connections for the workers to accept."""
+        return self._i[self._ib + PULL_WORD]
+
+    def set_pull(self, on):
+        """Primary: start (True) or end a pull on this line (csrc/dispatch_send.c)."""
+        self._i[self._ib + PULL_WORD] = 1 if on else 0
 
     def clear(self):
         """Zeroes the whole line (done by add_worker before a fork)."""

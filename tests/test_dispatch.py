@@ -117,7 +117,7 @@ def test_stats_keys(backend):
         assert set(d.stats()) == {"accepted", "dispatched", "redispatched", "busy_skips",
                                   "fd_exhaustion", "accept_errors", "dropped", "wakeups",
                                   "pending", "accepting", "parks", "unparks", "park_closed",
-                                  "parked", "park_cap"}
+                                  "parked", "park_cap", "pulls"}
         assert set(d.worker_stats(0)) == {"state", "sent", "closed", "inflight"}
         mv = d.scoreboard
         assert len(mv) == mv.nbytes == 3 * SLOT_SIZE and not mv.readonly

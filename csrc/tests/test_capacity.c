@@ -465,12 +465,72 @@ static void test_fresh_counts_as_work_least(void)
     fresh_counts_as_work(PF_POLICY_LEAST);
 }
 
+/* Runs d until the pull on line s is over (liveness-bounded), accepting nothing. */
+static void run_until_pull_over(pf_dispatcher *d, const pf_slot *s)
+{
+    uint64_t deadline = pf__now_ns() + pf__ms_to_ns(LIVENESS_MS);
+
+    while (__atomic_load_n(&s->pull, __ATOMIC_RELAXED)) {
+        CHECK(pf__now_ns() < deadline);
+        run_idle(d, 5);
+    }
+}
+
+/* Pull (pf_dispatcher_set_pull): with both sync workers inside a request, a
+ * new client is not accepted; it stays in the kernel's queue, every line
+ * says pull, and a worker accepts it from the listener (the test does, as
+ * pyfork's runtime would). Once a worker is idle and gets nothing for a
+ * whole look (PF__RECHECK_MS), the pull ends and the listener is polled
+ * again. */
+static void test_pull_leaves_it_to_the_workers(void)
+{
+    struct disp_fx f;
+    pf_slot *board;
+    int cl[2], fd;
+
+    fx_setup(&f, 2, PF_POLICY_RR, 2, 0);
+    CHECK_EQ(pf_dispatcher_set_pull(f.d, 2), -EINVAL);
+    CHECK_OK(pf_dispatcher_set_pull(f.d, 1));
+    board = pf_dispatcher_scoreboard(f.d, NULL);
+    for (int s = 0; s < 2; s++) {
+        pf_slot_set_capacity(&board[s], 1);
+        pf_slot_request_started(&board[s]);
+        long_running(&board[s]);
+    }
+    cl[0] = client(f.port, 0);
+    run_idle(f.d, 100);                 /* accepts nothing */
+    CHECK_EQ(stats(f.d).pulls, 1);
+    CHECK_EQ(stats(f.d).accepting, 0);
+    CHECK_EQ(stats(f.d).pending, 0);
+    CHECK_EQ(board[0].pull, 1);
+    CHECK_EQ(board[1].pull, 1);
+    fd = accept4(f.lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK(fd >= 0);                     /* a worker takes it from the backlog */
+    CHECK_EQ(read_id(fd), 0);
+    close(fd);
+
+    pf_slot_request_finished(&board[0]);
+    run_until_pull_over(f.d, &board[0]);
+    CHECK_EQ(board[0].pull, 0);
+    CHECK_EQ(board[1].pull, 0);
+    CHECK_EQ(stats(f.d).accepting, 1);
+    cl[1] = client(f.port, 1);
+    run_until_dispatched(f.d, 1);
+    CHECK_EQ(stats(f.d).pulls, 1);
+    for (int s = 0; s < 2; s++) {
+        int ids[PF_MAX_FDS];
+
+        (void)take_message(f.w[s], ids);
+    }
+    fx_teardown(&f, cl, 2);
+}
+
 static const struct pf_test_case tests[] = {
     PF_CASE(test_sync_workers_central_queue), PF_CASE(test_batch_capped_by_free_capacity),
     PF_CASE(test_least_by_work), PF_CASE(test_fresh_counts_as_work_rr),
     PF_CASE(test_fresh_counts_as_work_least), PF_CASE(test_prefetch_and_take_back),
     PF_CASE(test_rescue_to_a_sooner_worker), PF_CASE(test_a_rescued_connection_is_watched_where_it_went),
-    PF_CASE(test_no_credit_once_nothing_waits),
+    PF_CASE(test_no_credit_once_nothing_waits), PF_CASE(test_pull_leaves_it_to_the_workers),
 };
 
 int main(int argc, char **argv)

@@ -28,7 +28,7 @@ from pyfork._api import (
     STATE_SPAWNING, index_arg, u32_arg,
 )
 from pyfork._pure import dispatch_loop, park
-from pyfork._pure.dispatch_send import flush
+from pyfork._pure.dispatch_send import flush, pull_end
 from pyfork._pure.fdpass import recv_on
 from pyfork._pure.internal import (
     CHAN_EVENTS, EPOLLIN, Listener, State, borrow_fd, close_all, find_listener, oserror,
@@ -280,6 +280,8 @@ class Dispatcher:
         if state == STATE_READY:
             d.n_ready += 1
         w.state = state
+        if state == STATE_READY and d.pulling:
+            d.slots[slot].set_pull(True)    # a newcomer during a pull pulls too (dispatch.c)
 
     def set_ready(self, slot):
         self._set_state(self._slot(slot), STATE_READY)
@@ -332,6 +334,15 @@ class Dispatcher:
         d = self._h()
         max_parked, ms = _api.check_parking(max_parked, idle_timeout)
         park.set_parking(d, max_parked, ms)
+
+    def set_pull(self, on):
+        """True: a new connection that no worker can start now stays in the kernel's queue,
+        and the workers (which hold the listeners) accept it while pf_slot.pull is set
+        (dispatch_send.py). False (the default): it waits in the ring or is prefetched."""
+        d = self._h()
+        d.pull_on = bool(on)
+        if not on and d.pulling:
+            pull_end(d)
 
     # -- the loop -------------------------------------------------------------
     def run(self, timeout=None):

@@ -32,7 +32,8 @@ from pyfork._api import (
 )
 from pyfork._pure import park
 from pyfork._pure.dispatch_send import (
-    chan_events, clear_retry, flush, forget_credits, mark_gone, take_back_due)
+    anyone_free, chan_events, clear_retry, flush, forget_credits, mark_gone, pull_end, pull_over, pull_start,
+    take_back_due)
 from pyfork._pure.fdpass import HDR, HDR_SIZE, MSG_MAGIC, recv_on
 from pyfork._pure.internal import (
     BLK_NONE, BLK_OUT, EPOLLIN, RECHECK_S, close_all, find_listener, unregister, wrap_fd,
@@ -135,6 +136,10 @@ def _accept_some(d, lst, budget):
 def _on_listener(d, lst):
     if not lst.in_poll or not d.accepting:
         return
+    if d.pull_on and not d.pend and not anyone_free(d):
+        pull_start(d)       # nobody can start it: the workers accept
+        d.accepting = False
+        return
     _accept_some(d, lst, d.cfg.accept_batch)
     flush(d)
     # Stalled or paused: the other listeners in this batch wait too.
@@ -156,9 +161,9 @@ def _listener_poll(d, lst, on):
 
 def _sync_listeners(d):
     """Listeners are polled only while nothing waits for a worker
-    (back-pressure), outside an EMFILE pause, and never after
+    (back-pressure), outside an EMFILE pause and a pull, and never after
     stop_accepting."""
-    d.accepting = on = not d.stopping and not d.pause_until and not d.pend
+    d.accepting = on = not d.stopping and not d.pulling and not d.pause_until and not d.pend
     for lst in d.listeners:
         _listener_poll(d, lst, on)
 
@@ -272,6 +277,8 @@ def _tick(d, now):
     elif not d.pend and not d.rescue_wait:
         forget_credits(d)
     _reserve_open(d)  # after the flush freed what it could
+    if d.pulling and (d.stopping or d.pend or park.waiting(d) or pull_over(d, now)):
+        pull_end(d)
     if d.stopping and not d.drained:
         _drain_step(d)
     _sync_listeners(d)
@@ -287,8 +294,8 @@ def _wait(d, now, deadline):
     for t in (d.pause_until, d.recheck_at, d.takeback_at, park.due(d)):
         if t and (w < 0 or t - now < w):
             w = max(0.0, t - now)
-    # Stalled with someone who could take: poll for freed room, not spin.
-    if d.pend and d.n_ready > 0 and (w < 0 or w > RECHECK_S):
+    # Stalled with someone who could take, or pulling: poll for freed room, not spin.
+    if ((d.pend and d.n_ready > 0) or d.pulling) and (w < 0 or w > RECHECK_S):
         w = RECHECK_S
     return w
 

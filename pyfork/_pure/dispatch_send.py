@@ -114,6 +114,54 @@ def _candidate(d, s):
     return w.state == STATE_READY and w.blocked == BLK_NONE
 
 
+def anyone_free(d):
+    """True when some worker can start a connection now. A look: no CREDIT asked."""
+    return any(_candidate(d, s) and _free(d, s) > 0 for s in range(d.hi))
+
+
+def pull_over(d, now):
+    """Pulling: True when it is no longer needed, looked at every RECHECK_S: every worker
+    is idle, or one was idle at the last look too and got nothing since (its handled,
+    taken and accepted counts did not move); csrc/dispatch_send.c pf__pull_over says why."""
+    if now < d.pull_look_at:
+        return False
+    d.pull_look_at = now + RECHECK_S
+    n, busy, unused = 0, False, False
+    for s in range(d.hi):
+        if not _candidate(d, s):
+            continue
+        n += 1
+        w = d.workers[s]
+        if _work(d, s):
+            busy = True
+            w.idle_mark = 0
+            continue
+        sv = d.slots[s]
+        mark = 1 + sv.handled + sv.taken + sv.accepted
+        if w.idle_mark == mark:
+            unused = True
+        w.idle_mark = mark
+    return n > 0 and (not busy or unused)
+
+
+def pull_start(d):
+    """No worker can start a new connection: leave it in the kernel's queue, and let the
+    first worker that frees room accept it itself (csrc/dispatch_send.c says why)."""
+    d.pulling = True
+    d.st["pulls"] += 1
+    d.pull_look_at = time.monotonic() + RECHECK_S
+    for s in range(d.hi):
+        d.workers[s].idle_mark = 0
+        d.slots[s].set_pull(True)
+
+
+def pull_end(d):
+    d.pulling = False
+    for s in range(d.hi):
+        if d.slots[s].pull:
+            d.slots[s].set_pull(False)
+
+
 def _can_prefetch(d, s, now, young_ns):
     """Can slot s take a prefetched connection? A candidate whose end we hold (only there can
     one be taken back) with a declared capacity, fewer than PREFETCH_MAX beyond it, room under

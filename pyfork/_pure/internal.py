@@ -91,7 +91,7 @@ class Worker:
 
     __slots__ = ("chan", "peer", "sock", "psock", "state", "blocked", "in_epoll",
                  "out_armed", "hup_pending", "sent", "behind", "idle_seen_ns", "barred_since",
-                 "asked")
+                 "asked", "idle_mark")
 
     def __init__(self):
         self.reset()
@@ -107,6 +107,7 @@ class Worker:
         self.idle_seen_ns = 0           # take-back scan first saw it idle with some queued
         self.barred_since = None        # taken back from: no prefetch while busy_since is this
         self.asked = False              # we set its want_credit since the last forget_credits
+        self.idle_mark = 0              # pulling: 1 + handled + taken + accepted when last seen idle
 
 
 class Listener:
@@ -129,7 +130,7 @@ class State:
     __slots__ = (
         "cfg", "least", "pause_s", "ep", "reserve", "reserve_wanted", "map", "view", "board",
         "slots", "workers", "by_chan", "hi", "n_ready", "rr_next", "n_hup", "listeners",
-        "watches", "pend", "accepting", "stopping", "drained", "drained_unreported",
+        "watches", "pend", "accepting", "stopping", "pull_on", "pulling", "pull_look_at", "drained", "drained_unreported",
         "more", "pause_until", "recheck_at", "n_behind", "takeback_at", "rescue_wait", "n_asked",
         "out", "st", "park")
 
@@ -153,6 +154,9 @@ class State:
         self.pend = deque()         # deque of (fd, recovered), at most max_pending
         self.accepting = True       # listeners are (wanted) in the poll set
         self.stopping = False       # stop_accepting was called
+        self.pull_on = False        # set_pull: the workers can pull
+        self.pulling = False        # pull set on the workers' lines: they accept, we do not
+        self.pull_look_at = 0.0     # pulling: the next look at whether it is still needed
         self.drained = False        # ... and the final pass is done
         self.drained_unreported = False
         self.more = False           # a drain pass or parked ones have work left: poll, no sleep
@@ -165,7 +169,7 @@ class State:
         self.out = None             # the run call's event list
         self.st = dict.fromkeys(("accepted", "dispatched", "redispatched", "busy_skips",
                                  "fd_exhaustion", "accept_errors", "dropped", "wakeups",
-                                 "parks", "unparks", "park_closed"), 0)
+                                 "parks", "unparks", "park_closed", "pulls"), 0)
         self.park = None            # park.Parking once set_parking sized it
 
 

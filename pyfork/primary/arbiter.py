@@ -59,6 +59,7 @@ PARK_TABLE_MAX = 65536
 
 EXIT_OK, EXIT_INTERNAL, EXIT_STARTUP, EXIT_GAVE_UP = 0, 1, 2, 3
 TAG_WAKEUP = 0                           # the control socket uses tags >= 1 (pyfork.primary.control)
+PULL_ENV = "PYFORK_PULL"                 # "0": no pull (see _make_dispatcher)
 TICK = 1.0                               # heartbeat check period (the worker ticks every 1 s)
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1)
@@ -271,6 +272,12 @@ class Arbiter:
         if cfg.policy in ("rr", "least"):
             for fd in self.listeners.fds():
                 self.disp.add_listener(fd)
+            # When no worker can start a new connection, leave it in the kernel's queue for
+            # the first worker that frees room (they inherit the listeners): no accept and
+            # sendmsg here per connection under a saturating load (csrc/dispatch_send.c).
+            # PYFORK_PULL=0 turns it off (A/B measurements, the prefetch tests).
+            if os.environ.get(PULL_ENV, "1") != "0":
+                self.disp.set_pull(True)
         self.wake = Wakeup()
         self.disp.watch(self.wake.r, TAG_WAKEUP)
         self.channels = WorkerChannels(self.backend, self.events, self._feed)

@@ -4,7 +4,9 @@ Theory of operation. The primary binds every address once, before any fork, so a
 unbindable address is a startup error (exit 2) and not a crash loop. What happens next
 depends on the dispatch policy:
 
-* ``rr`` / ``least``: the dispatcher accepts on these sockets; workers get none.
+* ``rr`` / ``least``: the dispatcher accepts on these sockets. Workers inherit them too, and
+  accept from them only while the dispatcher says so (pf_slot.pull: no worker could start a
+  new connection, so it is left in the kernel's queue for the first one that frees room).
 * ``shared``: every worker inherits every listener and the kernel picks (Node SCHED_NONE).
 * ``reuseport``: each worker *slot* gets its own SO_REUSEPORT group member. Slot 0 uses
   the sockets bound at startup; the others bind the same real port on first use and keep
@@ -44,6 +46,18 @@ def _url(addr: BindAddr, fd: int) -> str:
         return f"unix:{name if isinstance(name, str) else name.decode(errors='replace')}"
     host, port = name[0], name[1]
     return f"http://[{host}]:{port}" if fam == socket.AF_INET6 else f"http://{host}:{port}"
+
+
+def _stop_listening(fd: int) -> None:
+    """shutdown() of a listening socket takes it out of the listening state for every fd
+    that shares it (Linux: later connects are refused, accept() fails with EINVAL)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
 
 
 def _bound_port(fd: int) -> int:
@@ -111,25 +125,22 @@ class Listeners:
                 + [fd for fds in self.by_slot.values() for fd in fds])
 
     def for_slot(self, slot: int) -> List[int]:
-        """The listeners a worker in ``slot`` accepts on ([] when the primary accepts).
+        """The listeners a worker in ``slot`` accepts on (rr/least: during a pull only).
         Raises OSError when a reuseport slot's sockets cannot be created."""
-        pol = self.policy
-        if pol == "shared":
+        if self.policy != "reuseport":
             return self.fds()
-        if pol == "reuseport":
-            fds = self.by_slot.get(slot)
-            if fds is None:
-                fds = []
-                try:
-                    for (addr, _, _), port in zip(self.bound, self.ports):
-                        fds.append(self._listen(addr, reuseport=True, port=port))
-                except OSError:
-                    for fd in fds:
-                        os.close(fd)
-                    raise
-                self.by_slot[slot] = fds
-            return fds
-        return []
+        fds = self.by_slot.get(slot)
+        if fds is None:
+            fds = []
+            try:
+                for (addr, _, _), port in zip(self.bound, self.ports):
+                    fds.append(self._listen(addr, reuseport=True, port=port))
+            except OSError:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            self.by_slot[slot] = fds
+        return fds
 
     def release_slot(self, slot: int) -> None:
         """reuseport: a slot with no worker must not keep a listener in the SO_REUSEPORT
@@ -142,12 +153,16 @@ class Listeners:
             self.bound = [(a, -1 if fd in fds else fd, ad) for a, fd, ad in self.bound]
 
     def close(self) -> None:
-        """Closes every listener we own and unlinks unix socket paths."""
+        """Closes every listener we own and unlinks unix socket paths. rr/least: shuts each
+        one down first, because the workers hold copies (for a pull): with only ours closed
+        it would go on listening, and queueing connections, until the last worker exits."""
         for slot in list(self.by_slot):
             self.release_slot(slot)
         for addr, fd, adopted in self.bound:
             if adopted or fd < 0:
                 continue   # fd://N stays the caller's; -1 = closed with its reuseport slot
+            if self.policy in ("rr", "least"):
+                _stop_listening(fd)
             os.close(fd)
             if addr.kind == "unix":
                 try:

@@ -72,8 +72,8 @@ class StatusCollector:
         for slot, n in totals["requests"].items():
             req.add_metric([slot], n)
         yield req
-        yield CounterMetricFamily("pyfork_connections", "Connections accepted: by the primary (rr, least) "
-                                  "or by the workers themselves (shared, reuseport)",
+        yield CounterMetricFamily("pyfork_connections", "Connections accepted: by the primary (rr, least; "
+                                  "but during a pull) or by the workers themselves",
                                   value=disp.get("accepted", 0) + totals.get("worker_accepted", 0))
         yield GaugeMetricFamily("pyfork_dispatch_pending", "Connections accepted and not yet sent to a worker",
                                 value=disp.get("pending", 0))
@@ -82,6 +82,9 @@ class StatusCollector:
                                 "long request)", value=disp.get("parked", 0))
         yield CounterMetricFamily("pyfork_backpressure", "Times a worker was skipped because it was full",
                                   value=disp.get("busy_skips", 0))
+        yield CounterMetricFamily("pyfork_pulls", "Times no worker could start a new connection, so the "
+                                  "primary (rr, least) left it and the next ones to the workers to accept",
+                                  value=disp.get("pulls", 0))
         yield CounterMetricFamily("pyfork_fd_exhaustion", "accept() failures for lack of file descriptors "
                                   "(EMFILE/ENFILE)", value=disp.get("fd_exhaustion", 0))
         states = {s: 0 for s in WORKER_STATES}

@@ -8,8 +8,8 @@ primary-side atexit/finalizer runs twice. ``main``:
 1. fork hygiene (``_hygiene``): clear the wakeup fd and the primary's signal
    handlers; close every fd the primary opened after it started (sibling
    channels, the held peer ends, the dispatcher's epoll, the control socket,
-   accepted fds pending in the primary) except this worker's channel and, for
-   ``shared`` / ``reuseport``, its listeners; PR_SET_PDEATHSIG(SIGKILL) then a
+   accepted fds pending in the primary) except this worker's channel and its
+   listeners (every policy: rr/least accept on them during a pull); PR_SET_PDEATHSIG(SIGKILL) then a
    getppid() check, so a worker never outlives its primary (channel EOF is the
    second line of defence). Before the primary's listeners are closed their
    address family is read once: when they all share one, the Worker builds the
@@ -95,8 +95,8 @@ def _hygiene(spec) -> Optional[int]:
         signal.signal(sig, signal.SIG_DFL)
     # The primary runs SCHED_BATCH (pyfork.primary.sched); the app runs as the user started it.
     sched.restore_after_fork()
-    # Every connection this worker gets was accepted on one of these (rr/least: the
-    # primary's; shared/reuseport: ours): read their family while they are open.
+    # Every connection this worker gets was accepted on one of these (the primary's, or
+    # for reuseport our own): read their family while they are open.
     family = _listener_family(spec.listeners or spec.listener_fds)
     # 2. fds: everything the primary opened since it started, except ours.
     keep = {0, 1, 2, spec.chan, *spec.listeners}

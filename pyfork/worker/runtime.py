@@ -9,14 +9,17 @@ tick/draining/fileno/wakeup_fd/tcp_cork...) and what ``pyfork.worker.current()``
 returns (id, pid, send, on_message). READY goes over the channel when the interface
 first asks for connections (fileno/take/tick), or when it calls ``ready()``.
 
-With ``rr``/``least`` connections arrive as MSG_CONN on the channel and
-``fileno()`` is the channel. With ``shared``/``reuseport`` the worker accepts
-for itself: ``fileno()`` is a private epoll fd watching the channel and the
-listeners, so one readable fd covers both (epoll fds are pollable). It accepts
-only what it can start (_accept_room), counted on its line (conn_accepted: the
-primary's view of what is open, and fresh, so no parked connection is sent to it
-meanwhile); idle kept-alive connections it hands back (park) return through the
-channel.
+With ``rr``/``least`` connections arrive as MSG_CONN on the channel, but for a
+pull: while the primary has set ``pull`` on our scoreboard line (no worker could
+start a new connection, so it left it in the kernel's queue), we accept from the
+listeners we inherited whenever we have room. With ``shared``/``reuseport`` the
+worker always accepts for itself. Either way ``fileno()`` is a private epoll fd
+watching the channel and, while we accept, the listeners, so one readable fd covers
+both (epoll fds are pollable); without listeners (a bare runtime) it is the channel.
+A worker accepts only what it can start (_accept_room), counted on its line
+(conn_accepted: the primary's view of what is open, and fresh, so no parked
+connection is sent to it meanwhile); idle kept-alive connections it hands back
+(park) return through the channel.
 
 A worker takes from its channel only what it can start: at most its free
 capacity (``set_capacity``, declared by the interface before READY: 1 for the
@@ -60,7 +63,7 @@ import time
 from typing import Callable, List, Optional
 
 from pyfork import _api
-from pyfork.scoreboard import PARK_OFF_WORD
+from pyfork.scoreboard import PARK_OFF_WORD, PULL_WORD
 from pyfork.serve import connlimits
 
 log = logging.getLogger("pyfork.worker")
@@ -264,6 +267,11 @@ class Worker:
         self._board = board_slot
         self._policy = policy
         self._self_accept = policy in ("shared", "reuseport")
+        # rr/least: the primary accepts, but while it sets our line's pull (no worker could
+        # start a new connection) we accept from the listeners we inherited whenever we have
+        # room (csrc/dispatch_send.c, pf__pull_start). Either way we hold an epoll of them.
+        self._pulls = not self._self_accept and bool(listeners)
+        self._accepts = self._self_accept or self._pulls
         self._max_requests = max_requests
         self._recycle_sent = False
         self._ready_sent = False
@@ -301,12 +309,12 @@ class Worker:
         self._line_words = board_slot.line.cast("B").cast("I")
         # Per take(): a backend Receiver (set up once; None, not BlockingIOError, when empty).
         self._recv = backend.Receiver(chan).recv
-        if self._self_accept:
+        if self._accepts:
             self._ep = select.epoll()
             self._ep.register(chan, select.EPOLLIN)
             for ls in self._listeners:
                 ls.setblocking(False)
-            self._set_listening(True)
+            self._set_listening(self._self_accept)
 
     # ---- runtime contract (pyfork.serve.runtime.Runtime documents each member) ------
     def ready(self) -> None:
@@ -329,7 +337,7 @@ class Worker:
 
     def take(self) -> List[socket.socket]:
         socks = self._sockets(self._take())     # fds from the channel
-        if self._self_accept:
+        if self._accepts:
             self._accept_or_sweep(socks, len(socks))    # and sockets from our own accept()
         return socks
 
@@ -338,7 +346,7 @@ class Worker:
         no syscall), or, accepting for ourselves, when our last accept() filled its budget (so
         the backlog may hold more): a sync interface that is free again takes the next one
         without going back to its selector."""
-        if self._self_accept and self._backlog_more and self._listening:
+        if self._accepts and self._backlog_more and self._listening:
             return True           # the last accept() filled its budget: try the backlog again
         return self._board.queued()
 
@@ -346,7 +354,7 @@ class Worker:
         """take(), with each connection as a bare fd that the caller now owns: for an
         interface that builds its own connection object (ASGI on uvloop), so no socket
         object is made and detached per connection. ``conn_family`` says what they are."""
-        if self._self_accept:
+        if self._accepts:
             out = self._take()          # first: a DRAIN read here makes the sweep due
             socks: list = []
             self._accept_or_sweep(socks, len(out))
@@ -372,7 +380,10 @@ class Worker:
         if self._sweep_due:
             self._final_sweep(out)
         elif self._listening and not self.draining:
-            self._accept(out, have)
+            if self._may_accept():
+                self._accept(out, have)
+            else:
+                self._set_listening(False)      # the primary's pull is over
 
     def _sockets(self, fds: List[int]) -> List[socket.socket]:
         cls = self._conn_cls
@@ -393,7 +404,7 @@ class Worker:
         self._open -= n
         if self._writer.conn_closed(n):
             self._send(self._b.MSG_CREDIT, wait=0.0)
-        if self._self_accept and not self._listening:
+        if self._accepts and not self._listening and self._may_accept():
             self._resume_accepting(time.monotonic())
 
     def park(self, fds: List[int]) -> int:
@@ -450,7 +461,7 @@ class Worker:
         # asked for a CREDIT (want_credit) and may have stopped accepting.
         if self._request_done():
             self._send(self._b.MSG_CREDIT, wait=0.0)
-        if self._self_accept and not self._listening:     # room to accept again
+        if self._accepts and not self._listening and self._may_accept():   # room to accept again
             self._resume_accepting(time.monotonic())
         if self._max_requests and self.handled >= self._max_requests and not self._recycle_sent:
             self._recycle_sent = True
@@ -484,8 +495,11 @@ class Worker:
         rejected = connlimits.take_rejections()
         if rejected:    # --limit-concurrency 503s: one message per tick, never per request
             self._ctl({"rejected": rejected})
-        if self._self_accept and not self._listening:
-            self._resume_accepting(now)
+        if self._accepts:
+            if not self._listening:
+                self._resume_accepting(now)
+            elif not self._may_accept():
+                self._set_listening(False)      # the primary's pull is over
 
     def set_capacity(self, capacity: int) -> None:
         """Declares how many requests this worker can run at once (the interface's
@@ -540,8 +554,14 @@ class Worker:
             return min(ACCEPT_BATCH, self._capacity - self._board.active)
         return MAX_OPEN - self._open
 
+    def _may_accept(self) -> bool:
+        """shared/reuseport: always; rr/least: while the primary's pull is on (one word
+        of our scoreboard line, no syscall)."""
+        return self._self_accept or self._line_words[PULL_WORD] != 0
+
     def _resume_accepting(self, now: float) -> None:
-        if not self.draining and now >= self._accept_paused_until and self._accept_room() > 0:
+        if (not self.draining and now >= self._accept_paused_until and self._may_accept()
+                and self._accept_room() > 0):
             self._set_listening(True)
 
     def _accept(self, out: list, have: int) -> None:
@@ -598,6 +618,11 @@ class Worker:
             if len(out) > n:
                 self._open += len(out) - n
                 self._conn_accepted(len(out) - n)     # counted as open, as any accepted one
+        self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        """Stop listening and drop our copies: once the primary closes its own at a stop,
+        nothing may keep the sockets listening."""
         self._set_listening(False)
         for acc in self._acceptors:
             acc.close()
@@ -611,6 +636,9 @@ class Worker:
             return
         self.draining = True
         self._sweep_due = self._self_accept
+        if self._pulls:
+            # The primary and the other workers keep the backlog: no sweep here.
+            self._close_listeners()
 
     def _read_channel(self, out: list) -> None:
         b = self._b
