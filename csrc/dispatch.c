@@ -333,10 +333,10 @@ int pf_dispatcher_set_state(pf_dispatcher *d, int slot, int state)
     if (state == PF_WORKER_READY)
         d->n_ready++;
     w->state = state;
-    /* A worker that joins during a pull pulls too: the primary does not accept
-     * meanwhile, and an idle newcomer would otherwise wait for the others. */
+    /* A worker that joins during a pull ends it: it can start a connection,
+     * and asleep on its channel it would not see a pull word until its tick. */
     if (state == PF_WORKER_READY && d->pulling)
-        __atomic_store_n(&d->board[slot].pull, 1, __ATOMIC_RELAXED);
+        pf__pull_end(d);
     return 0;
 }
 

@@ -174,9 +174,8 @@ static void pf__on_listener(pf_dispatcher *d, int fd)
     /* Left the poll set earlier in this batch (pause, stall): not now. */
     if (l == NULL || !l->in_poll || !d->accepting)
         return;
-    if (d->pull_on && d->pcount == 0 && !pf__anyone_free(d)) {
-        pf__pull_start(d);      /* nobody can start it: the workers accept */
-        d->accepting = 0;
+    if (d->pull_on && d->pcount == 0 && pf__pull_start(d)) {
+        d->accepting = 0;       /* nobody can start it: the workers accept */
         return;
     }
     pf__accept_some(d, l, d->cfg.accept_batch);
@@ -410,9 +409,10 @@ static int64_t pf__wait_ns(const pf_dispatcher *d, uint64_t now, uint64_t deadli
     w = pf__sooner(w, now, d->recheck_ns);
     w = pf__sooner(w, now, d->takeback_ns);
     w = pf__sooner(w, now, pf__park_due_ns(d));
-    /* Stalled with someone who could take, or pulling: poll for freed room, not spin. */
-    if (((d->pcount > 0 && d->n_ready > 0) || d->pulling) &&
-        (w < 0 || w > (int64_t)pf__ms_to_ns(PF__RECHECK_MS)))
+    if (d->pulling)
+        w = pf__sooner(w, now, d->pull_look_ns);    /* pf__pull_over's next look */
+    /* Stalled with someone who could take: poll for freed room, not spin. */
+    if (d->pcount > 0 && d->n_ready > 0 && (w < 0 || w > (int64_t)pf__ms_to_ns(PF__RECHECK_MS)))
         w = (int64_t)pf__ms_to_ns(PF__RECHECK_MS);
     return w;
 }

@@ -263,13 +263,27 @@ static int pf__candidate(const pf_dispatcher *d, int s)
     return w->state == PF_WORKER_READY && w->blocked == PF__BLK_NONE;
 }
 
-/* 1 when some worker can start a connection now. A look, no CREDIT asked. */
-int pf__anyone_free(const pf_dispatcher *d)
+/* 1 when there are workers and each one's declared capacity is taken by its
+ * work (queued + fresh + running): none can start a connection, and it is
+ * the work that stops them, not the open-connection cap (a worker held back
+ * by the cap, or with no declared capacity, keeps the ring's behaviour: a
+ * pull would end at once, as the load looks gone, and start again). A look,
+ * no CREDIT asked. */
+static int pf__all_full(const pf_dispatcher *d)
 {
-    for (int s = 0; s < d->hi; s++)
-        if (pf__candidate(d, s) && pf__free(d, s) > 0)
-            return 1;
-    return 0;
+    int n = 0;
+
+    for (int s = 0; s < d->hi; s++) {
+        uint32_t cap;
+
+        if (!pf__candidate(d, s))
+            continue;
+        cap = __atomic_load_n(&d->board[s].capacity, __ATOMIC_ACQUIRE);
+        if (cap == 0 || (int64_t)cap - pf__work(d, s) > 0)
+            return 0;
+        n++;
+    }
+    return n > 0;
 }
 
 /* Pulling: 1 when it is no longer needed, looked at every PF__RECHECK_MS:
@@ -319,6 +333,8 @@ int pf__pull_over(pf_dispatcher *d, uint64_t now)
  * it in the kernel's queue and set pull on every line: a worker watches the
  * listeners (it inherits them) while pull is set and it has room, so the first
  * one to free room accepts it, and the next, as gunicorn's sync workers do.
+ * Only when every worker is full by its declared capacity (pf__all_full).
+ * Returns 1 when the pull started.
  * The primary stops polling the listeners meanwhile and looks every
  * PF__RECHECK_MS: the pull ends once the load is gone (pf__pull_over; at
  * light load the primary dispatches, round robin, as before), at once if
@@ -326,15 +342,27 @@ int pf__pull_over(pf_dispatcher *d, uint64_t now)
  * wait behind what the workers accept), and at a stop. A worker that accepts
  * just after a pull ended is harmless: the kernel gives each connection to
  * one accept(). */
-void pf__pull_start(pf_dispatcher *d)
+int pf__pull_start(pf_dispatcher *d)
 {
-    d->pulling = 1;
-    d->st.pulls++;
-    d->pull_look_ns = pf__now_ns() + pf__ms_to_ns(PF__RECHECK_MS);
+    if (!pf__all_full(d))
+        return 0;
     for (int s = 0; s < d->hi; s++) {
         d->workers[s].idle_mark = 0;
         __atomic_store_n(&d->board[s].pull, 1, __ATOMIC_RELAXED);
     }
+    /* A worker that finished a request just before the stores would look at
+     * pull only before them, and sleep with only its channel watched: store,
+     * fence, look again, as pf__room's CREDIT handshake (the worker stores
+     * active or fresh, fences in slot.c, then reads pull). */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (!pf__all_full(d)) {
+        pf__pull_end(d);
+        return 0;
+    }
+    d->pulling = 1;
+    d->st.pulls++;
+    d->pull_look_ns = pf__now_ns() + pf__ms_to_ns(PF__RECHECK_MS);
+    return 1;
 }
 
 void pf__pull_end(pf_dispatcher *d)

@@ -214,9 +214,8 @@ void pf__clear_retry(pf_dispatcher *d);
 int pf__chan_events(pf_dispatcher *d, int slot, uint32_t events);
 void pf__take_back_due(pf_dispatcher *d, uint64_t now);
 void pf__forget_credits(pf_dispatcher *d);
-int pf__anyone_free(const pf_dispatcher *d);
 int pf__pull_over(pf_dispatcher *d, uint64_t now);
-void pf__pull_start(pf_dispatcher *d);
+int pf__pull_start(pf_dispatcher *d);
 void pf__pull_end(pf_dispatcher *d);
 
 /* park.c */

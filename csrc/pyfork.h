@@ -131,7 +131,7 @@ typedef struct pf_slot {
     uint32_t park_off;      /* set by the primary once it is stopping: the worker hands
                                no more connections back (PF_MSG_PARK), park.c */
     uint32_t pull;          /* rr/least: set by the primary while it leaves new connections
-                               in the kernel's queue because no worker could start one;
+                               in the kernel's queue because every worker was full;
                                meanwhile a worker with room accepts from the listeners
                                itself (dispatch_send.c, pf__pull_start) */
     uint64_t sent;          /* connections the primary has put in this worker's channel
@@ -293,9 +293,10 @@ int pf_dispatcher_run(pf_dispatcher *d, int timeout_ms, pf_event *ev, int max_ev
 int pf_dispatcher_set_parking(pf_dispatcher *d, int max_parked, int idle_timeout_ms);
 
 /* Pull (dispatch_send.c, pf__pull_start): on (1), a new connection that no
- * worker can start is left in the kernel's queue and pf_slot.pull is set on
- * every line, for workers that hold the listeners and accept from them while
- * it is set and they have room. Off (0, the default), such a connection is
+ * worker can start, every one being full by its declared capacity, is left in
+ * the kernel's queue and pf_slot.pull is set on every line, for workers that
+ * hold the listeners and accept from them while it is set and they have room.
+ * Off (0, the default; turning it off ends a pull), such a connection is
  * accepted and waits in the ring or is prefetched, for workers that only read
  * their channel. Returns 0 or -EINVAL. */
 int pf_dispatcher_set_pull(pf_dispatcher *d, int on);

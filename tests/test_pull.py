@@ -101,8 +101,8 @@ def test_without_pull_the_primary_accepts_and_holds_it(backend, ends):
 
 
 def test_a_parked_request_waiting_in_the_ring_ends_the_pull(backend, ends):
-    """Something waits in the primary (here: a connection a removed worker's queue gave
-    back): the workers must not go on accepting new ones ahead of it."""
+    """Something waits in the primary (here: a parked connection's next request, in the
+    ring): the workers must not go on accepting new ones ahead of it."""
     import struct
     from pyfork.scoreboard import SLOT_SIZE
     e = ends(2)
@@ -125,9 +125,10 @@ def test_a_parked_request_waiting_in_the_ring_ends_the_pull(backend, ends):
     conn.close()
 
 
-def test_a_worker_that_becomes_ready_during_a_pull_pulls_too(backend, ends):
-    """A replacement's line starts cleared; if it joined without pull set it would sit idle
-    while the primary, pulling, accepts nothing for it."""
+def test_a_worker_that_becomes_ready_during_a_pull_ends_it(backend, ends):
+    """A replacement that says READY during a pull can start a connection, but asleep on its
+    channel it would not look at its line until its tick: the pull ends, and the primary
+    sends it the connection."""
     e = ends(3)
     e.d.set_pull(True)
     e.d.set_draining(2)
@@ -136,11 +137,35 @@ def test_a_worker_that_becomes_ready_during_a_pull_pulls_too(backend, ends):
     _pump(e, lambda: e.d.stats()["pulls"] == 1, "a pull")
     _lines(e).slot(2).clear()                 # as add_worker leaves a new worker's line
     e.d.set_ready(2)
-    assert _lines(e).slot(2).pull == 1
-    conn = _accept_one(e.lfd)
-    conn.close()
+    assert [_lines(e).slot(s).pull for s in range(3)] == [0, 0, 0]
+    e.pump_until_dispatched(1)
+    held = [fd for m in e.take(2) for fd in m]
+    assert len(held) == 1 and e.d.stats()["pulls"] == 1
+    for fd in held:
+        os.close(fd)
     for x in w:
         x.request_finished()
+
+
+def test_no_pull_when_the_open_connection_cap_is_what_holds_the_workers(backend, ends):
+    """A worker with room for work but at its open-connection cap (idle kept-alive ones):
+    a pull would look over at once and start again; the connection waits in the ring."""
+    e = ends(1, max_inflight=1)
+    e.d.set_pull(True)
+    w = backend.SlotWriter(_lines(e).slot(0).line)
+    w.set_capacity(1)
+    e.connect()
+    e.pump_until_dispatched(1)
+    held = [fd for m in e.take(0) for fd in m]
+    w.conn_taken(1)                           # served one request, kept it open: idle, at the cap
+    w.request_started()
+    w.request_finished()
+    e.connect()
+    _pump(e, lambda: e.d.stats()["accepted"] == 2, "the second accept")
+    st = e.d.stats()
+    assert (st["pulls"], st["pending"]) == (0, 1), st
+    for fd in held:
+        os.close(fd)
 
 
 def test_set_pull_off_ends_a_pull(backend, ends):
@@ -207,24 +232,32 @@ def test_an_rr_worker_accepts_only_while_the_primary_pulls(backend):
 
 
 def test_with_default_options_busy_workers_accept_new_connections_themselves(tmp_path, backend):
-    """A real primary, defaults (rr), 2 workers: both blocked in a request, so a new client
-    cannot be started by anyone; the primary leaves it in the kernel's queue (a pull) instead
-    of accepting it. Once the hung workers are replaced (--timeout 2) the client is served."""
+    """A real primary, defaults (rr), 2 workers: one blocked for good, the other inside a
+    1.5 s request, so a new client cannot be started by anyone. The primary leaves it in the
+    kernel's queue (a pull), and the worker that finishes accepts it itself: its accepted
+    count rises, nothing was sent to it for that client, and the client is answered."""
     H.write_apps(tmp_path)
     ctl = str(tmp_path / "ctl.sock")
-    with H.Server(tmp_path, backend.BACKEND, "--control", ctl, "--timeout", "2") as srv:
+
+    def rows():
+        return {w["pid"]: w for w in control.request(ctl, {"cmd": "status"}, timeout=20)["workers"]}
+
+    with H.Server(tmp_path, backend.BACKEND, "--control", ctl) as srv:
         srv.start(ready=2)
-        blockers = []
-        for _ in range(2):
-            t = threading.Thread(target=_swallow, args=(srv.port, "/block"), daemon=True)
-            t.start()
-            blockers.append(t)
-            H.wait_until(lambda: (tmp_path / "blocked.pid").exists(), what="a blocked worker")
-            (tmp_path / "blocked.pid").unlink()
-        status, body = H.http_get(srv.port, "/")      # served once a worker is back
+        threading.Thread(target=_swallow, args=(srv.port, "/block"), daemon=True).start()
+        H.wait_until(lambda: (tmp_path / "blocked.pid").exists() and (tmp_path / "blocked.pid").read_text(),
+                     what="a blocked worker")
+        blocked = int((tmp_path / "blocked.pid").read_text())
+        threading.Thread(target=_swallow, args=(srv.port, "/sleep=1500"), daemon=True).start()
+        H.wait_until(lambda: all(r["active"] == 1 for r in rows().values()), what="both workers busy")
+        before = rows()
+        status, body = H.http_get(srv.port, "/")
         assert status == 200, body
-        st = control.request(ctl, {"cmd": "status"}, timeout=20)
-        assert st["dispatch"]["pulls"] >= 1, st["dispatch"]
+        after = rows()
+        other = [pid for pid in after if pid != blocked][0]
+        assert after[other]["accepted"] - before[other]["accepted"] == 1, (before, after)
+        assert after[other]["sent"] == before[other]["sent"]
+        assert control.request(ctl, {"cmd": "status"}, timeout=20)["dispatch"]["pulls"] >= 1
         srv.signal(signal.SIGQUIT)
         srv.wait()
 

@@ -281,7 +281,7 @@ class Dispatcher:
             d.n_ready += 1
         w.state = state
         if state == STATE_READY and d.pulling:
-            d.slots[slot].set_pull(True)    # a newcomer during a pull pulls too (dispatch.c)
+            pull_end(d)     # a newcomer can start one, and asleep it would not see the word
 
     def set_ready(self, slot):
         self._set_state(self._slot(slot), STATE_READY)

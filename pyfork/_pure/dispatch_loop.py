@@ -32,7 +32,7 @@ from pyfork._api import (
 )
 from pyfork._pure import park
 from pyfork._pure.dispatch_send import (
-    anyone_free, chan_events, clear_retry, flush, forget_credits, mark_gone, pull_end, pull_over, pull_start,
+    chan_events, clear_retry, flush, forget_credits, mark_gone, pull_end, pull_over, pull_start,
     take_back_due)
 from pyfork._pure.fdpass import HDR, HDR_SIZE, MSG_MAGIC, recv_on
 from pyfork._pure.internal import (
@@ -136,9 +136,8 @@ def _accept_some(d, lst, budget):
 def _on_listener(d, lst):
     if not lst.in_poll or not d.accepting:
         return
-    if d.pull_on and not d.pend and not anyone_free(d):
-        pull_start(d)       # nobody can start it: the workers accept
-        d.accepting = False
+    if d.pull_on and not d.pend and pull_start(d):
+        d.accepting = False     # nobody can start it: the workers accept
         return
     _accept_some(d, lst, d.cfg.accept_batch)
     flush(d)
@@ -291,11 +290,12 @@ def _wait(d, now, deadline):
     if d.more:
         return 0
     w = -1 if deadline is None else max(0.0, deadline - now)
-    for t in (d.pause_until, d.recheck_at, d.takeback_at, park.due(d)):
+    for t in (d.pause_until, d.recheck_at, d.takeback_at, park.due(d),
+              d.pull_look_at if d.pulling else 0.0):
         if t and (w < 0 or t - now < w):
             w = max(0.0, t - now)
-    # Stalled with someone who could take, or pulling: poll for freed room, not spin.
-    if ((d.pend and d.n_ready > 0) or d.pulling) and (w < 0 or w > RECHECK_S):
+    # Stalled with someone who could take: poll for freed room, not spin.
+    if d.pend and d.n_ready > 0 and (w < 0 or w > RECHECK_S):
         w = RECHECK_S
     return w
 

@@ -114,9 +114,19 @@ def _candidate(d, s):
     return w.state == STATE_READY and w.blocked == BLK_NONE
 
 
-def anyone_free(d):
-    """True when some worker can start a connection now. A look: no CREDIT asked."""
-    return any(_candidate(d, s) and _free(d, s) > 0 for s in range(d.hi))
+def _all_full(d):
+    """True when there are workers and each one's declared capacity is taken by its work:
+    none can start a connection, and not because of the open-connection cap
+    (csrc/dispatch_send.c pf__all_full says why). A look: no CREDIT asked."""
+    n = 0
+    for s in range(d.hi):
+        if not _candidate(d, s):
+            continue
+        cap = d.slots[s].capacity
+        if cap == 0 or cap - _work(d, s) > 0:
+            return False
+        n += 1
+    return n > 0
 
 
 def pull_over(d, now):
@@ -145,14 +155,21 @@ def pull_over(d, now):
 
 
 def pull_start(d):
-    """No worker can start a new connection: leave it in the kernel's queue, and let the
-    first worker that frees room accept it itself (csrc/dispatch_send.c says why)."""
-    d.pulling = True
-    d.st["pulls"] += 1
-    d.pull_look_at = time.monotonic() + RECHECK_S
+    """When every worker is full: leave the new connection in the kernel's queue, and let
+    the first worker that frees room accept it itself (csrc/dispatch_send.c says why).
+    True when the pull started."""
+    if not _all_full(d):
+        return False
     for s in range(d.hi):
         d.workers[s].idle_mark = 0
         d.slots[s].set_pull(True)
+    if not _all_full(d):     # look again after the stores (C fences here; pull_over covers us)
+        pull_end(d)
+        return False
+    d.pulling = True
+    d.st["pulls"] += 1
+    d.pull_look_at = time.monotonic() + RECHECK_S
+    return True
 
 
 def pull_end(d):

@@ -247,7 +247,8 @@ class Arbiter:
             worker_boot.preload(iface)     # what its workers import, shared copy-on-write
 
     def _bind(self) -> None:
-        self.listeners = Listeners(self.backend, self.cfg.policy, self.cfg.backlog)
+        self.listeners = Listeners(self.backend, self.cfg.policy, self.cfg.backlog,
+                                   pull=os.environ.get(PULL_ENV, "1") != "0")
         try:
             self.listeners.bind(self.cfg.bind)
         except BindError as e:
@@ -275,8 +276,9 @@ class Arbiter:
             # When no worker can start a new connection, leave it in the kernel's queue for
             # the first worker that frees room (they inherit the listeners): no accept and
             # sendmsg here per connection under a saturating load (csrc/dispatch_send.c).
-            # PYFORK_PULL=0 turns it off (A/B measurements, the prefetch tests).
-            if os.environ.get(PULL_ENV, "1") != "0":
+            # PYFORK_PULL=0 turns it off (A/B measurements), and the workers then get no
+            # listeners (Listeners.for_slot).
+            if self.listeners.pull:
                 self.disp.set_pull(True)
         self.wake = Wakeup()
         self.disp.watch(self.wake.r, TAG_WAKEUP)
@@ -446,6 +448,9 @@ class Arbiter:
             return                  # closed already (a stop that escalated)
         urls, kept = self.listeners.url_list(), self.listeners.adopted_urls()
         if self.disp is not None and self.cfg.policy in ("rr", "least"):
+            # No more pulls: a worker woken by the shut-down listener sees the word off and
+            # stops watching it (a unix listener stays readable, with accept() at EAGAIN).
+            self.disp.set_pull(False)
             for fd in self.listeners.fds():
                 self.disp.remove_listener(fd)
         self.listeners.close()

@@ -6,7 +6,8 @@ depends on the dispatch policy:
 
 * ``rr`` / ``least``: the dispatcher accepts on these sockets. Workers inherit them too, and
   accept from them only while the dispatcher says so (pf_slot.pull: no worker could start a
-  new connection, so it is left in the kernel's queue for the first one that frees room).
+  new connection, so it is left in the kernel's queue for the first one that frees room);
+  with PYFORK_PULL=0 they get none.
 * ``shared``: every worker inherits every listener and the kernel picks (Node SCHED_NONE).
 * ``reuseport``: each worker *slot* gets its own SO_REUSEPORT group member. Slot 0 uses
   the sockets bound at startup; the others bind the same real port on first use and keep
@@ -50,7 +51,9 @@ def _url(addr: BindAddr, fd: int) -> str:
 
 def _stop_listening(fd: int) -> None:
     """shutdown() of a listening socket takes it out of the listening state for every fd
-    that shares it (Linux: later connects are refused, accept() fails with EINVAL)."""
+    that shares it: later connects are refused (TCP: accept() then fails with EINVAL; a
+    unix listener stays readable with accept() at EAGAIN, so the primary ends any pull
+    first and the workers stop watching it)."""
     sock = socket.socket(fileno=fd)
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -71,10 +74,11 @@ def _bound_port(fd: int) -> int:
 class Listeners:
     """Every listening socket of one primary, and which of them each worker slot inherits."""
 
-    def __init__(self, backend, policy: str, backlog: int = BACKLOG):
+    def __init__(self, backend, policy: str, backlog: int = BACKLOG, pull: bool = True):
         self.backend = backend
         self.policy = policy
         self.backlog = backlog
+        self.pull = pull                            # rr/least: workers get them, to pull
         self.bound: List[tuple] = []                # (BindAddr, fd, adopted); -1: closed with its slot
         self.by_slot: Dict[int, List[int]] = {}     # reuseport: logical slot -> fds
         self.ports: List[int] = []                  # reuseport: the real port of each address
@@ -127,6 +131,8 @@ class Listeners:
     def for_slot(self, slot: int) -> List[int]:
         """The listeners a worker in ``slot`` accepts on (rr/least: during a pull only).
         Raises OSError when a reuseport slot's sockets cannot be created."""
+        if self.policy in ("rr", "least"):
+            return self.fds() if self.pull else []
         if self.policy != "reuseport":
             return self.fds()
         fds = self.by_slot.get(slot)

@@ -134,8 +134,8 @@ class LoopDriver:
         if self.draining:
             return
         self.draining = True
-        # Stop watching: after draining take() returns [] forever, and for the shared
-        # policy rt.fileno() covers the listening sockets, which could stay readable and spin.
+        # Stop watching: after draining take() returns [] forever, and rt.fileno() may cover
+        # the listening sockets (shared, reuseport, an rr pull), which could stay readable and spin.
         self.loop.remove_reader(self._fileno)
         if self.on_drain is not None:
             self.on_drain()

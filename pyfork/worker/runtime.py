@@ -337,7 +337,7 @@ class Worker:
 
     def take(self) -> List[socket.socket]:
         socks = self._sockets(self._take())     # fds from the channel
-        if self._accepts:
+        if self._listening or self._sweep_due:
             self._accept_or_sweep(socks, len(socks))    # and sockets from our own accept()
         return socks
 
@@ -354,15 +354,14 @@ class Worker:
         """take(), with each connection as a bare fd that the caller now owns: for an
         interface that builds its own connection object (ASGI on uvloop), so no socket
         object is made and detached per connection. ``conn_family`` says what they are."""
-        if self._accepts:
-            out = self._take()          # first: a DRAIN read here makes the sweep due
-            socks: list = []
-            self._accept_or_sweep(socks, len(out))
-            return out + [conn.detach() for conn in socks]
         if not self._ready_sent:
             self.ready()
         out: List[int] = []       # _take() inlined: this runs per channel wake-up
-        self._read_channel(out)
+        self._read_channel(out)   # first: a DRAIN read here makes the sweep due
+        if self._listening or self._sweep_due:
+            socks: list = []
+            self._accept_or_sweep(socks, len(out))
+            out += [conn.detach() for conn in socks]
         return out
 
     def _take(self) -> List[int]:
@@ -404,7 +403,7 @@ class Worker:
         self._open -= n
         if self._writer.conn_closed(n):
             self._send(self._b.MSG_CREDIT, wait=0.0)
-        if self._accepts and not self._listening and self._may_accept():
+        if not self._listening and self._accepts and self._may_accept():
             self._resume_accepting(time.monotonic())
 
     def park(self, fds: List[int]) -> int:
@@ -461,7 +460,7 @@ class Worker:
         # asked for a CREDIT (want_credit) and may have stopped accepting.
         if self._request_done():
             self._send(self._b.MSG_CREDIT, wait=0.0)
-        if self._accepts and not self._listening and self._may_accept():   # room to accept again
+        if not self._listening and self._accepts and self._may_accept():   # room to accept again
             self._resume_accepting(time.monotonic())
         if self._max_requests and self.handled >= self._max_requests and not self._recycle_sent:
             self._recycle_sent = True
