@@ -71,7 +71,8 @@ HIST_BUCKETS = len(HIST_BOUNDS_NS) + 1
 if sys.byteorder != "little":  # the layout is documented as little-endian
     raise ImportError("pyfork.scoreboard supports little-endian hosts only")
 
-__all__ = ["FRESH_MS", "PARK_OFF_WORD", "PULL_WORD", "SENT_QWORD", "SLOT_SIZE", "HIST_BOUNDS_NS", "HIST_BUCKETS", "Scoreboard", "SlotView"]
+__all__ = ["FRESH_MS", "PARK_OFF_WORD", "PULL_WORD", "SENT_QWORD", "SLOT_SIZE", "HIST_BOUNDS_NS",
+           "HIST_BUCKETS", "Scoreboard", "SlotView"]
 
 
 class Scoreboard:

@@ -74,7 +74,8 @@ def test_new_connections_go_to_the_idle_worker_while_the_other_is_busy(apps, bac
         assert pids == idle * 12, pids
         after = _workers(ctl)
         # nothing queued at the busy one, nor accepted by it
-        assert (after[busy]["sent"], after[busy]["accepted"]) == (before[busy]["sent"], before[busy]["accepted"])
+        assert ((after[busy]["sent"], after[busy]["accepted"])
+                == (before[busy]["sent"], before[busy]["accepted"]))
         # each of the 12 connections reached the idle worker once, and was served once: sent by
         # the primary, or (rr's pull: none could start it when it came) accepted by the worker
         got = {k: after[idle[0]][k] - before[idle[0]][k] for k in ("sent", "accepted")}

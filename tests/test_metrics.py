@@ -45,7 +45,8 @@ def test_metrics_parse_and_name_the_contract(apps, backend, policy):
         m = O.scrape(url)
         names = {n for n, _ in m}
         for name in ("pyfork_requests_total", "pyfork_connections_total", "pyfork_dispatch_pending",
-                     "pyfork_backpressure_total", "pyfork_pulls_total", "pyfork_fd_exhaustion_total", "pyfork_workers",
+                     "pyfork_backpressure_total", "pyfork_pulls_total", "pyfork_fd_exhaustion_total",
+                     "pyfork_workers",
                      "pyfork_worker_restarts_total", "pyfork_inflight", "pyfork_busy_seconds_total",
                      "pyfork_worker_rss_bytes", "process_resident_memory_bytes", "process_cpu_seconds_total"):
             assert name in names, name

@@ -130,7 +130,8 @@ class State:
     __slots__ = (
         "cfg", "least", "pause_s", "ep", "reserve", "reserve_wanted", "map", "view", "board",
         "slots", "workers", "by_chan", "hi", "n_ready", "rr_next", "n_hup", "listeners",
-        "watches", "pend", "accepting", "stopping", "pull_on", "pulling", "pull_look_at", "drained", "drained_unreported",
+        "watches", "pend", "accepting", "stopping", "pull_on", "pulling", "pull_look_at", "drained",
+        "drained_unreported",
         "more", "pause_until", "recheck_at", "n_behind", "takeback_at", "rescue_wait", "n_asked",
         "out", "st", "park")
 
