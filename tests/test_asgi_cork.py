@@ -1,18 +1,22 @@
-"""TCP_CORK on ASGI connections served by `pyfork serve` (pyfork/serve/asgi.py).
+"""How ASGI responses leave the worker under `pyfork serve` (pyfork/serve/asgi.py,
+asgi_protocol.py): TCP_CORK, and one write per response.
 
 A connection whose response ends with a close is served corked, so the head, body
 and FIN leave together; everything a client waits for mid-exchange is not: keep-alive
 responses, the interim `100 Continue`, and the parts of a streaming response. The app
 below reads its own socket's TCP_CORK (found through /proc/self/fd by the client's
 address) while it serves, so each case is asserted on the option itself, never on
-timing. Runs the real supervisor and worker runtime, with each backend, on uvloop and
-on asyncio's own loop.
+timing. A kept-alive response's head and body leave in one write: the client counts
+the data segments it received (TCP_INFO), and a head whose body comes only later still
+leaves at once. Runs the real supervisor and worker runtime, with each backend, on
+uvloop and on asyncio's own loop.
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -45,6 +49,19 @@ APP = textwrap.dedent('''
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
+            return
+        if scope["path"] == "/late":
+            # The head first; the body once the client, which waits for the head before
+            # it sends its request body, has sent it.
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"4")]})
+            got = b""
+            while True:
+                msg = await receive()
+                got += msg.get("body", b"")
+                if not msg.get("more_body"):
+                    break
+            await send({"type": "http.response.body", "body": got + b"!"})
             return
         body = b""
         while True:
@@ -203,3 +220,41 @@ def test_no_cyclic_garbage_per_request(server, request):
     else:
         per_connection = (mid - before) / 101
         assert after - mid <= 2 * per_connection
+
+
+def _data_segments_in(sock) -> int:
+    """tcpi_data_segs_in of `sock` (Linux struct tcp_info): segments with data it received."""
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), 152)[0]
+
+
+@pytest.mark.usefixtures("fd_guard")
+def test_a_kept_alive_response_is_one_segment(server):
+    # uvicorn writes the head and the body apart: two segments a response. Here the
+    # body part goes out with the head it follows (asgi_protocol.head_with_body).
+    with socket.create_connection(("127.0.0.1", server), timeout=N.LIVENESS) as sock:
+        for _ in range(3):
+            before = _data_segments_in(sock)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, headers, body = N.read_response(sock)
+            assert status == 200 and json.loads(body) == {"cork": 0, "len": 0}
+            assert _data_segments_in(sock) - before == 1
+
+
+@pytest.mark.usefixtures("fd_guard")
+def test_a_head_whose_body_comes_later_is_not_held(server):
+    with socket.create_connection(("127.0.0.1", server), timeout=N.LIVENESS) as sock:
+        for _ in range(2):          # kept alive: the next request gets the same treatment
+            sock.sendall(b"POST /late HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:     # the app sends its body only after ours
+                chunk = sock.recv(1024)
+                assert chunk, head
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 200 ")
+            sock.sendall(b"abc")
+            body = head.partition(b"\r\n\r\n")[2]
+            while len(body) < 4:
+                chunk = sock.recv(1024)
+                assert chunk, body
+                body += chunk
+            assert body == b"abc!"

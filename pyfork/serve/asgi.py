@@ -19,7 +19,8 @@ What pyfork adds to uvicorn's protocol, in a subclass made once per worker:
     open WebSocket would make the worker look busy to the dispatcher for hours);
   * `connection_made` does what uvicorn's does with the addresses the transport
     saved instead of a socket object and two syscalls per connection
-    (asgi_protocol.connection_made); responses that end with a close go out corked
+    (asgi_protocol.connection_made); a response's head leaves in one write with its
+    first body part (asgi_protocol.head_with_body); responses that end with a close go out corked
     (asgi_protocol.corked): head, body and FIN in one TCP segment, on uvloop and on
     asyncio's own loop alike.
 On uvloop, connections are taken as bare fds (`rt.take_fds()`, `aio.AcceptedFd`):
@@ -422,6 +423,8 @@ class _Worker:
                 and hasattr(self.config.http_protocol_class, "on_headers_complete")):
             self.tcp_cork = rt.tcp_cork
         self.protocol_class = self._make_protocol_class(self.config.http_protocol_class)
+        if hasattr(self.protocol_class, "on_headers_complete"):    # httptools' protocol
+            self.protocol_class = asgi_protocol.head_with_body(self.protocol_class)
         if self.tcp_cork is not None:
             self.protocol_class = asgi_protocol.corked(self.protocol_class, self.tcp_cork)
 

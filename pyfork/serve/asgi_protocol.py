@@ -2,10 +2,12 @@
 (pyfork/serve/asgi.py builds the class once per worker).
 
 Theory of operation: these changes keep uvicorn's protocol and only cut per-connection
-cost. `connection_made(base)` sets up a connection the way uvicorn's does, minus a socket
-object and two syscalls, and with its two idle queues made small (`lean_queues`: ~1.4 kB
-less per open connection); `corked(base, tcp_cork)` serves a response that ends with a close
-on a corked socket. Each says why, and what it refuses to hold back, in its docstring.
+and per-request cost. `connection_made(base)` sets up a connection the way uvicorn's does,
+minus a socket object and two syscalls, and with its two idle queues made small
+(`lean_queues`: ~1.4 kB less per open connection); `head_with_body(base)` writes a
+response's head together with its first body part, one write instead of two;
+`corked(base, tcp_cork)` serves a response that ends with a close on a corked socket. Each
+says why, and what it refuses to hold back, in its docstring.
 Only uvicorn's public modules and the protocol's documented attributes are used; the
 supported uvicorn range is pinned in pyproject.toml and both ends are tested
 (.ci/uvicorn-versions).
@@ -119,6 +121,76 @@ def lean_queues(protocol) -> None:
     waiters = getattr(event, "_waiters", None)
     if type(waiters) is deque and not waiters:
         event._waiters = []
+
+
+def head_with_body(base):
+    """`base` (HttpToolsProtocol or a subclass) whose responses leave with their head and
+    first body part in one write.
+
+    Why: uvicorn writes a response's head (at `http.response.start`) and its body (at
+    `http.response.body`) with two transport writes, so a kept-alive hello world costs two
+    `send` calls, two TCP segments and two wake-ups of the client. Each request's cycle
+    gets a `_HeadWithBody` as its transport: it holds the head, and the body part that
+    follows goes out with it in one write. Measured (wrk -c32, keep-alive, 2 workers,
+    bench/README.md "One write per response"): ~1.3 x the requests per second, on
+    asyncio's loop and on uvloop. What it refuses to hold back: the head waits at most for
+    the end of the current loop iteration (a response whose body comes later, a stream,
+    gets its head at once, by a call_soon), and a request that expects `100 Continue`
+    keeps uvicorn's transport (its interim response goes out as it is written)."""
+    base_headers_complete = base.on_headers_complete
+
+    class HeadWithBodyProtocol(base):
+        def on_headers_complete(self):
+            before = self.cycle
+            base_headers_complete(self)
+            cycle = self.cycle
+            if cycle is not before and not self.expect_100_continue:
+                cycle.transport = _HeadWithBody(cycle, self.transport, self.loop)
+
+    HeadWithBodyProtocol.__name__ = HeadWithBodyProtocol.__qualname__ = base.__name__
+    return HeadWithBodyProtocol
+
+
+class _HeadWithBody:
+    """One response's transport, as uvicorn's request cycle uses it (`write`, `close`,
+    `is_closing`; anything else is the transport's): the first write (the head) is held
+    until the second (the first body part), then both go out as one write and the cycle
+    gets the transport itself back for the rest. A head still held at the end of the loop
+    iteration goes out alone; one whose connection was closed meanwhile (the app failed
+    after starting its response) is dropped with the connection."""
+
+    __slots__ = ("_cycle", "_transport", "_loop", "_head", "close", "is_closing")
+
+    def __init__(self, cycle, transport, loop):
+        self._cycle = cycle
+        self._transport = transport
+        self._head = None          # bytes while held; b"" once written
+        self.close = transport.close
+        self.is_closing = transport.is_closing
+        self._loop = loop
+
+    def write(self, data) -> None:
+        head = self._head
+        if head is None:
+            self._head = data
+            self._loop.call_soon(self._flush)
+            return
+        self._head = b""
+        self._cycle.transport = transport = self._transport
+        transport.write(head + data)
+
+    def _flush(self) -> None:
+        head = self._head
+        if head:
+            self._head = b""
+            self._cycle.transport = transport = self._transport
+            if not transport.is_closing():
+                transport.write(head)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._transport, name)
 
 
 def corked(base, tcp_cork):
