@@ -79,12 +79,17 @@ def _check(rc):
 
 # ---- messages ---------------------------------------------------------------
 
+# The 64 kB payload buffers are allocated without zeroing: only the bytes a message
+# brings are ever read, and a zeroed buffer is 16 pages a worker writes (and so owns,
+# unshared) before its first message has a payload.
+_new_unzeroed = _ffi.new_allocator(should_clear_after_alloc=False)
+
 class _Buffers(_threading.local):
     """recv/send scratch space, one set per thread, allocated on first use."""
 
     def __init__(self):
         self.hdr = _ffi.new("pf_msg_hdr *")
-        self.payload = _ffi.new("char[]", MAX_PAYLOAD)
+        self.payload = _new_unzeroed("char[]", MAX_PAYLOAD)
         self.fds = _ffi.new("int[]", MAX_FDS)
 
 
@@ -134,7 +139,7 @@ class Receiver:
         self._fd = _index("fd", fd)
         self._max_fds = _ranged("max_fds", max_fds, 0, MAX_FDS)
         self._hdr = _ffi.new("pf_msg_hdr *")
-        self._payload = _ffi.new("char[]", MAX_PAYLOAD)
+        self._payload = _new_unzeroed("char[]", MAX_PAYLOAD)
         self._fds = _ffi.new("int[]", MAX_FDS)
 
     def recv(self):
