@@ -124,23 +124,25 @@ def lean_queues(protocol) -> None:
 
 
 def head_with_body(base):
-    """`base` (HttpToolsProtocol or a subclass) whose responses leave with their head and
-    first body part in one write.
+    """`base` (HttpToolsProtocol or a subclass) whose kept-alive responses leave with their
+    head and first body part in one write.
 
     Why: uvicorn writes a response's head (at `http.response.start`) and its body (at
     `http.response.body`) with two transport writes, so a kept-alive hello world costs two
-    `send` calls, two TCP segments and two wake-ups of the client. Each request's cycle
-    gets a `_HeadWithBody` as its transport: it holds the head, and the body part that
+    `send` calls, two TCP segments and two wake-ups of the client. Each such request's
+    cycle gets a `_HeadWithBody` as its transport: it holds the head, and the body part that
     follows goes out with it in one write. Measured (wrk -c32, keep-alive, 2 workers,
-    bench/README.md "One write per response"): ~1.3 x the requests per second, on
+    bench/README.md "One write per response"): ~1.2-1.3 x the requests per second, on
     asyncio's loop and on uvloop. Only for a request that keeps the connection alive: a
     response that ends with a close is corked (below), so it leaves as one segment anyway,
-    and there the holder only cost time (stdlib loop, wrk `Connection: close`: 0.96 x).
+    and there the holder only cost time (asyncio's loop, wrk `Connection: close`: 0.96 x).
     What it refuses to hold back: the head waits at most for the end of the current loop
     iteration (a response whose body comes later, a stream, gets its head at once, by a
-    call_soon), and a request that expects `100 Continue` keeps uvicorn's transport (its
-    interim response goes out as it is written)."""
+    call_soon), a close or a 400 uvicorn writes itself sends it first, and a request that
+    expects `100 Continue` keeps uvicorn's transport (its interim response goes out as it
+    is written)."""
     base_headers_complete = base.on_headers_complete
+    base_send_400 = base.send_400_response
 
     class HeadWithBodyProtocol(base):
         def on_headers_complete(self):
@@ -148,47 +150,67 @@ def head_with_body(base):
             base_headers_complete(self)
             cycle = self.cycle
             if cycle is not before and cycle.keep_alive and not self.expect_100_continue:
-                cycle.transport = _HeadWithBody(cycle, self.transport, self.loop)
+                cycle.transport = _HeadWithBody(self.transport, self.loop)
+
+        def send_400_response(self, msg):
+            # A malformed request behind this one: its 400 goes to the transport itself,
+            # so the head a running cycle holds goes first, as it would have under uvicorn.
+            holder = getattr(self.cycle, "transport", None)
+            if type(holder) is _HeadWithBody:
+                holder.flush()
+            base_send_400(self, msg)
 
     HeadWithBodyProtocol.__name__ = HeadWithBodyProtocol.__qualname__ = base.__name__
     return HeadWithBodyProtocol
 
 
+# A first body part longer than this is written after the head, not joined to it: joining
+# copies it, and a large part fills segments of its own anyway.
+_JOIN_MAX = 16384
+
+
 class _HeadWithBody:
     """One response's transport, as uvicorn's request cycle uses it (`write`, `close`,
     `is_closing`; anything else is the transport's): the first write (the head) is held
-    until the second (the first body part), then both go out as one write and the cycle
-    gets the transport itself back for the rest. A head still held at the end of the loop
-    iteration goes out alone; one whose connection was closed meanwhile (the app failed
-    after starting its response) is dropped with the connection."""
+    until the second (the first body part), and both go out as one write; later writes
+    pass through. A head still held at the end of the loop iteration goes out alone
+    (`flush`), and `close()` sends a held head before it closes (a HEAD request's response
+    writes no body). It holds no reference to the cycle, so a response that never writes
+    (its client left first) leaves no reference cycle for the garbage collector."""
 
-    __slots__ = ("_cycle", "_transport", "_loop", "_head", "close", "is_closing")
+    __slots__ = ("_transport", "_loop", "_head", "is_closing")
 
-    def __init__(self, cycle, transport, loop):
-        self._cycle = cycle
+    def __init__(self, transport, loop):
         self._transport = transport
-        self._head = None          # bytes while held; b"" once written
-        self.close = transport.close
-        self.is_closing = transport.is_closing
         self._loop = loop
+        self._head = None          # bytes while held; b"" once written
+        self.is_closing = transport.is_closing
 
     def write(self, data) -> None:
         head = self._head
-        if head is None:
+        if head is None:                    # the head: hold it
             self._head = data
-            self._loop.call_soon(self._flush)
-            return
-        self._head = b""
-        self._cycle.transport = transport = self._transport
-        transport.write(head + data)
+            self._loop.call_soon(self.flush)
+        elif head:                          # the first body part: with the head
+            self._head = b""
+            if len(data) <= _JOIN_MAX:
+                self._transport.write(head + data)
+            else:
+                self._transport.write(head)
+                self._transport.write(data)
+        else:
+            self._transport.write(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         head = self._head
         if head:
             self._head = b""
-            self._cycle.transport = transport = self._transport
-            if not transport.is_closing():
-                transport.write(head)
+            if not self._transport.is_closing():
+                self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
 
     def __getattr__(self, name):
         if name.startswith("_"):
