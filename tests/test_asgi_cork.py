@@ -40,6 +40,14 @@ APP = textwrap.dedent('''
 
     LEFT = [0]    # /left requests whose client left before any response
 
+    async def read_body(receive):
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                return body
+
     async def app(scope, receive, send):
         if scope["type"] != "http":
             return
@@ -69,20 +77,9 @@ APP = textwrap.dedent('''
             # it sends its request body, has sent it.
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-length", b"4")]})
-            got = b""
-            while True:
-                msg = await receive()
-                got += msg.get("body", b"")
-                if not msg.get("more_body"):
-                    break
-            await send({"type": "http.response.body", "body": got + b"!"})
+            await send({"type": "http.response.body", "body": await read_body(receive) + b"!"})
             return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         head = {"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json")]}
         if scope["path"] == "/stream":
@@ -141,6 +138,16 @@ def _exchange(port: int, request: bytes) -> bytes:
     return data
 
 
+def _read_head(sock) -> bytes:
+    """Reads until a response head is complete (and whatever came with it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(1024)
+        assert chunk, data
+        data += chunk
+    return data
+
+
 def _json_body(data: bytes) -> dict:
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1."), data[:200]
@@ -180,11 +187,7 @@ def test_expect_continue_is_not_corked(server):
     with socket.create_connection(("127.0.0.1", server), timeout=N.LIVENESS) as sock:
         sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 3\r\n"
                      b"Expect: 100-continue\r\n\r\n")
-        interim = b""
-        while b"\r\n\r\n" not in interim:
-            chunk = sock.recv(1024)
-            assert chunk, interim
-            interim += chunk
+        interim = _read_head(sock)
         assert interim.startswith(b"HTTP/1.1 100 ")
         sock.sendall(b"abc")
         data = interim.partition(b"\r\n\r\n")[2]
@@ -259,11 +262,7 @@ def test_a_head_whose_body_comes_later_is_not_held(server):
     with socket.create_connection(("127.0.0.1", server), timeout=N.LIVENESS) as sock:
         for _ in range(2):          # kept alive: the next request gets the same treatment
             sock.sendall(b"POST /late HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\n")
-            head = b""
-            while b"\r\n\r\n" not in head:     # the app sends its body only after ours
-                chunk = sock.recv(1024)
-                assert chunk, head
-                head += chunk
+            head = _read_head(sock)     # the app sends its body only after ours
             assert head.startswith(b"HTTP/1.1 200 ")
             sock.sendall(b"abc")
             body = head.partition(b"\r\n\r\n")[2]
