@@ -14,6 +14,7 @@ parked connections are closed by the primary when their client hangs up or they 
 import fcntl
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -693,5 +694,76 @@ def test_parked_connections_idle_out(app_dir, backend, policy):
             for c in clients:
                 c.close()
         H.wait_until(lambda: _fd_count(primary) <= base, what="primary fds back to %d" % base)
+        srv.signal(2)
+        assert srv.wait() == 0
+
+
+# ---- held responses (pyfork/serve/wsgi.py: a whole response waits for the end of its batch) ----
+
+def _proc_state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_held_response_is_not_kept_behind_a_long_request_of_the_same_batch(app_dir, backend):
+    """Two requests for one worker in one select() batch: a quick one, then one that blocks.
+    The quick one's response is held for the end of the batch; the park timer (PARK_AFTER
+    after the long one began) sends it, so it reaches its client while the long one still
+    runs, from the worker that read it (without the timer's send it came only after the
+    long request, and the connection could not be handed back meanwhile)."""
+    argv, ctl = _serve_argv(app_dir, backend, 30)
+    with H.Server(app_dir, backend.BACKEND, argv=argv) as srv:
+        srv.start(ready=2)
+        by_pid = _spread(srv.port)
+        clients = [c for cs in by_pid.values() for c in cs]
+        try:
+            stuck = max(by_pid, key=lambda p: len(by_pid[p]))   # it holds at least 3
+            quick, blocker = by_pid[stuck][:2]
+            # Stopped, the worker cannot read either request before both are in: when it
+            # runs again one epoll_wait() returns both, in the order they became readable
+            # (epoll's ready list is FIFO), the quick one first.
+            os.kill(stuck, signal.SIGSTOP)
+            try:
+                # Stopped for sure first: a stop takes effect when the worker next runs,
+                # and one that wakes for the quick request would read it alone.
+                H.wait_until(lambda: _proc_state(stuck) == "T", what="worker stopped")
+                quick.send("/?quick")
+                blocker.send("/block")
+                time.sleep(0.2)        # loopback delivers at once; margin for a loaded machine
+            finally:
+                os.kill(stuck, signal.SIGCONT)
+            assert quick.response() == {"pid": stuck, "q": "quick"}
+            _wait_blocked(app_dir, stuck)
+            assert not (app_dir / "release").exists()          # the long request still runs
+            (app_dir / "release").write_text("")
+            assert blocker.response() == {"pid": stuck, "q": ""}
+            assert quick.get("/?again")["q"] == "again"
+        finally:
+            for c in clients:
+                c.close()
+        srv.signal(2)
+        assert srv.wait() == 0
+
+
+def test_a_held_response_goes_before_the_pipelined_request_behind_it_runs(app_dir, backend):
+    """Two pipelined requests in one write, the second one long: the first one's response
+    is not held until the second ends (the park timer does not touch the connection that is
+    in the application, so the held response must leave before that request starts)."""
+    argv, ctl = _serve_argv(app_dir, backend, 30)
+    with H.Server(app_dir, backend.BACKEND, argv=argv) as srv:
+        srv.start(ready=2)
+        by_pid = _spread(srv.port)
+        clients = [c for cs in by_pid.values() for c in cs]
+        try:
+            pid, conn = next((p, cs[0]) for p, cs in by_pid.items())
+            conn.send("/?first", "/block")
+            assert conn.response() == {"pid": pid, "q": "first"}
+            _wait_blocked(app_dir, pid)
+            assert not (app_dir / "release").exists()
+            (app_dir / "release").write_text("")
+            assert conn.response() == {"pid": pid, "q": ""}
+        finally:
+            for c in clients:
+                c.close()
         srv.signal(2)
         assert srv.wait() == 0

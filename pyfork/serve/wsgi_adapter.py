@@ -237,9 +237,9 @@ def respond(server, conn, req):
                             body = body[:resp.remaining]
                         resp.remaining -= len(body)
                         resp.sent = len(body)
-                        server.send(conn, head + body)
+                        server.send_response(conn, head + body, resp.keep_alive)
                     else:
-                        server.send(conn, head)
+                        server.send_response(conn, head, resp.keep_alive)
                 else:
                     for data in result:
                         server.send(conn, resp.frame(_as_bytes(data)))
