@@ -377,6 +377,16 @@ pyfork.serve.wsgi.PARK_ALL_MAX = int(os.environ.get("TEST_PARK_ALL_MAX", "64"))
 def app(environ, start_response):
     path = environ["PATH_INFO"]
     qs = environ.get("QUERY_STRING", "")
+    if path == "/cblock":
+        # Stuck in a system call Python cannot interrupt (a restarted read, as a database
+        # driver's): until the test writes to the FIFO `gate`.
+        with open("cblocked.pid", "w") as f:
+            f.write(str(os.getpid()))
+        fd = os.open("gate", os.O_RDONLY)
+        try:
+            os.read(fd, 1)
+        finally:
+            os.close(fd)
     if path == "/block":
         # Stuck until the test creates the release file (a condition, not a timer).
         with open("blocked.pid", "w") as f:
@@ -701,8 +711,12 @@ def test_parked_connections_idle_out(app_dir, backend, policy):
 # ---- held responses (pyfork/serve/wsgi.py: a whole response waits for the end of its batch) ----
 
 def _proc_state(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
+    return _proc_file(pid, "stat").rsplit(")", 1)[1].split()[0]
+
+
+def _proc_file(pid, name):
+    with open(f"/proc/{pid}/{name}") as f:
+        return f.read()
 
 
 def test_a_held_response_is_not_kept_behind_a_long_request_of_the_same_batch(app_dir, backend):
@@ -719,19 +733,8 @@ def test_a_held_response_is_not_kept_behind_a_long_request_of_the_same_batch(app
         try:
             stuck = max(by_pid, key=lambda p: len(by_pid[p]))   # it holds at least 3
             quick, blocker = by_pid[stuck][:2]
-            # Stopped, the worker cannot read either request before both are in: when it
-            # runs again one epoll_wait() returns both, in the order they became readable
-            # (epoll's ready list is FIFO), the quick one first.
-            os.kill(stuck, signal.SIGSTOP)
-            try:
-                # Stopped for sure first: a stop takes effect when the worker next runs,
-                # and one that wakes for the quick request would read it alone.
-                H.wait_until(lambda: _proc_state(stuck) == "T", what="worker stopped")
-                quick.send("/?quick")
-                blocker.send("/block")
-                time.sleep(0.2)        # loopback delivers at once; margin for a loaded machine
-            finally:
-                os.kill(stuck, signal.SIGCONT)
+            # Both requests in one batch, the quick one first.
+            _stopped_batch(stuck, (quick, "/?quick"), (blocker, "/block"))
             assert quick.response() == {"pid": stuck, "q": "quick"}
             _wait_blocked(app_dir, stuck)
             assert not (app_dir / "release").exists()          # the long request still runs
@@ -762,6 +765,137 @@ def test_a_held_response_goes_before_the_pipelined_request_behind_it_runs(app_di
             assert not (app_dir / "release").exists()
             (app_dir / "release").write_text("")
             assert conn.response() == {"pid": pid, "q": ""}
+        finally:
+            for c in clients:
+                c.close()
+        srv.signal(2)
+        assert srv.wait() == 0
+
+
+def _stopped_batch(pid, *sends):
+    """Runs each (client, path) send while worker `pid` is stopped, so that its next
+    epoll_wait() returns them all, in this order (epoll's ready list is FIFO)."""
+    # Idle in epoll_wait() first: stopped inside a request, the worker would find that
+    # request "long" when it runs again, and hand the connections back (parking).
+    H.wait_until(lambda: _proc_file(pid, "wchan") == "do_epoll_wait", what="worker idle")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # Stopped for sure first: a stop takes effect when the worker next runs, and a
+        # worker that woke for the first request would read it alone.
+        H.wait_until(lambda: _proc_state(pid) == "T", what="worker stopped")
+        for client, path in sends:
+            client.send(path)
+        time.sleep(0.2)        # loopback delivers at once; margin for a loaded machine
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _clients_on(port, pid, n, clients):
+    """n new kept-alive clients answered by worker `pid` (others opened on the way are
+    added to `clients` too, for the caller to close)."""
+    mine = []
+    for _ in range(8 * n):
+        c = Client(port)
+        clients.append(c)
+        if c.get()["pid"] == pid:
+            mine.append(c)
+            if len(mine) == n:
+                return mine
+    raise AssertionError(f"no {n} connections reached worker {pid}")
+
+
+def test_held_responses_are_not_counted_by_limit_concurrency(app_dir, backend):
+    """--limit-concurrency 1 and two keep-alive requests in one batch: the first one's
+    response, held for the end of the batch, is finished work, so the second is not
+    refused with 503."""
+    argv, ctl = _serve_argv(app_dir, backend, 30)
+    with H.Server(app_dir, backend.BACKEND, argv=argv + ["--limit-concurrency", "1"]) as srv:
+        srv.start(ready=2)
+        by_pid = _spread(srv.port)
+        clients = [c for cs in by_pid.values() for c in cs]
+        try:
+            pid = max(by_pid, key=lambda p: len(by_pid[p]))
+            a, b = by_pid[pid][:2]
+            _stopped_batch(pid, (a, "/?a"), (b, "/?b"))
+            assert a.response() == {"pid": pid, "q": "a"}
+            assert b.response() == {"pid": pid, "q": "b"}      # 200, not 503
+        finally:
+            for c in clients:
+                c.close()
+        srv.signal(2)
+        assert srv.wait() == 0
+
+
+def test_a_pipelined_request_of_a_client_gone_is_not_run(app_dir, backend):
+    """A held response whose client reset the connection: sending it fails, and the request
+    pipelined behind it (it could be a POST) is not run."""
+    argv, ctl = _serve_argv(app_dir, backend, 30)
+    with H.Server(app_dir, backend.BACKEND, argv=argv) as srv:
+        srv.start(ready=2)
+        by_pid = _spread(srv.port)
+        clients = [c for cs in by_pid.values() for c in cs]
+        try:
+            pid = max(by_pid, key=lambda p: len(by_pid[p]))
+            gone, probe = by_pid[pid][:2]
+            handled = H.wait_until(lambda: _handled(ctl) >= 6 and _handled(ctl), what="6 handled")
+            H.wait_until(lambda: _proc_file(pid, "wchan") == "do_epoll_wait", what="worker idle")
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                H.wait_until(lambda: _proc_state(pid) == "T", what="worker stopped")
+                gone.send("/?first", "/?second")
+                # Reset (SO_LINGER 0): the requests stay readable, the response cannot go.
+                gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                gone.close()
+                time.sleep(0.2)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            # The worker has handled that batch once it answers the next one.
+            assert probe.get("/?probe") == {"pid": pid, "q": "probe"}
+            _handled_exactly(ctl, handled, 2)          # /?first and /?probe, not /?second
+        finally:
+            for c in clients:
+                c.close()
+        srv.signal(2)
+        assert srv.wait() == 0
+
+
+def test_holding_pauses_for_an_application_blocked_in_a_call_python_cannot_interrupt(app_dir, backend):
+    """A quick request, then one blocked in a restarted read (as a database driver's), in one
+    batch: the quick one's held response waits for that read (Python runs the park timer's
+    handler only after it), and the timer, late, pauses holding. The next such batch is not
+    held: the quick response arrives while the other request is still blocked."""
+    os.mkfifo(app_dir / "gate")
+    argv, ctl = _serve_argv(app_dir, backend, 30)
+    with H.Server(app_dir, backend.BACKEND, argv=argv) as srv:
+        srv.start(ready=2)
+        clients = []
+        try:
+            first = Client(srv.port)
+            clients.append(first)
+            pid = first.get()["pid"]
+            quick, slow = _clients_on(srv.port, pid, 2, clients)
+
+            def release():
+                fd = os.open(app_dir / "gate", os.O_WRONLY)
+                os.write(fd, b"x")
+                os.close(fd)
+
+            _stopped_batch(pid, (quick, "/?quick"), (slow, "/cblock"))
+            H.wait_until(lambda: (app_dir / "cblocked.pid").exists(), what="blocked in read")
+            time.sleep(0.6)        # past PARK_AFTER (0.25 s) + HOLD_LATE: the timer is due, and late
+            release()
+            assert quick.response() == {"pid": pid, "q": "quick"}
+            assert slow.response() == {"pid": pid, "q": ""}
+            (app_dir / "cblocked.pid").unlink()
+            H.wait_until(lambda: "could not interrupt" in srv.log(), what="the pause logged")
+            # Holding is paused now: the same batch again, on connections still on that worker.
+            quick, slow = _clients_on(srv.port, pid, 2, clients)
+            _stopped_batch(pid, (quick, "/?again"), (slow, "/cblock"))
+            assert quick.response() == {"pid": pid, "q": "again"}
+            # ... before the other one's read ends (only the release below ends it)
+            H.wait_until(lambda: (app_dir / "cblocked.pid").exists(), what="blocked in read")
+            release()
+            assert slow.response() == {"pid": pid, "q": ""}
         finally:
             for c in clients:
                 c.close()

@@ -8,22 +8,29 @@ connection stays open for keep-alive and pipelined requests are answered in orde
 
 A response is written without blocking the loop: the common case (a list body) is rendered
 into one bytes object and sent with one send(); anything the kernel does not take waits in
-the connection's output queue. Such a whole response on a connection that stays open is
-*held* until every event of the select() batch has been handled, and the held ones then go
-out one after the other (send_held; Redis writes its replies the same way, before it sleeps).
-Why: a send wakes the client, and on loopback (and in a VM, through an inter-processor
-interrupt) that wake-up costs the sender more than the send; sent while the next request
-of the batch runs, each response woke its client separately. Held, one wake-up serves them
-all: hello-world keep-alive 41-44k -> 51-53k req/s, worker CPU 22-23 -> 17-18 us a request
-(bench/README.md "Held responses"). The wait is bounded: only while the park timer can fire
-(see Parking: a request still running PARK_AFTER after it began sends the others' held
-responses from the timer, before it parks anything), never for a response that closes its
-connection, nor across a pipelined request (its predecessor's response goes first), nor
-on TLS. A streaming iterable is pulled only while that queue is below
+the connection's output queue. A streaming iterable is pulled only while that queue is below
 HIGH_WATER; beyond it the response generator (wsgi_adapter.respond) yields and is resumed when
 the socket is writable. wsgi.file_wrapper bodies on real files go out with os.sendfile the same
 way. Only the legacy write() callable blocks (poll on that one socket, bounded by
 request_timeout), because it runs inside the application's frame.
+
+Held responses: a whole response (a list body) on a connection that stays open is *held*
+until every event of the select() batch has been handled, and the held ones then go out one
+after the other (send_held; Redis writes its replies the same way, before it sleeps). Why: a
+send wakes the client, and on loopback (and in a VM, through an inter-processor interrupt)
+that wake-up costs the sender more than the send; sent while the next request of the batch
+runs, each response woke its client separately. Held, one wake-up serves them all:
+hello-world keep-alive 36-39k -> 49-51k req/s against the commit before, worker CPU 22-23 ->
+17-18 us a request (bench/README.md "Held responses"). A held response is a finished one:
+--limit-concurrency does not count it, and parking may hand its connection back once it is
+sent. It is never held across a pipelined request of its own connection (it goes first; if
+its client is gone, that next request is not run), nor when it closes its connection, nor on
+TLS, nor without the park timer. The timer bounds the wait: a request still running
+PARK_AFTER after it began sends the others' held responses before it parks anything. Python
+runs that handler only between bytecodes, so while the application is blocked inside a C
+call (a database driver's read, restarted after the signal) held responses wait for that
+call; a timer that runs HOLD_LATE after it was due with responses still held shows such an
+application, and holding pauses for it (HOLD_PAUSE, doubling on each recurrence).
 
 Timers: a connection has one deadline, swept a few times per second: keepalive_timeout while
 idle between requests, request_timeout from the first byte of a request until its response
@@ -44,8 +51,8 @@ Limits (pyfork.serve.connlimits, README "Limits"): --keep-alive sets keepalive_t
 every response says `Connection: close`). --limit-concurrency N counts the connections
 with a request in progress: bytes of a request read, the application running, or its
 response still being written (an idle kept-alive connection is not counted, nor one that
-has sent nothing yet, nor one closing). A request whose head completes while N others are
-in progress gets `503 Service Unavailable` with `Connection: close` at once, before the
+has sent nothing yet, nor one closing, nor one whose response is only held). A request whose
+head completes while N others are in progress gets `503 Service Unavailable` with `Connection: close` at once, before the
 application or a `100 Continue`; the count is kept per transition in settle() and close().
 
 Parking (issue 10): a kept-alive connection lives on one worker, and this worker runs one
@@ -142,6 +149,15 @@ PARK_ALL_MAX = 64
 # call of the application's with EINTR).
 PARK_AGAIN_MAX = 0.02
 
+# Held responses (see the module docstring): a timer that fires this much later than due
+# (PARK_AFTER after the request began) shows a call Python could not interrupt, and pauses
+# holding for HOLD_PAUSE (doubling on each recurrence up to HOLD_PAUSE_MAX). 10 ms: far above
+# a preemption on a busy machine (which would pause a hello world for nothing), far below
+# the database query it is meant to notice.
+HOLD_LATE = 0.010
+HOLD_PAUSE = 10.0
+HOLD_PAUSE_MAX = 600.0
+
 RECV_SIZE = 65536
 TAKE_AGAIN = 8          # connections taken per wake-up while each is done at once (accept())
 LINGER_MAX = 1 << 20             # bytes discarded after an error response before giving up
@@ -237,6 +253,9 @@ class Server:
         self.hold = self.parks
         self.holding = False                     # inside a batch: whole responses are held
         self.held = []                           # connections with a held response, this batch
+        self.hold_resume = 0.0                   # holding paused until then (monotonic)
+        self.hold_pause = HOLD_PAUSE             # the next pause, doubling up to HOLD_PAUSE_MAX
+        self.hold_paused = None                  # (late s, pause s) for the loop to log
 
     # -- loop -------------------------------------------------------------------------------
     def run(self):
@@ -250,7 +269,7 @@ class Server:
             self.check_drain()
             while not (self.draining and not self.conns and self.nothing_comes_back()):
                 timeout = max(0.0, min(next_tick, next_sweep) - now)
-                self.holding = self.hold
+                self.holding = self.hold and now >= self.hold_resume
                 for key, mask in sel.select(timeout):
                     conn = key.data
                     if conn is _ACCEPT:
@@ -270,6 +289,8 @@ class Server:
                 self.holding = False
                 if self.held:
                     self.send_held()
+                if self.hold_paused is not None:
+                    self.log_hold_paused()
                 now = monotonic()
                 if now >= next_tick:
                     rt.tick()
@@ -343,8 +364,8 @@ class Server:
                 self.timer_armed = True
                 signal.setitimer(signal.ITIMER_REAL, left)
                 return
-            if self.held:
-                self.send_held_now(running)
+            if self.held and self.send_held_now(running) and -left > HOLD_LATE:
+                self.pause_holding(-left)
             if self.park_idle(running) and not self.rt.draining:
                 # Only the ready ones were handed back: look again, less often each time.
                 if self.park_again_for != self.running_since:
@@ -574,6 +595,8 @@ class Server:
                 if conn.held:            # a pipelined request: its predecessor's answer goes first
                     conn.held = False
                     self.flush(conn)
+                    if conn.dead:        # the client is gone: do not run its next request
+                        break
                 gen = respond(self, conn, req)
                 try:
                     self.step(conn, gen)
@@ -616,7 +639,9 @@ class Server:
 
     def count_in_progress(self, conn):
         """Keeps `in_progress` (see the module docstring) right after a burst on `conn`."""
-        busy = not conn.closing and (conn.resume is not None or bool(conn.out) or not conn.reader.idle)
+        # A held response is a finished one (it only waits for the end of the batch).
+        busy = not conn.closing and (conn.resume is not None or (bool(conn.out) and not conn.held)
+                                     or not conn.reader.idle)
         if busy is not conn.counted:
             conn.counted = busy
             self.in_progress += 1 if busy else -1
@@ -688,11 +713,30 @@ class Server:
     def send_held_now(self, running):
         """From the park timer, while `running` is in the application: the responses held
         for the others go now, not when that request ends. Only `flush` (never a close, a
-        log or a selector change): send_held() settles them at the end of the batch."""
+        log or a selector change): send_held() settles them at the end of the batch.
+        Returns True when there was one to send."""
+        sent = False
         for conn in self.held:
             if conn.held and conn is not running and not conn.closed:
                 conn.held = False
                 self.flush(conn)
+                sent = True
+        return sent
+
+    def pause_holding(self, late):
+        """The timer came HOLD_LATE after it was due while responses were held: the
+        application was in a call Python could not interrupt (a C extension's blocking read,
+        restarted after the signal), and those responses waited for it. Such an application
+        is not served by holding: send at once for HOLD_PAUSE, doubling each time it happens
+        again (up to HOLD_PAUSE_MAX). Runs in the handler: only plain assignments."""
+        self.hold_resume = time.monotonic() + self.hold_pause
+        self.hold_paused = (late, self.hold_pause)        # logged by the loop (see run())
+        self.hold_pause = min(self.hold_pause * 2, HOLD_PAUSE_MAX)
+
+    def log_hold_paused(self):
+        (late, pause), self.hold_paused = self.hold_paused, None
+        self.log.info("responses waited %.0f ms for a request blocked in a call Python could not "
+                      "interrupt; sending each at once for %.0f s", (late + PARK_AFTER) * 1000, pause)
 
     def send(self, conn, data):
         """Queue `data`; try to send at once when nothing is queued before it."""
