@@ -373,6 +373,8 @@ import pyfork.serve.wsgi
 pyfork.serve.wsgi.PARK_AFTER = 0.25
 # How many other connections a worker parks all of, before it parks only the ready ones.
 pyfork.serve.wsgi.PARK_ALL_MAX = int(os.environ.get("TEST_PARK_ALL_MAX", "64"))
+# A pause of holding outlasts any test (the default 10 s could end between two batches).
+pyfork.serve.wsgi.HOLD_PAUSE = 300.0
 
 def app(environ, start_response):
     path = environ["PATH_INFO"]
@@ -710,6 +712,10 @@ def test_parked_connections_idle_out(app_dir, backend, policy):
 
 # ---- held responses (pyfork/serve/wsgi.py: a whole response waits for the end of its batch) ----
 
+# What /proc/<pid>/wchan says of a process blocked in epoll_wait() (the name differs by kernel).
+_EPOLL_WAIT = ("do_epoll_wait", "ep_poll")
+
+
 def _proc_state(pid):
     return _proc_file(pid, "stat").rsplit(")", 1)[1].split()[0]
 
@@ -777,7 +783,7 @@ def _stopped_batch(pid, *sends):
     epoll_wait() returns them all, in this order (epoll's ready list is FIFO)."""
     # Idle in epoll_wait() first: stopped inside a request, the worker would find that
     # request "long" when it runs again, and hand the connections back (parking).
-    H.wait_until(lambda: _proc_file(pid, "wchan") == "do_epoll_wait", what="worker idle")
+    H.wait_until(lambda: _proc_file(pid, "wchan") in _EPOLL_WAIT, what="worker idle")
     os.kill(pid, signal.SIGSTOP)
     try:
         # Stopped for sure first: a stop takes effect when the worker next runs, and a
@@ -838,7 +844,7 @@ def test_a_pipelined_request_of_a_client_gone_is_not_run(app_dir, backend):
             pid = max(by_pid, key=lambda p: len(by_pid[p]))
             gone, probe = by_pid[pid][:2]
             handled = H.wait_until(lambda: _handled(ctl) >= 6 and _handled(ctl), what="6 handled")
-            H.wait_until(lambda: _proc_file(pid, "wchan") == "do_epoll_wait", what="worker idle")
+            H.wait_until(lambda: _proc_file(pid, "wchan") in _EPOLL_WAIT, what="worker idle")
             os.kill(pid, signal.SIGSTOP)
             try:
                 H.wait_until(lambda: _proc_state(pid) == "T", what="worker stopped")
@@ -859,7 +865,7 @@ def test_a_pipelined_request_of_a_client_gone_is_not_run(app_dir, backend):
         assert srv.wait() == 0
 
 
-def test_holding_pauses_for_an_application_blocked_in_a_call_python_cannot_interrupt(app_dir, backend):
+def test_holding_pauses_for_an_application_in_a_call_python_cannot_interrupt(app_dir, backend):
     """A quick request, then one blocked in a restarted read (as a database driver's), in one
     batch: the quick one's held response waits for that read (Python runs the park timer's
     handler only after it), and the timer, late, pauses holding. The next such batch is not

@@ -29,8 +29,9 @@ TLS, nor without the park timer. The timer bounds the wait: a request still runn
 PARK_AFTER after it began sends the others' held responses before it parks anything. Python
 runs that handler only between bytecodes, so while the application is blocked inside a C
 call (a database driver's read, restarted after the signal) held responses wait for that
-call; a timer that runs HOLD_LATE after it was due with responses still held shows such an
-application, and holding pauses for it (HOLD_PAUSE, doubling on each recurrence).
+call; a timer handler that runs HOLD_LATE after the timer was due, with responses still
+held, shows such an application, and holding pauses from that moment (HOLD_PAUSE, doubling on
+each recurrence, logged once each).
 
 Timers: a connection has one deadline, swept a few times per second: keepalive_timeout while
 idle between requests, request_timeout from the first byte of a request until its response
@@ -52,8 +53,9 @@ every response says `Connection: close`). --limit-concurrency N counts the conne
 with a request in progress: bytes of a request read, the application running, or its
 response still being written (an idle kept-alive connection is not counted, nor one that
 has sent nothing yet, nor one closing, nor one whose response is only held). A request whose
-head completes while N others are in progress gets `503 Service Unavailable` with `Connection: close` at once, before the
-application or a `100 Continue`; the count is kept per transition in settle() and close().
+head completes while N others are in progress gets `503 Service Unavailable` with
+`Connection: close` at once, before the application or a `100 Continue`; the count is kept
+per transition in settle() and close().
 
 Parking (issue 10): a kept-alive connection lives on one worker, and this worker runs one
 request at a time, so while a request runs long the worker's other idle connections would
@@ -149,11 +151,11 @@ PARK_ALL_MAX = 64
 # call of the application's with EINTR).
 PARK_AGAIN_MAX = 0.02
 
-# Held responses (see the module docstring): a timer that fires this much later than due
-# (PARK_AFTER after the request began) shows a call Python could not interrupt, and pauses
-# holding for HOLD_PAUSE (doubling on each recurrence up to HOLD_PAUSE_MAX). 10 ms: far above
-# a preemption on a busy machine (which would pause a hello world for nothing), far below
-# the database query it is meant to notice.
+# Held responses (see the module docstring): a park timer whose handler runs this much later
+# than the timer was due shows a call Python could not interrupt, and pauses holding for
+# HOLD_PAUSE (doubling on each recurrence up to HOLD_PAUSE_MAX). 10 ms: above a preemption on
+# a busy machine (which would pause a hello world for nothing), below the database query it
+# is meant to notice.
 HOLD_LATE = 0.010
 HOLD_PAUSE = 10.0
 HOLD_PAUSE_MAX = 600.0
@@ -245,6 +247,7 @@ class Server:
         self.running = None                      # the connection in the application (parking)
         self.running_since = 0.0                 # ... since (monotonic)
         self.timer_armed = False                 # the park timer is set
+        self.timer_due = 0.0                     # ... to fire then (monotonic)
         self.park_again = PARK_AFTER             # the next look for ready connections (backoff)
         self.park_again_for = 0.0                # ... while the request that began then runs
         self.parks = rt.parks and not self.no_keep_alive and self.install_park_timer()
@@ -345,13 +348,19 @@ class Server:
             return next(gen)
         self.running_since = time.monotonic()
         self.running = conn
-        if not self.timer_armed:
-            self.timer_armed = True
-            signal.setitimer(signal.ITIMER_REAL, PARK_AFTER)
+        # Armed already, but for later (a backed-off look of a request that has ended):
+        # sooner, so that this request gets its look, and held responses their send, on time.
+        if not self.timer_armed or self.timer_due > self.running_since + PARK_AFTER:
+            self.arm_timer(PARK_AFTER)
         try:
             return next(gen)
         finally:
             self.running = None
+
+    def arm_timer(self, delay):
+        self.timer_armed = True
+        self.timer_due = time.monotonic() + delay
+        signal.setitimer(signal.ITIMER_REAL, delay)
 
     def on_park_timer(self, signum, frame):
         self.timer_armed = False
@@ -359,21 +368,20 @@ class Server:
         if running is None:
             return                 # no request runs: stay unarmed until one starts
         try:
-            left = self.running_since + PARK_AFTER - time.monotonic()
+            now = time.monotonic()
+            left = self.running_since + PARK_AFTER - now
             if left > 0:           # a younger request than the one that armed us
-                self.timer_armed = True
-                signal.setitimer(signal.ITIMER_REAL, left)
+                self.arm_timer(left)
                 return
-            if self.held and self.send_held_now(running) and -left > HOLD_LATE:
-                self.pause_holding(-left)
+            if self.held and self.send_held_now(running) and now - self.timer_due > HOLD_LATE:
+                self.pause_holding(now - self.timer_due)
             if self.park_idle(running) and not self.rt.draining:
                 # Only the ready ones were handed back: look again, less often each time.
                 if self.park_again_for != self.running_since:
                     self.park_again_for, self.park_again = self.running_since, PARK_AFTER
                 else:
                     self.park_again = min(self.park_again * 2, PARK_AGAIN_MAX)
-                self.timer_armed = True
-                signal.setitimer(signal.ITIMER_REAL, self.park_again)
+                self.arm_timer(self.park_again)
         except Exception:          # noqa: BLE001 -- never into the application; no logging here
             pass
 
@@ -396,7 +404,7 @@ class Server:
         idle = [c for c in candidates
                 if c is not running and (c.busy_since is None or not c.nreq) and c.reader.idle
                 and not c.out and c.resume is None and not c.closing and not c.linger
-                and not c.counted and c.proxy is None and not c.tls and not c.closed]
+                and not c.counted and c.proxy is None and not c.tls and not c.closed and not c.dead]
         k = self.rt.park([c.fd for c in idle]) if idle else 0
         for conn in idle[:k]:
             # Handed over: ours no more. Marked closed (events left in a batch are skipped);
@@ -608,13 +616,14 @@ class Server:
 
     def settle(self, conn):
         """Pick the events to wait for, or close, after a burst of work on `conn`."""
+        if conn.held and (conn.closing or conn.resume is not None):
+            conn.held = False                    # not held after all: send what we can now
+            self.flush(conn)
         if self.limit:
             self.count_in_progress(conn)
         if conn.dead:
             self.close(conn)
             return
-        if conn.held and (conn.closing or conn.resume is not None):
-            conn.held = False                    # goes the usual way, when writable
         if (conn.out and not conn.held) or conn.resume is not None:
             want = _W
         elif conn.closing:
@@ -686,7 +695,8 @@ class Server:
     def send_response(self, conn, data, keep_alive):
         """A whole response (head and body) that leaves `conn` open: held to the end of the
         batch when holding (the connection stays watched for reading), else send()."""
-        if self.holding and keep_alive and not conn.dead and not conn.tls and (conn.held or not conn.out):
+        if (self.holding and keep_alive and not conn.dead and not conn.tls
+                and (conn.held or not conn.out)):
             conn.out.append(data)
             conn.out_len += len(data)
             if not conn.held:
@@ -724,19 +734,25 @@ class Server:
         return sent
 
     def pause_holding(self, late):
-        """The timer came HOLD_LATE after it was due while responses were held: the
+        """The timer ran HOLD_LATE after it was due while responses were held: the
         application was in a call Python could not interrupt (a C extension's blocking read,
         restarted after the signal), and those responses waited for it. Such an application
-        is not served by holding: send at once for HOLD_PAUSE, doubling each time it happens
-        again (up to HOLD_PAUSE_MAX). Runs in the handler: only plain assignments."""
-        self.hold_resume = time.monotonic() + self.hold_pause
-        self.hold_paused = (late, self.hold_pause)        # logged by the loop (see run())
+        is not served by holding: send at once (from this batch on) for HOLD_PAUSE, doubling
+        each time it happens again up to HOLD_PAUSE_MAX, and starting over once it has not
+        happened for HOLD_PAUSE_MAX. Runs in the handler: only plain assignments."""
+        now = time.monotonic()
+        if now > self.hold_resume + HOLD_PAUSE_MAX:
+            self.hold_pause = HOLD_PAUSE
+        self.holding = False
+        self.hold_resume = now + self.hold_pause
+        self.hold_paused = (late, self.hold_pause)       # logged by the loop (see run())
         self.hold_pause = min(self.hold_pause * 2, HOLD_PAUSE_MAX)
 
     def log_hold_paused(self):
         (late, pause), self.hold_paused = self.hold_paused, None
-        self.log.info("responses waited %.0f ms for a request blocked in a call Python could not "
-                      "interrupt; sending each at once for %.0f s", (late + PARK_AFTER) * 1000, pause)
+        self.log.info("held responses waited over %.0f ms for a request in a call Python could "
+                      "not interrupt; sending each at once for %.0f s",
+                      (late + PARK_AFTER) * 1000, pause)
 
     def send(self, conn, data):
         """Queue `data`; try to send at once when nothing is queued before it."""
