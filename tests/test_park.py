@@ -11,6 +11,7 @@ parked connections are closed by the primary when their client hangs up or they 
 (the primary's open-fd count comes back).
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -725,28 +726,18 @@ def _proc_file(pid, name):
         return f.read()
 
 
-def test_a_held_response_is_not_kept_behind_a_long_request_of_the_same_batch(app_dir, backend):
-    """Two requests for one worker in one select() batch: a quick one, then one that blocks.
-    The quick one's response is held for the end of the batch; the park timer (PARK_AFTER
-    after the long one began) sends it, so it reaches its client while the long one still
-    runs, from the worker that read it (without the timer's send it came only after the
-    long request, and the connection could not be handed back meanwhile)."""
+@contextlib.contextmanager
+def _spread_serve(app_dir, backend, *extra):
+    """`pyfork serve` of the test app (2 workers, --keep-alive 30, `extra` options) with
+    6 kept-alive clients spread over the workers: yields (srv, ctl, by_pid, clients); closes
+    every client in `clients` (the test may add its own) and stops the server after."""
     argv, ctl = _serve_argv(app_dir, backend, 30)
-    with H.Server(app_dir, backend.BACKEND, argv=argv) as srv:
+    with H.Server(app_dir, backend.BACKEND, argv=argv + list(extra)) as srv:
         srv.start(ready=2)
         by_pid = _spread(srv.port)
         clients = [c for cs in by_pid.values() for c in cs]
         try:
-            stuck = max(by_pid, key=lambda p: len(by_pid[p]))   # it holds at least 3
-            quick, blocker = by_pid[stuck][:2]
-            # Both requests in one batch, the quick one first.
-            _stopped_batch(stuck, (quick, "/?quick"), (blocker, "/block"))
-            assert quick.response() == {"pid": stuck, "q": "quick"}
-            _wait_blocked(app_dir, stuck)
-            assert not (app_dir / "release").exists()          # the long request still runs
-            (app_dir / "release").write_text("")
-            assert blocker.response() == {"pid": stuck, "q": ""}
-            assert quick.get("/?again")["q"] == "again"
+            yield srv, ctl, by_pid, clients
         finally:
             for c in clients:
                 c.close()
@@ -754,33 +745,9 @@ def test_a_held_response_is_not_kept_behind_a_long_request_of_the_same_batch(app
         assert srv.wait() == 0
 
 
-def test_a_held_response_goes_before_the_pipelined_request_behind_it_runs(app_dir, backend):
-    """Two pipelined requests in one write, the second one long: the first one's response
-    is not held until the second ends (the park timer does not touch the connection that is
-    in the application, so the held response must leave before that request starts)."""
-    argv, ctl = _serve_argv(app_dir, backend, 30)
-    with H.Server(app_dir, backend.BACKEND, argv=argv) as srv:
-        srv.start(ready=2)
-        by_pid = _spread(srv.port)
-        clients = [c for cs in by_pid.values() for c in cs]
-        try:
-            pid, conn = next((p, cs[0]) for p, cs in by_pid.items())
-            conn.send("/?first", "/block")
-            assert conn.response() == {"pid": pid, "q": "first"}
-            _wait_blocked(app_dir, pid)
-            assert not (app_dir / "release").exists()
-            (app_dir / "release").write_text("")
-            assert conn.response() == {"pid": pid, "q": ""}
-        finally:
-            for c in clients:
-                c.close()
-        srv.signal(2)
-        assert srv.wait() == 0
-
-
-def _stopped_batch(pid, *sends):
-    """Runs each (client, path) send while worker `pid` is stopped, so that its next
-    epoll_wait() returns them all, in this order (epoll's ready list is FIFO)."""
+def _stopped_batch(pid, *sends, then=None):
+    """Runs each (client, path) send, and then `then()`, while worker `pid` is stopped, so
+    that its next epoll_wait() returns them all, in this order (epoll's ready list is FIFO)."""
     # Idle in epoll_wait() first: stopped inside a request, the worker would find that
     # request "long" when it runs again, and hand the connections back (parking).
     H.wait_until(lambda: _proc_file(pid, "wchan") in _EPOLL_WAIT, what="worker idle")
@@ -789,16 +756,18 @@ def _stopped_batch(pid, *sends):
         # Stopped for sure first: a stop takes effect when the worker next runs, and a
         # worker that woke for the first request would read it alone.
         H.wait_until(lambda: _proc_state(pid) == "T", what="worker stopped")
-        for client, path in sends:
-            client.send(path)
+        for client, paths in sends:       # a path, or a tuple of pipelined paths
+            client.send(*(paths if isinstance(paths, tuple) else (paths,)))
+        if then is not None:
+            then()
         time.sleep(0.2)        # loopback delivers at once; margin for a loaded machine
     finally:
         os.kill(pid, signal.SIGCONT)
 
 
 def _clients_on(port, pid, n, clients):
-    """n new kept-alive clients answered by worker `pid` (others opened on the way are
-    added to `clients` too, for the caller to close)."""
+    """n new kept-alive clients answered by worker `pid` (all opened on the way are added
+    to `clients`, for the caller to close)."""
     mine = []
     for _ in range(8 * n):
         c = Client(port)
@@ -810,59 +779,71 @@ def _clients_on(port, pid, n, clients):
     raise AssertionError(f"no {n} connections reached worker {pid}")
 
 
+def _busiest(by_pid):
+    """The worker with the most of the spread clients (at least 3 of the 6)."""
+    return max(by_pid, key=lambda p: len(by_pid[p]))
+
+
+def test_a_held_response_is_not_kept_behind_a_long_request_of_the_same_batch(app_dir, backend):
+    """Two requests for one worker in one select() batch: a quick one, then one that blocks.
+    The quick one's response is held for the end of the batch; the park timer (PARK_AFTER
+    after the long one began) sends it, so it reaches its client while the long one still
+    runs, from the worker that read it (without the timer's send it came only after the
+    long request, and the connection could not be handed back meanwhile)."""
+    with _spread_serve(app_dir, backend) as (srv, ctl, by_pid, clients):
+        stuck = _busiest(by_pid)
+        quick, blocker = by_pid[stuck][:2]
+        _stopped_batch(stuck, (quick, "/?quick"), (blocker, "/block"))
+        assert quick.response() == {"pid": stuck, "q": "quick"}
+        _wait_blocked(app_dir, stuck)
+        assert not (app_dir / "release").exists()          # the long request still runs
+        (app_dir / "release").write_text("")
+        assert blocker.response() == {"pid": stuck, "q": ""}
+        assert quick.get("/?again")["q"] == "again"
+
+
+def test_a_held_response_goes_before_the_pipelined_request_behind_it_runs(app_dir, backend):
+    """Two pipelined requests in one write, the second one long: the first one's response
+    is not held until the second ends (the park timer does not touch the connection that is
+    in the application, so the held response must leave before that request starts)."""
+    with _spread_serve(app_dir, backend) as (srv, ctl, by_pid, clients):
+        pid, conn = next((p, cs[0]) for p, cs in by_pid.items())
+        conn.send("/?first", "/block")
+        assert conn.response() == {"pid": pid, "q": "first"}
+        _wait_blocked(app_dir, pid)
+        assert not (app_dir / "release").exists()
+        (app_dir / "release").write_text("")
+        assert conn.response() == {"pid": pid, "q": ""}
+
+
 def test_held_responses_are_not_counted_by_limit_concurrency(app_dir, backend):
     """--limit-concurrency 1 and two keep-alive requests in one batch: the first one's
     response, held for the end of the batch, is finished work, so the second is not
     refused with 503."""
-    argv, ctl = _serve_argv(app_dir, backend, 30)
-    with H.Server(app_dir, backend.BACKEND, argv=argv + ["--limit-concurrency", "1"]) as srv:
-        srv.start(ready=2)
-        by_pid = _spread(srv.port)
-        clients = [c for cs in by_pid.values() for c in cs]
-        try:
-            pid = max(by_pid, key=lambda p: len(by_pid[p]))
-            a, b = by_pid[pid][:2]
-            _stopped_batch(pid, (a, "/?a"), (b, "/?b"))
-            assert a.response() == {"pid": pid, "q": "a"}
-            assert b.response() == {"pid": pid, "q": "b"}      # 200, not 503
-        finally:
-            for c in clients:
-                c.close()
-        srv.signal(2)
-        assert srv.wait() == 0
+    with _spread_serve(app_dir, backend, "--limit-concurrency", "1") as (srv, ctl, by_pid, clients):
+        pid = _busiest(by_pid)
+        a, b = by_pid[pid][:2]
+        _stopped_batch(pid, (a, "/?a"), (b, "/?b"))
+        assert a.response() == {"pid": pid, "q": "a"}
+        assert b.response() == {"pid": pid, "q": "b"}      # 200, not 503
 
 
 def test_a_pipelined_request_of_a_client_gone_is_not_run(app_dir, backend):
     """A held response whose client reset the connection: sending it fails, and the request
     pipelined behind it (it could be a POST) is not run."""
-    argv, ctl = _serve_argv(app_dir, backend, 30)
-    with H.Server(app_dir, backend.BACKEND, argv=argv) as srv:
-        srv.start(ready=2)
-        by_pid = _spread(srv.port)
-        clients = [c for cs in by_pid.values() for c in cs]
-        try:
-            pid = max(by_pid, key=lambda p: len(by_pid[p]))
-            gone, probe = by_pid[pid][:2]
-            handled = H.wait_until(lambda: _handled(ctl) >= 6 and _handled(ctl), what="6 handled")
-            H.wait_until(lambda: _proc_file(pid, "wchan") in _EPOLL_WAIT, what="worker idle")
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                H.wait_until(lambda: _proc_state(pid) == "T", what="worker stopped")
-                gone.send("/?first", "/?second")
-                # Reset (SO_LINGER 0): the requests stay readable, the response cannot go.
-                gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                gone.close()
-                time.sleep(0.2)
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            # The worker has handled that batch once it answers the next one.
-            assert probe.get("/?probe") == {"pid": pid, "q": "probe"}
-            _handled_exactly(ctl, handled, 2)          # /?first and /?probe, not /?second
-        finally:
-            for c in clients:
-                c.close()
-        srv.signal(2)
-        assert srv.wait() == 0
+    with _spread_serve(app_dir, backend) as (srv, ctl, by_pid, clients):
+        pid = _busiest(by_pid)
+        gone, probe = by_pid[pid][:2]
+        handled = H.wait_until(lambda: _handled(ctl) >= 6 and _handled(ctl), what="6 handled")
+
+        def reset():   # SO_LINGER 0: the requests stay readable, the response cannot go
+            gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            gone.close()
+
+        _stopped_batch(pid, (gone, ("/?first", "/?second")), then=reset)
+        # The worker has handled that batch once it answers the next one.
+        assert probe.get("/?probe") == {"pid": pid, "q": "probe"}
+        _handled_exactly(ctl, handled, 2)          # /?first and /?probe, not /?second
 
 
 def test_holding_pauses_for_an_application_in_a_call_python_cannot_interrupt(app_dir, backend):
@@ -871,39 +852,29 @@ def test_holding_pauses_for_an_application_in_a_call_python_cannot_interrupt(app
     handler only after it), and the timer, late, pauses holding. The next such batch is not
     held: the quick response arrives while the other request is still blocked."""
     os.mkfifo(app_dir / "gate")
-    argv, ctl = _serve_argv(app_dir, backend, 30)
-    with H.Server(app_dir, backend.BACKEND, argv=argv) as srv:
-        srv.start(ready=2)
-        clients = []
-        try:
-            first = Client(srv.port)
-            clients.append(first)
-            pid = first.get()["pid"]
-            quick, slow = _clients_on(srv.port, pid, 2, clients)
 
-            def release():
-                fd = os.open(app_dir / "gate", os.O_WRONLY)
-                os.write(fd, b"x")
-                os.close(fd)
+    def release():
+        fd = os.open(app_dir / "gate", os.O_WRONLY)
+        os.write(fd, b"x")
+        os.close(fd)
 
-            _stopped_batch(pid, (quick, "/?quick"), (slow, "/cblock"))
-            H.wait_until(lambda: (app_dir / "cblocked.pid").exists(), what="blocked in read")
-            time.sleep(0.6)        # past PARK_AFTER (0.25 s) + HOLD_LATE: the timer is due, and late
-            release()
-            assert quick.response() == {"pid": pid, "q": "quick"}
-            assert slow.response() == {"pid": pid, "q": ""}
-            (app_dir / "cblocked.pid").unlink()
-            H.wait_until(lambda: "could not interrupt" in srv.log(), what="the pause logged")
-            # Holding is paused now: the same batch again, on connections still on that worker.
-            quick, slow = _clients_on(srv.port, pid, 2, clients)
-            _stopped_batch(pid, (quick, "/?again"), (slow, "/cblock"))
-            assert quick.response() == {"pid": pid, "q": "again"}
-            # ... before the other one's read ends (only the release below ends it)
-            H.wait_until(lambda: (app_dir / "cblocked.pid").exists(), what="blocked in read")
-            release()
-            assert slow.response() == {"pid": pid, "q": ""}
-        finally:
-            for c in clients:
-                c.close()
-        srv.signal(2)
-        assert srv.wait() == 0
+    with _spread_serve(app_dir, backend) as (srv, ctl, by_pid, clients):
+        pid = _busiest(by_pid)
+        quick, slow = by_pid[pid][:2]
+        _stopped_batch(pid, (quick, "/?quick"), (slow, "/cblock"))
+        H.wait_until(lambda: (app_dir / "cblocked.pid").exists(), what="blocked in read")
+        time.sleep(0.6)        # past PARK_AFTER (0.25 s) + HOLD_LATE: the timer is due, and late
+        release()
+        assert quick.response() == {"pid": pid, "q": "quick"}
+        assert slow.response() == {"pid": pid, "q": ""}
+        (app_dir / "cblocked.pid").unlink()
+        H.wait_until(lambda: "could not interrupt" in srv.log(), what="the pause logged")
+        # Holding is paused now: the same batch again, on new connections to that worker
+        # (the first ones may have been handed back meanwhile).
+        quick, slow = _clients_on(srv.port, pid, 2, clients)
+        _stopped_batch(pid, (quick, "/?again"), (slow, "/cblock"))
+        assert quick.response() == {"pid": pid, "q": "again"}
+        # ... before the other one's read ends (only the release below ends it)
+        H.wait_until(lambda: (app_dir / "cblocked.pid").exists(), what="blocked in read")
+        release()
+        assert slow.response() == {"pid": pid, "q": ""}
