@@ -252,8 +252,7 @@ class Server:
         self.park_again_for = 0.0                # ... while the request that began then runs
         self.parks = rt.parks and not self.no_keep_alive and self.install_park_timer()
         # Responses held to the end of a batch of events (see the module docstring): only with
-        # the park timer, which bounds how long one can wait behind a slow request.
-        self.hold = self.parks
+        # the park timer (self.parks), which bounds how long one waits behind a slow request.
         self.holding = False                     # inside a batch: whole responses are held
         self.held = []                           # connections with a held response, this batch
         self.hold_resume = 0.0                   # holding paused until then (monotonic)
@@ -272,7 +271,7 @@ class Server:
             self.check_drain()
             while not (self.draining and not self.conns and self.nothing_comes_back()):
                 timeout = max(0.0, min(next_tick, next_sweep) - now)
-                self.holding = self.hold and now >= self.hold_resume
+                self.holding = self.parks and now >= self.hold_resume
                 for key, mask in sel.select(timeout):
                     conn = key.data
                     if conn is _ACCEPT:
